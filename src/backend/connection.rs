@@ -1,0 +1,456 @@
+//! One backend connection. The relay reads and writes its socket directly; this module owns
+//! the control path around it (startup, authentication, the proxy's own simple queries), where
+//! postgres-protocol's message codec is used because speed does not matter there.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::protocol::sqlstate;
+use crate::protocol::ErrorReport;
+use crate::tenancy::{BackendCredentials, Server};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("could not connect to server \"{server}\": {source}")]
+    Connect {
+        server: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to server \"{server}\"")]
+    ConnectTimeout { server: String },
+    #[error("server \"{server}\" refused the connection: {message}")]
+    Refused {
+        server: String,
+        code: String,
+        message: String,
+    },
+    #[error("server \"{server}\" asked for an unsupported authentication method ({method})")]
+    UnsupportedAuth {
+        server: String,
+        method: &'static str,
+    },
+    #[error("server \"{server}\" asked for a password but none is configured for role \"{role}\"")]
+    MissingPassword { server: String, role: String },
+    #[error("lost connection to server \"{server}\": {reason}")]
+    Lost { server: String, reason: String },
+    #[error("server \"{server}\" broke the protocol: {reason}")]
+    Protocol { server: String, reason: String },
+    #[error("server \"{server}\" failed the statement: {message}")]
+    Statement {
+        server: String,
+        code: String,
+        message: String,
+    },
+    #[error("timed out waiting for server \"{server}\"")]
+    Timeout { server: String },
+}
+
+impl BackendError {
+    /// What a client is told when this stops its session from starting.
+    pub fn report(&self) -> ErrorReport {
+        match self {
+            BackendError::Statement { code, message, .. } => {
+                // An error in a setting the client itself asked for: relay PostgreSQL's verdict.
+                ErrorReport::fatal(static_code(code), message.clone())
+            }
+            _ => ErrorReport::fatal(sqlstate::UNABLE_TO_CONNECT, self.to_string()),
+        }
+    }
+}
+
+/// SQLSTATEs are five ASCII characters; map the common ones to static strings and fall back to
+/// a generic code so a report never borrows from a dropped error.
+fn static_code(code: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "22023", "42704", "42501", "22P02", "0A000", "42601", "57014", "25P02", "40001",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == code)
+        .copied()
+        .unwrap_or(sqlstate::INTERNAL_ERROR)
+}
+
+/// Everything needed to open a backend connection for one (tenant, role).
+#[derive(Debug, Clone)]
+pub struct ConnectSpec {
+    pub server: Arc<Server>,
+    pub database: String,
+    pub credentials: BackendCredentials,
+    pub params: Vec<(String, String)>,
+    pub connect_timeout: Duration,
+}
+
+/// Where and how to cancel whatever this backend is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelTarget {
+    pub host: String,
+    pub port: u16,
+    pub pid: u32,
+    pub secret: u32,
+}
+
+impl CancelTarget {
+    pub async fn send(&self) -> std::io::Result<()> {
+        let mut stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let mut buf = BytesMut::with_capacity(16);
+        frontend::cancel_request(self.pid as i32, self.secret as i32, &mut buf);
+        stream.write_all(&buf).await?;
+        // PostgreSQL closes the socket once it has read the request.
+        let mut sink = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut sink)).await;
+        Ok(())
+    }
+}
+
+pub struct BackendConn {
+    pub(crate) stream: TcpStream,
+    /// Bytes read from the server and not yet consumed.
+    pub(crate) read_buf: BytesMut,
+    server: Arc<Server>,
+    cancel: CancelTarget,
+    /// ParameterStatus values, in the order the server first reported them.
+    params: Vec<(String, String)>,
+    /// Last ReadyForQuery status: b'I', b'T' or b'E'.
+    pub(crate) tx_status: u8,
+    /// Set when the connection must not be reused.
+    pub(crate) broken: bool,
+    created: Instant,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn")
+            .field("server", &self.server.name)
+            .field("pid", &self.cancel.pid)
+            .field("tx_status", &char::from(self.tx_status))
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl BackendConn {
+    pub async fn connect(spec: &ConnectSpec) -> Result<BackendConn, BackendError> {
+        let server = spec.server.name.clone();
+        tokio::time::timeout(spec.connect_timeout, Self::connect_inner(spec))
+            .await
+            .map_err(|_| BackendError::ConnectTimeout { server })?
+    }
+
+    async fn connect_inner(spec: &ConnectSpec) -> Result<BackendConn, BackendError> {
+        let server = &spec.server;
+        let stream = TcpStream::connect((server.host.as_str(), server.port))
+            .await
+            .map_err(|source| BackendError::Connect {
+                server: server.name.clone(),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let mut conn = BackendConn {
+            stream,
+            read_buf: BytesMut::with_capacity(8192),
+            server: server.clone(),
+            cancel: CancelTarget {
+                host: server.host.clone(),
+                port: server.port,
+                pid: 0,
+                secret: 0,
+            },
+            params: Vec::new(),
+            tx_status: b'I',
+            broken: false,
+            created: Instant::now(),
+        };
+        let mut out = BytesMut::with_capacity(256);
+        let mut startup: Vec<(&str, &str)> = vec![
+            ("user", spec.credentials.user.as_str()),
+            ("database", spec.database.as_str()),
+        ];
+        startup.extend(spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(startup.iter().copied(), &mut out)
+            .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
+        conn.send(&out).await?;
+        conn.authenticate(&spec.credentials).await?;
+        // After AuthenticationOk: ParameterStatus…, BackendKeyData, ReadyForQuery.
+        loop {
+            match conn.next_message().await? {
+                Message::ParameterStatus(body) => {
+                    let (name, value) = (lossy(body.name()), lossy(body.value()));
+                    conn.set_param(name, value);
+                }
+                Message::BackendKeyData(body) => {
+                    conn.cancel.pid = body.process_id() as u32;
+                    conn.cancel.secret = body.secret_key() as u32;
+                }
+                Message::ReadyForQuery(body) => {
+                    conn.tx_status = body.status();
+                    return Ok(conn);
+                }
+                Message::ErrorResponse(body) => return Err(conn.refused(body.fields())),
+                Message::NoticeResponse(_) => {}
+                _ => return Err(conn.protocol_error("unexpected message during startup")),
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, creds: &BackendCredentials) -> Result<(), BackendError> {
+        let mut out = BytesMut::with_capacity(256);
+        let server = self.server.name.clone();
+        let password = || {
+            creds
+                .password
+                .as_ref()
+                .map(|p| p.expose().as_bytes())
+                .ok_or_else(|| BackendError::MissingPassword {
+                    server: server.clone(),
+                    role: creds.user.clone(),
+                })
+        };
+        loop {
+            out.clear();
+            match self.next_message().await? {
+                Message::AuthenticationOk => return Ok(()),
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(password()?, &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(creds.user.as_bytes(), password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut offered = false;
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| self.protocol_error(e.to_string()))?
+                    {
+                        offered |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !offered {
+                        return Err(BackendError::UnsupportedAuth {
+                            server: self.server.name.clone(),
+                            method: "SASL without SCRAM-SHA-256",
+                        });
+                    }
+                    self.scram(password()?).await?;
+                    continue;
+                }
+                Message::ErrorResponse(body) => return Err(self.refused(body.fields())),
+                Message::AuthenticationKerberosV5
+                | Message::AuthenticationScmCredential
+                | Message::AuthenticationGss
+                | Message::AuthenticationSspi => {
+                    return Err(BackendError::UnsupportedAuth {
+                        server: self.server.name.clone(),
+                        method: "Kerberos/GSSAPI/SSPI",
+                    })
+                }
+                _ => return Err(self.protocol_error("unexpected message during authentication")),
+            }
+            self.send(&out).await?;
+        }
+    }
+
+    async fn scram(&mut self, password: &[u8]) -> Result<(), BackendError> {
+        let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
+        let mut out = BytesMut::with_capacity(256);
+        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut out)
+            .map_err(|e| self.protocol_error(e.to_string()))?;
+        self.send(&out).await?;
+        match self.next_message().await? {
+            Message::AuthenticationSaslContinue(body) => scram
+                .update(body.data())
+                .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?,
+            Message::ErrorResponse(body) => return Err(self.refused(body.fields())),
+            _ => return Err(self.protocol_error("expected SASLContinue")),
+        }
+        out.clear();
+        frontend::sasl_response(scram.message(), &mut out)
+            .map_err(|e| self.protocol_error(e.to_string()))?;
+        self.send(&out).await?;
+        match self.next_message().await? {
+            Message::AuthenticationSaslFinal(body) => scram
+                .finish(body.data())
+                .map_err(|e| self.protocol_error(format!("SCRAM: {e}"))),
+            Message::ErrorResponse(body) => Err(self.refused(body.fields())),
+            _ => Err(self.protocol_error("expected SASLFinal")),
+        }
+    }
+
+    /// Runs one of the proxy's own statements with the simple protocol and waits for
+    /// ReadyForQuery. Rows are discarded; ParameterStatus updates are recorded.
+    pub async fn execute(&mut self, sql: &str) -> Result<(), BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
+        self.send(&out).await?;
+        let mut failure = None;
+        loop {
+            match self.next_message().await? {
+                Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    return match failure {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    };
+                }
+                Message::ErrorResponse(body) => {
+                    let (code, message, fatal) = error_fields(body.fields());
+                    if fatal {
+                        self.broken = true;
+                        return Err(BackendError::Lost {
+                            server: self.server.name.clone(),
+                            reason: message,
+                        });
+                    }
+                    failure.get_or_insert(BackendError::Statement {
+                        server: self.server.name.clone(),
+                        code,
+                        message,
+                    });
+                }
+                Message::ParameterStatus(body) => {
+                    let (name, value) = (lossy(body.name()), lossy(body.value()));
+                    self.set_param(name, value);
+                }
+                Message::CopyInResponse(_) => {
+                    self.broken = true;
+                    return Err(self.protocol_error("internal statement started COPY"));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    pub fn cancel_target(&self) -> &CancelTarget {
+        &self.cancel
+    }
+
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+
+    pub fn age(&self) -> Duration {
+        self.created.elapsed()
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    pub fn tx_status(&self) -> u8 {
+        self.tx_status
+    }
+
+    pub(crate) fn set_param(&mut self, name: String, value: String) {
+        match self.params.iter_mut().find(|(k, _)| *k == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        if let Err(e) = self.stream.write_all(bytes).await {
+            self.broken = true;
+            return Err(BackendError::Lost {
+                server: self.server.name.clone(),
+                reason: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Next whole message on the control path.
+    async fn next_message(&mut self) -> Result<Message, BackendError> {
+        loop {
+            match Message::parse(&mut self.read_buf) {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(self.protocol_error(e.to_string()));
+                }
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < 1024 {
+                self.read_buf.reserve(8192);
+            }
+            match self.stream.read_buf(&mut self.read_buf).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(BackendError::Lost {
+                        server: self.server.name.clone(),
+                        reason: "server closed the connection".into(),
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(BackendError::Lost {
+                        server: self.server.name.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn refused(
+        &mut self,
+        fields: postgres_protocol::message::backend::ErrorFields<'_>,
+    ) -> BackendError {
+        self.broken = true;
+        let (code, message, _) = error_fields(fields);
+        BackendError::Refused {
+            server: self.server.name.clone(),
+            code,
+            message,
+        }
+    }
+
+    fn protocol_error(&mut self, reason: impl Into<String>) -> BackendError {
+        self.broken = true;
+        BackendError::Protocol {
+            server: self.server.name.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn lossy(r: std::io::Result<&str>) -> String {
+    r.map(str::to_string).unwrap_or_default()
+}
+
+/// (SQLSTATE, message, is FATAL/PANIC) of an ErrorResponse.
+fn error_fields(
+    mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
+) -> (String, String, bool) {
+    let (mut code, mut message, mut fatal) = (String::new(), String::new(), false);
+    while let Ok(Some(f)) = fields.next() {
+        let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'V' => fatal = value == "FATAL" || value == "PANIC",
+            _ => {}
+        }
+    }
+    (code, message, fatal)
+}

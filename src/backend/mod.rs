@@ -1,0 +1,7 @@
+//! Connections from pgtenant to PostgreSQL servers: open and authenticate one, run the proxy's
+//! own statements on it, and reset it before reuse.
+
+pub mod connection;
+pub mod reset;
+
+pub use connection::{BackendConn, BackendError, ConnectSpec};

@@ -1,0 +1,251 @@
+//! `proxy.toml`: parsing and validation. Field-by-field reference lives in README.md.
+
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::Secret;
+
+pub use validate::validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// toml's message names the line, column and field.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    #[error("invalid config: {field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Separator between role and tenant in the startup user name (`app.acme`).
+    #[serde(default = "default_separator")]
+    pub tenant_separator: String,
+    /// Custom setting that carries the tenant id for row-tier RLS policies.
+    #[serde(default = "default_row_setting")]
+    pub row_tenant_setting: String,
+    /// Largest client message accepted after startup, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: u32,
+    /// Seconds a client may take to send its startup packet and authenticate.
+    #[serde(default = "default_auth_timeout")]
+    pub auth_timeout: u64,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub servers: Vec<ServerConfig>,
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Only `session` exists so far.
+    #[serde(default)]
+    pub mode: PoolMode,
+    /// Backend connections per (tenant, role) unless the tenant sets `pool_size`.
+    #[serde(default = "default_pool_size")]
+    pub default_size: u32,
+    /// Seconds a client waits for a backend connection before it gets an error.
+    #[serde(default = "default_query_wait")]
+    pub query_wait_timeout: u64,
+    /// Seconds allowed to open and authenticate one backend connection.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: u64,
+    /// Seconds an unused backend connection stays open.
+    #[serde(default = "default_server_idle")]
+    pub server_idle_timeout: u64,
+    /// Seconds after which a backend connection is closed when it is next idle.
+    #[serde(default = "default_server_lifetime")]
+    pub server_lifetime: u64,
+    /// Seconds allowed for the reset (ROLLBACK, DISCARD ALL) when a client leaves.
+    #[serde(default = "default_reset_timeout")]
+    pub reset_timeout: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            mode: PoolMode::default(),
+            default_size: default_pool_size(),
+            query_wait_timeout: default_query_wait(),
+            connect_timeout: default_connect_timeout(),
+            server_idle_timeout: default_server_idle(),
+            server_lifetime: default_server_lifetime(),
+            reset_timeout: default_reset_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Session,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Database,
+    Schema,
+    Row,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Database => "database",
+            Tier::Schema => "schema",
+            Tier::Row => "row",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantStatus {
+    #[default]
+    Active,
+    Suspended,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub tier: Tier,
+    pub server: String,
+    pub database: String,
+    /// Schema tier only: the tenant's schema.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_size: Option<u32>,
+    #[serde(default)]
+    pub status: TenantStatus,
+    /// Session defaults applied to every backend connection of the tenant (TimeZone, …).
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Client role: the client logs in as `name<separator>tenant`.
+    pub name: String,
+    /// SCRAM-SHA-256 verifier (`pgtenant hash-password`); never a clear-text password.
+    pub scram: String,
+    /// Role pgtenant logs in as on the backend for this client role.
+    pub backend_user: String,
+    /// Backend password, or use `backend_password_env`. Empty for trust authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_password: Option<Secret>,
+    /// Name of an environment variable that holds the backend password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend_password_env: Option<String>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Every field at its default: no servers, no tenants.
+    pub fn empty() -> Config {
+        Config {
+            listen: default_listen(),
+            tenant_separator: default_separator(),
+            row_tenant_setting: default_row_setting(),
+            max_message_bytes: default_max_message(),
+            auth_timeout: default_auth_timeout(),
+            pool: PoolConfig::default(),
+            servers: Vec::new(),
+            tenants: Vec::new(),
+        }
+    }
+
+    /// The config as proxy.toml text (backend passwords included: keep the file private).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        validate(&config)?;
+        Ok(config)
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_separator() -> String {
+    ".".into()
+}
+fn default_row_setting() -> String {
+    "pgtenant.tenant_id".into()
+}
+fn default_max_message() -> u32 {
+    // PostgreSQL's own ceiling for the largest message kinds (PQ_LARGE_MESSAGE_LIMIT).
+    0x3fff_ffff
+}
+fn default_auth_timeout() -> u64 {
+    60
+}
+fn default_pool_size() -> u32 {
+    10
+}
+fn default_query_wait() -> u64 {
+    120
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_server_idle() -> u64 {
+    600
+}
+fn default_server_lifetime() -> u64 {
+    3600
+}
+fn default_reset_timeout() -> u64 {
+    5
+}

@@ -1,0 +1,214 @@
+//! Semantic checks that serde cannot express; each error names the offending field.
+
+use std::collections::HashSet;
+
+use super::{Config, ConfigError, Tier};
+use crate::frontend::scram::ScramVerifier;
+
+/// Database name reserved for the admin console.
+pub const ADMIN_DATABASE: &str = "pgtenant";
+
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    let sep = &config.tenant_separator;
+    if sep.is_empty() || sep.chars().any(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(ConfigError::invalid(
+            "tenant_separator",
+            "must be non-empty and contain no letters, digits or '_'",
+        ));
+    }
+    if !is_setting_name(&config.row_tenant_setting) || !config.row_tenant_setting.contains('.') {
+        return Err(ConfigError::invalid(
+            "row_tenant_setting",
+            "must be a custom setting name such as \"pgtenant.tenant_id\"",
+        ));
+    }
+    if config.max_message_bytes < 1024 {
+        return Err(ConfigError::invalid(
+            "max_message_bytes",
+            "must be at least 1024",
+        ));
+    }
+    if config.pool.default_size == 0 {
+        return Err(ConfigError::invalid(
+            "pool.default_size",
+            "must be at least 1",
+        ));
+    }
+
+    let mut servers = HashSet::new();
+    for (i, s) in config.servers.iter().enumerate() {
+        let field = format!("servers[{i}]");
+        if s.name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                "must not be empty",
+            ));
+        }
+        if !servers.insert(s.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.name"),
+                format!("server \"{}\" is defined twice", s.name),
+            ));
+        }
+        if s.host.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{field}.host"),
+                "must not be empty",
+            ));
+        }
+    }
+
+    let mut tenants = HashSet::new();
+    for (i, t) in config.tenants.iter().enumerate() {
+        let field = format!("tenants[{i}]");
+        if !is_tenant_id(&t.id) || t.id.contains(sep.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.id"),
+                format!(
+                    "\"{}\" is not a valid tenant id (1-63 of a-z, 0-9, '_', '-', starting with a letter or digit)",
+                    t.id
+                ),
+            ));
+        }
+        if t.id == ADMIN_DATABASE {
+            return Err(ConfigError::invalid(
+                format!("{field}.id"),
+                format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
+            ));
+        }
+        if !tenants.insert(t.id.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.id"),
+                format!("tenant \"{}\" is defined twice", t.id),
+            ));
+        }
+        if !servers.contains(t.server.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("{field}.server"),
+                format!("no server named \"{}\" in [[servers]]", t.server),
+            ));
+        }
+        if t.database.is_empty() || t.database.len() > 63 || t.database.contains('\0') {
+            return Err(ConfigError::invalid(
+                format!("{field}.database"),
+                "must be 1-63 bytes",
+            ));
+        }
+        match (t.tier, &t.schema) {
+            (Tier::Schema, None) => {
+                return Err(ConfigError::invalid(
+                    format!("{field}.schema"),
+                    "is required for a schema-tier tenant",
+                ))
+            }
+            (Tier::Schema, Some(schema)) if !is_schema_name(schema) => {
+                return Err(ConfigError::invalid(
+                    format!("{field}.schema"),
+                    format!("\"{schema}\" is not a valid schema name (1-63 of a-z, 0-9, '_', starting with a letter or '_')"),
+                ))
+            }
+            (Tier::Database | Tier::Row, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    format!("{field}.schema"),
+                    format!("only schema-tier tenants have a schema (this tenant is {}-tier)", t.tier.as_str()),
+                ))
+            }
+            _ => {}
+        }
+        if t.pool_size == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{field}.pool_size"),
+                "must be at least 1",
+            ));
+        }
+        for name in t.params.keys() {
+            if !is_setting_name(name) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.params.{name}"),
+                    "is not a valid setting name",
+                ));
+            }
+            if is_tier_owned_setting(name, &config.row_tenant_setting) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.params.{name}"),
+                    "is set by pgtenant from the tenant's tier and cannot be overridden",
+                ));
+            }
+        }
+        let mut users = HashSet::new();
+        for (j, u) in t.users.iter().enumerate() {
+            let field = format!("{field}.users[{j}]");
+            if u.name.is_empty() || u.name.contains(sep.as_str()) || u.name.contains('\0') {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("must be non-empty and must not contain the separator \"{sep}\""),
+                ));
+            }
+            if !users.insert(u.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("{field}.name"),
+                    format!("user \"{}\" is defined twice", u.name),
+                ));
+            }
+            if ScramVerifier::parse(&u.scram).is_none() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.scram"),
+                    "is not a SCRAM-SHA-256 verifier (make one with `pgtenant hash-password`)",
+                ));
+            }
+            if u.backend_user.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.backend_user"),
+                    "must not be empty",
+                ));
+            }
+            match (&u.backend_password, &u.backend_password_env) {
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.backend_password_env"),
+                        "give either backend_password or backend_password_env, not both",
+                    ))
+                }
+                (None, Some(var)) if std::env::var_os(var).is_none() => {
+                    return Err(ConfigError::invalid(
+                        format!("{field}.backend_password_env"),
+                        format!("environment variable {var} is not set"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_tenant_id(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+}
+
+fn is_schema_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+}
+
+fn is_setting_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
+}
+
+/// Settings the tier pins; a tenant's `params` must not fight them.
+fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
+    name.eq_ignore_ascii_case("search_path") || name.eq_ignore_ascii_case(row_setting)
+}

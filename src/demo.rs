@@ -1,0 +1,274 @@
+//! `pgtenant demo` and the sample tenants it (and the test suite) provisions: a throwaway
+//! PostgreSQL, six tenants, two per tier, each with a tiny `accounts` table.
+
+use std::collections::BTreeMap;
+
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+
+use crate::cluster::PgCluster;
+use crate::config::{Config, ServerConfig, TenantConfig, TenantStatus, Tier, UserConfig};
+use crate::frontend::scram::hash_password;
+use crate::secret::Secret;
+use crate::tenancy::tier::{quote_ident, quote_literal};
+
+/// Password of every demo client user.
+pub const DEMO_PASSWORD: &str = "demo";
+/// Client role of every demo user.
+pub const DEMO_ROLE: &str = "app";
+/// Shared database of the schema-tier tenants.
+pub const SCHEMA_DATABASE: &str = "schema_tenants";
+/// Shared database of the row-tier tenants.
+pub const ROW_DATABASE: &str = "row_tenants";
+
+#[derive(Debug, Clone)]
+pub struct SampleTenant {
+    pub id: &'static str,
+    pub tier: Tier,
+    /// Which server of those provisioned it lives on (database tier may use any).
+    pub server: usize,
+    /// Owners of the rows in its accounts table.
+    pub owners: &'static [&'static str],
+}
+
+pub fn sample_tenants() -> Vec<SampleTenant> {
+    vec![
+        SampleTenant {
+            id: "acme",
+            tier: Tier::Database,
+            server: 0,
+            owners: &["Ada", "Alan"],
+        },
+        SampleTenant {
+            id: "globex",
+            tier: Tier::Database,
+            server: 0,
+            owners: &["Grace", "Gordon"],
+        },
+        SampleTenant {
+            id: "initech",
+            tier: Tier::Schema,
+            server: 0,
+            owners: &["Ian", "Ivy"],
+        },
+        SampleTenant {
+            id: "umbrella",
+            tier: Tier::Schema,
+            server: 0,
+            owners: &["Uma", "Ulf"],
+        },
+        SampleTenant {
+            id: "hooli",
+            tier: Tier::Row,
+            server: 0,
+            owners: &["Hal", "Hana"],
+        },
+        SampleTenant {
+            id: "piedpiper",
+            tier: Tier::Row,
+            server: 0,
+            owners: &["Pia", "Pete"],
+        },
+    ]
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("provisioning on server \"{server}\" failed: {source}")]
+    Sql {
+        server: String,
+        source: tokio_postgres::Error,
+    },
+}
+
+/// The backend login role of a tenant.
+pub fn backend_role(t: &SampleTenant) -> String {
+    match t.tier {
+        Tier::Row => "row_app".to_string(),
+        _ => format!("{}_app", t.id),
+    }
+}
+
+/// Creates databases, schemas, roles, tables and rows for `tenants` on `servers` (name,
+/// cluster), and returns a config that serves them.
+pub async fn provision(
+    servers: &[(&str, &PgCluster)],
+    tenants: &[SampleTenant],
+) -> Result<Config, ProvisionError> {
+    let mut config = Config::empty();
+    config.servers = servers
+        .iter()
+        .map(|(name, c)| ServerConfig {
+            name: name.to_string(),
+            host: c.host().to_string(),
+            port: c.port(),
+        })
+        .collect();
+    let verifier = hash_password(DEMO_PASSWORD);
+    let mut passwords: BTreeMap<(usize, String), String> = BTreeMap::new();
+
+    for t in tenants {
+        let (name, cluster) = servers[t.server];
+        let err = |source| ProvisionError::Sql {
+            server: name.to_string(),
+            source,
+        };
+        let admin = cluster.connect("postgres").await.map_err(err)?;
+        let role = backend_role(t);
+        let password = passwords
+            .entry((t.server, role.clone()))
+            .or_insert_with(random_password)
+            .clone();
+        let exists = admin
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .await
+            .map_err(err)?
+            .is_some();
+        if !exists {
+            admin
+                .batch_execute(&format!(
+                    "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD {}",
+                    quote_ident(&role),
+                    quote_literal(&password)
+                ))
+                .await
+                .map_err(err)?;
+        }
+        let database = match t.tier {
+            Tier::Database => t.id.to_string(),
+            Tier::Schema => SCHEMA_DATABASE.to_string(),
+            Tier::Row => ROW_DATABASE.to_string(),
+        };
+        let db_exists = admin
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+            .await
+            .map_err(err)?
+            .is_some();
+        if !db_exists {
+            admin
+                .batch_execute(&format!(
+                    "CREATE DATABASE {db}; REVOKE ALL ON DATABASE {db} FROM PUBLIC",
+                    db = quote_ident(&database)
+                ))
+                .await
+                .map_err(err)?;
+        }
+        let db = cluster.connect(&database).await.map_err(err)?;
+        let r = quote_ident(&role);
+        let d = quote_ident(&database);
+        let rows = |tenant_col: bool| -> String {
+            t.owners
+                .iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    if tenant_col {
+                        format!(
+                            "({}, {}, {})",
+                            quote_literal(t.id),
+                            quote_literal(o),
+                            100 * (i + 1)
+                        )
+                    } else {
+                        format!("({}, {})", quote_literal(o), 100 * (i + 1))
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let sql = match t.tier {
+            Tier::Database => format!(
+                "GRANT CONNECT ON DATABASE {d} TO {r};
+                 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+                 CREATE TABLE accounts (id serial PRIMARY KEY, tenant_id text NOT NULL DEFAULT {tid},
+                                        owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);
+                 INSERT INTO accounts (owner, balance) VALUES {rows};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON accounts TO {r};
+                 GRANT USAGE ON SEQUENCE accounts_id_seq TO {r};",
+                tid = quote_literal(t.id),
+                rows = rows(false)
+            ),
+            Tier::Schema => format!(
+                "GRANT CONNECT ON DATABASE {d} TO {r};
+                 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+                 CREATE SCHEMA {s};
+                 GRANT USAGE ON SCHEMA {s} TO {r};
+                 CREATE TABLE {s}.accounts (id serial PRIMARY KEY, tenant_id text NOT NULL DEFAULT {tid},
+                                            owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);
+                 INSERT INTO {s}.accounts (owner, balance) VALUES {rows};
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.accounts TO {r};
+                 GRANT USAGE ON SEQUENCE {s}.accounts_id_seq TO {r};",
+                s = quote_ident(t.id),
+                tid = quote_literal(t.id),
+                rows = rows(false)
+            ),
+            Tier::Row => {
+                let setting = quote_literal(&config.row_tenant_setting);
+                let table_exists = db
+                    .query_opt("SELECT 1 FROM pg_class WHERE relname = 'accounts' AND relnamespace = 'public'::regnamespace", &[])
+                    .await
+                    .map_err(err)?
+                    .is_some();
+                let mut sql = String::new();
+                if !table_exists {
+                    sql.push_str(&format!(
+                        "GRANT CONNECT ON DATABASE {d} TO {r};
+                         REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+                         CREATE TABLE accounts (id serial PRIMARY KEY,
+                             tenant_id text NOT NULL DEFAULT current_setting({setting}, true),
+                             owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);
+                         CREATE INDEX ON accounts (tenant_id);
+                         ALTER TABLE accounts ENABLE ROW LEVEL SECURITY;
+                         ALTER TABLE accounts FORCE ROW LEVEL SECURITY;
+                         CREATE POLICY tenant_rows ON accounts
+                             USING (tenant_id = current_setting({setting}, true))
+                             WITH CHECK (tenant_id = current_setting({setting}, true));
+                         GRANT SELECT, INSERT, UPDATE, DELETE ON accounts TO {r};
+                         GRANT USAGE ON SEQUENCE accounts_id_seq TO {r};"
+                    ));
+                }
+                sql.push_str(&format!(
+                    "INSERT INTO accounts (tenant_id, owner, balance) VALUES {};",
+                    rows(true)
+                ));
+                sql
+            }
+        };
+        db.batch_execute(&sql).await.map_err(err)?;
+
+        config.tenants.push(TenantConfig {
+            id: t.id.to_string(),
+            tier: t.tier,
+            server: name.to_string(),
+            database,
+            schema: (t.tier == Tier::Schema).then(|| t.id.to_string()),
+            pool_size: Some(5),
+            status: TenantStatus::Active,
+            params: BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())]),
+            users: vec![UserConfig {
+                name: DEMO_ROLE.to_string(),
+                scram: verifier.clone(),
+                backend_user: role,
+                backend_password: Some(Secret::new(password)),
+                backend_password_env: None,
+            }],
+        });
+    }
+    Ok(config)
+}
+
+fn random_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect()
+}
+
+/// The psql command line that connects to `tenant` through a proxy on `addr`.
+pub fn psql_line(addr: std::net::SocketAddr, tenant: &str) -> String {
+    format!(
+        "psql \"postgresql://{DEMO_ROLE}.{tenant}:{DEMO_PASSWORD}@{}:{}/{tenant}\"",
+        addr.ip(),
+        addr.port()
+    )
+}

@@ -1,0 +1,72 @@
+//! Everything that can end a client session, and what the client is told.
+
+use crate::backend::BackendError;
+use crate::pool::PoolError;
+use crate::protocol::startup::StartupError;
+use crate::protocol::{sqlstate, ErrorReport, FrameError};
+use crate::tenancy::ResolveError;
+
+use super::auth::AuthError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("tenant \"{0}\" does not exist")]
+    UnknownTenant(String),
+    #[error("tenant \"{0}\" is suspended")]
+    Suspended(String),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("invalid frontend message type {0}")]
+    UnknownMessage(u8),
+    #[error("timed out during startup and authentication")]
+    LoginTimeout,
+    #[error("client connection lost: {0}")]
+    ClientIo(#[from] std::io::Error),
+}
+
+impl SessionError {
+    /// The ErrorResponse for the client, or None when there is no one left to tell.
+    pub fn report(&self) -> Option<ErrorReport> {
+        use SessionError::*;
+        Some(match self {
+            Startup(StartupError::Closed | StartupError::Io(_)) | ClientIo(_) => return None,
+            Startup(e @ StartupError::UnsupportedVersion { .. }) => {
+                ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
+            }
+            Startup(e) => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+            Resolve(e @ ResolveError::Replication) => {
+                ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
+            }
+            Resolve(e @ ResolveError::BadOption(_)) => {
+                ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
+            }
+            Resolve(e) => ErrorReport::fatal(sqlstate::INVALID_AUTHORIZATION, e.to_string()),
+            UnknownTenant(_) => {
+                ErrorReport::fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string())
+            }
+            Suspended(_) => {
+                ErrorReport::fatal(sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, self.to_string())
+                    .with_hint("ask the operator to resume the tenant")
+            }
+            Auth(e) => return e.report(),
+            Pool(e) => e.report(),
+            Backend(e) => e.report(),
+            Frame(e @ FrameError::TooLarge { .. }) => {
+                ErrorReport::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, e.to_string())
+            }
+            Frame(e) => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
+            UnknownMessage(_) => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
+            LoginTimeout => ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
+        })
+    }
+}

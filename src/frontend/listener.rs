@@ -1,0 +1,36 @@
+//! The accept loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::server::ProxyContext;
+
+use super::session;
+
+/// Accepts clients until `shutdown` resolves; each client runs in its own task, so a slow or
+/// broken client never holds up another.
+pub async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ProxyContext>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(session::run(stream, peer, ctx.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The client side: accept, negotiate, authenticate, relay.
+
+pub mod auth;
+pub mod cancel;
+pub mod error;
+pub mod listener;
+pub mod relay;
+pub mod scram;
+pub mod session;
+
+pub use error::SessionError;

@@ -1,0 +1,214 @@
+//! The hot path: messages between a client and its backend connection.
+//!
+//! One task drives both directions so the session state (transaction status, outstanding
+//! requests, COPY) is plain local data, with no lock and no channel per message. Bytes are
+//! forwarded as they arrive, in whole batches of messages per read, straight from the read
+//! buffer; only the few tags that change state are looked at.
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backend::reset::Leftover;
+use crate::backend::BackendConn;
+use crate::protocol::framing::cstr;
+use crate::protocol::{ErrorReport, Scanner, Stop};
+
+use super::error::SessionError;
+
+const READ_CHUNK: usize = 8192;
+/// Largest server message whose body the relay looks into (ParameterStatus, ReadyForQuery).
+const INSPECT_LIMIT: usize = 64 * 1024;
+/// PostgreSQL never sends a message over 1 GiB.
+const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+
+pub enum RelayEnd {
+    /// The client sent Terminate.
+    Terminated,
+    /// The client's socket closed or failed.
+    ClientGone,
+    /// The client broke the protocol; it has been told if it could be.
+    ClientError(SessionError),
+    /// The server closed the connection.
+    ServerGone,
+}
+
+pub struct RelayOutcome {
+    pub end: RelayEnd,
+    pub leftover: Leftover,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// What the relay tracks about the backend session.
+struct State {
+    pending: u32,
+    unsynced: bool,
+    copy_in: bool,
+    tx_status: u8,
+}
+
+/// Frontend message types a client may send once the session is running.
+fn allowed_client_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
+    )
+}
+
+pub async fn relay(
+    client: &mut TcpStream,
+    conn: &mut BackendConn,
+    max_message: usize,
+) -> RelayOutcome {
+    let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut cscan = Scanner::new(max_message, 0);
+    let mut sscan = Scanner::new(MAX_SERVER_MESSAGE, INSPECT_LIMIT);
+    let mut st = State {
+        pending: 0,
+        unsynced: false,
+        copy_in: false,
+        tx_status: conn.tx_status,
+    };
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+
+    let end = loop {
+        if cbuf.capacity() - cbuf.len() < 1024 {
+            cbuf.reserve(READ_CHUNK);
+        }
+        if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
+            conn.read_buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            r = client.read_buf(&mut cbuf) => {
+                match r {
+                    Ok(0) | Err(_) => break RelayEnd::ClientGone,
+                    Ok(_) => {}
+                }
+                let scanned = cscan.scan(&cbuf, |_| false, |tag, _| {
+                    if !allowed_client_tag(tag) || tag == b'X' {
+                        return false;
+                    }
+                    match tag {
+                        b'Q' | b'F' => st.pending += 1,
+                        b'S' => {
+                            st.pending += 1;
+                            st.unsynced = false;
+                        }
+                        b'P' | b'B' | b'D' | b'E' | b'C' | b'H' => st.unsynced = true,
+                        b'c' | b'f' => st.copy_in = false,
+                        _ => {}
+                    }
+                    true
+                });
+                if scanned.forward > 0 {
+                    if let Err(e) = conn.stream.write_all(&cbuf[..scanned.forward]).await {
+                        conn.broken = true;
+                        tracing::debug!(error = %e, "write to server failed");
+                        break RelayEnd::ServerGone;
+                    }
+                    bytes_in += scanned.forward as u64;
+                    cbuf.advance(scanned.forward);
+                }
+                match scanned.stop {
+                    None => {}
+                    Some(Stop::Refused(b'X')) => break RelayEnd::Terminated,
+                    Some(Stop::Refused(tag)) => break RelayEnd::ClientError(SessionError::UnknownMessage(tag)),
+                    Some(Stop::Frame(e)) => break RelayEnd::ClientError(SessionError::Frame(e)),
+                }
+                if scanned.need > cbuf.len() {
+                    cbuf.reserve(scanned.need - cbuf.len());
+                }
+            }
+            r = conn.stream.read_buf(&mut conn.read_buf) => {
+                match r {
+                    Ok(0) | Err(_) => {
+                        conn.broken = true;
+                        break RelayEnd::ServerGone;
+                    }
+                    Ok(_) => {}
+                }
+                // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
+                let mut params: Vec<(String, String)> = Vec::new();
+                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S', |tag, body| {
+                    match (tag, body) {
+                        (b'Z', Some(b)) => {
+                            st.pending = st.pending.saturating_sub(1);
+                            st.copy_in = false;
+                            if let Some(&s) = b.first() {
+                                st.tx_status = s;
+                            }
+                        }
+                        (b'S', Some(b)) => {
+                            if let Some((k, rest)) = cstr(b) {
+                                if let Some((v, _)) = cstr(rest) {
+                                    params.push((
+                                        String::from_utf8_lossy(k).into_owned(),
+                                        String::from_utf8_lossy(v).into_owned(),
+                                    ));
+                                }
+                            }
+                        }
+                        (b'G', _) => st.copy_in = true,
+                        _ => {}
+                    }
+                    true
+                });
+                for (k, v) in params {
+                    conn.set_param(k, v);
+                }
+                if scanned.forward > 0 {
+                    if client.write_all(&conn.read_buf[..scanned.forward]).await.is_err() {
+                        conn.read_buf.advance(scanned.forward);
+                        break RelayEnd::ClientGone;
+                    }
+                    bytes_out += scanned.forward as u64;
+                    conn.read_buf.advance(scanned.forward);
+                }
+                if let Some(Stop::Frame(e)) = scanned.stop {
+                    conn.broken = true;
+                    tracing::warn!(error = %e, "server sent an invalid message");
+                    break RelayEnd::ServerGone;
+                }
+                if scanned.need > conn.read_buf.len() {
+                    let more = scanned.need - conn.read_buf.len();
+                    conn.read_buf.reserve(more);
+                }
+            }
+        }
+    };
+
+    conn.tx_status = st.tx_status;
+    if let RelayEnd::ClientError(e) = &end {
+        // Only tell the client if it is not in the middle of receiving a server message.
+        if sscan.at_boundary() {
+            if let Some(report) = e.report() {
+                send_report(client, &report).await;
+            }
+        }
+    }
+    if matches!(end, RelayEnd::ServerGone) && sscan.at_boundary() {
+        let report = ErrorReport::fatal(
+            crate::protocol::sqlstate::CONNECTION_FAILURE,
+            "server closed the connection unexpectedly",
+        );
+        send_report(client, &report).await;
+    }
+    RelayOutcome {
+        end,
+        leftover: Leftover {
+            pending: st.pending,
+            unsynced: st.unsynced,
+            copy_in: st.copy_in,
+            scanner: sscan,
+        },
+        bytes_in,
+        bytes_out,
+    }
+}
+
+pub async fn send_report(client: &mut TcpStream, report: &ErrorReport) {
+    let mut buf = BytesMut::with_capacity(128);
+    report.encode(&mut buf);
+    let _ = client.write_all(&buf).await;
+}

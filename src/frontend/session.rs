@@ -1,0 +1,262 @@
+//! One client, from its first byte to the backend's reset.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pgwire::messages::startup::ParameterStatus;
+use pgwire::messages::Message;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+use crate::backend::reset::{self, Leftover};
+use crate::backend::BackendError;
+use crate::config::TenantStatus;
+use crate::pool::{PoolError, PooledBackend};
+use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
+use crate::protocol::{messages, Scanner};
+use crate::server::ProxyContext;
+use crate::tenancy::tier::quote_literal;
+use crate::tenancy::{resolve, Addressed, Tenant};
+
+use super::auth::authenticate;
+use super::cancel::CancelGuard;
+use super::error::SessionError;
+use super::relay::{relay, send_report, RelayEnd};
+use super::scram::ScramVerifier;
+
+/// Checkout attempts when a pooled connection turns out to be dead.
+const CHECKOUT_ATTEMPTS: usize = 3;
+
+pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+    let _ = client.set_nodelay(true);
+    let started = Instant::now();
+    let login_timeout = Duration::from_secs(ctx.config.auth_timeout.max(1));
+    let login = match tokio::time::timeout(login_timeout, login(&mut client, &ctx)).await {
+        Ok(r) => r,
+        Err(_) => Err(SessionError::LoginTimeout),
+    };
+    let (who, tenant) = match login {
+        Ok(Login::Session(who, tenant)) => (who, tenant),
+        Ok(Login::Cancel) => return,
+        Err(e) => {
+            refuse(&mut client, peer, &e).await;
+            return;
+        }
+    };
+
+    let cancel = ctx.cancels.register();
+    let mut backend = match attach(&mut client, &ctx, &tenant, &who, &cancel).await {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(tenant = %who.tenant, role = %who.role, client = %peer, error = %e, "session refused");
+            if let Some(r) = e.report() {
+                send_report(&mut client, &r).await;
+            }
+            return;
+        }
+    };
+    info!(tenant = %who.tenant, role = %who.role, client = %peer, "session opened");
+
+    let outcome = relay(
+        &mut client,
+        &mut backend,
+        ctx.config.max_message_bytes as usize,
+    )
+    .await;
+    cancel.unlink();
+    drop(client);
+
+    let how = match &outcome.end {
+        RelayEnd::Terminated => "terminate",
+        RelayEnd::ClientGone => "client disconnected",
+        RelayEnd::ClientError(e) => {
+            warn!(tenant = %who.tenant, client = %peer, error = %e, "client protocol error");
+            "client protocol error"
+        }
+        RelayEnd::ServerGone => "server connection lost",
+    };
+    let reset_timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
+    if let Err(e) = reset::reset(&mut backend, outcome.leftover, reset_timeout).await {
+        warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+    }
+    drop(backend);
+    info!(
+        tenant = %who.tenant,
+        role = %who.role,
+        client = %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_in = outcome.bytes_in,
+        bytes_out = outcome.bytes_out,
+        end = how,
+        "session closed"
+    );
+}
+
+enum Login {
+    Session(Addressed, Arc<Tenant>),
+    Cancel,
+}
+
+/// Startup packet, tenant resolution and authentication.
+async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, SessionError> {
+    let msg = match negotiate(client).await? {
+        First::Startup(m) => m,
+        First::Cancel { pid, secret } => {
+            let sent = ctx.cancels.cancel(pid, secret).await;
+            debug!(sent, "cancel request");
+            return Ok(Login::Cancel);
+        }
+    };
+    if msg.minor > 0 || !msg.protocol_options.is_empty() {
+        let mut out = BytesMut::new();
+        messages::negotiate_protocol_version(&mut out, &msg.protocol_options);
+        client.write_all(&out).await?;
+    }
+    let who = resolve(&msg, &ctx.config.tenant_separator)?;
+    let tenant = ctx
+        .registry
+        .tenant(&who.tenant)
+        .ok_or_else(|| SessionError::UnknownTenant(who.tenant.clone()))?;
+    let user = tenant.user(&who.role);
+    let verifier = match user {
+        Some(u) => u.verifier.clone(),
+        None => ScramVerifier::mock(&who.user, &ctx.mock_key),
+    };
+    authenticate(client, &who.user, verifier, user.is_some()).await?;
+    // Only an authenticated client learns that the tenant is suspended.
+    if tenant.status == TenantStatus::Suspended {
+        return Err(SessionError::Suspended(tenant.id.clone()));
+    }
+    Ok(Login::Session(who, tenant))
+}
+
+/// Answers encryption requests until the client sends its StartupMessage or a CancelRequest.
+enum First {
+    Startup(StartupMessage),
+    Cancel { pid: u32, secret: u32 },
+}
+
+async fn negotiate(client: &mut TcpStream) -> Result<First, SessionError> {
+    // A client may ask for SSL and then GSSAPI encryption (or the reverse) before giving up.
+    for _ in 0..3 {
+        match read_startup(client).await? {
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
+                let mut out = BytesMut::with_capacity(1);
+                messages::refuse_encryption(&mut out);
+                client.write_all(&out).await?;
+            }
+            StartupPacket::Cancel { pid, secret } => return Ok(First::Cancel { pid, secret }),
+            StartupPacket::Startup(m) => return Ok(First::Startup(m)),
+        }
+    }
+    Err(SessionError::Startup(
+        crate::protocol::startup::StartupError::BadLayout("too many encryption requests"),
+    ))
+}
+
+/// Checks out a backend, applies the client's settings and tells the client it is ready.
+async fn attach(
+    client: &mut TcpStream,
+    ctx: &ProxyContext,
+    tenant: &Tenant,
+    who: &Addressed,
+    cancel: &CancelGuard,
+) -> Result<PooledBackend, SessionError> {
+    // The user was found during login, so this lookup cannot miss.
+    let user = tenant
+        .user(&who.role)
+        .ok_or_else(|| SessionError::UnknownTenant(tenant.id.clone()))?;
+    let pool = ctx.pools.get(tenant, user);
+    let settings = settings_query(&who.settings);
+    let mut last_err = None;
+    for _ in 0..CHECKOUT_ATTEMPTS {
+        let mut backend = pool.checkout().await?;
+        match backend.execute(&settings).await {
+            Ok(()) => {
+                cancel.link(backend.cancel_target().clone());
+                let mut out = BytesMut::with_capacity(512);
+                for (k, v) in backend.params() {
+                    let _ = ParameterStatus::new(k.clone(), v.clone()).encode(&mut out);
+                }
+                let key = cancel.key();
+                messages::backend_key_data(&mut out, key.pid, key.secret);
+                messages::ready_for_query_idle(&mut out);
+                client.write_all(&out).await?;
+                return Ok(backend);
+            }
+            Err(e @ BackendError::Statement { .. }) => {
+                // The client's own settings are invalid: PostgreSQL would refuse the login too.
+                let left = Leftover {
+                    pending: 0,
+                    unsynced: false,
+                    copy_in: false,
+                    scanner: Scanner::new(0, 0),
+                };
+                let timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
+                let _ = reset::reset(&mut backend, left, timeout).await;
+                return Err(SessionError::Backend(e));
+            }
+            Err(e) => {
+                debug!(error = %e, "pooled server connection is dead; trying another");
+                backend.mark_broken();
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(SessionError::Pool(PoolError::Backend(last_err.unwrap_or(
+        BackendError::Timeout {
+            server: tenant.server.name.clone(),
+        },
+    ))))
+}
+
+/// One statement that applies every session setting the client sent at startup. An empty
+/// statement still proves the pooled connection is alive.
+fn settings_query(settings: &[(String, String)]) -> String {
+    if settings.is_empty() {
+        return String::new();
+    }
+    let calls: Vec<String> = settings
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "pg_catalog.set_config({}, {}, false)",
+                quote_literal(k),
+                quote_literal(v)
+            )
+        })
+        .collect();
+    format!("SELECT {}", calls.join(", "))
+}
+
+async fn refuse(client: &mut TcpStream, peer: SocketAddr, e: &SessionError) {
+    match e.report() {
+        Some(r) => {
+            info!(client = %peer, code = r.code, error = %e, "connection refused");
+            send_report(client, &r).await;
+        }
+        None => debug!(client = %peer, error = %e, "client left during login"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_quoted_as_literals() {
+        let q = settings_query(&[("application_name".into(), "it's".into())]);
+        assert_eq!(
+            q,
+            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
+        );
+    }
+
+    #[test]
+    fn no_settings_is_an_empty_statement() {
+        assert_eq!(settings_query(&[]), "");
+    }
+}

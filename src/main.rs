@@ -1,0 +1,208 @@
+//! The `pgtenant` command line.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgtenant::cluster::PgCluster;
+use pgtenant::config::Config;
+use pgtenant::demo;
+use pgtenant::frontend::scram::hash_password;
+use pgtenant::server::Proxy;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "pgtenant",
+    version,
+    about = "Multi-tenant PostgreSQL proxy and pooler"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve clients with the tenants of a config file.
+    Serve {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+    /// Start a throwaway PostgreSQL with sample tenants of every tier and serve them.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:6432")]
+        listen: SocketAddr,
+    },
+    /// Print a SCRAM-SHA-256 verifier for the password read from standard input.
+    HashPassword,
+    /// Validate a config file and report the first problem.
+    CheckConfig {
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::HashPassword => hash_password_cmd(),
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} servers, {} tenants)",
+                    config.display(),
+                    c.servers.len(),
+                    c.tenants.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(2)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", config.display());
+                    return ExitCode::from(2);
+                }
+            };
+            runtime().block_on(serve(config))
+        }
+        Command::Demo { listen } => demo_cmd(listen),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn hash_password_cmd() -> ExitCode {
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("cannot read the password from standard input: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = input.strip_suffix('\n').unwrap_or(&input);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        eprintln!("empty password: type one on standard input, e.g. `echo -n secret | pgtenant hash-password`");
+        return ExitCode::FAILURE;
+    }
+    println!("{}", hash_password(password));
+    ExitCode::SUCCESS
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let proxy = match Proxy::bind(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    proxy.run(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn demo_cmd(listen: SocketAddr) -> ExitCode {
+    eprintln!("starting a throwaway PostgreSQL…");
+    // Started on the main thread, which lives as long as the demo: the server is tied to it.
+    let cluster = match PgCluster::start() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot start PostgreSQL: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = runtime();
+    let code = rt.block_on(async {
+        let mut config = match demo::provision(&[("local", &cluster)], &demo::sample_tenants()).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        config.listen = listen;
+        let config_path = cluster.dir().join("proxy.toml");
+        if let Err(e) = write_private(&config_path, &config.to_toml()) {
+            eprintln!("cannot write {}: {e}", config_path.display());
+            return ExitCode::FAILURE;
+        }
+        let proxy = match Proxy::bind(config.clone()).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = proxy.local_addr();
+        println!();
+        println!("pgtenant demo: serving on {addr}");
+        println!("PostgreSQL: {}", cluster.conn_string("postgres"));
+        println!("config: {}", config_path.display());
+        println!();
+        println!("{:<10} {:<9} connect with", "tenant", "tier");
+        for t in &config.tenants {
+            println!("{:<10} {:<9} {}", t.id, t.tier.as_str(), demo::psql_line(addr, &t.id));
+        }
+        println!();
+        println!("Try: SELECT current_database(), current_schemas(true), current_setting('{}', true); SELECT * FROM accounts;", config.row_tenant_setting);
+        println!("Press Ctrl-C to stop and remove everything.");
+        proxy.run(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    });
+    drop(rt);
+    drop(cluster);
+    eprintln!("demo stopped; throwaway PostgreSQL removed");
+    code
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}

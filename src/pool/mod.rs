@@ -1,0 +1,180 @@
+//! Backend connection pools, one per (tenant, client role), created on first use.
+
+mod manager;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::backend::{BackendError, ConnectSpec};
+use crate::config::PoolConfig;
+use crate::protocol::{sqlstate, ErrorReport};
+use crate::tenancy::{ClientUser, Tenant};
+
+pub use manager::BackendManager;
+
+pub type PooledBackend = bb8::PooledConnection<'static, BackendManager>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {0:?} waiting for a server connection")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl PoolError {
+    pub fn report(&self) -> ErrorReport {
+        match self {
+            PoolError::Timeout(_) => {
+                ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string())
+                    .with_hint("the tenant's pool is busy; raise pool_size or query_wait_timeout")
+            }
+            PoolError::Backend(e) => e.report(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub tenant: Arc<str>,
+    pub role: Arc<str>,
+}
+
+/// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
+pub struct TenantPool {
+    pool: bb8::Pool<BackendManager>,
+    failures: Arc<ConnectFailures>,
+    wait: Duration,
+}
+
+impl TenantPool {
+    /// A connection, or an error as soon as a connect attempt fails (bb8 alone would keep
+    /// retrying until the wait timeout and then report only the timeout).
+    pub async fn checkout(&self) -> Result<PooledBackend, PoolError> {
+        let failed = self.failures.notify.notified();
+        tokio::pin!(failed);
+        failed.as_mut().enable();
+        tokio::select! {
+            got = self.pool.get_owned() => got.map_err(|e| match e {
+                bb8::RunError::User(e) => PoolError::Backend(e),
+                bb8::RunError::TimedOut => PoolError::Timeout(self.wait),
+            }),
+            _ = failed => Err(self.failures.take().map(PoolError::Backend).unwrap_or(PoolError::Timeout(self.wait))),
+        }
+    }
+
+    pub fn state(&self) -> bb8::State {
+        self.pool.state()
+    }
+}
+
+#[derive(Default)]
+struct ConnectFailures {
+    last: std::sync::Mutex<Option<BackendError>>,
+    notify: Notify,
+}
+
+impl ConnectFailures {
+    fn record(&self, e: BackendError) {
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(e);
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn take(&self) -> Option<BackendError> {
+        self.last.lock().ok().and_then(|mut l| l.take())
+    }
+}
+
+#[derive(Clone)]
+struct FailureSink(Arc<ConnectFailures>);
+
+impl std::fmt::Debug for FailureSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FailureSink")
+    }
+}
+
+impl bb8::ErrorSink<BackendError> for FailureSink {
+    fn sink(&self, e: BackendError) {
+        tracing::warn!(error = %e, "backend connect failed");
+        self.0.record(e);
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// All pools of this proxy.
+pub struct Pools {
+    pools: DashMap<PoolKey, Arc<TenantPool>>,
+    settings: PoolConfig,
+    row_setting: String,
+}
+
+impl Pools {
+    pub fn new(settings: PoolConfig, row_setting: String) -> Self {
+        Pools {
+            pools: DashMap::new(),
+            settings,
+            row_setting,
+        }
+    }
+
+    /// The pool of (tenant, role), made on first use. Making it opens no connection.
+    pub fn get(&self, tenant: &Tenant, user: &ClientUser) -> Arc<TenantPool> {
+        let key = PoolKey {
+            tenant: Arc::from(tenant.id.as_str()),
+            role: Arc::from(user.name.as_str()),
+        };
+        if let Some(p) = self.pools.get(&key) {
+            return p.clone();
+        }
+        self.pools
+            .entry(key)
+            .or_insert_with(|| Arc::new(self.build(tenant, user)))
+            .clone()
+    }
+
+    fn build(&self, tenant: &Tenant, user: &ClientUser) -> TenantPool {
+        let s = &self.settings;
+        let spec = ConnectSpec {
+            server: tenant.server.clone(),
+            database: tenant.database.clone(),
+            credentials: user.backend.clone(),
+            params: crate::tenancy::tier::backend_startup_params(tenant, &self.row_setting),
+            connect_timeout: Duration::from_secs(s.connect_timeout),
+        };
+        let failures = Arc::new(ConnectFailures::default());
+        let wait = Duration::from_secs(s.query_wait_timeout.max(1));
+        let pool = bb8::Pool::builder()
+            .max_size(tenant.pool_size)
+            .min_idle(None)
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .connection_timeout(wait)
+            .idle_timeout(Some(Duration::from_secs(s.server_idle_timeout.max(1))))
+            .max_lifetime(Some(Duration::from_secs(s.server_lifetime.max(1))))
+            .queue_strategy(bb8::QueueStrategy::Lifo)
+            .error_sink(Box::new(FailureSink(failures.clone())))
+            .build_unchecked(BackendManager::new(spec));
+        TenantPool {
+            pool,
+            failures,
+            wait,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pools.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pools.is_empty()
+    }
+}

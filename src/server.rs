@@ -1,0 +1,122 @@
+//! A running proxy: its shared context, its listener, and a handle to stop it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, ConfigError};
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::listener::accept_loop;
+use crate::pool::Pools;
+use crate::tenancy::{StaticRegistry, TenantRegistry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every session shares.
+pub struct ProxyContext {
+    pub config: Config,
+    pub registry: Arc<dyn TenantRegistry>,
+    pub pools: Pools,
+    pub cancels: Arc<CancelRegistry>,
+    /// Key for the mock SCRAM verifiers of unknown users; random per process.
+    pub mock_key: [u8; 32],
+}
+
+pub struct Proxy {
+    ctx: Arc<ProxyContext>,
+    listener: TcpListener,
+}
+
+impl Proxy {
+    /// Binds the configured address with the config's own tenants.
+    pub async fn bind(config: Config) -> Result<Proxy, ServeError> {
+        let registry = Arc::new(StaticRegistry::from_config(&config)?);
+        Proxy::bind_with_registry(config, registry).await
+    }
+
+    pub async fn bind_with_registry(
+        config: Config,
+        registry: Arc<dyn TenantRegistry>,
+    ) -> Result<Proxy, ServeError> {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let mut mock_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut mock_key);
+        let pools = Pools::new(config.pool.clone(), config.row_tenant_setting.clone());
+        Ok(Proxy {
+            ctx: Arc::new(ProxyContext {
+                config,
+                registry,
+                pools,
+                cancels: Arc::new(CancelRegistry::default()),
+                mock_key,
+            }),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.ctx.config.listen)
+    }
+
+    pub fn context(&self) -> Arc<ProxyContext> {
+        self.ctx.clone()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        tracing::info!(addr = %self.local_addr(), "pgtenant listening");
+        accept_loop(self.listener, self.ctx, shutdown).await;
+    }
+
+    /// Serves on a background task.
+    pub fn spawn(self) -> ProxyHandle {
+        let addr = self.local_addr();
+        let ctx = self.ctx.clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(self.run(async move {
+            let _ = rx.await;
+        }));
+        ProxyHandle {
+            addr,
+            ctx,
+            stop: Some(tx),
+            task,
+        }
+    }
+}
+
+pub struct ProxyHandle {
+    pub addr: SocketAddr,
+    pub ctx: Arc<ProxyContext>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl ProxyHandle {
+    /// Stops accepting new clients.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}

@@ -1,0 +1,50 @@
+//! The in-memory shape of a tenant, whatever registry it came from.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{TenantStatus, Tier};
+use crate::frontend::scram::ScramVerifier;
+use crate::secret::Secret;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendCredentials {
+    pub user: String,
+    /// None: the server trusts this role.
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientUser {
+    /// Client role, the part of the startup user name before the separator.
+    pub name: String,
+    pub verifier: ScramVerifier,
+    pub backend: BackendCredentials,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: String,
+    pub tier: Tier,
+    pub server: Arc<Server>,
+    pub database: String,
+    pub schema: Option<String>,
+    pub pool_size: u32,
+    pub status: TenantStatus,
+    /// Session defaults for every backend connection (TimeZone, …), in config order.
+    pub params: Vec<(String, String)>,
+    pub users: HashMap<String, Arc<ClientUser>>,
+}
+
+impl Tenant {
+    pub fn user(&self, role: &str) -> Option<&Arc<ClientUser>> {
+        self.users.get(role)
+    }
+}

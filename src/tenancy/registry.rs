@@ -1,0 +1,103 @@
+//! Where tenants come from. The proxy only ever asks "which tenant is this id?", from an
+//! in-memory snapshot, so a lookup never waits on I/O; a registry backed by a database keeps
+//! that snapshot fresh behind the same trait.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::frontend::scram::ScramVerifier;
+use crate::secret::Secret;
+
+use super::model::{BackendCredentials, ClientUser, Server, Tenant};
+
+pub trait TenantRegistry: Send + Sync + 'static {
+    fn tenant(&self, id: &str) -> Option<Arc<Tenant>>;
+}
+
+/// The `[[tenants]]` of proxy.toml.
+#[derive(Debug, Default)]
+pub struct StaticRegistry {
+    tenants: HashMap<String, Arc<Tenant>>,
+}
+
+impl StaticRegistry {
+    /// Builds the registry from a validated config.
+    pub fn from_config(config: &Config) -> Result<StaticRegistry, ConfigError> {
+        let servers: HashMap<&str, Arc<Server>> = config
+            .servers
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    Arc::new(Server {
+                        name: s.name.clone(),
+                        host: s.host.clone(),
+                        port: s.port,
+                    }),
+                )
+            })
+            .collect();
+        let mut tenants = HashMap::new();
+        for (i, t) in config.tenants.iter().enumerate() {
+            let server = servers.get(t.server.as_str()).cloned().ok_or_else(|| {
+                ConfigError::invalid(format!("tenants[{i}].server"), "unknown server")
+            })?;
+            let mut users = HashMap::new();
+            for (j, u) in t.users.iter().enumerate() {
+                let verifier = ScramVerifier::parse(&u.scram).ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("tenants[{i}].users[{j}].scram"),
+                        "is not a SCRAM-SHA-256 verifier",
+                    )
+                })?;
+                let password = match (&u.backend_password, &u.backend_password_env) {
+                    (Some(p), _) => Some(p.clone()),
+                    (None, Some(var)) => Some(Secret::new(std::env::var(var).map_err(|_| {
+                        ConfigError::invalid(
+                            format!("tenants[{i}].users[{j}].backend_password_env"),
+                            format!("environment variable {var} is not set"),
+                        )
+                    })?)),
+                    (None, None) => None,
+                };
+                users.insert(
+                    u.name.clone(),
+                    Arc::new(ClientUser {
+                        name: u.name.clone(),
+                        verifier,
+                        backend: BackendCredentials {
+                            user: u.backend_user.clone(),
+                            password,
+                        },
+                    }),
+                );
+            }
+            tenants.insert(
+                t.id.clone(),
+                Arc::new(Tenant {
+                    id: t.id.clone(),
+                    tier: t.tier,
+                    server,
+                    database: t.database.clone(),
+                    schema: t.schema.clone(),
+                    pool_size: t.pool_size.unwrap_or(config.pool.default_size),
+                    status: t.status,
+                    params: t
+                        .params
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    users,
+                }),
+            );
+        }
+        Ok(StaticRegistry { tenants })
+    }
+}
+
+impl TenantRegistry for StaticRegistry {
+    fn tenant(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.tenants.get(id).cloned()
+    }
+}
