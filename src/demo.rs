@@ -74,11 +74,19 @@ pub fn sample_tenants() -> Vec<SampleTenant> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
-    #[error("provisioning on server \"{server}\" failed: {source}")]
-    Sql {
-        server: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("provisioning on server \"{server}\" failed: {message}")]
+    Sql { server: String, message: String },
+}
+
+/// tokio-postgres prints only "db error"; the server's own words are in the DbError.
+pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// The backend login role of a tenant.
@@ -109,9 +117,9 @@ pub async fn provision(
 
     for t in tenants {
         let (name, cluster) = servers[t.server];
-        let err = |source| ProvisionError::Sql {
+        let err = |e: tokio_postgres::Error| ProvisionError::Sql {
             server: name.to_string(),
-            source,
+            message: describe_pg_error(&e),
         };
         let admin = cluster.connect("postgres").await.map_err(err)?;
         let role = backend_role(t);
@@ -145,11 +153,14 @@ pub async fn provision(
             .map_err(err)?
             .is_some();
         if !db_exists {
+            let db = quote_ident(&database);
+            // CREATE DATABASE cannot share a multi-statement (implicitly transactional) batch.
             admin
-                .batch_execute(&format!(
-                    "CREATE DATABASE {db}; REVOKE ALL ON DATABASE {db} FROM PUBLIC",
-                    db = quote_ident(&database)
-                ))
+                .batch_execute(&format!("CREATE DATABASE {db}"))
+                .await
+                .map_err(err)?;
+            admin
+                .batch_execute(&format!("REVOKE ALL ON DATABASE {db} FROM PUBLIC"))
                 .await
                 .map_err(err)?;
         }
@@ -177,7 +188,7 @@ pub async fn provision(
         };
         let sql = match t.tier {
             Tier::Database => format!(
-                "GRANT CONNECT ON DATABASE {d} TO {r};
+                "GRANT CONNECT, TEMPORARY ON DATABASE {d} TO {r};
                  REVOKE CREATE ON SCHEMA public FROM PUBLIC;
                  CREATE TABLE accounts (id serial PRIMARY KEY, tenant_id text NOT NULL DEFAULT {tid},
                                         owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);

@@ -1,0 +1,176 @@
+//! The `pgtenant` command line, run as a user would.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgtenant");
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("pgtenant {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_config_accepts_the_example_proxy_toml() {
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 servers, 3 tenants)"));
+}
+
+fn check(text: &str) -> (i32, String) {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_config_names_the_line_of_a_misspelt_field() {
+    let (code, err) = check("listen = \"127.0.0.1:6432\"\n[pool]\ndefault_sise = 3\n");
+    assert_eq!(code, 2);
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("unknown field `default_sise`"), "{err}");
+}
+
+#[test]
+fn check_config_names_the_field_of_a_semantic_error() {
+    let (code, err) = check(
+        "[[servers]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 5432\n\
+         [[tenants]]\nid = \"acme\"\ntier = \"schema\"\nserver = \"a\"\ndatabase = \"d\"\n",
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("tenants[0].schema: is required for a schema-tier tenant"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_refuses_a_clear_text_password_where_a_verifier_belongs() {
+    let (code, err) = check(
+        "[[servers]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 5432\n\
+         [[tenants]]\nid = \"acme\"\ntier = \"database\"\nserver = \"a\"\ndatabase = \"d\"\n\
+         [[tenants.users]]\nname = \"app\"\nscram = \"hunter2\"\nbackend_user = \"x\"\n",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("tenants[0].users[0].scram"), "{err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the rejected value is not echoed: {err}"
+    );
+}
+
+#[test]
+fn serve_with_a_missing_config_fails_with_its_path() {
+    let out = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/proxy.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.toml"));
+}
+
+#[test]
+fn hash_password_prints_a_scram_verifier_for_stdin() {
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let verifier = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
+    assert!(pgtenant::frontend::scram::ScramVerifier::parse(&verifier).is_some());
+    assert!(!verifier.contains("s3cret"));
+}
+
+#[test]
+fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
+    let psql = pgtenant::cluster::find_bindir()
+        .map(|d| d.join("psql"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "psql".into());
+    let mut demo = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let (mut urls, mut config_path) = (Vec::new(), None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(p) = line.strip_prefix("config: ") {
+            config_path = Some(std::path::PathBuf::from(p));
+        }
+        if let Some(start) = line.find("psql \"") {
+            let url = line[start + 6..].trim_end_matches('"').to_string();
+            let tier = line.split_whitespace().nth(1).unwrap().to_string();
+            urls.push((tier, url));
+        }
+        if line.starts_with("Press Ctrl-C") || Instant::now() > deadline {
+            break;
+        }
+    }
+    assert_eq!(urls.len(), 6, "two tenants per tier: {urls:?}");
+    for tier in ["database", "schema", "row"] {
+        assert_eq!(urls.iter().filter(|(t, _)| t == tier).count(), 2, "{tier}");
+    }
+    for (tier, url) in &urls {
+        let out = Command::new(&psql)
+            .args(["-X", "-At", url, "-c", "SELECT count(*) FROM accounts"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tier} {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "2",
+            "{tier} {url}"
+        );
+    }
+    let config_path = config_path.expect("the demo printed its config path");
+    assert!(config_path.exists());
+    let config = pgtenant::config::Config::load(&config_path).expect("the printed config is valid");
+    assert_eq!(config.tenants.len(), 6);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(demo.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!config_path.exists(), "the demo removed its files");
+}

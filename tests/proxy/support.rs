@@ -1,0 +1,444 @@
+//! Shared test fixture: two throwaway PostgreSQL clusters with the sample tenants (plus a few
+//! made for particular tests) and a pgtenant serving them, on a runtime of its own so it
+//! outlives every test's runtime. Built once per test binary; torn down at process exit.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use pgtenant::cluster::PgCluster;
+use pgtenant::config::{Config, TenantConfig, TenantStatus, Tier, UserConfig};
+use pgtenant::demo::{self, SampleTenant, DEMO_PASSWORD, DEMO_ROLE};
+use pgtenant::frontend::scram::hash_password;
+use pgtenant::secret::Secret;
+use pgtenant::server::Proxy;
+use tokio_postgres::{Client, NoTls};
+
+pub const PASSWORD: &str = DEMO_PASSWORD;
+
+pub struct Fixture {
+    pub proxy: SocketAddr,
+    pub config: Config,
+    /// (host, port) of each cluster: 0 = "main", 1 = "second".
+    pub servers: Vec<(String, u16)>,
+    pub psql: std::path::PathBuf,
+    pub pgbench: std::path::PathBuf,
+    rt: tokio::runtime::Handle,
+    /// Dropping the handle would stop the proxy.
+    _proxy: pgtenant::server::ProxyHandle,
+}
+
+/// Clusters live here so the exit hook can stop them; statics are never dropped.
+static CLUSTERS: Mutex<Vec<PgCluster>> = Mutex::new(Vec::new());
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+
+extern "C" fn stop_clusters() {
+    if let Ok(mut c) = CLUSTERS.lock() {
+        c.clear();
+    }
+}
+
+pub fn fixture() -> &'static Fixture {
+    FIXTURE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The clusters die with the thread that started them (PR_SET_PDEATHSIG), so they are
+        // started on this thread, which lives until the process exits.
+        std::thread::Builder::new()
+            .name("fixture".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("fixture runtime");
+                let fixture = rt.block_on(build());
+                tx.send(Fixture {
+                    rt: rt.handle().clone(),
+                    ..fixture
+                })
+                .expect("send fixture");
+                rt.block_on(std::future::pending::<()>());
+            })
+            .expect("fixture thread");
+        rx.recv().expect("fixture failed to start")
+    })
+}
+
+async fn build() -> Fixture {
+    let main = PgCluster::start().expect("start cluster main");
+    let second = PgCluster::start().expect("start cluster second");
+    unsafe {
+        libc::atexit(stop_clusters);
+    }
+    let mut tenants = demo::sample_tenants();
+    // globex lives on the second server: database-tier tenants on different servers.
+    for t in tenants.iter_mut() {
+        if t.id == "globex" {
+            t.server = 1;
+        }
+    }
+    tenants.push(SampleTenant {
+        id: "dormant",
+        tier: Tier::Database,
+        server: 0,
+        owners: &["Dora"],
+    });
+    tenants.push(SampleTenant {
+        id: "scratch",
+        tier: Tier::Database,
+        server: 1,
+        owners: &["Sam"],
+    });
+    let mut config = demo::provision(&[("main", &main), ("second", &second)], &tenants)
+        .await
+        .expect("provision sample tenants");
+    for t in config.tenants.iter_mut() {
+        t.pool_size = Some(8);
+        if t.id == "dormant" {
+            t.status = TenantStatus::Suspended;
+        }
+    }
+    add_auth_method_tenants(&main, &mut config).await;
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.pool.query_wait_timeout = 30;
+    let servers = vec![
+        (main.host().to_string(), main.port()),
+        (second.host().to_string(), second.port()),
+    ];
+    let psql = main.program("psql");
+    let pgbench = main.program("pgbench");
+    let proxy = Proxy::bind(config.clone())
+        .await
+        .expect("bind proxy")
+        .spawn();
+    CLUSTERS.lock().expect("clusters").extend([main, second]);
+    Fixture {
+        proxy: proxy.addr,
+        _proxy: proxy,
+        config,
+        servers,
+        psql,
+        pgbench,
+        rt: tokio::runtime::Handle::current(),
+    }
+}
+
+/// Tenants whose backend roles log in with md5, or are trusted (no password), on the main
+/// server's `acme` database.
+async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
+    let admin = main.connect("acme").await.expect("connect acme");
+    admin
+        .batch_execute(
+            "SET password_encryption = 'md5';
+             CREATE ROLE md5_app LOGIN PASSWORD 'md5-secret';
+             RESET password_encryption;
+             CREATE ROLE pgtenant_trust NOLOGIN;
+             CREATE ROLE trust_app LOGIN IN ROLE pgtenant_trust;
+             GRANT CONNECT ON DATABASE acme TO md5_app, trust_app;
+             GRANT SELECT ON accounts TO md5_app, trust_app;",
+        )
+        .await
+        .expect("auth-method roles");
+    let base = config
+        .tenants
+        .iter()
+        .find(|t| t.id == "acme")
+        .cloned()
+        .expect("acme");
+    for (id, role, password) in [
+        ("md5co", "md5_app", Some("md5-secret")),
+        ("trustco", "trust_app", None),
+    ] {
+        config.tenants.push(TenantConfig {
+            id: id.into(),
+            users: vec![UserConfig {
+                name: DEMO_ROLE.into(),
+                scram: hash_password(PASSWORD),
+                backend_user: role.into(),
+                backend_password: password.map(Secret::new),
+                backend_password_env: None,
+            }],
+            ..base.clone()
+        });
+    }
+    // A tenant whose server is down.
+    config.servers.push(pgtenant::config::ServerConfig {
+        name: "ghost".into(),
+        host: "127.0.0.1".into(),
+        port: closed_port(),
+    });
+    config.tenants.push(TenantConfig {
+        id: "ghostco".into(),
+        server: "ghost".into(),
+        ..base
+    });
+}
+
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Fixture {
+    /// libpq-style connection string through the proxy.
+    pub fn url(&self, user: &str, database: &str) -> String {
+        format!(
+            "host={} port={} user={user} dbname={database} password={PASSWORD}",
+            self.proxy.ip(),
+            self.proxy.port()
+        )
+    }
+
+    /// Connects through the proxy as `app.<tenant>` to database `<tenant>`.
+    pub async fn tenant(&self, tenant: &str) -> Client {
+        self.connect(&format!("{DEMO_ROLE}.{tenant}"), tenant)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {tenant}: {}", pg_error(&e)))
+    }
+
+    pub async fn connect(
+        &self,
+        user: &str,
+        database: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        self.connect_str(&self.url(user, database)).await
+    }
+
+    pub async fn connect_str(&self, url: &str) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// A superuser connection straight to cluster `server`, bypassing the proxy.
+    pub async fn direct(&self, server: usize, database: &str) -> Client {
+        let (host, port) = &self.servers[server];
+        let url = format!("host={host} port={port} user=postgres dbname={database}");
+        let (client, conn) = tokio_postgres::connect(&url, NoTls)
+            .await
+            .expect("direct connection");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Runs psql through the proxy with the demo password.
+    pub fn psql(&self, user: &str, database: &str, args: &[&str]) -> Output {
+        Command::new(&self.psql)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(self.proxy.ip().to_string())
+            .arg("-p")
+            .arg(self.proxy.port().to_string())
+            .arg("-U")
+            .arg(user)
+            .arg("-d")
+            .arg(database)
+            .args(args)
+            .env("PGPASSWORD", PASSWORD)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .expect("run psql")
+    }
+
+    /// Starts another proxy over the same tenants with a changed config.
+    pub async fn extra_proxy(&self, change: impl FnOnce(&mut Config)) -> SocketAddr {
+        let mut config = self.config.clone();
+        change(&mut config);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.rt.spawn(async move {
+            let handle = Proxy::bind(config).await.expect("bind extra proxy").spawn();
+            let _ = tx.send(handle.addr);
+            // Keep serving for the rest of the test binary.
+            std::mem::forget(handle);
+        });
+        rx.await.expect("extra proxy started")
+    }
+}
+
+/// The server's message and SQLSTATE of an error, or its Display.
+pub fn pg_error(e: &tokio_postgres::Error) -> String {
+    pgtenant::demo::describe_pg_error(e)
+}
+
+/// SQLSTATE of an error returned through the proxy.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+/// A hand-driven protocol client, for what real drivers never send.
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> RawClient {
+        RawClient {
+            stream: tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("connect proxy"),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// Startup packet with protocol `version` and `params`.
+    pub fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut pkt = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        pkt.extend(body);
+        pkt
+    }
+
+    /// Reads one byte (the answer to SSLRequest / GSSENCRequest).
+    pub async fn read_byte(&mut self) -> Option<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.stream.read_exact(&mut b),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Some(b[0]),
+            _ => None,
+        }
+    }
+
+    /// Next message as (tag, body), or None when the proxy closed the connection.
+    pub async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > len {
+                    let msg = self.buf.split_to(len + 1);
+                    return Some((msg[0], msg[5..].to_vec()));
+                }
+            }
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                self.stream.read_buf(&mut self.buf),
+            )
+            .await;
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads until an ErrorResponse and returns its SQLSTATE and message.
+    pub async fn read_error(&mut self) -> Option<(String, String)> {
+        while let Some((tag, body)) = self.read_message().await {
+            if tag == b'E' {
+                return Some(error_fields(&body));
+            }
+        }
+        None
+    }
+
+    /// Logs in with SCRAM and waits for ReadyForQuery.
+    pub async fn login(addr: SocketAddr, user: &str, database: &str) -> RawClient {
+        use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+        let mut c = RawClient::connect(addr).await;
+        c.send(&RawClient::startup_packet(
+            196608,
+            &[("user", user), ("database", database)],
+        ))
+        .await;
+        let mut scram = ScramSha256::new(PASSWORD.as_bytes(), ChannelBinding::unsupported());
+        loop {
+            let (tag, body) = c.read_message().await.expect("login message");
+            match (
+                tag,
+                body.get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            ) {
+                (b'R', Some(10)) => {
+                    let mut out = bytes::BytesMut::new();
+                    postgres_protocol::message::frontend::sasl_initial_response(
+                        "SCRAM-SHA-256",
+                        scram.message(),
+                        &mut out,
+                    )
+                    .expect("encode");
+                    c.send(&out).await;
+                }
+                (b'R', Some(11)) => {
+                    scram.update(&body[4..]).expect("scram update");
+                    let mut out = bytes::BytesMut::new();
+                    postgres_protocol::message::frontend::sasl_response(scram.message(), &mut out)
+                        .expect("encode");
+                    c.send(&out).await;
+                }
+                (b'R', Some(12)) => scram.finish(&body[4..]).expect("server signature"),
+                (b'Z', _) => return c,
+                (b'E', _) => panic!("login failed: {:?}", error_fields(&body)),
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends a simple query and collects (tag, body) up to ReadyForQuery.
+    pub async fn query(&mut self, sql: &str) -> Vec<(u8, Vec<u8>)> {
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query(sql, &mut out).expect("encode");
+        self.send(&out).await;
+        let mut got = Vec::new();
+        while let Some(m) = self.read_message().await {
+            let done = m.0 == b'Z';
+            got.push(m);
+            if done {
+                break;
+            }
+        }
+        got
+    }
+}
+
+/// (SQLSTATE, message) of an ErrorResponse body.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut rest = body;
+    while let Some((&t, tail)) = rest.split_first() {
+        if t == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match t {
+            b'C' => code = value,
+            b'M' => message = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    (code, message)
+}
