@@ -57,7 +57,9 @@ impl PgCluster {
         }
         let data = dir.path().join("data");
         let mut initdb = Command::new(bindir.join("initdb"));
+        // The server user may not be able to enter our working directory.
         initdb
+            .current_dir(dir.path())
             .arg("-D")
             .arg(&data)
             .args([
@@ -114,7 +116,8 @@ impl PgCluster {
         }
         let log_err = log.try_clone().map_err(io("opening the log"))?;
         let mut cmd = Command::new(self.bindir.join("postgres"));
-        cmd.arg("-D")
+        cmd.current_dir(&dir)
+            .arg("-D")
             .arg(dir.join("data"))
             .arg("-p")
             .arg(port.to_string())
