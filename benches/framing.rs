@@ -51,7 +51,10 @@ fn scan_client_requests(c: &mut Criterion) {
     // pgbench -S in extended mode: Parse/Bind/Describe/Execute/Sync per transaction.
     let mut batch = Vec::new();
     for _ in 0..64 {
-        batch.extend(message(b'P', b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0"));
+        batch.extend(message(
+            b'P',
+            b"\0SELECT abalance FROM pgbench_accounts WHERE aid = $1;\0\0\0",
+        ));
         batch.extend(message(b'B', b"\0\0\0\0\0\x01\0\0\0\x0412345\0\0"));
         batch.extend(message(b'D', b"P\0"));
         batch.extend(message(b'E', b"\0\0\0\0\0"));
@@ -63,10 +66,14 @@ fn scan_client_requests(c: &mut Criterion) {
         b.iter(|| {
             let mut s = Scanner::new(0x3fff_ffff, 0);
             let mut syncs = 0;
-            let r = s.scan(black_box(&batch), |_| false, |t, _| {
-                syncs += (t == b'S') as u32;
-                true
-            });
+            let r = s.scan(
+                black_box(&batch),
+                |_| false,
+                |t, _| {
+                    syncs += (t == b'S') as u32;
+                    true
+                },
+            );
             black_box((r.forward, syncs))
         })
     });
