@@ -71,6 +71,9 @@ pub async fn relay(
         tx_status: conn.tx_status,
     };
     let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    // Tag of the last server message seen: an ErrorResponse right before the server hangs up is
+    // its FATAL, already forwarded, so the client needs no second one.
+    let mut last_server_tag = 0u8;
 
     let end = loop {
         if cbuf.capacity() - cbuf.len() < 1024 {
@@ -131,6 +134,7 @@ pub async fn relay(
                 // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
                 let mut params: Vec<(String, String)> = Vec::new();
                 let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S', |tag, body| {
+                    last_server_tag = tag;
                     match (tag, body) {
                         (b'Z', Some(b)) => {
                             st.pending = st.pending.saturating_sub(1);
@@ -187,7 +191,7 @@ pub async fn relay(
             }
         }
     }
-    if matches!(end, RelayEnd::ServerGone) && sscan.at_boundary() {
+    if matches!(end, RelayEnd::ServerGone) && sscan.at_boundary() && last_server_tag != b'E' {
         let report = ErrorReport::fatal(
             crate::protocol::sqlstate::CONNECTION_FAILURE,
             "server closed the connection unexpectedly",

@@ -286,6 +286,28 @@ async fn a_changed_search_path_is_back_to_the_tenants_schema_for_the_next_client
 }
 
 #[tokio::test]
+async fn a_changed_row_tenant_setting_is_back_to_the_tenant_for_the_next_client() {
+    let f = fixture();
+    let url = single_backend_url("hooli").await;
+    let first = f.connect_str(&url).await.unwrap();
+    first
+        .batch_execute("SET pgtenant.tenant_id = 'piedpiper'")
+        .await
+        .unwrap();
+    drop(first);
+    let second = f.connect_str(&url).await.unwrap();
+    let row = second
+        .query_one(
+            "SELECT current_setting('pgtenant.tenant_id'), (SELECT count(*) FROM accounts WHERE tenant_id <> 'hooli')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "hooli");
+    assert_eq!(row.get::<_, i64>(1), 0);
+}
+
+#[tokio::test]
 async fn startup_parameters_and_options_reach_the_session() {
     let f = fixture();
     let url = format!(
