@@ -1,6 +1,6 @@
 //! Client authentication against stored SCRAM verifiers, and backend authentication methods.
 
-use crate::support::{fixture, pg_error, sqlstate, stderr, PASSWORD};
+use crate::support::{fixture, pg_error, sqlstate, stderr, text, PASSWORD};
 
 fn with_password(url: &str, password: &str) -> String {
     url.replace(
@@ -66,34 +66,19 @@ fn psql_reports_a_wrong_password_clearly() {
 async fn backend_login_with_scram() {
     // acme_app's password is stored as a SCRAM verifier on the server.
     let c = fixture().tenant("acme").await;
-    let user: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(user, "acme_app");
+    assert_eq!(text(&c, "SELECT current_user::text").await, "acme_app");
 }
 
 #[tokio::test]
 async fn backend_login_with_md5() {
     let c = fixture().tenant("md5co").await;
-    let user: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(user, "md5_app");
+    assert_eq!(text(&c, "SELECT current_user::text").await, "md5_app");
 }
 
 #[tokio::test]
 async fn backend_login_with_trust() {
     let c = fixture().tenant("trustco").await;
-    let user: String = c
-        .query_one("SELECT current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(user, "trust_app");
+    assert_eq!(text(&c, "SELECT current_user::text").await, "trust_app");
 }
 
 #[tokio::test]

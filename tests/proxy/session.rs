@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-use crate::support::{fixture, pg_error, sqlstate, RawClient, PASSWORD};
+use crate::support::{fixture, pg_error, sqlstate, text, RawClient, PASSWORD};
 
 #[tokio::test]
 async fn cancel_stops_a_running_pg_sleep() {
@@ -277,12 +277,10 @@ async fn a_changed_search_path_is_back_to_the_tenants_schema_for_the_next_client
         .unwrap();
     drop(first);
     let second = f.connect_str(&url).await.unwrap();
-    let path: String = second
-        .query_one("SELECT current_setting('search_path')", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(path, "\"umbrella\", public");
+    assert_eq!(
+        text(&second, "SELECT current_setting('search_path')").await,
+        "\"umbrella\", public"
+    );
 }
 
 #[tokio::test]
@@ -335,8 +333,7 @@ async fn an_invalid_startup_setting_is_refused_with_the_servers_error() {
     assert_eq!(sqlstate(&e).as_deref(), Some("22023"), "{}", pg_error(&e));
     // The backend went back to the pool clean and the tenant still works.
     let c = f.tenant("acme").await;
-    let ds: String = c.query_one("SHOW DateStyle", &[]).await.unwrap().get(0);
-    assert_eq!(ds, "ISO, MDY");
+    assert_eq!(text(&c, "SHOW DateStyle").await, "ISO, MDY");
 }
 
 #[tokio::test]

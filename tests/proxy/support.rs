@@ -261,6 +261,14 @@ impl Fixture {
     }
 }
 
+/// The single text value a query returns.
+pub async fn text(c: &Client, sql: &str) -> String {
+    c.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {}", pg_error(&e)))
+        .get(0)
+}
+
 /// The server's message and SQLSTATE of an error, or its Display.
 pub fn pg_error(e: &tokio_postgres::Error) -> String {
     pgtenant::demo::describe_pg_error(e)

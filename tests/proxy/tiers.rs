@@ -1,6 +1,6 @@
 //! Each isolation tier reaches the right place: database, schema search_path, RLS context.
 
-use crate::support::{fixture, stdout};
+use crate::support::{fixture, stdout, text};
 
 #[tokio::test]
 async fn database_tier_reaches_the_tenants_own_database() {
@@ -90,8 +90,7 @@ async fn row_tier_tenants_see_only_their_own_rows() {
 #[tokio::test]
 async fn tenant_session_defaults_are_applied() {
     let c = fixture().tenant("acme").await;
-    let tz: String = c.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
-    assert_eq!(tz, "UTC");
+    assert_eq!(text(&c, "SHOW TimeZone").await, "UTC");
 }
 
 #[test]
