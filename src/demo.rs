@@ -253,6 +253,8 @@ pub async fn provision(
             database,
             schema: (t.tier == Tier::Schema).then(|| t.id.to_string()),
             pool_size: Some(5),
+            pool_mode: None,
+            max_client_connections: None,
             status: TenantStatus::Active,
             params: BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())]),
             users: vec![UserConfig {

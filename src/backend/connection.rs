@@ -125,6 +125,72 @@ pub struct BackendConn {
     /// Set when the connection must not be reused.
     pub(crate) broken: bool,
     created: Instant,
+    /// Transaction mode: named statements prepared here (pgtenant's global names).
+    pub(crate) prepared: PreparedSet,
+    /// Transaction mode: the client settings script last replayed here ("" = none).
+    pub(crate) applied_settings: Arc<str>,
+}
+
+/// The global statement names prepared on one backend, least recently used first out.
+#[derive(Debug, Default)]
+pub struct PreparedSet {
+    names: std::collections::HashMap<Arc<str>, u64>,
+    clock: u64,
+}
+
+impl PreparedSet {
+    pub fn contains(&mut self, name: &Arc<str>) -> bool {
+        self.clock += 1;
+        match self.names.get_mut(name) {
+            Some(stamp) => {
+                *stamp = self.clock;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn insert(&mut self, name: Arc<str>) {
+        self.clock += 1;
+        self.names.insert(name, self.clock);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.names.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The least recently used names beyond `keep`, oldest first, excluding `except`.
+    pub fn overflow(&self, keep: usize, except: &[&Arc<str>]) -> Vec<Arc<str>> {
+        if self.names.len() <= keep {
+            return Vec::new();
+        }
+        let mut all: Vec<(&Arc<str>, &u64)> = self
+            .names
+            .iter()
+            .filter(|(n, _)| {
+                !except
+                    .iter()
+                    .any(|e| Arc::ptr_eq(e, n) || e.as_ref() == n.as_ref())
+            })
+            .collect();
+        all.sort_by_key(|(_, stamp)| **stamp);
+        all.into_iter()
+            .take(self.names.len() - keep)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -169,6 +235,8 @@ impl BackendConn {
             tx_status: b'I',
             broken: false,
             created: Instant::now(),
+            prepared: PreparedSet::default(),
+            applied_settings: Arc::from(""),
         };
         let mut out = BytesMut::with_capacity(256);
         let mut startup: Vec<(&str, &str)> = vec![
@@ -330,6 +398,11 @@ impl BackendConn {
                 _ => {}
             }
         }
+    }
+
+    /// Reads whatever the server sent next into `read_buf` (cancel-safe).
+    pub(crate) async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.stream.read_buf(&mut self.read_buf).await
     }
 
     pub fn params(&self) -> &[(String, String)] {

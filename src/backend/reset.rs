@@ -75,7 +75,11 @@ async fn reset_inner(conn: &mut BackendConn, mut left: Leftover) -> Result<(), B
     if conn.tx_status() != b'I' {
         conn.execute("ROLLBACK").await?;
     }
-    conn.execute(RESET_QUERY).await
+    conn.execute(RESET_QUERY).await?;
+    // DISCARD ALL dropped every prepared statement and setting.
+    conn.prepared.clear();
+    conn.applied_settings = std::sync::Arc::from("");
+    Ok(())
 }
 
 /// Reads and discards server output until every pending request has its ReadyForQuery.

@@ -64,7 +64,7 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
-    /// Only `session` exists so far.
+    /// `transaction` (default): a backend per transaction; `session`: a backend per client.
     #[serde(default)]
     pub mode: PoolMode,
     /// Backend connections per (tenant, role) unless the tenant sets `pool_size`.
@@ -85,6 +85,18 @@ pub struct PoolConfig {
     /// Seconds allowed for the reset (ROLLBACK, DISCARD ALL) when a client leaves.
     #[serde(default = "default_reset_timeout")]
     pub reset_timeout: u64,
+    /// Named statements kept prepared per backend connection (transaction mode).
+    #[serde(default = "default_max_prepared")]
+    pub max_prepared_statements: usize,
+    /// Seconds a client may sit idle inside a transaction before it is disconnected (0: never).
+    #[serde(default)]
+    pub idle_transaction_timeout: u64,
+    /// Client connections accepted at once, over all tenants.
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+    /// Seconds after which a pool with no connections and no clients is dropped.
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_timeout: u64,
 }
 
 impl Default for PoolConfig {
@@ -97,6 +109,10 @@ impl Default for PoolConfig {
             server_idle_timeout: default_server_idle(),
             server_lifetime: default_server_lifetime(),
             reset_timeout: default_reset_timeout(),
+            max_prepared_statements: default_max_prepared(),
+            idle_transaction_timeout: 0,
+            max_client_connections: default_max_clients(),
+            pool_idle_timeout: default_pool_idle(),
         }
     }
 }
@@ -104,8 +120,9 @@ impl Default for PoolConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
-    #[default]
     Session,
+    #[default]
+    Transaction,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +171,12 @@ pub struct TenantConfig {
     pub schema: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
+    /// Overrides `pool.mode` for this tenant.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool_mode: Option<PoolMode>,
+    /// Client connections this tenant may hold at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_client_connections: Option<usize>,
     #[serde(default)]
     pub status: TenantStatus,
     /// Session defaults applied to every backend connection of the tenant (TimeZone, …).
@@ -248,4 +271,13 @@ fn default_server_lifetime() -> u64 {
 }
 fn default_reset_timeout() -> u64 {
     5
+}
+fn default_max_prepared() -> usize {
+    500
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+fn default_pool_idle() -> u64 {
+    300
 }

@@ -28,6 +28,8 @@ pub enum SessionError {
     Frame(#[from] FrameError),
     #[error("invalid frontend message type {0}")]
     UnknownMessage(u8),
+    #[error("malformed message of type '{}'", char::from(*.0))]
+    Malformed(u8),
     #[error("timed out during startup and authentication")]
     LoginTimeout,
     #[error("client connection lost: {0}")]
@@ -65,7 +67,9 @@ impl SessionError {
                 ErrorReport::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, e.to_string())
             }
             Frame(e) => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
-            UnknownMessage(_) => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
+            UnknownMessage(_) | Malformed(_) => {
+                ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
+            }
             LoginTimeout => ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
         })
     }

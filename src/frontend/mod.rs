@@ -2,10 +2,12 @@
 
 pub mod auth;
 pub mod cancel;
+pub mod client_state;
 pub mod error;
 pub mod listener;
 pub mod relay;
 pub mod scram;
 pub mod session;
+pub mod transaction;
 
 pub use error::SessionError;

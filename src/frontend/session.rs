@@ -12,9 +12,9 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::backend::reset::{self, Leftover};
-use crate::backend::BackendError;
-use crate::config::TenantStatus;
-use crate::pool::{PoolError, PooledBackend};
+use crate::backend::{BackendConn, BackendError};
+use crate::config::{PoolMode, TenantStatus};
+use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
 use crate::server::ProxyContext;
@@ -23,9 +23,11 @@ use crate::tenancy::{resolve, Addressed, Tenant};
 
 use super::auth::authenticate;
 use super::cancel::CancelGuard;
+use super::client_state::ClientState;
 use super::error::SessionError;
 use super::relay::{relay, send_report, RelayEnd};
 use super::scram::ScramVerifier;
+use super::transaction::{Engine, TxEnd};
 
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
@@ -47,8 +49,35 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         }
     };
 
+    // The user was found during login, so this lookup cannot miss.
+    let Some(user) = tenant.user(&who.role) else {
+        return;
+    };
+    let pool = ctx.pools.get(&tenant, user);
+    let _in_pool = pool.enter();
     let cancel = ctx.cancels.register();
-    let mut backend = match attach(&mut client, &ctx, &tenant, &who, &cancel).await {
+    let mode = tenant.pool_mode;
+    let mut state = ClientState::from_startup(&who.settings);
+    let attached = match mode {
+        PoolMode::Session => {
+            let settings = settings_query(&who.settings);
+            attach(
+                &mut client,
+                &ctx,
+                &tenant,
+                &pool,
+                &|_| settings.clone(),
+                &cancel,
+            )
+            .await
+        }
+        PoolMode::Transaction => {
+            let replay =
+                |be: &BackendConn| state.replay_for(&be.applied_settings).unwrap_or_default();
+            attach(&mut client, &ctx, &tenant, &pool, &replay, &cancel).await
+        }
+    };
+    let mut backend = match attached {
         Ok(b) => b,
         Err(e) => {
             warn!(tenant = %who.tenant, role = %who.role, client = %peer, error = %e, "session refused");
@@ -58,18 +87,74 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             return;
         }
     };
-    info!(tenant = %who.tenant, role = %who.role, client = %peer, "session opened");
+    info!(tenant = %who.tenant, role = %who.role, client = %peer, mode = ?mode, "session opened");
+    let reset_timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
+    let max_message = ctx.config.max_message_bytes as usize;
 
-    let outcome = relay(
-        &mut client,
-        &mut backend,
-        ctx.config.max_message_bytes as usize,
-    )
-    .await;
-    cancel.unlink();
-    drop(client);
+    let (how, bytes_in, bytes_out) = match mode {
+        PoolMode::Session => {
+            let outcome = relay(&mut client, &mut backend, max_message).await;
+            cancel.unlink();
+            drop(client);
+            let how = describe_end(&outcome.end, &who, peer);
+            if let Err(e) = reset::reset(&mut backend, outcome.leftover, reset_timeout).await {
+                warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+            }
+            drop(backend);
+            (how, outcome.bytes_in, outcome.bytes_out)
+        }
+        PoolMode::Transaction => {
+            backend.applied_settings = state.script().clone();
+            cancel.unlink();
+            drop(backend);
+            let p = &ctx.config.pool;
+            let engine = Engine::new(
+                pool.clone(),
+                &mut state,
+                &cancel,
+                max_message,
+                p.max_prepared_statements,
+                p.idle_transaction_timeout,
+            );
+            let outcome = engine.run(&mut client).await;
+            drop(client);
+            let how = match &outcome.end {
+                TxEnd::Terminated => "terminate",
+                TxEnd::ClientGone => "client disconnected",
+                TxEnd::ClientError(e) => {
+                    warn!(tenant = %who.tenant, client = %peer, error = %e, "client protocol error");
+                    "client protocol error"
+                }
+                TxEnd::ServerGone => "server connection lost",
+                TxEnd::Timeout(_) => "idle in transaction timeout",
+                TxEnd::Pool(e) => {
+                    warn!(tenant = %who.tenant, client = %peer, error = %e, "no server connection");
+                    "no server connection"
+                }
+            };
+            if let Some((mut be, left)) = outcome.backend {
+                cancel.unlink();
+                if let Err(e) = reset::reset(&mut be, left, reset_timeout).await {
+                    warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+                }
+            }
+            (how, outcome.bytes_in, outcome.bytes_out)
+        }
+    };
+    info!(
+        tenant = %who.tenant,
+        role = %who.role,
+        client = %peer,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_in,
+        bytes_out,
+        end = how,
+        "session closed"
+    );
+}
 
-    let how = match &outcome.end {
+fn describe_end(end: &RelayEnd, who: &Addressed, peer: SocketAddr) -> &'static str {
+    match end {
         RelayEnd::Terminated => "terminate",
         RelayEnd::ClientGone => "client disconnected",
         RelayEnd::ClientError(e) => {
@@ -77,22 +162,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             "client protocol error"
         }
         RelayEnd::ServerGone => "server connection lost",
-    };
-    let reset_timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
-    if let Err(e) = reset::reset(&mut backend, outcome.leftover, reset_timeout).await {
-        warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
     }
-    drop(backend);
-    info!(
-        tenant = %who.tenant,
-        role = %who.role,
-        client = %peer,
-        duration_ms = started.elapsed().as_millis() as u64,
-        bytes_in = outcome.bytes_in,
-        bytes_out = outcome.bytes_out,
-        end = how,
-        "session closed"
-    );
 }
 
 enum Login {
@@ -162,19 +232,15 @@ async fn attach(
     client: &mut TcpStream,
     ctx: &ProxyContext,
     tenant: &Tenant,
-    who: &Addressed,
+    pool: &TenantPool,
+    setup: &(dyn Fn(&BackendConn) -> String + Sync),
     cancel: &CancelGuard,
 ) -> Result<PooledBackend, SessionError> {
-    // The user was found during login, so this lookup cannot miss.
-    let user = tenant
-        .user(&who.role)
-        .ok_or_else(|| SessionError::UnknownTenant(tenant.id.clone()))?;
-    let pool = ctx.pools.get(tenant, user);
-    let settings = settings_query(&who.settings);
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
         let mut backend = pool.checkout().await?;
-        match backend.execute(&settings).await {
+        let sql = setup(&backend);
+        match backend.execute(&sql).await {
             Ok(()) => {
                 cancel.link(backend.cancel_target().clone());
                 let mut out = BytesMut::with_capacity(512);

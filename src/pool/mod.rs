@@ -2,8 +2,11 @@
 
 mod manager;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use dashmap::DashMap;
 use tokio::sync::Notify;
@@ -43,14 +46,67 @@ pub struct PoolKey {
     pub role: Arc<str>,
 }
 
+/// Source of global statement names; never reused, so a stale name can never alias.
+static NEXT_STATEMENT: AtomicU64 = AtomicU64::new(1);
+/// Distinct statements remembered per pool; beyond this, new ones still get fresh names.
+const MAX_STATEMENT_NAMES: usize = 10_000;
+
 /// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
 pub struct TenantPool {
     pool: bb8::Pool<BackendManager>,
     failures: Arc<ConnectFailures>,
     wait: Duration,
+    /// (query text + parameter types) → global statement name, shared by the pool's clients.
+    names: DashMap<Bytes, Arc<str>>,
+    /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
+    clients: AtomicUsize,
+    last_used: std::sync::Mutex<Instant>,
 }
 
 impl TenantPool {
+    /// The global name for a statement; equal statements share one, so a backend prepares each
+    /// once whichever client asks.
+    pub fn statement_name(&self, key: &[u8]) -> Arc<str> {
+        if let Some(n) = self.names.get(key) {
+            return n.clone();
+        }
+        let name: Arc<str> = Arc::from(format!(
+            "__pgt_{}",
+            NEXT_STATEMENT.fetch_add(1, Ordering::Relaxed)
+        ));
+        if self.names.len() < MAX_STATEMENT_NAMES {
+            self.names
+                .entry(Bytes::copy_from_slice(key))
+                .or_insert_with(|| name.clone())
+                .clone()
+        } else {
+            name
+        }
+    }
+
+    /// Counts a client in; the guard counts it out.
+    pub fn enter(self: &Arc<Self>) -> PoolClientGuard {
+        self.clients.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        PoolClientGuard(self.clone())
+    }
+
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_used.lock() {
+            *t = Instant::now();
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.clients.load(Ordering::Relaxed) > 0 || self.pool.state().connections > 0 {
+            return Duration::ZERO;
+        }
+        self.last_used
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// A connection, or an error as soon as a connect attempt fails (bb8 alone would keep
     /// retrying until the wait timeout and then report only the timeout).
     pub async fn checkout(&self) -> Result<PooledBackend, PoolError> {
@@ -68,6 +124,15 @@ impl TenantPool {
 
     pub fn state(&self) -> bb8::State {
         self.pool.state()
+    }
+}
+
+pub struct PoolClientGuard(Arc<TenantPool>);
+
+impl Drop for PoolClientGuard {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
     }
 }
 
@@ -167,7 +232,18 @@ impl Pools {
             pool,
             failures,
             wait,
+            names: DashMap::new(),
+            clients: AtomicUsize::new(0),
+            last_used: std::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// Drops pools that have had no client and no connection for `idle`, so thousands of
+    /// quiet tenants cost nothing. Returns how many were dropped.
+    pub fn sweep(&self, idle: Duration) -> usize {
+        let before = self.pools.len();
+        self.pools.retain(|_, p| p.idle_for() < idle);
+        before - self.pools.len()
     }
 
     pub fn len(&self) -> usize {

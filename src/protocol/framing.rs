@@ -54,6 +54,15 @@ impl Scanner {
         }
     }
 
+    /// A scanner in the middle of a message with `remaining` body bytes still to come.
+    pub fn mid_message(max_body: usize, inspect_limit: usize, remaining: usize) -> Self {
+        Scanner {
+            remaining,
+            max_body,
+            inspect_limit,
+        }
+    }
+
     /// True between messages: nothing of a started message is still owed.
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0

@@ -4,6 +4,7 @@
 pub mod framing;
 pub mod messages;
 pub mod report;
+pub mod sql;
 pub mod sqlstate;
 pub mod startup;
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{TenantStatus, Tier};
+use crate::config::{PoolMode, TenantStatus, Tier};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
@@ -37,6 +37,8 @@ pub struct Tenant {
     pub database: String,
     pub schema: Option<String>,
     pub pool_size: u32,
+    pub pool_mode: PoolMode,
+    pub max_client_connections: Option<usize>,
     pub status: TenantStatus,
     /// Session defaults for every backend connection (TimeZone, …), in config order.
     pub params: Vec<(String, String)>,

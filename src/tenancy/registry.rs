@@ -82,6 +82,8 @@ impl StaticRegistry {
                     database: t.database.clone(),
                     schema: t.schema.clone(),
                     pool_size: t.pool_size.unwrap_or(config.pool.default_size),
+                    pool_mode: t.pool_mode.unwrap_or(config.pool.mode),
+                    max_client_connections: t.max_client_connections,
                     status: t.status,
                     params: t
                         .params

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use pgtenant::config::PoolMode;
 use tokio_postgres::NoTls;
 
 use crate::support::{fixture, pg_error, sqlstate, text, RawClient, PASSWORD};
@@ -205,9 +206,10 @@ async fn a_client_killed_while_its_query_runs_leaves_nothing_running() {
 static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A proxy whose pools hold one backend each, so consecutive clients share it.
-async fn single_backend_url(tenant: &str) -> String {
+async fn single_backend_url(tenant: &str, mode: PoolMode) -> String {
     let addr = fixture()
         .extra_proxy(|c| {
+            c.pool.mode = mode;
             for t in c.tenants.iter_mut() {
                 t.pool_size = Some(1);
             }
@@ -221,9 +223,9 @@ async fn single_backend_url(tenant: &str) -> String {
 }
 
 #[tokio::test]
-async fn session_state_does_not_reach_the_next_client_of_the_backend() {
+async fn session_mode_state_does_not_reach_the_next_client_of_the_backend() {
     let f = fixture();
-    let url = single_backend_url("acme").await;
+    let url = single_backend_url("acme", PoolMode::Session).await;
     let first = f.connect_str(&url).await.unwrap();
     first
         .batch_execute(
@@ -269,7 +271,7 @@ async fn session_state_does_not_reach_the_next_client_of_the_backend() {
 #[tokio::test]
 async fn a_changed_search_path_is_back_to_the_tenants_schema_for_the_next_client() {
     let f = fixture();
-    let url = single_backend_url("umbrella").await;
+    let url = single_backend_url("umbrella", PoolMode::Transaction).await;
     let first = f.connect_str(&url).await.unwrap();
     first
         .batch_execute("SET search_path = public")
@@ -286,7 +288,7 @@ async fn a_changed_search_path_is_back_to_the_tenants_schema_for_the_next_client
 #[tokio::test]
 async fn a_changed_row_tenant_setting_is_back_to_the_tenant_for_the_next_client() {
     let f = fixture();
-    let url = single_backend_url("hooli").await;
+    let url = single_backend_url("hooli", PoolMode::Transaction).await;
     let first = f.connect_str(&url).await.unwrap();
     first
         .batch_execute("SET pgtenant.tenant_id = 'piedpiper'")
@@ -370,10 +372,11 @@ async fn a_terminated_backend_is_reported_and_replaced() {
 }
 
 #[tokio::test]
-async fn idle_clients_beyond_the_pool_wait_for_a_backend() {
+async fn session_mode_clients_beyond_the_pool_wait_then_get_57p03() {
     let f = fixture();
     let addr = f
         .extra_proxy(|c| {
+            c.pool.mode = PoolMode::Session;
             for t in c.tenants.iter_mut() {
                 t.pool_size = Some(1);
             }

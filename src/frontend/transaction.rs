@@ -1,0 +1,821 @@
+//! Transaction pooling: a client borrows a backend from its first message of a transaction to
+//! the ReadyForQuery that ends it with status 'I'.
+//!
+//! Between transactions the client's session lives in `ClientState`: settings are replayed and
+//! named statements re-prepared (under pool-wide names) on whichever backend serves the next
+//! transaction, pipelined in front of the client's own messages, with the responses to what
+//! pgtenant injected swallowed. Every message sent to the backend gets an entry in a queue of
+//! expected responses, so each response is matched to its request (PgDog's design):
+//! responses to client messages are forwarded, to injected ones swallowed, and responses
+//! pgtenant answers itself (ParseComplete for a statement the backend already has,
+//! CloseComplete for a client Close) are emitted in order.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backend::reset::Leftover;
+use crate::pool::{PoolError, PooledBackend, TenantPool};
+use crate::protocol::framing::{cstr, HEADER_LEN};
+use crate::protocol::sql::{classify, statements, Statement};
+use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
+
+use super::cancel::CancelGuard;
+use super::client_state::{ClientState, ClientStatement, SettingOp};
+use super::error::SessionError;
+
+const READ_CHUNK: usize = 8192;
+/// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
+const INSPECT_LIMIT: usize = 64 * 1024;
+const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+
+/// The response(s) one message sent to the backend produces.
+#[derive(Debug, Clone)]
+enum Resp {
+    Parse(Option<Arc<str>>),
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close(Option<Arc<str>>),
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Resp {
+    /// Ends with ReadyForQuery (an error does not end it).
+    fn ends_with_ready(&self) -> bool {
+        matches!(self, Resp::Sync | Resp::Query | Resp::FunctionCall)
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    /// A client message: its responses go to the client.
+    Client(Resp),
+    /// A message pgtenant injected: its responses are swallowed.
+    Proxy(Resp),
+    /// Bytes pgtenant answers itself, in order.
+    Synthetic(Bytes),
+}
+
+pub enum TxEnd {
+    Terminated,
+    ClientGone,
+    ClientError(SessionError),
+    ServerGone,
+    Timeout(ErrorReport),
+    Pool(PoolError),
+}
+
+pub struct TxOutcome {
+    pub end: TxEnd,
+    /// The backend still linked when the client left, with what it was doing.
+    pub backend: Option<(PooledBackend, Leftover)>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+pub struct Engine<'a> {
+    pool: Arc<TenantPool>,
+    state: &'a mut ClientState,
+    cancel: &'a CancelGuard,
+    max_message: usize,
+    max_prepared: usize,
+    idle_tx_timeout: Option<Duration>,
+    backend: Option<PooledBackend>,
+    queue: VecDeque<Item>,
+    unsynced: bool,
+    copy: bool,
+    /// A refused extended-protocol message: drop the client's messages until Sync.
+    skipping: bool,
+    tx_status: u8,
+    tx_failed: bool,
+    pending_ops: Vec<SettingOp>,
+    /// Body bytes of the server message being streamed, and whether it goes to the client.
+    srv_remaining: usize,
+    srv_forward: bool,
+    srv_last_tag: u8,
+    out: BytesMut,
+    obuf: BytesMut,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl<'a> Engine<'a> {
+    pub fn new(
+        pool: Arc<TenantPool>,
+        state: &'a mut ClientState,
+        cancel: &'a CancelGuard,
+        max_message: usize,
+        max_prepared: usize,
+        idle_tx_timeout: u64,
+    ) -> Self {
+        Engine {
+            pool,
+            state,
+            cancel,
+            max_message,
+            max_prepared: max_prepared.max(1),
+            idle_tx_timeout: (idle_tx_timeout > 0).then(|| Duration::from_secs(idle_tx_timeout)),
+            backend: None,
+            queue: VecDeque::new(),
+            unsynced: false,
+            copy: false,
+            skipping: false,
+            tx_status: b'I',
+            tx_failed: false,
+            pending_ops: Vec::new(),
+            srv_remaining: 0,
+            srv_forward: true,
+            srv_last_tag: 0,
+            out: BytesMut::new(),
+            obuf: BytesMut::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    pub async fn run(mut self, client: &mut TcpStream) -> TxOutcome {
+        let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
+        let end = loop {
+            if cbuf.capacity() - cbuf.len() < 1024 {
+                cbuf.reserve(READ_CHUNK);
+            }
+            if let Some(be) = self.backend.as_mut() {
+                if be.read_buf.capacity() - be.read_buf.len() < 1024 {
+                    be.read_buf.reserve(READ_CHUNK);
+                }
+            }
+            let in_tx = self.backend.is_some() && self.tx_status != b'I';
+            let idle_limit = self.idle_tx_timeout.filter(|_| in_tx);
+            let backend = &mut self.backend;
+            tokio::select! {
+                r = client.read_buf(&mut cbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => break TxEnd::ClientGone,
+                        Ok(n) => self.bytes_in += n as u64,
+                    }
+                    if let Err(e) = self.on_client_bytes(&mut cbuf).await {
+                        break e;
+                    }
+                }
+                r = async {
+                    match backend {
+                        Some(be) => be.read_more().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match r {
+                        Ok(0) | Err(_) => {
+                            if let Some(be) = self.backend.as_mut() {
+                                be.mark_broken();
+                            }
+                            break TxEnd::ServerGone;
+                        }
+                        Ok(_) => {}
+                    }
+                    if let Err(e) = self.on_server_bytes() {
+                        break e;
+                    }
+                }
+                _ = async {
+                    match idle_limit {
+                        Some(d) => tokio::time::sleep(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    break TxEnd::Timeout(ErrorReport::fatal(
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    ));
+                }
+            }
+            if let Err(e) = self.flush(client).await {
+                break e;
+            }
+        };
+        let backend = self.backend.take().map(|be| {
+            let pending = self
+                .queue
+                .iter()
+                .filter(|i| matches!(i, Item::Client(r) | Item::Proxy(r) if r.ends_with_ready()))
+                .count() as u32;
+            let left = Leftover {
+                pending,
+                unsynced: self.unsynced,
+                copy_in: self.copy,
+                scanner: Scanner::mid_message(
+                    MAX_SERVER_MESSAGE,
+                    INSPECT_LIMIT,
+                    self.srv_remaining,
+                ),
+            };
+            (be, left)
+        });
+        TxOutcome {
+            end,
+            backend,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+        }
+        .report_to(client, self.srv_remaining == 0, self.srv_last_tag)
+        .await
+    }
+
+    /// Sends what is ready: requests to the backend, responses to the client; then lets the
+    /// backend go if the transaction is over.
+    async fn flush(&mut self, client: &mut TcpStream) -> Result<(), TxEnd> {
+        if !self.out.is_empty() {
+            if let Some(be) = self.backend.as_mut() {
+                if be.stream.write_all(&self.out).await.is_err() {
+                    be.mark_broken();
+                    return Err(TxEnd::ServerGone);
+                }
+            }
+            self.out.clear();
+        }
+        self.emit_synthetics();
+        self.maybe_release();
+        if !self.obuf.is_empty() {
+            if client.write_all(&self.obuf).await.is_err() {
+                return Err(TxEnd::ClientGone);
+            }
+            self.bytes_out += self.obuf.len() as u64;
+            self.obuf.clear();
+        }
+        Ok(())
+    }
+
+    fn maybe_release(&mut self) {
+        let done = self.queue.is_empty()
+            && self.tx_status == b'I'
+            && !self.unsynced
+            && !self.copy
+            && self.srv_remaining == 0;
+        if !done {
+            return;
+        }
+        if let Some(be) = &self.backend {
+            if !be.read_buf.is_empty() {
+                return;
+            }
+        }
+        if self.backend.take().is_some() {
+            self.cancel.unlink();
+        }
+    }
+
+    fn emit_synthetics(&mut self) {
+        loop {
+            match self.queue.front() {
+                Some(Item::Synthetic(_)) => {
+                    if let Some(Item::Synthetic(b)) = self.queue.pop_front() {
+                        self.obuf.extend_from_slice(&b);
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+
+    async fn on_client_bytes(&mut self, cbuf: &mut BytesMut) -> Result<(), TxEnd> {
+        loop {
+            if cbuf.len() < HEADER_LEN {
+                return Ok(());
+            }
+            let tag = cbuf[0];
+            let len = u32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
+            if len < 4 {
+                return Err(TxEnd::ClientError(SessionError::Frame(
+                    FrameError::BadLength { tag, len },
+                )));
+            }
+            let body_len = len as usize - 4;
+            if body_len > self.max_message {
+                return Err(TxEnd::ClientError(SessionError::Frame(
+                    FrameError::TooLarge {
+                        tag,
+                        len: len as usize,
+                        max: self.max_message + 4,
+                    },
+                )));
+            }
+            if cbuf.len() < HEADER_LEN + body_len {
+                cbuf.reserve(HEADER_LEN + body_len - cbuf.len());
+                return Ok(());
+            }
+            let msg = cbuf.split_to(HEADER_LEN + body_len).freeze();
+            self.on_client_message(tag, msg).await?;
+        }
+    }
+
+    async fn on_client_message(&mut self, tag: u8, msg: Bytes) -> Result<(), TxEnd> {
+        let body = &msg[HEADER_LEN..];
+        if !matches!(
+            tag,
+            b'Q' | b'P'
+                | b'B'
+                | b'D'
+                | b'E'
+                | b'C'
+                | b'H'
+                | b'S'
+                | b'F'
+                | b'd'
+                | b'c'
+                | b'f'
+                | b'X'
+        ) {
+            return Err(TxEnd::ClientError(SessionError::UnknownMessage(tag)));
+        }
+        if tag == b'X' {
+            return Err(TxEnd::Terminated);
+        }
+        if self.skipping && tag != b'S' {
+            return Ok(());
+        }
+        match tag {
+            b'Q' => {
+                let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+                let text = String::from_utf8_lossy(text);
+                let (ops, refusal) = inspect_sql(&text);
+                if let Some(what) = refusal {
+                    let report = refusal_report(what);
+                    if self.backend.is_none() {
+                        report.encode(&mut self.obuf);
+                        ready_for_query(&mut self.obuf, self.tx_status);
+                        return Ok(());
+                    }
+                    // Inside a transaction the refusal must fail it, as a server error would.
+                    let raise = raise_statement(&report);
+                    self.link().await?;
+                    put_query(&mut self.out, &raise);
+                    self.queue.push_back(Item::Client(Resp::Query));
+                    return Ok(());
+                }
+                self.pending_ops.extend(ops);
+                self.link().await?;
+                self.out.extend_from_slice(&msg);
+                self.queue.push_back(Item::Client(Resp::Query));
+            }
+            b'P' => {
+                let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
+                let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
+                let (ops, refusal) = inspect_sql(&String::from_utf8_lossy(query));
+                if let Some(what) = refusal {
+                    self.refuse_extended(refusal_report(what));
+                    return Ok(());
+                }
+                self.pending_ops.extend(ops);
+                self.link().await?;
+                self.unsynced = true;
+                if name.is_empty() {
+                    self.out.extend_from_slice(&msg);
+                    self.queue.push_back(Item::Client(Resp::Parse(None)));
+                    return Ok(());
+                }
+                let global = self.pool.statement_name(rest);
+                let parse = build_message(b'P', &[global.as_bytes(), b"\0", rest]);
+                let stmt = Arc::new(ClientStatement {
+                    global: global.clone(),
+                    parse: parse.clone(),
+                });
+                self.state
+                    .statements
+                    .insert(Bytes::copy_from_slice(name), stmt);
+                let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
+                if be.prepared.contains(&global) {
+                    self.queue
+                        .push_back(Item::Synthetic(Bytes::from_static(b"1\0\0\0\x04")));
+                } else {
+                    be.prepared.insert(global.clone());
+                    self.out.extend_from_slice(&parse);
+                    self.queue
+                        .push_back(Item::Client(Resp::Parse(Some(global.clone()))));
+                    self.evict(&global);
+                }
+            }
+            b'B' => {
+                let (portal, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
+                let (name, params) = cstr(rest).ok_or_else(|| malformed(tag))?;
+                self.link().await?;
+                self.unsynced = true;
+                match self.named(name) {
+                    Some(stmt) => {
+                        self.ensure_prepared(&stmt);
+                        put_message(
+                            &mut self.out,
+                            b'B',
+                            &[portal, b"\0", stmt.global.as_bytes(), b"\0", params],
+                        );
+                    }
+                    None => self.out.extend_from_slice(&msg),
+                }
+                self.queue.push_back(Item::Client(Resp::Bind));
+            }
+            b'D' => {
+                let kind = *body.first().ok_or_else(|| malformed(tag))?;
+                let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
+                self.link().await?;
+                self.unsynced = true;
+                if kind == b'S' {
+                    match self.named(name) {
+                        Some(stmt) => {
+                            self.ensure_prepared(&stmt);
+                            put_message(
+                                &mut self.out,
+                                b'D',
+                                &[b"S", stmt.global.as_bytes(), b"\0"],
+                            );
+                        }
+                        None => self.out.extend_from_slice(&msg),
+                    }
+                    self.queue.push_back(Item::Client(Resp::DescribeStatement));
+                } else {
+                    self.out.extend_from_slice(&msg);
+                    self.queue.push_back(Item::Client(Resp::DescribePortal));
+                }
+            }
+            b'C' => {
+                let kind = *body.first().ok_or_else(|| malformed(tag))?;
+                let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
+                self.link().await?;
+                self.unsynced = true;
+                if kind == b'S' && !name.is_empty() {
+                    // The statement stays prepared on backends for other clients.
+                    self.state.statements.remove(name);
+                    self.queue
+                        .push_back(Item::Synthetic(Bytes::from_static(b"3\0\0\0\x04")));
+                } else {
+                    self.out.extend_from_slice(&msg);
+                    self.queue.push_back(Item::Client(Resp::Close(None)));
+                }
+            }
+            b'E' => {
+                self.link().await?;
+                self.unsynced = true;
+                self.out.extend_from_slice(&msg);
+                self.queue.push_back(Item::Client(Resp::Execute));
+            }
+            b'S' => {
+                self.skipping = false;
+                self.unsynced = false;
+                if self.backend.is_none() && self.queue.is_empty() {
+                    // Nothing ran since the last Sync (a refused Parse, or an empty pipeline).
+                    ready_for_query(&mut self.obuf, self.tx_status);
+                    return Ok(());
+                }
+                self.link().await?;
+                self.out.extend_from_slice(&msg);
+                self.queue.push_back(Item::Client(Resp::Sync));
+            }
+            b'H' => {
+                if self.backend.is_some() {
+                    self.out.extend_from_slice(&msg);
+                }
+            }
+            b'F' => {
+                self.link().await?;
+                self.out.extend_from_slice(&msg);
+                self.queue.push_back(Item::Client(Resp::FunctionCall));
+            }
+            // CopyData, CopyDone, CopyFail: only meaningful with a backend in COPY.
+            _ => {
+                if self.backend.is_some() {
+                    self.out.extend_from_slice(&msg);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn named(&self, name: &[u8]) -> Option<Arc<ClientStatement>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.state.statements.get(name).cloned()
+    }
+
+    /// Prepares `stmt` on the linked backend if it lacks it, ahead of the message that needs it.
+    fn ensure_prepared(&mut self, stmt: &ClientStatement) {
+        let Some(be) = self.backend.as_mut() else {
+            return;
+        };
+        if be.prepared.contains(&stmt.global) {
+            return;
+        }
+        be.prepared.insert(stmt.global.clone());
+        self.out.extend_from_slice(&stmt.parse);
+        self.queue
+            .push_back(Item::Proxy(Resp::Parse(Some(stmt.global.clone()))));
+        self.evict(&stmt.global.clone());
+    }
+
+    /// Closes the least recently used statements beyond the per-backend limit.
+    fn evict(&mut self, keep: &Arc<str>) {
+        let Some(be) = self.backend.as_mut() else {
+            return;
+        };
+        for name in be.prepared.overflow(self.max_prepared, &[keep]) {
+            put_message(&mut self.out, b'C', &[b"S", name.as_bytes(), b"\0"]);
+            self.queue.push_back(Item::Proxy(Resp::Close(Some(name))));
+        }
+    }
+
+    fn refuse_extended(&mut self, report: ErrorReport) {
+        self.skipping = true;
+        let mut b = BytesMut::new();
+        report.encode(&mut b);
+        if self.queue.is_empty() {
+            self.obuf.extend_from_slice(&b);
+        } else {
+            self.queue.push_back(Item::Synthetic(b.freeze()));
+        }
+    }
+
+    /// Borrows a backend for the transaction that is starting, and brings it in line with the
+    /// client's session (settings); statements are prepared as they are used.
+    async fn link(&mut self) -> Result<(), TxEnd> {
+        if self.backend.is_some() {
+            return Ok(());
+        }
+        let mut be = self.pool.checkout().await.map_err(TxEnd::Pool)?;
+        if let Some(replay) = self.state.replay_for(&be.applied_settings) {
+            put_query(&mut self.out, &replay);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+            be.applied_settings = self.state.script().clone();
+        }
+        self.cancel.link(be.cancel_target().clone());
+        self.tx_status = be.tx_status();
+        self.backend = Some(be);
+        Ok(())
+    }
+
+    fn on_server_bytes(&mut self) -> Result<(), TxEnd> {
+        let Some(mut be) = self.backend.take() else {
+            return Ok(());
+        };
+        let result = self.scan_server(&mut be);
+        self.backend = Some(be);
+        result
+    }
+
+    fn scan_server(&mut self, be: &mut PooledBackend) -> Result<(), TxEnd> {
+        let mut pos = 0;
+        let buf_len = be.read_buf.len();
+        if self.srv_remaining > 0 {
+            let n = self.srv_remaining.min(buf_len);
+            if self.srv_forward {
+                self.obuf.extend_from_slice(&be.read_buf[..n]);
+            }
+            pos = n;
+            self.srv_remaining -= n;
+        }
+        while self.srv_remaining == 0 {
+            let rest = &be.read_buf[pos..];
+            if rest.len() < HEADER_LEN {
+                break;
+            }
+            let tag = rest[0];
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if len < 4 || len - 4 > MAX_SERVER_MESSAGE {
+                be.mark_broken();
+                return Err(TxEnd::ServerGone);
+            }
+            let body_len = len - 4;
+            let inspect = matches!(tag, b'Z' | b'C' | b'S') && body_len <= INSPECT_LIMIT;
+            if inspect && rest.len() < HEADER_LEN + body_len {
+                be.read_buf.reserve(HEADER_LEN + body_len);
+                break;
+            }
+            let body =
+                inspect.then(|| Bytes::copy_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]));
+            let forward = self.on_server_message(be, tag, body.as_deref());
+            let rest = &be.read_buf[pos..];
+            let avail = (rest.len() - HEADER_LEN).min(body_len);
+            if forward {
+                self.obuf.extend_from_slice(&rest[..HEADER_LEN + avail]);
+            }
+            self.srv_forward = forward;
+            self.srv_last_tag = tag;
+            pos += HEADER_LEN + avail;
+            self.srv_remaining = body_len - avail;
+            if self.srv_remaining == 0 {
+                self.emit_synthetics();
+            }
+        }
+        be.read_buf.advance(pos);
+        Ok(())
+    }
+
+    /// Updates the expected-response queue for one server message; true if it goes to the client.
+    fn on_server_message(&mut self, be: &mut PooledBackend, tag: u8, body: Option<&[u8]>) -> bool {
+        let (proxy, resp) = match self.queue.front() {
+            Some(Item::Client(r)) => (false, r.clone()),
+            Some(Item::Proxy(r)) => (true, r.clone()),
+            // Nothing expected: a notice or a FATAL on its way out; pass it on.
+            _ => return true,
+        };
+        match tag {
+            b'N' | b'A' => return !proxy,
+            b'S' => {
+                if let Some((k, rest)) = body.and_then(cstr) {
+                    if let Some((v, _)) = cstr(rest) {
+                        be.set_param(
+                            String::from_utf8_lossy(k).into_owned(),
+                            String::from_utf8_lossy(v).into_owned(),
+                        );
+                    }
+                }
+                return !proxy;
+            }
+            b'E' => {
+                if proxy && matches!(resp, Resp::Query) {
+                    tracing::warn!("replaying client settings failed on a server connection");
+                    be.applied_settings = Arc::from("\0failed");
+                    return false;
+                }
+                if !proxy {
+                    self.tx_failed = true;
+                }
+                if !resp.ends_with_ready() {
+                    self.queue.pop_front();
+                    self.forget_failed(be, &resp);
+                    // The server skips everything up to the next Sync.
+                    while let Some(item) = self.queue.front() {
+                        match item {
+                            Item::Client(Resp::Sync) | Item::Proxy(Resp::Sync) => break,
+                            Item::Client(r) | Item::Proxy(r) => {
+                                let r = r.clone();
+                                self.forget_failed(be, &r);
+                                self.queue.pop_front();
+                            }
+                            Item::Synthetic(_) => {
+                                self.queue.pop_front();
+                            }
+                        }
+                    }
+                }
+                // An error from an injected Parse stands for the client's message it served.
+                return true;
+            }
+            b'Z' => {
+                let status = body.and_then(|b| b.first().copied()).unwrap_or(b'I');
+                be.tx_status = status;
+                self.queue.pop_front();
+                self.copy = false;
+                if !proxy {
+                    self.tx_status = status;
+                    if status == b'I' {
+                        let ops = std::mem::take(&mut self.pending_ops);
+                        if !self.tx_failed && !ops.is_empty() {
+                            self.state.apply(ops);
+                            be.applied_settings = self.state.script().clone();
+                        }
+                        self.tx_failed = false;
+                    }
+                }
+                return !proxy;
+            }
+            b'1' | b'2' | b'3' => {
+                self.queue.pop_front();
+                if let (Resp::Close(Some(name)), true) = (&resp, proxy) {
+                    be.prepared.remove(name);
+                }
+            }
+            b'n' | b'T' if matches!(resp, Resp::DescribeStatement | Resp::DescribePortal) => {
+                self.queue.pop_front();
+            }
+            b'C' | b'I' | b's' => {
+                if let Some(text) = body.and_then(cstr).map(|(t, _)| t) {
+                    match text {
+                        b"DISCARD ALL" => {
+                            be.prepared.clear();
+                            self.state.statements.clear();
+                            be.applied_settings = Arc::from("");
+                        }
+                        b"DEALLOCATE ALL" => {
+                            be.prepared.clear();
+                            self.state.statements.clear();
+                        }
+                        b"ROLLBACK" if !proxy => self.tx_failed = true,
+                        _ => {}
+                    }
+                }
+                if matches!(resp, Resp::Execute) {
+                    self.queue.pop_front();
+                }
+            }
+            b'G' | b'H' | b'W' => self.copy = true,
+            _ => {}
+        }
+        !proxy
+    }
+
+    /// A Parse that failed or was skipped never prepared its statement.
+    fn forget_failed(&mut self, be: &mut PooledBackend, resp: &Resp) {
+        if let Resp::Parse(Some(name)) = resp {
+            be.prepared.remove(name);
+        }
+    }
+}
+
+impl TxOutcome {
+    /// Tells the client why its session ended, when it can still be told.
+    async fn report_to(
+        self,
+        client: &mut TcpStream,
+        at_boundary: bool,
+        last_server_tag: u8,
+    ) -> TxOutcome {
+        let report = match &self.end {
+            TxEnd::ClientError(e) => e.report(),
+            TxEnd::Timeout(r) => Some(r.clone()),
+            TxEnd::Pool(e) => Some(e.report()),
+            TxEnd::ServerGone if last_server_tag != b'E' => Some(ErrorReport::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            )),
+            _ => None,
+        };
+        if let (Some(r), true) = (report, at_boundary) {
+            let mut b = BytesMut::new();
+            r.encode(&mut b);
+            let _ = client.write_all(&b).await;
+        }
+        self
+    }
+}
+
+/// Setting changes a query makes, and the first thing in it transaction pooling cannot serve.
+fn inspect_sql(text: &str) -> (Vec<SettingOp>, Option<&'static str>) {
+    let mut ops = Vec::new();
+    for stmt in statements(text) {
+        match classify(stmt) {
+            Statement::Unsupported(what) => return (ops, Some(what)),
+            Statement::Set { name, text } => ops.push(SettingOp::Set {
+                name,
+                statement: text.to_string(),
+            }),
+            Statement::Reset(Some(name)) => ops.push(SettingOp::Reset(name)),
+            Statement::Reset(None) | Statement::DiscardAll => ops.push(SettingOp::ResetAll),
+            Statement::DeallocateAll | Statement::Other => {}
+        }
+    }
+    (ops, None)
+}
+
+fn refusal_report(what: &str) -> ErrorReport {
+    ErrorReport::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!("{what} cannot be used in transaction pooling mode"),
+    )
+    .with_hint("use pool_mode = \"session\" for this tenant, or avoid session-level state")
+}
+
+/// A statement that fails with `report`'s SQLSTATE, message and hint on the server, so the
+/// refusal aborts the client's transaction exactly like a server-side error would.
+fn raise_statement(report: &ErrorReport) -> String {
+    let lit = |s: &str| s.replace('\'', "''").replace('$', "");
+    format!(
+        "DO $pgtenant$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = '{}', HINT = '{}'; END$pgtenant$",
+        report.code,
+        lit(&report.message),
+        lit(report.hint.as_deref().unwrap_or(""))
+    )
+}
+
+fn malformed(tag: u8) -> TxEnd {
+    TxEnd::ClientError(SessionError::Malformed(tag))
+}
+
+fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    buf.put_u8(b'Z');
+    buf.put_u32(5);
+    buf.put_u8(status);
+}
+
+fn put_query(buf: &mut BytesMut, sql: &str) {
+    put_message(buf, b'Q', &[sql.as_bytes(), b"\0"]);
+}
+
+fn put_message(buf: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
+    buf.put_u8(tag);
+    buf.put_u32(len as u32);
+    for p in parts {
+        buf.put_slice(p);
+    }
+}
+
+fn build_message(tag: u8, parts: &[&[u8]]) -> Bytes {
+    let mut b = BytesMut::new();
+    put_message(&mut b, tag, parts);
+    b.freeze()
+}

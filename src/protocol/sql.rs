@@ -1,0 +1,326 @@
+//! Just enough SQL lexing for a transaction pooler: split a query string into statements and
+//! recognise the few that change session state or cannot work when backends are shared.
+//! Nothing here rewrites SQL; unknown input is simply `Other`.
+
+/// What a statement means to the pooler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Statement<'a> {
+    /// `SET [SESSION] name ...`; `text` is the whole statement, replayed verbatim.
+    Set {
+        name: String,
+        text: &'a str,
+    },
+    /// `RESET name`, or `RESET ALL` (None).
+    Reset(Option<String>),
+    DiscardAll,
+    DeallocateAll,
+    /// Cannot work when consecutive transactions may run on different backends.
+    Unsupported(&'static str),
+    Other,
+}
+
+/// Splits on semicolons outside quotes, comments and dollar quotes. Empty statements are dropped.
+pub fn statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let (mut i, mut start) = (0, 0);
+    while i < b.len() {
+        match b[i] {
+            b';' => {
+                push_stmt(&mut out, &sql[start..i]);
+                start = i + 1;
+                i += 1;
+            }
+            _ => i = skip_token(b, i),
+        }
+    }
+    push_stmt(&mut out, &sql[start..]);
+    out
+}
+
+fn push_stmt<'a>(out: &mut Vec<&'a str>, s: &'a str) {
+    if !words(s).is_empty() {
+        out.push(s.trim());
+    }
+}
+
+/// Index after the quoted string, comment or single byte at `i`.
+fn skip_token(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        b'\'' => {
+            let escapes = i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e');
+            let mut j = i + 1;
+            while j < b.len() {
+                if escapes && b[j] == b'\\' {
+                    j += 2;
+                    continue;
+                }
+                if b[j] == b'\'' {
+                    if j + 1 < b.len() && b[j + 1] == b'\'' {
+                        j += 2;
+                        continue;
+                    }
+                    return j + 1;
+                }
+                j += 1;
+            }
+            b.len()
+        }
+        b'"' => match b[i + 1..].iter().position(|&c| c == b'"') {
+            Some(p) => i + p + 2,
+            None => b.len(),
+        },
+        b'-' if b.get(i + 1) == Some(&b'-') => match b[i..].iter().position(|&c| c == b'\n') {
+            Some(p) => i + p + 1,
+            None => b.len(),
+        },
+        b'/' if b.get(i + 1) == Some(&b'*') => {
+            let (mut depth, mut j) = (1, i + 2);
+            while j < b.len() && depth > 0 {
+                if b[j] == b'/' && b.get(j + 1) == Some(&b'*') {
+                    depth += 1;
+                    j += 2;
+                } else if b[j] == b'*' && b.get(j + 1) == Some(&b'/') {
+                    depth -= 1;
+                    j += 2;
+                } else {
+                    j += 1;
+                }
+            }
+            j
+        }
+        b'$' => {
+            // $tag$ ... $tag$, where tag is empty or an identifier.
+            let tag_end = b[i + 1..]
+                .iter()
+                .position(|&c| !(c.is_ascii_alphanumeric() || c == b'_'))
+                .map(|p| i + 1 + p);
+            match tag_end {
+                Some(e) if b[e] == b'$' && !(e > i + 1 && b[i + 1].is_ascii_digit()) => {
+                    let tag = &b[i..=e];
+                    let body = e + 1;
+                    match b[body..].windows(tag.len()).position(|w| w == tag) {
+                        Some(p) => body + p + tag.len(),
+                        None => b.len(),
+                    }
+                }
+                _ => i + 1,
+            }
+        }
+        _ => i + 1,
+    }
+}
+
+/// Upper-cased words and punctuation of a statement, outside strings and comments; strings
+/// become a single `'` token. Enough to recognise statement shapes.
+fn words(s: &str) -> Vec<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if c.is_ascii_alphabetic() || c == b'_' {
+            let start = i;
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] == b'.')
+            {
+                i += 1;
+            }
+            // E'...' strings: the E belongs to the literal.
+            if i - start == 1 && (c == b'E' || c == b'e') && b.get(i) == Some(&b'\'') {
+                i = skip_token(b, i);
+                out.push("'".to_string());
+                continue;
+            }
+            out.push(s[start..i].to_ascii_uppercase());
+        } else if c == b'"' {
+            let end = skip_token(b, i);
+            out.push(s[i..end].to_string());
+            i = end;
+        } else if c == b'\'' || c == b'$' {
+            let end = skip_token(b, i);
+            if end > i + 1 || c == b'\'' {
+                out.push("'".to_string());
+            }
+            i = end;
+        } else if (c == b'-' && b.get(i + 1) == Some(&b'-'))
+            || (c == b'/' && b.get(i + 1) == Some(&b'*'))
+        {
+            i = skip_token(b, i);
+        } else {
+            out.push((c as char).to_string());
+            i += 1;
+        }
+    }
+    out
+}
+
+const SESSION_ADVISORY_LOCKS: &[&str] = &[
+    "PG_ADVISORY_LOCK",
+    "PG_ADVISORY_LOCK_SHARED",
+    "PG_TRY_ADVISORY_LOCK",
+    "PG_TRY_ADVISORY_LOCK_SHARED",
+];
+
+pub fn classify(stmt: &str) -> Statement<'_> {
+    let w = words(stmt);
+    let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
+    if w.iter().any(|t| {
+        let name = t.rsplit('.').next().unwrap_or(t);
+        SESSION_ADVISORY_LOCKS.contains(&name)
+    }) {
+        return Statement::Unsupported("session-level advisory locks");
+    }
+    match at(0) {
+        "SET" => {
+            let mut i = 1;
+            match at(1) {
+                "LOCAL" | "TRANSACTION" | "CONSTRAINTS" => return Statement::Other,
+                "SESSION" if at(2) == "CHARACTERISTICS" || at(2) == "AUTHORIZATION" => {
+                    return Statement::Set {
+                        name: "session_authorization".into(),
+                        text: stmt,
+                    }
+                }
+                "SESSION" => i = 2,
+                _ => {}
+            }
+            let name = match (at(i), at(i + 1)) {
+                ("TIME", "ZONE") => "timezone".to_string(),
+                ("NAMES", _) => "client_encoding".to_string(),
+                ("SCHEMA", _) => "search_path".to_string(),
+                ("XML", "OPTION") => "xmloption".to_string(),
+                ("", _) => return Statement::Other,
+                (n, _) => n.trim_matches('"').to_ascii_lowercase(),
+            };
+            Statement::Set { name, text: stmt }
+        }
+        "RESET" => match at(1) {
+            "ALL" => Statement::Reset(None),
+            "" => Statement::Other,
+            "TIME" if at(2) == "ZONE" => Statement::Reset(Some("timezone".into())),
+            "SESSION" if at(2) == "AUTHORIZATION" => {
+                Statement::Reset(Some("session_authorization".into()))
+            }
+            n => Statement::Reset(Some(n.trim_matches('"').to_ascii_lowercase())),
+        },
+        "DISCARD" if at(1) == "ALL" => Statement::DiscardAll,
+        "DEALLOCATE" if at(1) == "ALL" || (at(1) == "PREPARE" && at(2) == "ALL") => {
+            Statement::DeallocateAll
+        }
+        "PREPARE" if at(1) != "TRANSACTION" => Statement::Unsupported("SQL PREPARE"),
+        "LISTEN" => Statement::Unsupported("LISTEN"),
+        "LOAD" => Statement::Unsupported("LOAD"),
+        "DECLARE" => {
+            let with_hold = w.windows(2).any(|p| p[0] == "WITH" && p[1] == "HOLD");
+            if with_hold {
+                Statement::Unsupported("WITH HOLD cursors")
+            } else {
+                Statement::Other
+            }
+        }
+        "CREATE" => {
+            let mut i = 1;
+            if at(i) == "OR" && at(i + 1) == "REPLACE" {
+                i += 2;
+            }
+            if at(i) == "GLOBAL" || at(i) == "LOCAL" {
+                i += 1;
+            }
+            let temp = at(i) == "TEMP" || at(i) == "TEMPORARY";
+            let drops_at_commit = w
+                .windows(3)
+                .any(|p| p[0] == "ON" && p[1] == "COMMIT" && p[2] == "DROP");
+            if temp && !drops_at_commit {
+                Statement::Unsupported("temporary objects that outlive a transaction")
+            } else {
+                Statement::Other
+            }
+        }
+        _ => Statement::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_outside_quotes_comments_and_dollar_quotes() {
+        let s = statements(
+            "SELECT 'a;b'; SELECT \"x;\" -- c;\n; DO $$ BEGIN; END $$; /* ; */ SELECT 1;;",
+        );
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert!(s[2].starts_with("DO $$ BEGIN; END $$"));
+    }
+
+    #[test]
+    fn recognises_set_forms() {
+        assert_eq!(
+            classify("SET statement_timeout = '5s'"),
+            Statement::Set {
+                name: "statement_timeout".into(),
+                text: "SET statement_timeout = '5s'"
+            }
+        );
+        assert!(
+            matches!(classify("set session TimeZone to 'UTC'"), Statement::Set { name, .. } if name == "timezone")
+        );
+        assert!(
+            matches!(classify("SET TIME ZONE 'UTC'"), Statement::Set { name, .. } if name == "timezone")
+        );
+        assert!(
+            matches!(classify("SET search_path TO a, b"), Statement::Set { name, .. } if name == "search_path")
+        );
+        assert!(
+            matches!(classify("SET pgtenant.tenant_id = 'x'"), Statement::Set { name, .. } if name == "pgtenant.tenant_id")
+        );
+        assert_eq!(
+            classify("SET LOCAL statement_timeout = 1"),
+            Statement::Other
+        );
+        assert_eq!(
+            classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"),
+            Statement::Other
+        );
+    }
+
+    #[test]
+    fn recognises_resets_and_discards() {
+        assert_eq!(classify("RESET ALL"), Statement::Reset(None));
+        assert_eq!(
+            classify("reset DateStyle"),
+            Statement::Reset(Some("datestyle".into()))
+        );
+        assert_eq!(classify("DISCARD ALL"), Statement::DiscardAll);
+        assert_eq!(classify("DEALLOCATE ALL"), Statement::DeallocateAll);
+        assert_eq!(classify("DISCARD PLANS"), Statement::Other);
+    }
+
+    #[test]
+    fn recognises_what_transaction_pooling_cannot_serve() {
+        for sql in [
+            "LISTEN jobs",
+            "PREPARE q AS SELECT 1",
+            "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+            "CREATE TEMP TABLE t (x int)",
+            "create temporary table t as select 1",
+            "SELECT pg_advisory_lock(1)",
+            "select pg_catalog.pg_try_advisory_lock(1, 2)",
+        ] {
+            assert!(matches!(classify(sql), Statement::Unsupported(_)), "{sql}");
+        }
+        for sql in [
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "SELECT pg_advisory_xact_lock(1)",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "SELECT 'LISTEN x'",
+            "PREPARE TRANSACTION 'x'",
+            "SELECT 'pg_advisory_lock(1)'",
+        ] {
+            assert!(!matches!(classify(sql), Statement::Unsupported(_)), "{sql}");
+        }
+    }
+}
