@@ -10,6 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::limits::ClientLimits;
 use crate::frontend::listener::accept_loop;
 use crate::pool::Pools;
 use crate::tenancy::{StaticRegistry, TenantRegistry};
@@ -31,6 +32,7 @@ pub struct ProxyContext {
     pub registry: Arc<dyn TenantRegistry>,
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
+    pub limits: Arc<ClientLimits>,
     /// Key for the mock SCRAM verifiers of unknown users; random per process.
     pub mock_key: [u8; 32],
 }
@@ -61,12 +63,14 @@ impl Proxy {
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
         let pools = Pools::new(config.pool.clone(), config.row_tenant_setting.clone());
+        let limits = ClientLimits::new(config.pool.max_client_connections);
         Ok(Proxy {
             ctx: Arc::new(ProxyContext {
                 config,
                 registry,
                 pools,
                 cancels: Arc::new(CancelRegistry::default()),
+                limits,
                 mock_key,
             }),
             listener,
@@ -84,7 +88,9 @@ impl Proxy {
     /// Serves until `shutdown` resolves.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tracing::info!(addr = %self.local_addr(), "pgtenant listening");
+        let sweeper = tokio::spawn(sweep_idle_pools(self.ctx.clone()));
         accept_loop(self.listener, self.ctx, shutdown).await;
+        sweeper.abort();
     }
 
     /// Serves on a background task.
@@ -118,5 +124,21 @@ impl ProxyHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// Drops pools of tenants that have gone quiet, so thousands of tenants do not each keep a pool.
+async fn sweep_idle_pools(ctx: Arc<ProxyContext>) {
+    let idle = std::time::Duration::from_secs(ctx.config.pool.pool_idle_timeout.max(1));
+    let mut tick = tokio::time::interval((idle / 2).clamp(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(30),
+    ));
+    loop {
+        tick.tick().await;
+        let dropped = ctx.pools.sweep(idle);
+        if dropped > 0 {
+            tracing::debug!(dropped, "idle pools dropped");
+        }
     }
 }

@@ -30,6 +30,8 @@ pub enum SessionError {
     UnknownMessage(u8),
     #[error("malformed message of type '{}'", char::from(*.0))]
     Malformed(u8),
+    #[error(transparent)]
+    Limit(#[from] super::limits::LimitError),
     #[error("timed out during startup and authentication")]
     LoginTimeout,
     #[error("client connection lost: {0}")]
@@ -71,6 +73,7 @@ impl SessionError {
                 ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string())
             }
             LoginTimeout => ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
+            Limit(e) => ErrorReport::fatal(sqlstate::TOO_MANY_CONNECTIONS, e.to_string()),
         })
     }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod cancel;
 pub mod client_state;
 pub mod error;
+pub mod limits;
 pub mod listener;
 pub mod relay;
 pub mod scram;

@@ -25,6 +25,7 @@ use super::auth::authenticate;
 use super::cancel::CancelGuard;
 use super::client_state::ClientState;
 use super::error::SessionError;
+use super::limits::ClientSlot;
 use super::relay::{relay, send_report, RelayEnd};
 use super::scram::ScramVerifier;
 use super::transaction::{Engine, TxEnd};
@@ -40,8 +41,8 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         Ok(r) => r,
         Err(_) => Err(SessionError::LoginTimeout),
     };
-    let (who, tenant) = match login {
-        Ok(Login::Session(who, tenant)) => (who, tenant),
+    let (who, tenant, _slot) = match login {
+        Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
         Ok(Login::Cancel) => return,
         Err(e) => {
             refuse(&mut client, peer, &e).await;
@@ -166,7 +167,7 @@ fn describe_end(end: &RelayEnd, who: &Addressed, peer: SocketAddr) -> &'static s
 }
 
 enum Login {
-    Session(Addressed, Arc<Tenant>),
+    Session(Addressed, Arc<Tenant>, ClientSlot),
     Cancel,
 }
 
@@ -190,6 +191,9 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
         .registry
         .tenant(&who.tenant)
         .ok_or_else(|| SessionError::UnknownTenant(who.tenant.clone()))?;
+    let slot = ctx
+        .limits
+        .admit(&tenant.id, tenant.max_client_connections)?;
     let user = tenant.user(&who.role);
     let verifier = match user {
         Some(u) => u.verifier.clone(),
@@ -200,7 +204,7 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
     if tenant.status == TenantStatus::Suspended {
         return Err(SessionError::Suspended(tenant.id.clone()));
     }
-    Ok(Login::Session(who, tenant))
+    Ok(Login::Session(who, tenant, slot))
 }
 
 /// Answers encryption requests until the client sends its StartupMessage or a CancelRequest.

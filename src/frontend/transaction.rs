@@ -32,6 +32,8 @@ const READ_CHUNK: usize = 8192;
 /// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
 const INSPECT_LIMIT: usize = 64 * 1024;
 const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// The response(s) one message sent to the backend produces.
 #[derive(Debug, Clone)]
@@ -62,6 +64,9 @@ enum Item {
     Proxy(Resp),
     /// Bytes pgtenant answers itself, in order.
     Synthetic(Bytes),
+    /// The client ended a COPY (CopyDone/CopyFail) before the server's CopyInResponse was
+    /// seen; marks which Syncs were sent during the copy (the server ignores those).
+    CopyEnd,
 }
 
 pub enum TxEnd {
@@ -91,6 +96,7 @@ pub struct Engine<'a> {
     backend: Option<PooledBackend>,
     queue: VecDeque<Item>,
     unsynced: bool,
+    /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
     copy: bool,
     /// A refused extended-protocol message: drop the client's messages until Sync.
     skipping: bool,
@@ -242,6 +248,7 @@ impl<'a> Engine<'a> {
         }
         self.emit_synthetics();
         self.maybe_release();
+        tracing::trace!(linked = self.backend.is_some(), queue = ?self.queue, tx = %char::from(self.tx_status), unsynced = self.unsynced, copy = self.copy, "engine state");
         if !self.obuf.is_empty() {
             if client.write_all(&self.obuf).await.is_err() {
                 return Err(TxEnd::ClientGone);
@@ -278,6 +285,9 @@ impl<'a> Engine<'a> {
                     if let Some(Item::Synthetic(b)) = self.queue.pop_front() {
                         self.obuf.extend_from_slice(&b);
                     }
+                }
+                Some(Item::CopyEnd) => {
+                    self.queue.pop_front();
                 }
                 _ => return,
             }
@@ -373,9 +383,9 @@ impl<'a> Engine<'a> {
                     return Ok(());
                 }
                 self.pending_ops.extend(ops);
-                self.link().await?;
                 self.unsynced = true;
                 if name.is_empty() {
+                    self.link().await?;
                     self.out.extend_from_slice(&msg);
                     self.queue.push_back(Item::Client(Resp::Parse(None)));
                     return Ok(());
@@ -389,10 +399,20 @@ impl<'a> Engine<'a> {
                 self.state
                     .statements
                     .insert(Bytes::copy_from_slice(name), stmt);
+                if self.backend.is_none() && self.pool.is_parsed(&global) {
+                    // Known-good SQL outside a transaction: answer now and prepare it on
+                    // whichever backend first needs it. Waiting for a backend here would
+                    // stall clients (pgbench -M prepared) that prepare synchronously while
+                    // another of their connections holds a transaction open.
+                    self.queue
+                        .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
+                    return Ok(());
+                }
+                self.link().await?;
                 let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
                 if be.prepared.contains(&global) {
                     self.queue
-                        .push_back(Item::Synthetic(Bytes::from_static(b"1\0\0\0\x04")));
+                        .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
                 } else {
                     be.prepared.insert(global.clone());
                     self.out.extend_from_slice(&parse);
@@ -445,14 +465,14 @@ impl<'a> Engine<'a> {
             b'C' => {
                 let kind = *body.first().ok_or_else(|| malformed(tag))?;
                 let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
-                self.link().await?;
                 self.unsynced = true;
                 if kind == b'S' && !name.is_empty() {
                     // The statement stays prepared on backends for other clients.
                     self.state.statements.remove(name);
                     self.queue
-                        .push_back(Item::Synthetic(Bytes::from_static(b"3\0\0\0\x04")));
+                        .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
                 } else {
+                    self.link().await?;
                     self.out.extend_from_slice(&msg);
                     self.queue.push_back(Item::Client(Resp::Close(None)));
                 }
@@ -463,12 +483,35 @@ impl<'a> Engine<'a> {
                 self.out.extend_from_slice(&msg);
                 self.queue.push_back(Item::Client(Resp::Execute));
             }
+            b'S' if self.copy => {
+                // PostgreSQL ignores Sync while it is reading COPY data.
+                if self.backend.is_some() {
+                    self.out.extend_from_slice(&msg);
+                }
+            }
+            b'c' | b'f' => {
+                if self.backend.is_some() {
+                    self.out.extend_from_slice(&msg);
+                    if self.copy {
+                        self.copy = false;
+                    } else {
+                        self.queue.push_back(Item::CopyEnd);
+                    }
+                }
+            }
             b'S' => {
                 self.skipping = false;
                 self.unsynced = false;
-                if self.backend.is_none() && self.queue.is_empty() {
-                    // Nothing ran since the last Sync (a refused Parse, or an empty pipeline).
-                    ready_for_query(&mut self.obuf, self.tx_status);
+                let answered_locally = self
+                    .queue
+                    .iter()
+                    .all(|i| matches!(i, Item::Synthetic(_) | Item::CopyEnd));
+                if self.backend.is_none() && answered_locally {
+                    // Nothing since the last Sync needed a backend (statements answered
+                    // locally, a refused Parse, or an empty pipeline).
+                    let mut z = BytesMut::with_capacity(6);
+                    ready_for_query(&mut z, self.tx_status);
+                    self.queue.push_back(Item::Synthetic(z.freeze()));
                     return Ok(());
                 }
                 self.link().await?;
@@ -485,7 +528,7 @@ impl<'a> Engine<'a> {
                 self.out.extend_from_slice(&msg);
                 self.queue.push_back(Item::Client(Resp::FunctionCall));
             }
-            // CopyData, CopyDone, CopyFail: only meaningful with a backend in COPY.
+            // CopyData: only meaningful with a backend in COPY.
             _ => {
                 if self.backend.is_some() {
                     self.out.extend_from_slice(&msg);
@@ -656,7 +699,7 @@ impl<'a> Engine<'a> {
                                 self.forget_failed(be, &r);
                                 self.queue.pop_front();
                             }
-                            Item::Synthetic(_) => {
+                            Item::Synthetic(_) | Item::CopyEnd => {
                                 self.queue.pop_front();
                             }
                         }
@@ -685,6 +728,9 @@ impl<'a> Engine<'a> {
             }
             b'1' | b'2' | b'3' => {
                 self.queue.pop_front();
+                if let Resp::Parse(Some(name)) = &resp {
+                    self.pool.mark_parsed(name);
+                }
                 if let (Resp::Close(Some(name)), true) = (&resp, proxy) {
                     be.prepared.remove(name);
                 }
@@ -712,7 +758,25 @@ impl<'a> Engine<'a> {
                     self.queue.pop_front();
                 }
             }
-            b'G' | b'H' | b'W' => self.copy = true,
+            b'G' => {
+                // Syncs the client pipelined after the COPY's Execute, up to where it ended the
+                // copy, reach the server during copy-in and are ignored: expect nothing of them.
+                self.copy = true;
+                let mut i = 1;
+                while i < self.queue.len() {
+                    match self.queue[i] {
+                        Item::Client(Resp::Sync) => {
+                            self.queue.remove(i);
+                        }
+                        Item::CopyEnd => {
+                            self.queue.remove(i);
+                            self.copy = false;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
             _ => {}
         }
         !proxy

@@ -58,6 +58,8 @@ pub struct TenantPool {
     wait: Duration,
     /// (query text + parameter types) → global statement name, shared by the pool's clients.
     names: DashMap<Bytes, Arc<str>>,
+    /// Global names that some backend has parsed successfully: valid SQL for this pool.
+    parsed: DashMap<Arc<str>, ()>,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
@@ -82,6 +84,18 @@ impl TenantPool {
         } else {
             name
         }
+    }
+
+    /// Records that a backend accepted the statement, so later clients may prepare it
+    /// without waiting for a backend.
+    pub fn mark_parsed(&self, name: &Arc<str>) {
+        if !self.parsed.contains_key(name) && self.parsed.len() < MAX_STATEMENT_NAMES {
+            self.parsed.insert(name.clone(), ());
+        }
+    }
+
+    pub fn is_parsed(&self, name: &Arc<str>) -> bool {
+        self.parsed.contains_key(name)
     }
 
     /// Counts a client in; the guard counts it out.
@@ -225,6 +239,7 @@ impl Pools {
             .connection_timeout(wait)
             .idle_timeout(Some(Duration::from_secs(s.server_idle_timeout.max(1))))
             .max_lifetime(Some(Duration::from_secs(s.server_lifetime.max(1))))
+            .reaper_rate(Duration::from_secs(s.server_idle_timeout.clamp(1, 30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
             .error_sink(Box::new(FailureSink(failures.clone())))
             .build_unchecked(BackendManager::new(spec));
@@ -233,6 +248,7 @@ impl Pools {
             failures,
             wait,
             names: DashMap::new(),
+            parsed: DashMap::new(),
             clients: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }

@@ -4,6 +4,9 @@ mod support;
 
 mod addressing;
 mod auth;
+mod pgbench;
 mod protocol;
 mod session;
+mod stress;
 mod tiers;
+mod transaction;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pgtenant::config::PoolMode;
 use tokio_postgres::NoTls;
 
-use crate::support::{fixture, pg_error, sqlstate, text, RawClient, PASSWORD};
+use crate::support::{fixture, pg_error, sqlstate, text, RawClient, PASSWORD, SCRATCH};
 
 #[tokio::test]
 async fn cancel_stops_a_running_pg_sleep() {
@@ -201,9 +201,6 @@ async fn a_client_killed_while_its_query_runs_leaves_nothing_running() {
     );
     assert_eq!(scratch_balance().await, before);
 }
-
-/// Tests that watch the scratch tenant's backends run one at a time.
-static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A proxy whose pools hold one backend each, so consecutive clients share it.
 async fn single_backend_url(tenant: &str, mode: PoolMode) -> String {

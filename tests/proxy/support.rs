@@ -13,10 +13,14 @@ use pgtenant::config::{Config, TenantConfig, TenantStatus, Tier, UserConfig};
 use pgtenant::demo::{self, SampleTenant, DEMO_PASSWORD, DEMO_ROLE};
 use pgtenant::frontend::scram::hash_password;
 use pgtenant::secret::Secret;
-use pgtenant::server::Proxy;
+use pgtenant::server::{Proxy, ProxyContext};
+use std::sync::Arc;
 use tokio_postgres::{Client, NoTls};
 
 pub const PASSWORD: &str = DEMO_PASSWORD;
+
+/// Tests that watch or load the scratch tenant's backends run one at a time.
+pub static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub struct Fixture {
     pub proxy: SocketAddr,
@@ -91,6 +95,19 @@ async fn build() -> Fixture {
         server: 1,
         owners: &["Sam"],
     });
+    // Tenants that stress tests may fill with rows, one per tier.
+    for (id, tier) in [
+        ("crowd", Tier::Database),
+        ("bulk", Tier::Schema),
+        ("swarm", Tier::Row),
+    ] {
+        tenants.push(SampleTenant {
+            id,
+            tier,
+            server: 0,
+            owners: &["Zed"],
+        });
+    }
     let mut config = demo::provision(&[("main", &main), ("second", &second)], &tenants)
         .await
         .expect("provision sample tenants");
@@ -101,6 +118,14 @@ async fn build() -> Fixture {
         }
     }
     add_auth_method_tenants(&main, &mut config).await;
+    // pgbench -i creates its tables through the proxy.
+    second
+        .connect("scratch")
+        .await
+        .expect("connect scratch")
+        .batch_execute("GRANT CREATE ON SCHEMA public TO scratch_app")
+        .await
+        .expect("grant create");
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.pool.query_wait_timeout = 30;
     let servers = vec![
@@ -248,16 +273,33 @@ impl Fixture {
 
     /// Starts another proxy over the same tenants with a changed config.
     pub async fn extra_proxy(&self, change: impl FnOnce(&mut Config)) -> SocketAddr {
+        self.extra_proxy_ctx(change).await.0
+    }
+
+    /// Like `extra_proxy`, also returning the proxy's shared context for inspection.
+    pub async fn extra_proxy_ctx(
+        &self,
+        change: impl FnOnce(&mut Config),
+    ) -> (SocketAddr, Arc<ProxyContext>) {
         let mut config = self.config.clone();
         change(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(async move {
             let handle = Proxy::bind(config).await.expect("bind extra proxy").spawn();
-            let _ = tx.send(handle.addr);
+            let _ = tx.send((handle.addr, handle.ctx.clone()));
             // Keep serving for the rest of the test binary.
             std::mem::forget(handle);
         });
         rx.await.expect("extra proxy started")
+    }
+
+    /// Connection string through the proxy at `addr` as `app.<tenant>`.
+    pub fn url_at(&self, addr: SocketAddr, tenant: &str) -> String {
+        format!(
+            "host={} port={} user={DEMO_ROLE}.{tenant} dbname={tenant} password={PASSWORD}",
+            addr.ip(),
+            addr.port()
+        )
     }
 }
 

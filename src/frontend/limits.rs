@@ -1,0 +1,116 @@
+//! Caps on client connections, over all tenants and per tenant.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("sorry, too many clients already (max_client_connections = {0})")]
+    Global(usize),
+    #[error(
+        "too many client connections for tenant \"{tenant}\" (max_client_connections = {max})"
+    )]
+    Tenant { tenant: String, max: usize },
+}
+
+pub struct ClientLimits {
+    max_total: usize,
+    total: AtomicUsize,
+    per_tenant: DashMap<Arc<str>, usize>,
+}
+
+impl ClientLimits {
+    pub fn new(max_total: usize) -> Arc<Self> {
+        Arc::new(ClientLimits {
+            max_total,
+            total: AtomicUsize::new(0),
+            per_tenant: DashMap::new(),
+        })
+    }
+
+    /// Counts a client of `tenant` in, or says which cap it would break.
+    pub fn admit(
+        self: &Arc<Self>,
+        tenant: &str,
+        tenant_max: Option<usize>,
+    ) -> Result<ClientSlot, LimitError> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitError::Global(self.max_total));
+        }
+        let key: Arc<str> = Arc::from(tenant);
+        let mut entry = self.per_tenant.entry(key.clone()).or_insert(0);
+        if let Some(max) = tenant_max {
+            if *entry >= max {
+                drop(entry);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(LimitError::Tenant {
+                    tenant: tenant.to_string(),
+                    max,
+                });
+            }
+        }
+        *entry += 1;
+        Ok(ClientSlot {
+            limits: self.clone(),
+            tenant: key,
+        })
+    }
+
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+}
+
+/// One admitted client; dropping it frees the slot.
+pub struct ClientSlot {
+    limits: Arc<ClientLimits>,
+    tenant: Arc<str>,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+        let emptied = match self.limits.per_tenant.get_mut(&self.tenant) {
+            Some(mut n) => {
+                *n = n.saturating_sub(1);
+                *n == 0
+            }
+            None => false,
+        };
+        if emptied {
+            self.limits
+                .per_tenant
+                .remove_if(&self.tenant, |_, n| *n == 0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tenant_cap_refuses_one_more_and_frees_on_drop() {
+        let l = ClientLimits::new(10);
+        let a = l.admit("t", Some(1)).unwrap();
+        assert!(matches!(
+            l.admit("t", Some(1)),
+            Err(LimitError::Tenant { .. })
+        ));
+        assert!(l.admit("u", Some(1)).is_ok());
+        drop(a);
+        assert!(l.admit("t", Some(1)).is_ok());
+    }
+
+    #[test]
+    fn the_global_cap_counts_every_tenant() {
+        let l = ClientLimits::new(2);
+        let _a = l.admit("t", None).unwrap();
+        let _b = l.admit("u", None).unwrap();
+        assert_eq!(l.admit("v", None).err(), Some(LimitError::Global(2)));
+        assert_eq!(l.total(), 2);
+    }
+}
