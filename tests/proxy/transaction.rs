@@ -484,7 +484,7 @@ async fn idle_pools_are_closed() {
     assert_eq!(ctx.pools.len(), 1);
     drop(c);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while ctx.pools.len() > 0 && std::time::Instant::now() < deadline {
+    while !ctx.pools.is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
