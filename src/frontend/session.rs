@@ -37,11 +37,16 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let _ = client.set_nodelay(true);
     let started = Instant::now();
     let login_timeout = Duration::from_secs(ctx.config.auth_timeout.max(1));
-    let login = match tokio::time::timeout(login_timeout, login(&mut client, &ctx)).await {
+    let login = match Box::pin(tokio::time::timeout(
+        login_timeout,
+        login(&mut client, &ctx),
+    ))
+    .await
+    {
         Ok(r) => r,
         Err(_) => Err(SessionError::LoginTimeout),
     };
-    let (who, tenant, _slot) = match login {
+    let (mut who, tenant, _slot) = match login {
         Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
         Ok(Login::Cancel) => return,
         Err(e) => {
@@ -59,23 +64,25 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let cancel = ctx.cancels.register();
     let mode = tenant.pool_mode;
     let mut state = ClientState::from_startup(&who.settings);
+    // Kept as statements in `state`; an idle client should not hold them twice.
+    let startup_settings = std::mem::take(&mut who.settings);
     let attached = match mode {
         PoolMode::Session => {
-            let settings = settings_query(&who.settings);
-            attach(
+            let settings = settings_query(&startup_settings);
+            Box::pin(attach(
                 &mut client,
                 &ctx,
                 &tenant,
                 &pool,
                 &|_| settings.clone(),
                 &cancel,
-            )
+            ))
             .await
         }
         PoolMode::Transaction => {
             let replay =
                 |be: &BackendConn| state.replay_for(&be.applied_settings).unwrap_or_default();
-            attach(&mut client, &ctx, &tenant, &pool, &replay, &cancel).await
+            Box::pin(attach(&mut client, &ctx, &tenant, &pool, &replay, &cancel)).await
         }
     };
     let mut backend = match attached {
@@ -92,19 +99,23 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let reset_timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
     let max_message = ctx.config.max_message_bytes as usize;
 
+    // Each mode's state is boxed so an idle client's task stays small.
     let (how, bytes_in, bytes_out) = match mode {
-        PoolMode::Session => {
+        PoolMode::Session => Box::pin(async {
             let outcome = relay(&mut client, &mut backend, max_message).await;
             cancel.unlink();
             drop(client);
             let how = describe_end(&outcome.end, &who, peer);
-            if let Err(e) = reset::reset(&mut backend, outcome.leftover, reset_timeout).await {
+            if let Err(e) =
+                Box::pin(reset::reset(&mut backend, outcome.leftover, reset_timeout)).await
+            {
                 warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
             }
             drop(backend);
             (how, outcome.bytes_in, outcome.bytes_out)
-        }
-        PoolMode::Transaction => {
+        })
+        .await,
+        PoolMode::Transaction => Box::pin(async {
             backend.applied_settings = state.script().clone();
             cancel.unlink();
             drop(backend);
@@ -135,12 +146,13 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             };
             if let Some((mut be, left)) = outcome.backend {
                 cancel.unlink();
-                if let Err(e) = reset::reset(&mut be, left, reset_timeout).await {
+                if let Err(e) = Box::pin(reset::reset(&mut be, left, reset_timeout)).await {
                     warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
-        }
+        })
+        .await,
     };
     info!(
         tenant = %who.tenant,
@@ -239,7 +251,7 @@ async fn attach(
     pool: &TenantPool,
     setup: &(dyn Fn(&BackendConn) -> String + Sync),
     cancel: &CancelGuard,
-) -> Result<PooledBackend, SessionError> {
+) -> Result<Box<PooledBackend>, SessionError> {
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
         let mut backend = pool.checkout().await?;
@@ -255,7 +267,7 @@ async fn attach(
                 messages::backend_key_data(&mut out, key.pid, key.secret);
                 messages::ready_for_query_idle(&mut out);
                 client.write_all(&out).await?;
-                return Ok(backend);
+                return Ok(Box::new(backend));
             }
             Err(e @ BackendError::Statement { .. }) => {
                 // The client's own settings are invalid: PostgreSQL would refuse the login too.

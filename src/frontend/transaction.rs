@@ -81,7 +81,7 @@ pub enum TxEnd {
 pub struct TxOutcome {
     pub end: TxEnd,
     /// The backend still linked when the client left, with what it was doing.
-    pub backend: Option<(PooledBackend, Leftover)>,
+    pub backend: Option<(Box<PooledBackend>, Leftover)>,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -93,7 +93,8 @@ pub struct Engine<'a> {
     max_message: usize,
     max_prepared: usize,
     idle_tx_timeout: Option<Duration>,
-    backend: Option<PooledBackend>,
+    /// Boxed so an idle client's engine does not carry a connection-sized empty slot.
+    backend: Option<Box<PooledBackend>>,
     queue: VecDeque<Item>,
     unsynced: bool,
     /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
@@ -148,8 +149,33 @@ impl<'a> Engine<'a> {
     }
 
     pub async fn run(mut self, client: &mut TcpStream) -> TxOutcome {
-        let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
         let end = loop {
+            // Between transactions a client holds no buffers and no transaction state on the
+            // stack: thousands of idle clients then cost little more than their sockets.
+            self.out = BytesMut::new();
+            self.obuf = BytesMut::new();
+            let first = match wait_for_input(client).await {
+                Ok(b) => b,
+                Err(()) => break TxEnd::ClientGone,
+            };
+            // Boxed: this state lives only while the client is active.
+            if let Err(e) = Box::pin(self.active(client, first)).await {
+                break e;
+            }
+        };
+        Box::pin(self.finish(client, end)).await
+    }
+
+    /// Serves the client from its first bytes after idling until it is idle again, with no
+    /// backend and nothing buffered.
+    async fn active(&mut self, client: &mut TcpStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
+        self.bytes_in += cbuf.len() as u64;
+        self.on_client_bytes(&mut cbuf).await?;
+        self.flush(client).await?;
+        loop {
+            if self.backend.is_none() && cbuf.is_empty() {
+                return Ok(());
+            }
             if cbuf.capacity() - cbuf.len() < 1024 {
                 cbuf.reserve(READ_CHUNK);
             }
@@ -164,12 +190,10 @@ impl<'a> Engine<'a> {
             tokio::select! {
                 r = client.read_buf(&mut cbuf) => {
                     match r {
-                        Ok(0) | Err(_) => break TxEnd::ClientGone,
+                        Ok(0) | Err(_) => return Err(TxEnd::ClientGone),
                         Ok(n) => self.bytes_in += n as u64,
                     }
-                    if let Err(e) = self.on_client_bytes(&mut cbuf).await {
-                        break e;
-                    }
+                    self.on_client_bytes(&mut cbuf).await?;
                 }
                 r = async {
                     match backend {
@@ -182,13 +206,11 @@ impl<'a> Engine<'a> {
                             if let Some(be) = self.backend.as_mut() {
                                 be.mark_broken();
                             }
-                            break TxEnd::ServerGone;
+                            return Err(TxEnd::ServerGone);
                         }
                         Ok(_) => {}
                     }
-                    if let Err(e) = self.on_server_bytes() {
-                        break e;
-                    }
+                    self.on_server_bytes()?;
                 }
                 _ = async {
                     match idle_limit {
@@ -196,16 +218,17 @@ impl<'a> Engine<'a> {
                         None => std::future::pending().await,
                     }
                 } => {
-                    break TxEnd::Timeout(ErrorReport::fatal(
+                    return Err(TxEnd::Timeout(ErrorReport::fatal(
                         "25P03",
                         "terminating connection due to idle-in-transaction timeout",
-                    ));
+                    )));
                 }
             }
-            if let Err(e) = self.flush(client).await {
-                break e;
-            }
-        };
+            self.flush(client).await?;
+        }
+    }
+
+    async fn finish(mut self, client: &mut TcpStream, end: TxEnd) -> TxOutcome {
         let backend = self.backend.take().map(|be| {
             let pending = self
                 .queue
@@ -596,7 +619,7 @@ impl<'a> Engine<'a> {
         }
         self.cancel.link(be.cancel_target().clone());
         self.tx_status = be.tx_status();
-        self.backend = Some(be);
+        self.backend = Some(Box::new(be));
         Ok(())
     }
 
@@ -814,6 +837,22 @@ impl TxOutcome {
             let _ = client.write_all(&b).await;
         }
         self
+    }
+}
+
+/// Waits until the idle client sends something and returns it, holding no buffer while waiting.
+/// (A readiness flag left over from earlier reads can wake us with nothing to read; the buffer
+/// is then dropped again.)
+async fn wait_for_input(client: &mut TcpStream) -> Result<BytesMut, ()> {
+    loop {
+        client.readable().await.map_err(drop)?;
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        match client.try_read_buf(&mut buf) {
+            Ok(0) => return Err(()),
+            Ok(_) => return Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(()),
+        }
     }
 }
 
