@@ -79,17 +79,26 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime().block_on(serve(config))
+            runtime(config.worker_threads).block_on(serve(config))
         }
         Command::Demo { listen } => demo_cmd(listen),
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// The async runtime for `threads` worker threads: 1 is a single-threaded runtime (like
+/// PgBouncer's one event loop, and the fastest on small machines where the proxy shares cores
+/// with PostgreSQL), 0 means one per core.
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the async runtime: {e}");
@@ -152,7 +161,7 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let rt = runtime();
+    let rt = runtime(0);
     let code = rt.block_on(async {
         let mut config = match demo::provision(&[("local", &cluster)], &demo::sample_tenants()).await {
             Ok(c) => c,

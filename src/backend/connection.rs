@@ -117,7 +117,7 @@ pub struct BackendConn {
     /// Bytes read from the server and not yet consumed.
     pub(crate) read_buf: BytesMut,
     server: Arc<Server>,
-    cancel: CancelTarget,
+    cancel: Arc<CancelTarget>,
     /// ParameterStatus values, in the order the server first reported them.
     params: Vec<(String, String)>,
     /// Last ReadyForQuery status: b'I', b'T' or b'E'.
@@ -225,12 +225,12 @@ impl BackendConn {
             stream,
             read_buf: BytesMut::with_capacity(8192),
             server: server.clone(),
-            cancel: CancelTarget {
+            cancel: Arc::new(CancelTarget {
                 host: server.host.clone(),
                 port: server.port,
                 pid: 0,
                 secret: 0,
-            },
+            }),
             params: Vec::new(),
             tx_status: b'I',
             broken: false,
@@ -256,8 +256,12 @@ impl BackendConn {
                     conn.set_param(name, value);
                 }
                 Message::BackendKeyData(body) => {
-                    conn.cancel.pid = body.process_id() as u32;
-                    conn.cancel.secret = body.secret_key() as u32;
+                    conn.cancel = Arc::new(CancelTarget {
+                        host: server.host.clone(),
+                        port: server.port,
+                        pid: body.process_id() as u32,
+                        secret: body.secret_key() as u32,
+                    });
                 }
                 Message::ReadyForQuery(body) => {
                     conn.tx_status = body.status();
@@ -409,7 +413,7 @@ impl BackendConn {
         &self.params
     }
 
-    pub fn cancel_target(&self) -> &CancelTarget {
+    pub fn cancel_target(&self) -> &Arc<CancelTarget> {
         &self.cancel
     }
 

@@ -50,6 +50,10 @@ pub struct Config {
     /// Largest client message accepted after startup, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u32,
+    /// Threads serving clients: 1 (default) runs one event loop, like PgBouncer; 0 means one
+    /// per core.
+    #[serde(default = "default_workers")]
+    pub worker_threads: usize,
     /// Seconds a client may take to send its startup packet and authenticate.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: u64,
@@ -219,6 +223,7 @@ impl Config {
             tenant_separator: default_separator(),
             row_tenant_setting: default_row_setting(),
             max_message_bytes: default_max_message(),
+            worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),
             pool: PoolConfig::default(),
             servers: Vec::new(),
@@ -250,6 +255,9 @@ fn default_row_setting() -> String {
 fn default_max_message() -> u32 {
     // PostgreSQL's own ceiling for the largest message kinds (PQ_LARGE_MESSAGE_LIMIT).
     0x3fff_ffff
+}
+fn default_workers() -> usize {
+    1
 }
 fn default_auth_timeout() -> u64 {
     60

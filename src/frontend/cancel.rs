@@ -20,12 +20,14 @@ pub struct CancelKey {
 
 struct Entry {
     secret: u32,
-    target: Option<CancelTarget>,
+    /// Changed at every transaction in transaction mode, so the guard holds the entry itself
+    /// and link/unlink take one uncontended lock instead of a map lookup.
+    target: std::sync::Mutex<Option<Arc<CancelTarget>>>,
 }
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    entries: DashMap<u32, Entry>,
+    entries: DashMap<u32, Arc<Entry>>,
 }
 
 impl CancelRegistry {
@@ -36,12 +38,14 @@ impl CancelRegistry {
             let pid = rng.gen_range(1..=i32::MAX as u32);
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.entries.entry(pid) {
-                v.insert(Entry {
+                let entry = Arc::new(Entry {
                     secret,
-                    target: None,
+                    target: std::sync::Mutex::new(None),
                 });
+                v.insert(entry.clone());
                 return CancelGuard {
                     registry: self.clone(),
+                    entry,
                     key: CancelKey { pid, secret },
                 };
             }
@@ -50,21 +54,16 @@ impl CancelRegistry {
 
     /// Forwards a cancel to the backend linked to `key`; true if one was sent.
     pub async fn cancel(&self, pid: u32, secret: u32) -> bool {
-        let target = match self.entries.get(&pid) {
+        let entry = self.entries.get(&pid).map(|e| e.clone());
+        let target = match entry {
             Some(e) if bool::from(e.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) => {
-                e.target.clone()
+                e.target.lock().ok().and_then(|t| t.clone())
             }
             _ => None,
         };
         match target {
             Some(t) => t.send().await.is_ok(),
             None => false,
-        }
-    }
-
-    fn set_target(&self, pid: u32, target: Option<CancelTarget>) {
-        if let Some(mut e) = self.entries.get_mut(&pid) {
-            e.target = target;
         }
     }
 
@@ -79,6 +78,7 @@ impl CancelRegistry {
 
 pub struct CancelGuard {
     registry: Arc<CancelRegistry>,
+    entry: Arc<Entry>,
     key: CancelKey,
 }
 
@@ -87,12 +87,16 @@ impl CancelGuard {
         self.key
     }
 
-    pub fn link(&self, target: CancelTarget) {
-        self.registry.set_target(self.key.pid, Some(target));
+    pub fn link(&self, target: Arc<CancelTarget>) {
+        if let Ok(mut t) = self.entry.target.lock() {
+            *t = Some(target);
+        }
     }
 
     pub fn unlink(&self) {
-        self.registry.set_target(self.key.pid, None);
+        if let Ok(mut t) = self.entry.target.lock() {
+            *t = None;
+        }
     }
 }
 
@@ -112,12 +116,12 @@ mod tests {
         let g = reg.register();
         // Linked to a port nothing listens on: a forwarded cancel would report failure, but a
         // wrong secret must not even try.
-        g.link(CancelTarget {
+        g.link(Arc::new(CancelTarget {
             host: "127.0.0.1".into(),
             port: 1,
             pid: 1,
             secret: 1,
-        });
+        }));
         assert!(
             !reg.cancel(g.key().pid, g.key().secret.wrapping_add(1))
                 .await

@@ -1,6 +1,7 @@
 //! The client side: accept, negotiate, authenticate, relay.
 
 pub mod auth;
+pub mod buffers;
 pub mod cancel;
 pub mod client_state;
 pub mod error;

@@ -21,9 +21,10 @@ use tokio::net::TcpStream;
 use crate::backend::reset::Leftover;
 use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
-use crate::protocol::sql::{classify, statements, Statement};
+use crate::protocol::sql::{classify, may_matter, statements, Statement};
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
 
+use super::buffers;
 use super::cancel::CancelGuard;
 use super::client_state::{ClientState, ClientStatement, SettingOp};
 use super::error::SessionError;
@@ -152,8 +153,8 @@ impl<'a> Engine<'a> {
         let end = loop {
             // Between transactions a client holds no buffers and no transaction state on the
             // stack: thousands of idle clients then cost little more than their sockets.
-            self.out = BytesMut::new();
-            self.obuf = BytesMut::new();
+            buffers::give(&mut self.out);
+            buffers::give(&mut self.obuf);
             let first = match wait_for_input(client).await {
                 Ok(b) => b,
                 Err(()) => break TxEnd::ClientGone,
@@ -169,8 +170,24 @@ impl<'a> Engine<'a> {
     /// Serves the client from its first bytes after idling until it is idle again, with no
     /// backend and nothing buffered.
     async fn active(&mut self, client: &mut TcpStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take();
+        }
+        if self.obuf.capacity() == 0 {
+            self.obuf = buffers::take();
+        }
+        let r = self.serve_active(client, &mut cbuf).await;
+        buffers::give(&mut cbuf);
+        r
+    }
+
+    async fn serve_active(
+        &mut self,
+        client: &mut TcpStream,
+        cbuf: &mut BytesMut,
+    ) -> Result<(), TxEnd> {
         self.bytes_in += cbuf.len() as u64;
-        self.on_client_bytes(&mut cbuf).await?;
+        self.on_client_bytes(cbuf).await?;
         self.flush(client).await?;
         loop {
             if self.backend.is_none() && cbuf.is_empty() {
@@ -188,12 +205,12 @@ impl<'a> Engine<'a> {
             let idle_limit = self.idle_tx_timeout.filter(|_| in_tx);
             let backend = &mut self.backend;
             tokio::select! {
-                r = client.read_buf(&mut cbuf) => {
+                r = client.read_buf(&mut *cbuf) => {
                     match r {
                         Ok(0) | Err(_) => return Err(TxEnd::ClientGone),
                         Ok(n) => self.bytes_in += n as u64,
                     }
-                    self.on_client_bytes(&mut cbuf).await?;
+                    self.on_client_bytes(cbuf).await?;
                 }
                 r = async {
                     match backend {
@@ -271,7 +288,6 @@ impl<'a> Engine<'a> {
         }
         self.emit_synthetics();
         self.maybe_release();
-        tracing::trace!(linked = self.backend.is_some(), queue = ?self.queue, tx = %char::from(self.tx_status), unsynced = self.unsynced, copy = self.copy, "engine state");
         if !self.obuf.is_empty() {
             if client.write_all(&self.obuf).await.is_err() {
                 return Err(TxEnd::ClientGone);
@@ -660,9 +676,20 @@ impl<'a> Engine<'a> {
                 be.read_buf.reserve(HEADER_LEN + body_len);
                 break;
             }
-            let body =
-                inspect.then(|| Bytes::copy_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]));
-            let forward = self.on_server_message(be, tag, body.as_deref());
+            // Copied out of the read buffer (which on_server_message may not borrow) into a
+            // stack buffer: ReadyForQuery and CommandComplete arrive every transaction.
+            let mut small = [0u8; 128];
+            let mut large = Vec::new();
+            let body: Option<&[u8]> = if !inspect {
+                None
+            } else if body_len <= small.len() {
+                small[..body_len].copy_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
+                Some(&small[..body_len])
+            } else {
+                large.extend_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
+                Some(&large)
+            };
+            let forward = self.on_server_message(be, tag, body);
             let rest = &be.read_buf[pos..];
             let avail = (rest.len() - HEADER_LEN).min(body_len);
             if forward {
@@ -841,24 +868,26 @@ impl TxOutcome {
 }
 
 /// Waits until the idle client sends something and returns it, holding no buffer while waiting.
-/// (A readiness flag left over from earlier reads can wake us with nothing to read; the buffer
-/// is then dropped again.)
+/// The read goes through `read_buf` (not `try_read`): tokio clears its readiness flag after a
+/// short read there, which saves a wasted EAGAIN read on the next poll of every transaction.
 async fn wait_for_input(client: &mut TcpStream) -> Result<BytesMut, ()> {
-    loop {
-        client.readable().await.map_err(drop)?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        match client.try_read_buf(&mut buf) {
-            Ok(0) => return Err(()),
-            Ok(_) => return Ok(buf),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(()),
+    client.readable().await.map_err(drop)?;
+    let mut buf = buffers::take();
+    match client.read_buf(&mut buf).await {
+        Ok(0) | Err(_) => {
+            buffers::give(&mut buf);
+            Err(())
         }
+        Ok(_) => Ok(buf),
     }
 }
 
 /// Setting changes a query makes, and the first thing in it transaction pooling cannot serve.
 fn inspect_sql(text: &str) -> (Vec<SettingOp>, Option<&'static str>) {
     let mut ops = Vec::new();
+    if !may_matter(text) {
+        return (ops, None);
+    }
     for stmt in statements(text) {
         match classify(stmt) {
             Statement::Unsupported(what) => return (ops, Some(what)),

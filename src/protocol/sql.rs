@@ -164,6 +164,51 @@ const SESSION_ADVISORY_LOCKS: &[&str] = &[
     "PG_TRY_ADVISORY_LOCK_SHARED",
 ];
 
+/// First words that make a statement interesting to the pooler.
+const INTERESTING: &[&str] = &[
+    "SET",
+    "RESET",
+    "DISCARD",
+    "DEALLOCATE",
+    "PREPARE",
+    "LISTEN",
+    "LOAD",
+    "DECLARE",
+    "CREATE",
+];
+
+/// True when `sql` may hold something `classify` would not call `Other`. A cheap test without
+/// allocation, so the common single query (SELECT/INSERT/UPDATE/...) skips the lexer.
+pub fn may_matter(sql: &str) -> bool {
+    let b = sql.trim_start().as_bytes();
+    if b.starts_with(b"--") || b.starts_with(b"/*") {
+        return true;
+    }
+    let word_len = b.iter().take_while(|c| c.is_ascii_alphabetic()).count();
+    let word = &b[..word_len];
+    if INTERESTING
+        .iter()
+        .any(|k| k.as_bytes().eq_ignore_ascii_case(word))
+    {
+        return true;
+    }
+    // More than one statement, or a session advisory lock anywhere.
+    let body = sql.trim_end().trim_end_matches(';');
+    body.contains(';') || contains_advisory(b)
+}
+
+fn contains_advisory(b: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"advisory";
+    let mut i = 0;
+    while i + NEEDLE.len() <= b.len() {
+        if (b[i] | 0x20) == b'a' && b[i..i + NEEDLE.len()].eq_ignore_ascii_case(NEEDLE) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 pub fn classify(stmt: &str) -> Statement<'_> {
     let w = words(stmt);
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
@@ -254,6 +299,18 @@ mod tests {
         );
         assert_eq!(s.len(), 4, "{s:?}");
         assert!(s[2].starts_with("DO $$ BEGIN; END $$"));
+    }
+
+    #[test]
+    fn plain_queries_skip_the_lexer() {
+        assert!(!may_matter(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = 1;"
+        ));
+        assert!(!may_matter("  update t set x = 1"));
+        assert!(may_matter("set x = 1"));
+        assert!(may_matter("SELECT 1; SELECT 2"));
+        assert!(may_matter("SELECT pg_advisory_lock(1)"));
+        assert!(may_matter("/* c */ LISTEN x"));
     }
 
     #[test]
