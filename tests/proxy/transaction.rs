@@ -493,3 +493,127 @@ async fn idle_pools_are_closed() {
         "the idle pool and its connection are gone"
     );
 }
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    msg(
+        b'P',
+        &[name.as_bytes(), b"\0", sql.as_bytes(), b"\0\0\0"].concat(),
+    )
+}
+
+fn bind(statement: &str) -> Vec<u8> {
+    msg(
+        b'B',
+        &[b"\0", statement.as_bytes(), b"\0\0\0\0\0\0\0"].concat(),
+    )
+}
+
+fn execute() -> Vec<u8> {
+    msg(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    msg(b'S', b"")
+}
+
+/// Reads until `n` ReadyForQuery messages and returns the tags seen.
+async fn tags_until_ready(c: &mut crate::support::RawClient, n: usize) -> (String, Vec<Vec<u8>>) {
+    let (mut tags, mut rows, mut ready) = (String::new(), Vec::new(), 0);
+    while ready < n {
+        let (tag, body) = c.read_message().await.expect("a message");
+        tags.push(tag as char);
+        if tag == b'D' {
+            rows.push(body);
+        }
+        if tag == b'Z' {
+            ready += 1;
+        }
+    }
+    (tags, rows)
+}
+
+/// The tags (and DataRows) PostgreSQL itself answers `batch` with, on a direct connection.
+async fn direct_answer(batch: &[u8], syncs: usize) -> (String, Vec<Vec<u8>>) {
+    let f = fixture();
+    let (host, port) = &f.servers[0];
+    let addr: SocketAddr = format!("{host}:{port}").parse().unwrap();
+    let mut d = crate::support::RawClient::login(addr, "postgres", "acme").await;
+    d.send(batch).await;
+    tags_until_ready(&mut d, syncs).await
+}
+
+#[tokio::test]
+async fn a_pipeline_with_an_error_in_the_middle_gets_every_answer_in_order() {
+    let mut batch = Vec::new();
+    for sql in ["SELECT 1", "SELECT 1/0", "SELECT 3"] {
+        batch.extend(parse("", sql));
+        batch.extend(bind(""));
+        batch.extend(execute());
+        batch.extend(sync());
+    }
+    let mut c = crate::support::RawClient::login(fixture().proxy, "app.acme", "acme").await;
+    c.send(&batch).await;
+    let (tags, rows) = tags_until_ready(&mut c, 3).await;
+    assert_eq!((tags.clone(), rows.clone()), direct_answer(&batch, 3).await);
+    assert_eq!(tags.matches('Z').count(), 3);
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0].ends_with(b"1") && rows[1].ends_with(b"3"));
+    // Nothing more is pending, and the session carries on.
+    let after = c.query("SELECT 'next'").await;
+    assert_eq!(after.last().map(|m| m.0), Some(b'Z'));
+}
+
+#[tokio::test]
+async fn errors_skip_the_rest_of_the_pipeline_up_to_sync_only() {
+    let mut batch = Vec::new();
+    batch.extend(parse("", "SELECT 1/0"));
+    batch.extend(bind(""));
+    batch.extend(execute());
+    batch.extend(parse("", "SELECT 2"));
+    batch.extend(bind(""));
+    batch.extend(execute());
+    batch.extend(sync());
+    batch.extend(parse("", "SELECT 5"));
+    batch.extend(bind(""));
+    batch.extend(execute());
+    batch.extend(sync());
+    let mut c = crate::support::RawClient::login(fixture().proxy, "app.acme", "acme").await;
+    c.send(&batch).await;
+    let (tags, rows) = tags_until_ready(&mut c, 2).await;
+    assert_eq!((tags, rows.clone()), direct_answer(&batch, 2).await);
+    assert_eq!(rows.len(), 1, "only the statement after the Sync ran");
+}
+
+#[tokio::test]
+async fn deallocate_all_removes_the_clients_statements() {
+    let mut c = crate::support::RawClient::login(fixture().proxy, "app.acme", "acme").await;
+    c.send(&[parse("s1", "SELECT 41"), sync()].concat()).await;
+    let (tags, _) = tags_until_ready(&mut c, 1).await;
+    assert_eq!(tags, "1Z");
+    let got = c.query("DEALLOCATE ALL").await;
+    assert_eq!(got.last().map(|m| m.0), Some(b'Z'));
+    c.send(&[bind("s1"), execute(), sync()].concat()).await;
+    let (code, _) = c.read_error().await.expect("an error");
+    assert_eq!(code, "26000", "prepared statement does not exist");
+}
+
+#[tokio::test]
+async fn a_named_statement_prepared_twice_by_two_clients_runs_for_both() {
+    let addr = pool_of(1).await;
+    let mut a = crate::support::RawClient::login(addr, "app.acme", "acme").await;
+    let mut b = crate::support::RawClient::login(addr, "app.acme", "acme").await;
+    for c in [&mut a, &mut b] {
+        c.send(&[parse("same", "SELECT 77"), bind("same"), execute(), sync()].concat())
+            .await;
+        let (tags, rows) = tags_until_ready(c, 1).await;
+        assert_eq!(tags, "12DCZ");
+        assert!(rows[0].ends_with(b"77"));
+    }
+}
