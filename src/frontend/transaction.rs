@@ -867,18 +867,19 @@ impl TxOutcome {
     }
 }
 
-/// Waits until the idle client sends something and returns it, holding no buffer while waiting.
-/// The read goes through `read_buf` (not `try_read`): tokio clears its readiness flag after a
-/// short read there, which saves a wasted EAGAIN read on the next poll of every transaction.
+/// Waits until the idle client sends something and returns it, holding only a small probe
+/// while waiting (an idle client must not pin a full buffer). The read goes through
+/// `AsyncRead::read`, after which tokio clears its readiness flag on a short read; that saves a
+/// wasted EAGAIN read per transaction.
 async fn wait_for_input(client: &mut TcpStream) -> Result<BytesMut, ()> {
-    client.readable().await.map_err(drop)?;
-    let mut buf = buffers::take();
-    match client.read_buf(&mut buf).await {
-        Ok(0) | Err(_) => {
-            buffers::give(&mut buf);
-            Err(())
+    let mut probe = [0u8; 256];
+    match client.read(&mut probe).await {
+        Ok(0) | Err(_) => Err(()),
+        Ok(n) => {
+            let mut buf = buffers::take();
+            buf.extend_from_slice(&probe[..n]);
+            Ok(buf)
         }
-        Ok(_) => Ok(buf),
     }
 }
 
