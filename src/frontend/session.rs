@@ -111,14 +111,14 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             {
                 warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
             }
-            drop(backend);
+            pool.park(backend);
             (how, outcome.bytes_in, outcome.bytes_out)
         })
         .await,
         PoolMode::Transaction => Box::pin(async {
             backend.applied_settings = state.script().clone();
             cancel.unlink();
-            drop(backend);
+            pool.park(backend);
             let p = &ctx.config.pool;
             let engine = Engine::new(
                 pool.clone(),
@@ -146,8 +146,11 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             };
             if let Some((mut be, left)) = outcome.backend {
                 cancel.unlink();
-                if let Err(e) = Box::pin(reset::reset(&mut be, left, reset_timeout)).await {
-                    warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+                match Box::pin(reset::reset(&mut be, left, reset_timeout)).await {
+                    Ok(()) => pool.park(be),
+                    Err(e) => {
+                        warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+                    }
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
@@ -267,7 +270,7 @@ async fn attach(
                 messages::backend_key_data(&mut out, key.pid, key.secret);
                 messages::ready_for_query_idle(&mut out);
                 client.write_all(&out).await?;
-                return Ok(Box::new(backend));
+                return Ok(backend);
             }
             Err(e @ BackendError::Statement { .. }) => {
                 // The client's own settings are invalid: PostgreSQL would refuse the login too.

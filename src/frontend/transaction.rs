@@ -312,8 +312,9 @@ impl<'a> Engine<'a> {
                 return;
             }
         }
-        if self.backend.take().is_some() {
+        if let Some(be) = self.backend.take() {
             self.cancel.unlink();
+            self.pool.park(be);
         }
     }
 
@@ -635,7 +636,7 @@ impl<'a> Engine<'a> {
         }
         self.cancel.link(be.cancel_target().clone());
         self.tx_status = be.tx_status();
-        self.backend = Some(Box::new(be));
+        self.backend = Some(be);
         Ok(())
     }
 

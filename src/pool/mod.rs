@@ -50,6 +50,8 @@ pub struct PoolKey {
 static NEXT_STATEMENT: AtomicU64 = AtomicU64::new(1);
 /// Distinct statements remembered per pool; beyond this, new ones still get fresh names.
 const MAX_STATEMENT_NAMES: usize = 10_000;
+/// How long a connection stays parked in the fast path before it goes back to bb8.
+const PARK_MAX: Duration = Duration::from_secs(1);
 
 /// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
 pub struct TenantPool {
@@ -60,6 +62,9 @@ pub struct TenantPool {
     names: DashMap<Bytes, Arc<str>>,
     /// Global names that some backend has parsed successfully: valid SQL for this pool.
     parsed: DashMap<Arc<str>, ()>,
+    /// Connections between transactions, most recently used last.
+    parked: std::sync::Mutex<Vec<(Box<PooledBackend>, Instant)>>,
+    parked_ready: Notify,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
@@ -121,19 +126,80 @@ impl TenantPool {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// A connection, or an error as soon as a connect attempt fails (bb8 alone would keep
-    /// retrying until the wait timeout and then report only the timeout).
-    pub async fn checkout(&self) -> Result<PooledBackend, PoolError> {
-        let failed = self.failures.notify.notified();
-        tokio::pin!(failed);
-        failed.as_mut().enable();
-        tokio::select! {
-            got = self.pool.get_owned() => got.map_err(|e| match e {
-                bb8::RunError::User(e) => PoolError::Backend(e),
-                bb8::RunError::TimedOut => PoolError::Timeout(self.wait),
-            }),
-            _ = failed => Err(self.failures.take().map(PoolError::Backend).unwrap_or(PoolError::Timeout(self.wait))),
+    /// A connection: a parked one if any (the hot path: a lock and a pop, no timer), else one
+    /// from bb8, which creates connections up to the pool size. Fails as soon as a connect
+    /// attempt fails (bb8 alone would keep retrying until the wait timeout and then report only
+    /// the timeout), or after `query_wait_timeout`.
+    pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
+        if let Some(be) = self.unpark() {
+            return Ok(be);
         }
+        let deadline = tokio::time::Instant::now() + self.wait;
+        loop {
+            let parked = self.parked_ready.notified();
+            let failed = self.failures.notify.notified();
+            tokio::pin!(parked, failed);
+            parked.as_mut().enable();
+            failed.as_mut().enable();
+            // Checked after registering, so a connection parked meanwhile is not missed.
+            if let Some(be) = self.unpark() {
+                return Ok(be);
+            }
+            tokio::select! {
+                got = tokio::time::timeout_at(deadline, self.pool.get_owned()) => {
+                    return match got {
+                        Ok(Ok(be)) => Ok(Box::new(be)),
+                        Ok(Err(bb8::RunError::User(e))) => Err(PoolError::Backend(e)),
+                        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Timeout(self.wait)),
+                    };
+                }
+                _ = parked => {}
+                _ = failed => {
+                    return Err(self
+                        .failures
+                        .take()
+                        .map(PoolError::Backend)
+                        .unwrap_or(PoolError::Timeout(self.wait)));
+                }
+            }
+        }
+    }
+
+    /// Keeps a clean, idle connection for the pool's next transaction. Connections parked for
+    /// longer than `PARK_MAX` go back to bb8, whose idle timeout and lifetime then apply.
+    pub fn park(&self, be: Box<PooledBackend>) {
+        if be.is_broken() {
+            return;
+        }
+        let now = Instant::now();
+        let stale = match self.parked.lock() {
+            Ok(mut p) => {
+                let n = p.iter().take_while(|(_, t)| now - *t > PARK_MAX).count();
+                let stale: Vec<_> = p.drain(..n).collect();
+                p.push((be, now));
+                stale
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(stale);
+        self.parked_ready.notify_one();
+    }
+
+    fn unpark(&self) -> Option<Box<PooledBackend>> {
+        self.parked.lock().ok()?.pop().map(|(be, _)| be)
+    }
+
+    /// Returns connections parked longer than `PARK_MAX` to bb8.
+    fn release_stale(&self) {
+        let now = Instant::now();
+        let stale: Vec<_> = match self.parked.lock() {
+            Ok(mut p) => {
+                let n = p.iter().take_while(|(_, t)| now - *t > PARK_MAX).count();
+                p.drain(..n).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(stale);
     }
 
     pub fn state(&self) -> bb8::State {
@@ -249,6 +315,8 @@ impl Pools {
             wait,
             names: DashMap::new(),
             parsed: DashMap::new(),
+            parked: std::sync::Mutex::new(Vec::new()),
+            parked_ready: Notify::new(),
             clients: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }
@@ -258,6 +326,9 @@ impl Pools {
     /// quiet tenants cost nothing. Returns how many were dropped.
     pub fn sweep(&self, idle: Duration) -> usize {
         let before = self.pools.len();
+        for p in self.pools.iter() {
+            p.release_stale();
+        }
         self.pools.retain(|_, p| p.idle_for() < idle);
         before - self.pools.len()
     }
