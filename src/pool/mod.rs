@@ -56,6 +56,7 @@ const PARK_MAX: Duration = Duration::from_secs(1);
 /// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
 pub struct TenantPool {
     pool: bb8::Pool<BackendManager>,
+    max_size: u32,
     failures: Arc<ConnectFailures>,
     wait: Duration,
     /// (query text + parameter types) → global statement name, shared by the pool's clients.
@@ -144,6 +145,22 @@ impl TenantPool {
             // Checked after registering, so a connection parked meanwhile is not missed.
             if let Some(be) = self.unpark() {
                 return Ok(be);
+            }
+            let state = self.pool.state();
+            let bb8_can_serve = state.idle_connections > 0 || state.connections < self.max_size;
+            if !bb8_can_serve {
+                // Every connection exists and is busy: wait for one to be parked. Re-check
+                // now and then, in case one was dropped (broken) instead, freeing a slot.
+                let wake = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+                tokio::select! {
+                    _ = parked => continue,
+                    _ = tokio::time::sleep_until(wake) => {
+                        if wake >= deadline {
+                            return Err(PoolError::Timeout(self.wait));
+                        }
+                        continue;
+                    }
+                }
             }
             tokio::select! {
                 got = tokio::time::timeout_at(deadline, self.pool.get_owned()) => {
@@ -311,6 +328,7 @@ impl Pools {
             .build_unchecked(BackendManager::new(spec));
         TenantPool {
             pool,
+            max_size: tenant.pool_size,
             failures,
             wait,
             names: DashMap::new(),
