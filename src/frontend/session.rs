@@ -18,7 +18,6 @@ use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
 use crate::server::ProxyContext;
-use crate::tenancy::tier::quote_literal;
 use crate::tenancy::{resolve, Addressed, Tenant};
 
 use super::auth::authenticate;
@@ -65,10 +64,10 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let mode = tenant.pool_mode;
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
-    let startup_settings = std::mem::take(&mut who.settings);
+    drop(std::mem::take(&mut who.settings));
     let attached = match mode {
         PoolMode::Session => {
-            let settings = settings_query(&startup_settings);
+            let settings = state.script().to_string();
             Box::pin(attach(
                 &mut client,
                 &ctx,
@@ -298,25 +297,6 @@ async fn attach(
     ))))
 }
 
-/// One statement that applies every session setting the client sent at startup. An empty
-/// statement still proves the pooled connection is alive.
-fn settings_query(settings: &[(String, String)]) -> String {
-    if settings.is_empty() {
-        return String::new();
-    }
-    let calls: Vec<String> = settings
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "pg_catalog.set_config({}, {}, false)",
-                quote_literal(k),
-                quote_literal(v)
-            )
-        })
-        .collect();
-    format!("SELECT {}", calls.join(", "))
-}
-
 async fn refuse(client: &mut TcpStream, peer: SocketAddr, e: &SessionError) {
     match e.report() {
         Some(r) => {
@@ -324,24 +304,5 @@ async fn refuse(client: &mut TcpStream, peer: SocketAddr, e: &SessionError) {
             send_report(client, &r).await;
         }
         None => debug!(client = %peer, error = %e, "client left during login"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_are_quoted_as_literals() {
-        let q = settings_query(&[("application_name".into(), "it's".into())]);
-        assert_eq!(
-            q,
-            "SELECT pg_catalog.set_config('application_name', 'it''s', false)"
-        );
-    }
-
-    #[test]
-    fn no_settings_is_an_empty_statement() {
-        assert_eq!(settings_query(&[]), "");
     }
 }

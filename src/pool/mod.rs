@@ -64,7 +64,7 @@ pub struct TenantPool {
     /// Global names that some backend has parsed successfully: valid SQL for this pool.
     parsed: DashMap<Arc<str>, ()>,
     /// Connections between transactions, most recently used last.
-    parked: std::sync::Mutex<Vec<(Box<PooledBackend>, Instant)>>,
+    parked: std::sync::Mutex<Parked>,
     parked_ready: Notify,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
@@ -191,8 +191,7 @@ impl TenantPool {
         let now = Instant::now();
         let stale = match self.parked.lock() {
             Ok(mut p) => {
-                let n = p.iter().take_while(|(_, t)| now - *t > PARK_MAX).count();
-                let stale: Vec<_> = p.drain(..n).collect();
+                let stale = take_stale(&mut p, now);
                 p.push((be, now));
                 stale
             }
@@ -208,12 +207,8 @@ impl TenantPool {
 
     /// Returns connections parked longer than `PARK_MAX` to bb8.
     fn release_stale(&self) {
-        let now = Instant::now();
-        let stale: Vec<_> = match self.parked.lock() {
-            Ok(mut p) => {
-                let n = p.iter().take_while(|(_, t)| now - *t > PARK_MAX).count();
-                p.drain(..n).collect()
-            }
+        let stale = match self.parked.lock() {
+            Ok(mut p) => take_stale(&mut p, Instant::now()),
             Err(_) => Vec::new(),
         };
         drop(stale);
@@ -222,6 +217,18 @@ impl TenantPool {
     pub fn state(&self) -> bb8::State {
         self.pool.state()
     }
+}
+
+type Parked = Vec<(Box<PooledBackend>, Instant)>;
+
+/// Removes the connections parked longer than `PARK_MAX` (the oldest come first); the caller
+/// drops them outside the lock, which hands them back to bb8.
+fn take_stale(parked: &mut Parked, now: Instant) -> Parked {
+    let n = parked
+        .iter()
+        .take_while(|(_, t)| now - *t > PARK_MAX)
+        .count();
+    parked.drain(..n).collect()
 }
 
 pub struct PoolClientGuard(Arc<TenantPool>);
