@@ -13,12 +13,15 @@ use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::limits::ClientLimits;
 use crate::frontend::listener::accept_loop;
 use crate::pool::Pools;
-use crate::tenancy::{StaticRegistry, TenantRegistry};
+use crate::tenancy::pg_registry::PgRegistry;
+use crate::tenancy::{LayeredRegistry, StaticRegistry, TenantRegistry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Registry(#[from] crate::tenancy::store::RegistryError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -43,9 +46,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds the configured address with the config's own tenants.
+    /// Binds the configured address with the config's own tenants and, when `[registry]` is
+    /// set, the registry database's (a tenant defined in both is served from the file).
     pub async fn bind(config: Config) -> Result<Proxy, ServeError> {
-        let registry = Arc::new(StaticRegistry::from_config(&config)?);
+        let fixed: Arc<dyn TenantRegistry> = Arc::new(StaticRegistry::from_config(&config)?);
+        let registry: Arc<dyn TenantRegistry> = match &config.registry {
+            Some(r) => {
+                let db = PgRegistry::start(r.clone(), config.pool.clone()).await?;
+                Arc::new(LayeredRegistry(vec![fixed, db]))
+            }
+            None => fixed,
+        };
         Proxy::bind_with_registry(config, registry).await
     }
 
@@ -89,8 +100,10 @@ impl Proxy {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tracing::info!(addr = %self.local_addr(), "pgtenant listening");
         let sweeper = tokio::spawn(sweep_idle_pools(self.ctx.clone()));
+        let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
         accept_loop(self.listener, self.ctx, shutdown).await;
         sweeper.abort();
+        follower.abort();
     }
 
     /// Serves on a background task.
@@ -139,6 +152,47 @@ async fn sweep_idle_pools(ctx: Arc<ProxyContext>) {
         let dropped = ctx.pools.sweep(idle);
         if dropped > 0 {
             tracing::debug!(dropped, "idle pools dropped");
+        }
+    }
+}
+
+/// Rebuilds pools from changed registry entries and ends sessions the operator asked to end.
+async fn apply_registry_changes(ctx: Arc<ProxyContext>) {
+    let Some(mut changes) = ctx.registry.changes() else {
+        return;
+    };
+    loop {
+        match changes.recv().await {
+            Ok(c) => {
+                // The file's tenants shadow the registry's.
+                let now = ctx.registry.tenant(&c.id);
+                ctx.pools.refresh(&c.id, now.as_ref());
+                if c.terminate {
+                    let reason = match &now {
+                        None => format!(
+                            "terminating connection because tenant \"{}\" was deleted",
+                            c.id
+                        ),
+                        Some(t) if t.status == crate::config::TenantStatus::Suspended => format!(
+                            "terminating connection because tenant \"{}\" was suspended",
+                            c.id
+                        ),
+                        Some(_) => format!(
+                            "terminating connection at the operator's request for tenant \"{}\"",
+                            c.id
+                        ),
+                    };
+                    let n = ctx.cancels.terminate_tenant(&c.id, &reason);
+                    tracing::info!(tenant = %c.id, sessions = n, "tenant sessions terminated");
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "registry changes came faster than they were applied"
+                );
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
     }
 }

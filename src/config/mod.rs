@@ -59,10 +59,44 @@ pub struct Config {
     pub auth_timeout: u64,
     #[serde(default)]
     pub pool: PoolConfig,
+    /// Tenants kept in a PostgreSQL registry database, beside (or instead of) `[[tenants]]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistryConfig>,
     #[serde(default)]
     pub servers: Vec<ServerConfig>,
     #[serde(default)]
     pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Connection string of the registry database (libpq key=value or postgresql:// URL),
+    /// without a password: use `password_env`.
+    pub url: String,
+    /// Environment variable holding the registry password, if the server asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Master key that encrypts stored passwords: `file:PATH` or `env:VARIABLE`.
+    pub key: String,
+    /// Older keys still accepted for reading, during a rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub old_keys: Vec<String>,
+    /// Seconds between full reloads of the registry (LISTEN/NOTIFY brings changes at once).
+    #[serde(default = "default_resync")]
+    pub resync_interval: u64,
+    /// Directory of versioned per-tenant migrations (`V1__name.sql`), relative to the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrations: Option<PathBuf>,
+    /// Tenants migrated at once by `pgtenant migrate`.
+    #[serde(default = "default_migrate_concurrency")]
+    pub migrate_concurrency: usize,
+    /// Shared database of schema-tier tenants on each server.
+    #[serde(default = "default_schema_database")]
+    pub schema_database: String,
+    /// Shared database of row-tier tenants on each server.
+    #[serde(default = "default_row_database")]
+    pub row_database: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -146,6 +180,15 @@ pub enum Tier {
 }
 
 impl Tier {
+    pub fn parse(s: &str) -> Option<Tier> {
+        match s {
+            "database" => Some(Tier::Database),
+            "schema" => Some(Tier::Schema),
+            "row" => Some(Tier::Row),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Tier::Database => "database",
@@ -161,6 +204,28 @@ pub enum TenantStatus {
     #[default]
     Active,
     Suspended,
+    /// Kept only by `tenant delete --keep-data`-style workflows and half-deleted tenants:
+    /// served as if it did not exist.
+    Deleted,
+}
+
+impl TenantStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TenantStatus::Active => "active",
+            TenantStatus::Suspended => "suspended",
+            TenantStatus::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TenantStatus> {
+        match s {
+            "active" => Some(TenantStatus::Active),
+            "suspended" => Some(TenantStatus::Suspended),
+            "deleted" => Some(TenantStatus::Deleted),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +240,15 @@ pub struct TenantConfig {
     pub schema: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
+    /// Backend connections kept open even when idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_idle: Option<u32>,
+    /// Overrides `pool.query_wait_timeout` for this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_wait_timeout: Option<u64>,
+    /// Overrides `pool.server_idle_timeout` for this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_idle_timeout: Option<u64>,
     /// Overrides `pool.mode` for this tenant.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool_mode: Option<PoolMode>,
@@ -213,7 +287,13 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text)
+        let mut config = Config::parse(&text)?;
+        // Paths in the file are relative to the file, not to wherever the command runs.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        if let Some(r) = config.registry.as_mut() {
+            r.resolve_paths(dir);
+        }
+        Ok(config)
     }
 
     /// Every field at its default: no servers, no tenants.
@@ -226,6 +306,7 @@ impl Config {
             worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),
             pool: PoolConfig::default(),
+            registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),
         }
@@ -241,6 +322,53 @@ impl Config {
         validate(&config)?;
         Ok(config)
     }
+}
+
+impl RegistryConfig {
+    /// A registry at `url` with every other field at its default.
+    pub fn new(url: impl Into<String>, key: impl Into<String>) -> RegistryConfig {
+        RegistryConfig {
+            url: url.into(),
+            password_env: None,
+            key: key.into(),
+            old_keys: Vec::new(),
+            resync_interval: default_resync(),
+            migrations: None,
+            migrate_concurrency: default_migrate_concurrency(),
+            schema_database: default_schema_database(),
+            row_database: default_row_database(),
+        }
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |k: &mut String| {
+            if let Some(p) = k.strip_prefix("file:") {
+                if Path::new(p).is_relative() {
+                    *k = format!("file:{}", dir.join(p).display());
+                }
+            }
+        };
+        fix(&mut self.key);
+        self.old_keys.iter_mut().for_each(fix);
+        if let Some(m) = self.migrations.as_mut() {
+            if m.is_relative() {
+                *m = dir.join(&*m);
+            }
+        }
+    }
+}
+
+fn default_resync() -> u64 {
+    30
+}
+fn default_migrate_concurrency() -> usize {
+    4
+}
+fn default_schema_database() -> String {
+    "schema_tenants".into()
+}
+fn default_row_database() -> String {
+    "row_tenants".into()
 }
 
 fn default_listen() -> SocketAddr {

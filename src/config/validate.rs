@@ -35,6 +35,45 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
 
+    if let Some(r) = &config.registry {
+        if r.url.trim().is_empty() {
+            return Err(ConfigError::invalid("registry.url", "must not be empty"));
+        }
+        for (field, k) in std::iter::once(("registry.key".to_string(), &r.key)).chain(
+            r.old_keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("registry.old_keys[{i}]"), k)),
+        ) {
+            if let Err(e) = crate::tenancy::crypto::KeySource::parse(k) {
+                return Err(ConfigError::invalid(field, e.to_string()));
+            }
+        }
+        if r.migrate_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "registry.migrate_concurrency",
+                "must be at least 1",
+            ));
+        }
+        for (field, db) in [
+            ("registry.schema_database", &r.schema_database),
+            ("registry.row_database", &r.row_database),
+        ] {
+            if !is_schema_name(db) {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must be 1-63 of a-z, 0-9, '_', starting with a letter or '_'",
+                ));
+            }
+        }
+        if r.resync_interval == 0 {
+            return Err(ConfigError::invalid(
+                "registry.resync_interval",
+                "must be at least 1 second",
+            ));
+        }
+    }
+
     let mut servers = HashSet::new();
     for (i, s) in config.servers.iter().enumerate() {
         let field = format!("servers[{i}]");
@@ -182,7 +221,7 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn is_tenant_id(s: &str) -> bool {
+pub fn is_tenant_id(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -191,7 +230,7 @@ fn is_tenant_id(s: &str) -> bool {
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
 }
 
-fn is_schema_name(s: &str) -> bool {
+pub fn is_schema_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= 63
@@ -200,7 +239,7 @@ fn is_schema_name(s: &str) -> bool {
             .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
 }
 
-fn is_setting_name(s: &str) -> bool {
+pub fn is_setting_name(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && (b[0].is_ascii_alphabetic() || b[0] == b'_')
@@ -209,6 +248,6 @@ fn is_setting_name(s: &str) -> bool {
 }
 
 /// Settings the tier pins; a tenant's `params` must not fight them.
-fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
+pub fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
     name.eq_ignore_ascii_case("search_path") || name.eq_ignore_ascii_case(row_setting)
 }

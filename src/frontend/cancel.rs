@@ -4,6 +4,7 @@
 //! minted here, and a CancelRequest is forwarded only if the secret matches (compared in
 //! constant time) and the client is currently linked to a backend.
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -20,6 +21,13 @@ pub struct CancelKey {
 
 struct Entry {
     secret: u32,
+    tenant: Arc<str>,
+    /// The client's socket while the session owns it (-1 after), so an operator's
+    /// `tenant suspend --terminate` can wake the session; guarded so the descriptor is never
+    /// touched after the session closed it.
+    socket: std::sync::Mutex<RawFd>,
+    /// Why the session was told to end, once it was.
+    terminated: std::sync::Mutex<Option<String>>,
     /// Changed at every transaction in transaction mode, so the guard holds the entry itself
     /// and link/unlink take one uncontended lock instead of a map lookup.
     target: std::sync::Mutex<Option<Arc<CancelTarget>>>,
@@ -32,7 +40,7 @@ pub struct CancelRegistry {
 
 impl CancelRegistry {
     /// Mints a key for a new client. The guard removes it when the client goes away.
-    pub fn register(self: &Arc<Self>) -> CancelGuard {
+    pub fn register(self: &Arc<Self>, tenant: &str, socket: RawFd) -> CancelGuard {
         let mut rng = rand::thread_rng();
         loop {
             let pid = rng.gen_range(1..=i32::MAX as u32);
@@ -40,6 +48,9 @@ impl CancelRegistry {
             if let dashmap::Entry::Vacant(v) = self.entries.entry(pid) {
                 let entry = Arc::new(Entry {
                     secret,
+                    tenant: Arc::from(tenant),
+                    socket: std::sync::Mutex::new(socket),
+                    terminated: std::sync::Mutex::new(None),
                     target: std::sync::Mutex::new(None),
                 });
                 v.insert(entry.clone());
@@ -65,6 +76,35 @@ impl CancelRegistry {
             Some(t) => t.send().await.is_ok(),
             None => false,
         }
+    }
+
+    /// Ends every session of `tenant`: each one's client socket stops reading, so the session
+    /// finds its client gone at once, rolls back whatever transaction was open, and tells the
+    /// client `reason`. Returns how many sessions were told.
+    pub fn terminate_tenant(&self, tenant: &str, reason: &str) -> usize {
+        let targets: Vec<Arc<Entry>> = self
+            .entries
+            .iter()
+            .filter(|e| &*e.tenant == tenant)
+            .map(|e| e.value().clone())
+            .collect();
+        let mut n = 0;
+        for e in targets {
+            if let Ok(mut why) = e.terminated.lock() {
+                *why = Some(reason.to_string());
+            }
+            if let Ok(fd) = e.socket.lock() {
+                if *fd >= 0 {
+                    // SAFETY: the descriptor is open: the session clears it (under this lock)
+                    // before closing its socket.
+                    unsafe {
+                        libc::shutdown(*fd, libc::SHUT_RD);
+                    }
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     pub fn len(&self) -> usize {
@@ -98,10 +138,23 @@ impl CancelGuard {
             *t = None;
         }
     }
+
+    /// Call before the client socket is closed.
+    pub fn detach_socket(&self) {
+        if let Ok(mut fd) = self.entry.socket.lock() {
+            *fd = -1;
+        }
+    }
+
+    /// Why an operator ended this session, if one did.
+    pub fn termination(&self) -> Option<String> {
+        self.entry.terminated.lock().ok().and_then(|t| t.clone())
+    }
 }
 
 impl Drop for CancelGuard {
     fn drop(&mut self) {
+        self.detach_socket();
         self.registry.entries.remove(&self.key.pid);
     }
 }
@@ -113,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_wrong_secret_cancels_nothing() {
         let reg = Arc::new(CancelRegistry::default());
-        let g = reg.register();
+        let g = reg.register("t", -1);
         // Linked to a port nothing listens on: a forwarded cancel would report failure, but a
         // wrong secret must not even try.
         g.link(Arc::new(CancelTarget {
@@ -131,14 +184,14 @@ mod tests {
     #[tokio::test]
     async fn an_unlinked_client_cancels_nothing() {
         let reg = Arc::new(CancelRegistry::default());
-        let g = reg.register();
+        let g = reg.register("t", -1);
         assert!(!reg.cancel(g.key().pid, g.key().secret).await);
     }
 
     #[test]
     fn keys_are_removed_with_their_client() {
         let reg = Arc::new(CancelRegistry::default());
-        let g = reg.register();
+        let g = reg.register("t", -1);
         assert_eq!(reg.len(), 1);
         drop(g);
         assert!(reg.is_empty());

@@ -18,6 +18,8 @@ pub enum SessionError {
     UnknownTenant(String),
     #[error("tenant \"{0}\" is suspended")]
     Suspended(String),
+    #[error("tenant \"{0}\" is unavailable: {1}")]
+    Unavailable(String, String),
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -62,6 +64,8 @@ impl SessionError {
                 ErrorReport::fatal(sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, self.to_string())
                     .with_hint("ask the operator to resume the tenant")
             }
+            Unavailable(..) => ErrorReport::fatal(sqlstate::SYSTEM_ERROR, self.to_string())
+                .with_hint("the operator must fix the tenant's registry entry"),
             Auth(e) => return e.report(),
             Pool(e) => e.report(),
             Backend(e) => e.report(),

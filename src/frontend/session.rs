@@ -60,7 +60,9 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     };
     let pool = ctx.pools.get(&tenant, user);
     let _in_pool = pool.enter();
-    let cancel = ctx.cancels.register();
+    let cancel = ctx
+        .cancels
+        .register(&tenant.id, std::os::fd::AsRawFd::as_raw_fd(&client));
     let mode = tenant.pool_mode;
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
@@ -103,6 +105,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         PoolMode::Session => Box::pin(async {
             let outcome = relay(&mut client, &mut backend, max_message).await;
             cancel.unlink();
+            farewell(&mut client, &cancel).await;
             drop(client);
             let how = describe_end(&outcome.end, &who, peer);
             if let Err(e) =
@@ -128,6 +131,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 p.idle_transaction_timeout,
             );
             let outcome = engine.run(&mut client).await;
+            farewell(&mut client, &cancel).await;
             drop(client);
             let how = match &outcome.end {
                 TxEnd::Terminated => "terminate",
@@ -166,6 +170,16 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         end = how,
         "session closed"
     );
+}
+
+/// Tells a client its session was ended by an operator, and lets go of its socket.
+async fn farewell(client: &mut TcpStream, cancel: &CancelGuard) {
+    if let Some(reason) = cancel.termination() {
+        let report =
+            crate::protocol::ErrorReport::fatal(crate::protocol::sqlstate::ADMIN_SHUTDOWN, reason);
+        send_report(client, &report).await;
+    }
+    cancel.detach_socket();
 }
 
 fn describe_end(end: &RelayEnd, who: &Addressed, peer: SocketAddr) -> &'static str {
@@ -215,8 +229,13 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
     };
     authenticate(client, &who.user, verifier, user.is_some()).await?;
     // Only an authenticated client learns that the tenant is suspended.
-    if tenant.status == TenantStatus::Suspended {
-        return Err(SessionError::Suspended(tenant.id.clone()));
+    match tenant.status {
+        TenantStatus::Active => {}
+        TenantStatus::Suspended => return Err(SessionError::Suspended(tenant.id.clone())),
+        TenantStatus::Deleted => return Err(SessionError::UnknownTenant(tenant.id.clone())),
+    }
+    if let Some(why) = &tenant.unavailable {
+        return Err(SessionError::Unavailable(tenant.id.clone(), why.clone()));
     }
     Ok(Login::Session(who, tenant, slot))
 }

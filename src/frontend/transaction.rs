@@ -628,6 +628,13 @@ impl<'a> Engine<'a> {
         if self.backend.is_some() {
             return Ok(());
         }
+        if self.pool.is_retired() {
+            // The tenant's registry entry changed: continue on the pool built from it.
+            self.pool = self
+                .pool
+                .current()
+                .ok_or_else(|| TxEnd::Pool(PoolError::Removed(self.pool.tenant().id.clone())))?;
+        }
         let mut be = self.pool.checkout().await.map_err(TxEnd::Pool)?;
         if let Some(replay) = self.state.replay_for(&be.applied_settings) {
             put_query(&mut self.out, &replay);

@@ -2,7 +2,7 @@
 
 mod manager;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,8 @@ pub enum PoolError {
     Timeout(Duration),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("tenant \"{0}\" or its role was removed from the registry")]
+    Removed(String),
 }
 
 impl PoolError {
@@ -36,6 +38,7 @@ impl PoolError {
                     .with_hint("the tenant's pool is busy; raise pool_size or query_wait_timeout")
             }
             PoolError::Backend(e) => e.report(),
+            PoolError::Removed(_) => ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
         }
     }
 }
@@ -55,6 +58,11 @@ const PARK_MAX: Duration = Duration::from_secs(1);
 
 /// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
 pub struct TenantPool {
+    /// The registry entry this pool was built from; a changed entry gets a new pool.
+    tenant: Arc<Tenant>,
+    /// Set when the entry changed or went away; `successor` serves the tenant from then on.
+    retired: AtomicBool,
+    successor: std::sync::Mutex<Option<Arc<TenantPool>>>,
     pool: bb8::Pool<BackendManager>,
     max_size: u32,
     failures: Arc<ConnectFailures>,
@@ -185,7 +193,7 @@ impl TenantPool {
     /// Keeps a clean, idle connection for the pool's next transaction. Connections parked for
     /// longer than `PARK_MAX` go back to bb8, whose idle timeout and lifetime then apply.
     pub fn park(&self, be: Box<PooledBackend>) {
-        if be.is_broken() {
+        if be.is_broken() || self.is_retired() {
             return;
         }
         let now = Instant::now();
@@ -199,6 +207,34 @@ impl TenantPool {
         };
         drop(stale);
         self.parked_ready.notify_one();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// The pool that serves this pool's tenant and role now: itself, a newer pool built from
+    /// a changed registry entry, or None when the tenant or role is gone.
+    pub fn current(self: &Arc<Self>) -> Option<Arc<TenantPool>> {
+        let mut p = self.clone();
+        while p.is_retired() {
+            let next = p.successor.lock().ok()?.clone()?;
+            p = next;
+        }
+        Some(p)
+    }
+
+    fn retire(&self, successor: Option<Arc<TenantPool>>) {
+        if let Ok(mut s) = self.successor.lock() {
+            *s = successor;
+        }
+        self.retired.store(true, Ordering::Relaxed);
+        // Idle connections close now; busy ones close when their clients are done.
+        drop(self.parked.lock().map(|mut p| std::mem::take(&mut *p)));
+    }
+
+    pub fn tenant(&self) -> &Arc<Tenant> {
+        &self.tenant
     }
 
     fn unpark(&self) -> Option<Box<PooledBackend>> {
@@ -295,22 +331,60 @@ impl Pools {
         }
     }
 
-    /// The pool of (tenant, role), made on first use. Making it opens no connection.
-    pub fn get(&self, tenant: &Tenant, user: &ClientUser) -> Arc<TenantPool> {
+    /// The pool of (tenant, role), made on first use (which opens no connection, unless the
+    /// tenant keeps a minimum of idle ones). A pool built from an older registry entry of the
+    /// tenant is retired and replaced.
+    pub fn get(&self, tenant: &Arc<Tenant>, user: &ClientUser) -> Arc<TenantPool> {
         let key = PoolKey {
             tenant: Arc::from(tenant.id.as_str()),
             role: Arc::from(user.name.as_str()),
         };
         if let Some(p) = self.pools.get(&key) {
-            return p.clone();
+            if Arc::ptr_eq(&p.tenant, tenant) {
+                return p.clone();
+            }
         }
-        self.pools
-            .entry(key)
-            .or_insert_with(|| Arc::new(self.build(tenant, user)))
-            .clone()
+        let mut replaced = None;
+        let pool = match self.pools.entry(key) {
+            dashmap::Entry::Occupied(mut o) if !Arc::ptr_eq(&o.get().tenant, tenant) => {
+                let new = Arc::new(self.build(tenant, user));
+                replaced = Some(o.insert(new.clone()));
+                new
+            }
+            dashmap::Entry::Occupied(o) => o.get().clone(),
+            dashmap::Entry::Vacant(v) => v.insert(Arc::new(self.build(tenant, user))).clone(),
+        };
+        if let Some(old) = replaced {
+            old.retire(Some(pool.clone()));
+        }
+        pool
     }
 
-    fn build(&self, tenant: &Tenant, user: &ClientUser) -> TenantPool {
+    /// Applies a registry change: the tenant's pools are rebuilt from its new entry (clients
+    /// move to them at their next transaction), or retired when the tenant or role is gone.
+    pub fn refresh(&self, id: &str, now: Option<&Arc<Tenant>>) {
+        let keys: Vec<PoolKey> = self
+            .pools
+            .iter()
+            .filter(|p| &*p.key().tenant == id)
+            .map(|p| p.key().clone())
+            .collect();
+        for key in keys {
+            let user = now.and_then(|t| t.user(&key.role).cloned());
+            match (now, user) {
+                (Some(t), Some(u)) => {
+                    self.get(t, &u);
+                }
+                _ => {
+                    if let Some((_, old)) = self.pools.remove(&key) {
+                        old.retire(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn build(&self, tenant: &Arc<Tenant>, user: &ClientUser) -> TenantPool {
         let s = &self.settings;
         let spec = ConnectSpec {
             server: tenant.server.clone(),
@@ -320,20 +394,32 @@ impl Pools {
             connect_timeout: Duration::from_secs(s.connect_timeout),
         };
         let failures = Arc::new(ConnectFailures::default());
-        let wait = Duration::from_secs(s.query_wait_timeout.max(1));
+        let wait = Duration::from_secs(
+            tenant
+                .query_wait_timeout
+                .unwrap_or(s.query_wait_timeout)
+                .max(1),
+        );
+        let server_idle = tenant
+            .server_idle_timeout
+            .unwrap_or(s.server_idle_timeout)
+            .max(1);
         let pool = bb8::Pool::builder()
             .max_size(tenant.pool_size)
-            .min_idle(None)
+            .min_idle(tenant.min_idle.map(|n| n.min(tenant.pool_size)))
             .test_on_check_out(false)
             .retry_connection(false)
             .connection_timeout(wait)
-            .idle_timeout(Some(Duration::from_secs(s.server_idle_timeout.max(1))))
+            .idle_timeout(Some(Duration::from_secs(server_idle)))
             .max_lifetime(Some(Duration::from_secs(s.server_lifetime.max(1))))
-            .reaper_rate(Duration::from_secs(s.server_idle_timeout.clamp(1, 30)))
+            .reaper_rate(Duration::from_secs(server_idle.clamp(1, 30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
             .error_sink(Box::new(FailureSink(failures.clone())))
             .build_unchecked(BackendManager::new(spec));
         TenantPool {
+            tenant: tenant.clone(),
+            retired: AtomicBool::new(false),
+            successor: std::sync::Mutex::new(None),
             pool,
             max_size: tenant.pool_size,
             failures,

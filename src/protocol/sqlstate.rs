@@ -12,4 +12,5 @@ pub const TOO_MANY_CONNECTIONS: &str = "53300";
 pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
 pub const ADMIN_SHUTDOWN: &str = "57P01";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
+pub const SYSTEM_ERROR: &str = "58000";
 pub const INTERNAL_ERROR: &str = "XX000";

@@ -1,11 +1,14 @@
 //! Who the tenants are, how a connection names one, and what each isolation tier means for a
 //! backend session.
 
+pub mod crypto;
 pub mod model;
+pub mod pg_registry;
 pub mod registry;
 pub mod resolve;
+pub mod store;
 pub mod tier;
 
 pub use model::{BackendCredentials, ClientUser, Server, Tenant};
-pub use registry::{StaticRegistry, TenantRegistry};
+pub use registry::{LayeredRegistry, StaticRegistry, TenantChange, TenantRegistry};
 pub use resolve::{resolve, Addressed, ResolveError};

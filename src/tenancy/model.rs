@@ -32,17 +32,26 @@ pub struct ClientUser {
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: String,
+    pub display_name: Option<String>,
     pub tier: Tier,
     pub server: Arc<Server>,
+    /// Read replicas (routing comes with a later issue; kept so the registry round-trips).
+    pub replicas: Vec<Arc<Server>>,
     pub database: String,
     pub schema: Option<String>,
     pub pool_size: u32,
+    pub min_idle: Option<u32>,
+    pub query_wait_timeout: Option<u64>,
+    pub server_idle_timeout: Option<u64>,
     pub pool_mode: PoolMode,
     pub max_client_connections: Option<usize>,
     pub status: TenantStatus,
     /// Session defaults for every backend connection (TimeZone, …), in config order.
     pub params: Vec<(String, String)>,
     pub users: HashMap<String, Arc<ClientUser>>,
+    /// Set when the registry entry cannot be served (e.g. its credentials fail to decrypt):
+    /// clients get this reason instead of a connection. Never holds a secret.
+    pub unavailable: Option<String>,
 }
 
 impl Tenant {

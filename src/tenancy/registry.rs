@@ -13,6 +13,45 @@ use super::model::{BackendCredentials, ClientUser, Server, Tenant};
 
 pub trait TenantRegistry: Send + Sync + 'static {
     fn tenant(&self, id: &str) -> Option<Arc<Tenant>>;
+
+    /// Every tenant served now, for listings.
+    fn tenants(&self) -> Vec<Arc<Tenant>>;
+
+    /// Changes as they happen, for registries that change while the proxy runs.
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<TenantChange>> {
+        None
+    }
+}
+
+/// One tenant's entry changed: `now` is its new state (None: gone), `terminate` asks for its
+/// client connections to be closed.
+#[derive(Debug, Clone)]
+pub struct TenantChange {
+    pub id: String,
+    pub now: Option<Arc<Tenant>>,
+    pub terminate: bool,
+}
+
+/// Tenants from several registries; the first that knows an id wins.
+pub struct LayeredRegistry(pub Vec<Arc<dyn TenantRegistry>>);
+
+impl TenantRegistry for LayeredRegistry {
+    fn tenant(&self, id: &str) -> Option<Arc<Tenant>> {
+        self.0.iter().find_map(|r| r.tenant(id))
+    }
+
+    fn tenants(&self) -> Vec<Arc<Tenant>> {
+        let mut seen = std::collections::HashSet::new();
+        self.0
+            .iter()
+            .flat_map(|r| r.tenants())
+            .filter(|t| seen.insert(t.id.clone()))
+            .collect()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<TenantChange>> {
+        self.0.iter().find_map(|r| r.changes())
+    }
 }
 
 /// The `[[tenants]]` of proxy.toml.
@@ -77,11 +116,16 @@ impl StaticRegistry {
                 t.id.clone(),
                 Arc::new(Tenant {
                     id: t.id.clone(),
+                    display_name: None,
                     tier: t.tier,
                     server,
+                    replicas: Vec::new(),
                     database: t.database.clone(),
                     schema: t.schema.clone(),
                     pool_size: t.pool_size.unwrap_or(config.pool.default_size),
+                    min_idle: t.min_idle,
+                    query_wait_timeout: t.query_wait_timeout,
+                    server_idle_timeout: t.server_idle_timeout,
                     pool_mode: t.pool_mode.unwrap_or(config.pool.mode),
                     max_client_connections: t.max_client_connections,
                     status: t.status,
@@ -91,6 +135,7 @@ impl StaticRegistry {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                     users,
+                    unavailable: None,
                 }),
             );
         }
@@ -101,5 +146,9 @@ impl StaticRegistry {
 impl TenantRegistry for StaticRegistry {
     fn tenant(&self, id: &str) -> Option<Arc<Tenant>> {
         self.tenants.get(id).cloned()
+    }
+
+    fn tenants(&self) -> Vec<Arc<Tenant>> {
+        self.tenants.values().cloned().collect()
     }
 }

@@ -1,0 +1,644 @@
+//! Registry rows, read and written as they are stored (passwords sealed), and the conversion to
+//! the in-memory `Tenant` the proxy serves.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio_postgres::Row;
+
+use crate::config::{PoolConfig, PoolMode, TenantStatus, Tier};
+use crate::frontend::scram::ScramVerifier;
+use crate::tenancy::crypto::{role_owner, server_owner, Keyring};
+use crate::tenancy::model::{BackendCredentials, ClientUser, Server, Tenant};
+
+use super::{RegistryError, RegistryStore};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServerRecord {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub admin_user: String,
+    /// Sealed; never clear text.
+    #[serde(skip)]
+    pub admin_password: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantRecord {
+    pub id: String,
+    pub display_name: Option<String>,
+    pub tier: String,
+    pub server: String,
+    pub database: String,
+    pub schema: Option<String>,
+    pub replicas: Vec<String>,
+    pub params: BTreeMap<String, String>,
+    pub pool_size: Option<i32>,
+    pub pool_min_idle: Option<i32>,
+    pub pool_mode: Option<String>,
+    pub query_wait_timeout: Option<i32>,
+    pub server_idle_timeout: Option<i32>,
+    pub max_client_connections: Option<i32>,
+    pub status: String,
+    pub provisioned: bool,
+    pub auto_update: bool,
+    pub terminate_generation: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoleRecord {
+    pub name: String,
+    /// Sealed; never clear text.
+    #[serde(skip)]
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserRecord {
+    pub name: String,
+    /// A SCRAM verifier: not a password, but no reason to print it either.
+    #[serde(skip)]
+    pub scram: String,
+    pub backend_role: String,
+}
+
+/// A tenant row with its roles and users.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantRows {
+    #[serde(flatten)]
+    pub tenant: TenantRecord,
+    pub backend_roles: Vec<RoleRecord>,
+    pub users: Vec<UserRecord>,
+}
+
+const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, replicas,
+    params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
+    max_client_connections, status, provisioned, auto_update, terminate_generation,
+    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF')";
+
+fn tenant_from_row(r: &Row) -> TenantRecord {
+    let params: String = r.get(7);
+    TenantRecord {
+        id: r.get(0),
+        display_name: r.get(1),
+        tier: r.get(2),
+        server: r.get(3),
+        database: r.get(4),
+        schema: r.get(5),
+        replicas: r.get(6),
+        params: serde_json::from_str(&params).unwrap_or_default(),
+        pool_size: r.get(8),
+        pool_min_idle: r.get(9),
+        pool_mode: r.get(10),
+        query_wait_timeout: r.get(11),
+        server_idle_timeout: r.get(12),
+        max_client_connections: r.get(13),
+        status: r.get(14),
+        provisioned: r.get(15),
+        auto_update: r.get(16),
+        terminate_generation: r.get(17),
+        created_at: r.get(18),
+        updated_at: r.get(19),
+    }
+}
+
+fn server_from_row(r: &Row) -> ServerRecord {
+    ServerRecord {
+        name: r.get(0),
+        host: r.get(1),
+        port: r.get::<_, i32>(2) as u16,
+        admin_user: r.get(3),
+        admin_password: r.get(4),
+        created_at: r.get(5),
+        updated_at: r.get(6),
+    }
+}
+
+const SERVER_COLUMNS: &str = "name, host, port, admin_user, admin_password,
+    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF')";
+
+/// New values for a tenant's pool and limits; None leaves a field as it is.
+#[derive(Debug, Default, Clone)]
+pub struct TenantSettings {
+    pub display_name: Option<String>,
+    pub pool_size: Option<i32>,
+    pub pool_min_idle: Option<i32>,
+    pub pool_mode: Option<PoolMode>,
+    pub query_wait_timeout: Option<i32>,
+    pub server_idle_timeout: Option<i32>,
+    pub max_client_connections: Option<i32>,
+    pub auto_update: Option<bool>,
+    pub params: Option<BTreeMap<String, String>>,
+    pub replicas: Option<Vec<String>>,
+}
+
+impl RegistryStore {
+    pub async fn servers(&self) -> Result<Vec<ServerRecord>, RegistryError> {
+        let rows = self
+            .client
+            .query(
+                &format!("SELECT {SERVER_COLUMNS} FROM pgtenant.servers ORDER BY name"),
+                &[],
+            )
+            .await?;
+        Ok(rows.iter().map(server_from_row).collect())
+    }
+
+    pub async fn server(&self, name: &str) -> Result<ServerRecord, RegistryError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT {SERVER_COLUMNS} FROM pgtenant.servers WHERE name = $1"),
+                &[&name],
+            )
+            .await?
+            .ok_or_else(|| RegistryError::NotFound {
+                kind: "server",
+                id: name.to_string(),
+            })?;
+        Ok(server_from_row(&row))
+    }
+
+    /// Adds or updates a server; its admin password is sealed before it leaves this process.
+    pub async fn put_server(
+        &self,
+        name: &str,
+        host: &str,
+        port: u16,
+        admin_user: &str,
+        admin_password: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let sealed = admin_password.map(|p| self.keys.seal(&server_owner(name), p));
+        self.client
+            .execute(
+                "INSERT INTO pgtenant.servers (name, host, port, admin_user, admin_password)
+                 VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port,
+                     admin_user = EXCLUDED.admin_user, admin_password = EXCLUDED.admin_password",
+                &[&name, &host, &(port as i32), &admin_user, &sealed],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Connection settings for a server's admin role, password opened.
+    pub async fn server_admin(
+        &self,
+        name: &str,
+    ) -> Result<(ServerRecord, Option<crate::secret::Secret>), RegistryError> {
+        let s = self.server(name).await?;
+        let pw = match &s.admin_password {
+            Some(sealed) => Some(self.keys.open(&server_owner(name), sealed)?),
+            None => None,
+        };
+        Ok((s, pw))
+    }
+
+    pub async fn tenant_record(&self, id: &str) -> Result<Option<TenantRecord>, RegistryError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT {TENANT_COLUMNS} FROM pgtenant.tenants WHERE id = $1"),
+                &[&id],
+            )
+            .await?;
+        Ok(row.as_ref().map(tenant_from_row))
+    }
+
+    /// Tenants with their roles and users: all of them, or just `only`.
+    pub async fn tenant_rows(&self, only: Option<&str>) -> Result<Vec<TenantRows>, RegistryError> {
+        let tenants = self
+            .client
+            .query(
+                &format!(
+                    "SELECT {TENANT_COLUMNS} FROM pgtenant.tenants
+                     WHERE $1::text IS NULL OR id = $1 ORDER BY id"
+                ),
+                &[&only],
+            )
+            .await?;
+        let roles = self
+            .client
+            .query(
+                "SELECT tenant_id, name, password FROM pgtenant.backend_roles
+                 WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY tenant_id, name",
+                &[&only],
+            )
+            .await?;
+        let users = self
+            .client
+            .query(
+                "SELECT tenant_id, name, scram, backend_role FROM pgtenant.client_users
+                 WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY tenant_id, name",
+                &[&only],
+            )
+            .await?;
+        let mut by_id: BTreeMap<String, TenantRows> = tenants
+            .iter()
+            .map(|r| {
+                let t = tenant_from_row(r);
+                (
+                    t.id.clone(),
+                    TenantRows {
+                        tenant: t,
+                        backend_roles: Vec::new(),
+                        users: Vec::new(),
+                    },
+                )
+            })
+            .collect();
+        for r in &roles {
+            if let Some(t) = by_id.get_mut(r.get::<_, &str>(0)) {
+                t.backend_roles.push(RoleRecord {
+                    name: r.get(1),
+                    password: r.get(2),
+                });
+            }
+        }
+        for r in &users {
+            if let Some(t) = by_id.get_mut(r.get::<_, &str>(0)) {
+                t.users.push(UserRecord {
+                    name: r.get(1),
+                    scram: r.get(2),
+                    backend_role: r.get(3),
+                });
+            }
+        }
+        Ok(by_id.into_values().collect())
+    }
+
+    /// Records a new tenant (not yet provisioned), or finds the one a crashed create left.
+    /// Returns false when a finished tenant with this id already exists.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn begin_tenant(
+        &self,
+        id: &str,
+        tier: Tier,
+        server: &str,
+        database: &str,
+        schema: Option<&str>,
+        settings: &TenantSettings,
+    ) -> Result<bool, RegistryError> {
+        let params = serde_json::to_string(&settings.params.clone().unwrap_or_default())
+            .unwrap_or_else(|_| "{}".into());
+        let replicas = settings.replicas.clone().unwrap_or_default();
+        let row = self
+            .client
+            .query_opt(
+                "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
+                     params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
+                     server_idle_timeout, max_client_connections, auto_update)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
+                     COALESCE($15, true))
+                 ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
+                     WHERE NOT pgtenant.tenants.provisioned
+                       AND pgtenant.tenants.tier = EXCLUDED.tier
+                       AND pgtenant.tenants.server = EXCLUDED.server
+                 RETURNING id",
+                &[
+                    &id,
+                    &settings.display_name,
+                    &tier.as_str(),
+                    &server,
+                    &database,
+                    &schema,
+                    &params,
+                    &replicas,
+                    &settings.pool_size,
+                    &settings.pool_min_idle,
+                    &settings.pool_mode.map(pool_mode_str),
+                    &settings.query_wait_timeout,
+                    &settings.server_idle_timeout,
+                    &settings.max_client_connections,
+                    &settings.auto_update,
+                ],
+            )
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// Stores a backend role's password, sealed for (tenant, role).
+    pub async fn put_role(
+        &self,
+        tenant: &str,
+        role: &str,
+        password: &str,
+    ) -> Result<(), RegistryError> {
+        let sealed = self.keys.seal(&role_owner(tenant, role), password);
+        self.client
+            .execute(
+                "INSERT INTO pgtenant.backend_roles (tenant_id, name, password) VALUES ($1, $2, $3)
+                 ON CONFLICT (tenant_id, name) DO UPDATE SET password = EXCLUDED.password",
+                &[&tenant, &role, &sealed],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The opened password of a tenant's backend role.
+    pub async fn role_password(
+        &self,
+        tenant: &str,
+        role: &str,
+    ) -> Result<Option<crate::secret::Secret>, RegistryError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT password FROM pgtenant.backend_roles WHERE tenant_id = $1 AND name = $2",
+                &[&tenant, &role],
+            )
+            .await?;
+        match row {
+            Some(r) => Ok(Some(self.keys.open(&role_owner(tenant, role), r.get(0))?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn put_user(
+        &self,
+        tenant: &str,
+        name: &str,
+        scram: &str,
+        backend_role: &str,
+    ) -> Result<(), RegistryError> {
+        self.client
+            .execute(
+                "INSERT INTO pgtenant.client_users (tenant_id, name, scram, backend_role)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (tenant_id, name) DO UPDATE
+                     SET scram = EXCLUDED.scram, backend_role = EXCLUDED.backend_role",
+                &[&tenant, &name, &scram, &backend_role],
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_tenant(&self, id: &str) -> Result<(), RegistryError> {
+        self.client
+            .execute(
+                "UPDATE pgtenant.tenants SET provisioned = true, status = 'active' WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Sets the status; `terminate` also asks every proxy to close the tenant's clients.
+    pub async fn set_status(
+        &self,
+        id: &str,
+        status: TenantStatus,
+        terminate: bool,
+    ) -> Result<(), RegistryError> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE pgtenant.tenants SET status = $2,
+                     terminate_generation = terminate_generation + CASE WHEN $3 THEN 1 ELSE 0 END
+                 WHERE id = $1",
+                &[&id, &status.as_str(), &terminate],
+            )
+            .await?;
+        if n == 0 {
+            return Err(RegistryError::NotFound {
+                kind: "tenant",
+                id: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn update_settings(&self, id: &str, s: &TenantSettings) -> Result<(), RegistryError> {
+        let params = s
+            .params
+            .as_ref()
+            .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()));
+        let n = self
+            .client
+            .execute(
+                "UPDATE pgtenant.tenants SET
+                     display_name = COALESCE($2, display_name),
+                     pool_size = COALESCE($3, pool_size),
+                     pool_min_idle = COALESCE($4, pool_min_idle),
+                     pool_mode = COALESCE($5, pool_mode),
+                     query_wait_timeout = COALESCE($6, query_wait_timeout),
+                     server_idle_timeout = COALESCE($7, server_idle_timeout),
+                     max_client_connections = COALESCE($8, max_client_connections),
+                     auto_update = COALESCE($9, auto_update),
+                     params = COALESCE($10::text::jsonb, params),
+                     replicas = COALESCE($11, replicas)
+                 WHERE id = $1",
+                &[
+                    &id,
+                    &s.display_name,
+                    &s.pool_size,
+                    &s.pool_min_idle,
+                    &s.pool_mode.map(pool_mode_str),
+                    &s.query_wait_timeout,
+                    &s.server_idle_timeout,
+                    &s.max_client_connections,
+                    &s.auto_update,
+                    &params,
+                    &s.replicas,
+                ],
+            )
+            .await?;
+        if n == 0 {
+            return Err(RegistryError::NotFound {
+                kind: "tenant",
+                id: id.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn remove_tenant(&self, id: &str) -> Result<(), RegistryError> {
+        self.client
+            .execute("DELETE FROM pgtenant.tenants WHERE id = $1", &[&id])
+            .await?;
+        Ok(())
+    }
+
+    /// Re-seals every stored password under the current key. Returns how many were rewritten.
+    /// Each row is rewritten in its own statement so proxies reading meanwhile always see a
+    /// value one of their keys opens.
+    pub async fn rotate_key(&self) -> Result<usize, RegistryError> {
+        let current = self.keys.current_id().to_string();
+        let mut n = 0;
+        for s in self.servers().await? {
+            if let Some(sealed) = &s.admin_password {
+                if Keyring::key_id_of(sealed) != Some(current.as_str()) {
+                    let plain = self.keys.open(&server_owner(&s.name), sealed)?;
+                    let resealed = self.keys.seal(&server_owner(&s.name), plain.expose());
+                    self.client
+                        .execute(
+                            "UPDATE pgtenant.servers SET admin_password = $2
+                             WHERE name = $1 AND admin_password = $3",
+                            &[&s.name, &resealed, sealed],
+                        )
+                        .await?;
+                    n += 1;
+                }
+            }
+        }
+        let roles = self
+            .client
+            .query(
+                "SELECT tenant_id, name, password FROM pgtenant.backend_roles",
+                &[],
+            )
+            .await?;
+        for r in &roles {
+            let (tenant, role, sealed): (&str, &str, &str) = (r.get(0), r.get(1), r.get(2));
+            if Keyring::key_id_of(sealed) == Some(current.as_str()) {
+                continue;
+            }
+            let owner = role_owner(tenant, role);
+            let plain = self.keys.open(&owner, sealed)?;
+            let resealed = self.keys.seal(&owner, plain.expose());
+            self.client
+                .execute(
+                    "UPDATE pgtenant.backend_roles SET password = $3
+                     WHERE tenant_id = $1 AND name = $2 AND password = $4",
+                    &[&tenant, &role, &resealed, &sealed],
+                )
+                .await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Stored values not yet under the current key.
+    pub async fn values_under_old_keys(&self) -> Result<i64, RegistryError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pgtenant.backend_roles
+                         WHERE split_part(password, '$', 2) <> $1)
+                      + (SELECT count(*) FROM pgtenant.servers
+                         WHERE admin_password IS NOT NULL AND split_part(admin_password, '$', 2) <> $1)",
+                &[&self.keys.current_id()],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+}
+
+pub fn pool_mode_str(m: PoolMode) -> &'static str {
+    match m {
+        PoolMode::Session => "session",
+        PoolMode::Transaction => "transaction",
+    }
+}
+
+/// What the proxy serves for one registry entry. Credentials that do not open make the tenant
+/// unavailable (with the reason logged), never garbage.
+pub fn to_tenant(
+    rows: &TenantRows,
+    servers: &HashMap<String, Arc<Server>>,
+    keys: &Keyring,
+    pool: &PoolConfig,
+) -> Option<Arc<Tenant>> {
+    let t = &rows.tenant;
+    if !t.provisioned {
+        return None;
+    }
+    let status = TenantStatus::parse(&t.status)?;
+    if status == TenantStatus::Deleted {
+        return None;
+    }
+    let tier = Tier::parse(&t.tier)?;
+    let server = servers.get(&t.server)?.clone();
+    let mut unavailable = None;
+    let mut passwords = HashMap::new();
+    for r in &rows.backend_roles {
+        match keys.open(&role_owner(&t.id, &r.name), &r.password) {
+            Ok(p) => {
+                passwords.insert(r.name.clone(), p);
+            }
+            Err(e) => {
+                tracing::error!(tenant = %t.id, error = %e, "tenant credentials do not decrypt; tenant unavailable");
+                unavailable = Some(
+                    "its stored server credentials cannot be decrypted (see the pgtenant log)"
+                        .to_string(),
+                );
+            }
+        }
+    }
+    let mut users = HashMap::new();
+    for u in &rows.users {
+        let Some(verifier) = ScramVerifier::parse(&u.scram) else {
+            tracing::error!(tenant = %t.id, user = %u.name, "client user has an invalid SCRAM verifier; skipped");
+            continue;
+        };
+        users.insert(
+            u.name.clone(),
+            Arc::new(ClientUser {
+                name: u.name.clone(),
+                verifier,
+                backend: BackendCredentials {
+                    user: u.backend_role.clone(),
+                    password: passwords.get(&u.backend_role).cloned(),
+                },
+            }),
+        );
+    }
+    let pool_mode = match t.pool_mode.as_deref() {
+        Some("session") => PoolMode::Session,
+        Some("transaction") => PoolMode::Transaction,
+        _ => pool.mode,
+    };
+    Some(Arc::new(Tenant {
+        id: t.id.clone(),
+        display_name: t.display_name.clone(),
+        tier,
+        server,
+        replicas: t
+            .replicas
+            .iter()
+            .filter_map(|r| servers.get(r).cloned())
+            .collect(),
+        database: t.database.clone(),
+        schema: t.schema.clone(),
+        pool_size: t
+            .pool_size
+            .map(|n| n.max(1) as u32)
+            .unwrap_or(pool.default_size),
+        min_idle: t.pool_min_idle.map(|n| n.max(0) as u32),
+        query_wait_timeout: t.query_wait_timeout.map(|n| n as u64),
+        server_idle_timeout: t.server_idle_timeout.map(|n| n as u64),
+        pool_mode,
+        max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
+        status,
+        params: t
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        users,
+        unavailable,
+    }))
+}
+
+/// Servers by name, as the tenants refer to them.
+pub fn server_map(servers: &[ServerRecord]) -> HashMap<String, Arc<Server>> {
+    servers
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                Arc::new(Server {
+                    name: s.name.clone(),
+                    host: s.host.clone(),
+                    port: s.port,
+                }),
+            )
+        })
+        .collect()
+}
