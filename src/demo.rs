@@ -288,3 +288,116 @@ pub fn psql_line(addr: std::net::SocketAddr, tenant: &str) -> String {
         addr.port()
     )
 }
+
+/// The demo's one migration, applied to every tenant in its tier's place.
+pub const DEMO_MIGRATION: &str = "CREATE TABLE accounts (
+    id serial PRIMARY KEY,
+    tenant_id text,
+    owner text NOT NULL,
+    balance numeric NOT NULL DEFAULT 0
+);
+CREATE INDEX accounts_tenant_id ON accounts (tenant_id);
+";
+
+/// Database on the demo cluster that holds the registry.
+pub const REGISTRY_DATABASE: &str = "pgtenant_registry";
+
+/// The registry path of the demo: a registry database and a master key file on `cluster`,
+/// a migration directory, and the sample tenants made by the same code as `tenant create`,
+/// each seeded with two accounts. Files go to `dir`; returns the config that serves them.
+pub async fn provision_registry(
+    cluster: &PgCluster,
+    dir: &std::path::Path,
+) -> Result<Config, String> {
+    use crate::config::RegistryConfig;
+    use crate::tenancy::crypto::MasterKey;
+    use crate::tenancy::provision::{self, CreateRequest};
+    use crate::tenancy::store::{RegistryStore, TenantSettings};
+
+    let key_path = dir.join("master.key");
+    write_private(&key_path, &MasterKey::generate_text()).map_err(|e| e.to_string())?;
+    let migrations = dir.join("migrations");
+    std::fs::create_dir_all(&migrations).map_err(|e| e.to_string())?;
+    std::fs::write(migrations.join("V1__accounts.sql"), DEMO_MIGRATION)
+        .map_err(|e| e.to_string())?;
+    let admin = cluster
+        .connect("postgres")
+        .await
+        .map_err(|e| describe_pg_error(&e))?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {REGISTRY_DATABASE}"))
+        .await
+        .map_err(|e| describe_pg_error(&e))?;
+
+    let mut config = Config::empty();
+    let mut registry = RegistryConfig::new(
+        format!(
+            "host={} port={} user=postgres dbname={REGISTRY_DATABASE}",
+            cluster.host(),
+            cluster.port()
+        ),
+        format!("file:{}", key_path.display()),
+    );
+    registry.migrations = Some(migrations.clone());
+    config.registry = Some(registry.clone());
+
+    let store = RegistryStore::open(&registry, &config.row_tenant_setting)
+        .await
+        .map_err(|e| e.to_string())?;
+    store
+        .put_server("local", cluster.host(), cluster.port(), "postgres", None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let migs = crate::tenancy::migrate::load_dir(&migrations).map_err(|e| e.to_string())?;
+    let verifier = hash_password(DEMO_PASSWORD);
+    for t in sample_tenants() {
+        let req = CreateRequest {
+            id: t.id.to_string(),
+            tier: t.tier,
+            server: None,
+            settings: TenantSettings {
+                pool_size: Some(5),
+                params: Some(BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())])),
+                ..TenantSettings::default()
+            },
+            users: vec![(DEMO_ROLE.to_string(), verifier.clone())],
+        };
+        let record = provision::create(&store, &req, &migs)
+            .await
+            .map_err(|e| format!("tenant {}: {e}", t.id))?;
+        let db = cluster
+            .connect(&record.database)
+            .await
+            .map_err(|e| describe_pg_error(&e))?;
+        let table = match &record.schema {
+            Some(s) => format!("{}.accounts", quote_ident(s)),
+            None => "accounts".to_string(),
+        };
+        for (i, owner) in t.owners.iter().enumerate() {
+            db.execute(
+                &format!("INSERT INTO {table} (tenant_id, owner, balance) VALUES ($1, $2, $3::int)"),
+                &[&t.id, owner, &(100 * (i as i32 + 1))],
+            )
+            .await
+            .map_err(|e| describe_pg_error(&e))?;
+        }
+    }
+    Ok(config)
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+/// Writes `text` to `path`, readable by its owner only (it may hold secrets).
+pub fn write_private_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    write_private(path, text)
+}

@@ -8,6 +8,7 @@
 //! connection before it goes back to its pool.
 
 pub mod backend;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod demo;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pgtenant::cli;
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::Config;
 use pgtenant::demo;
@@ -42,6 +43,34 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = "proxy.toml")]
         config: PathBuf,
+    },
+    /// The registry database: create it, rotate its master key, show its state.
+    Registry {
+        #[command(subcommand)]
+        cmd: cli::RegistryCmd,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
+    /// PostgreSQL servers tenants are provisioned on.
+    Server {
+        #[command(subcommand)]
+        cmd: cli::ServerCmd,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
+    /// Tenant lifecycle: create, list, show, update, suspend, resume, delete, dump.
+    Tenant {
+        #[command(subcommand)]
+        cmd: cli::TenantCmd,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
+    /// Apply pending per-tenant migrations to every tenant with auto_update.
+    Migrate {
+        #[command(flatten)]
+        args: cli::MigrateArgs,
+        #[command(flatten)]
+        config: cli::ConfigArg,
     },
 }
 
@@ -82,6 +111,18 @@ fn main() -> ExitCode {
             runtime(config.worker_threads).block_on(serve(config))
         }
         Command::Demo { listen } => demo_cmd(listen),
+        Command::Registry { cmd, config } => {
+            cli::finish(runtime(0).block_on(cli::registry(cmd, &config.config)))
+        }
+        Command::Server { cmd, config } => {
+            cli::finish(runtime(0).block_on(cli::server(cmd, &config.config)))
+        }
+        Command::Tenant { cmd, config } => {
+            cli::finish(runtime(0).block_on(cli::tenant(cmd, &config.config)))
+        }
+        Command::Migrate { args, config } => {
+            cli::finish(runtime(0).block_on(cli::migrate_cmd(args, &config.config)))
+        }
     }
 }
 
@@ -163,16 +204,16 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
     };
     let rt = runtime(0);
     let code = rt.block_on(async {
-        let mut config = match demo::provision(&[("local", &cluster)], &demo::sample_tenants()).await {
+        let mut config = match demo::provision_registry(&cluster, cluster.dir()).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("cannot provision the demo tenants: {e}");
                 return ExitCode::FAILURE;
             }
         };
         config.listen = listen;
         let config_path = cluster.dir().join("proxy.toml");
-        if let Err(e) = write_private(&config_path, &config.to_toml()) {
+        if let Err(e) = demo::write_private_file(&config_path, &config.to_toml()) {
             eprintln!("cannot write {}: {e}", config_path.display());
             return ExitCode::FAILURE;
         }
@@ -190,11 +231,15 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
         println!("config: {}", config_path.display());
         println!();
         println!("{:<10} {:<9} connect with", "tenant", "tier");
-        for t in &config.tenants {
-            println!("{:<10} {:<9} {}", t.id, t.tier.as_str(), demo::psql_line(addr, &t.id));
+        for t in demo::sample_tenants() {
+            println!("{:<10} {:<9} {}", t.id, t.tier.as_str(), demo::psql_line(addr, t.id));
         }
         println!();
         println!("Try: SELECT current_database(), current_schemas(true), current_setting('{}', true); SELECT * FROM accounts;", config.row_tenant_setting);
+        println!(
+            "Manage tenants while it runs: pgtenant tenant list --config {}",
+            config_path.display()
+        );
         println!("Press Ctrl-C to stop and remove everything.");
         proxy.run(shutdown_signal()).await;
         ExitCode::SUCCESS
@@ -203,16 +248,4 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
     drop(cluster);
     eprintln!("demo stopped; throwaway PostgreSQL removed");
     code
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }

@@ -1,6 +1,6 @@
 //! `proxy.toml`: parsing and validation. Field-by-field reference lives in README.md.
 
-mod validate;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -2,9 +2,12 @@
 //! backend session.
 
 pub mod crypto;
+pub mod dump;
+pub mod migrate;
 pub mod model;
 pub mod pg_registry;
 pub mod registry;
+pub mod provision;
 pub mod resolve;
 pub mod store;
 pub mod tier;

@@ -59,7 +59,7 @@ impl PgRegistry {
         cfg: RegistryConfig,
         pool: PoolConfig,
     ) -> Result<Arc<PgRegistry>, RegistryError> {
-        let store = RegistryStore::open(&cfg).await?;
+        let store = RegistryStore::open(&cfg, "").await?;
         let (changes, _) = broadcast::channel(1024);
         let reg = Arc::new(PgRegistry {
             snapshot: RwLock::new(HashMap::new()),
@@ -110,10 +110,12 @@ impl PgRegistry {
             }
         }
         let mut announce = Vec::new();
+        let first_load;
         {
             let Ok(mut snap) = self.snapshot.write() else {
                 return Ok(());
             };
+            first_load = snap.is_empty() && only.is_none();
             let affected: Vec<String> = match only {
                 None => snap
                     .keys()
@@ -149,6 +151,9 @@ impl PgRegistry {
             }
         }
         for c in announce {
+            if first_load {
+                continue;
+            }
             tracing::info!(tenant = %c.id, removed = c.now.is_none(), terminate = c.terminate, "registry change applied");
             let _ = self.changes.send(c);
         }
@@ -177,6 +182,7 @@ async fn follow(reg: std::sync::Weak<PgRegistry>) {
                         }
                     },
                     cfg: cfg.clone(),
+                    row_setting: String::new(),
                 };
                 if let Err(e) = session(&reg, &mut store, &mut notes).await {
                     tracing::warn!(error = %e, "registry connection lost; serving the last snapshot and reconnecting");

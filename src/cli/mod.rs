@@ -1,0 +1,599 @@
+//! The registry-facing commands: `registry`, `server`, `tenant` and `migrate`. Each reads the
+//! registry connection from `--config`.
+
+pub mod migrate;
+pub mod output;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use crate::config::{Config, PoolMode, RegistryConfig, TenantStatus, Tier};
+use crate::frontend::scram::hash_password;
+use crate::tenancy::crypto::MasterKey;
+use crate::tenancy::migrate::{load_dir, Migration};
+use crate::tenancy::provision::{self, CreateRequest, ProvisionError};
+use crate::tenancy::store::{RegistryStore, TenantRows, TenantSettings};
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Config file with the `[registry]` section.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RegistryCmd {
+    /// Create the registry schema, or upgrade it.
+    Init,
+    /// Print a new random master key (base64) for a key file.
+    GenKey,
+    /// Re-encrypt every stored password under `registry.key`; list the old key in
+    /// `registry.old_keys` (of this config and of running proxies) until this has run.
+    RotateKey,
+    /// Schema version, key ids in use, counts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServerCmd {
+    /// Register (or update) a PostgreSQL server tenants can live on.
+    Add {
+        name: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value_t = 5432)]
+        port: u16,
+        /// Role with CREATEDB and CREATEROLE that provisions tenants.
+        #[arg(long, default_value = "postgres")]
+        admin_user: String,
+        /// Read the admin password from standard input (stored encrypted).
+        #[arg(long)]
+        admin_password_stdin: bool,
+    },
+    /// List registered servers.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct SettingArgs {
+    #[arg(long)]
+    pub display_name: Option<String>,
+    #[arg(long)]
+    pub pool_size: Option<i32>,
+    #[arg(long)]
+    pub min_idle: Option<i32>,
+    #[arg(long, value_parser = parse_mode)]
+    pub pool_mode: Option<PoolMode>,
+    #[arg(long)]
+    pub query_wait_timeout: Option<i32>,
+    #[arg(long)]
+    pub server_idle_timeout: Option<i32>,
+    #[arg(long)]
+    pub max_client_connections: Option<i32>,
+    #[arg(long)]
+    pub auto_update: Option<bool>,
+    /// Session default for the tenant's backend connections, NAME=VALUE (repeatable).
+    #[arg(long = "param")]
+    pub params: Vec<String>,
+    /// Read-replica server (repeatable).
+    #[arg(long = "replica")]
+    pub replicas: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TenantCmd {
+    /// Provision a tenant for real and register it. Re-running a create that was interrupted
+    /// completes it.
+    Create {
+        id: String,
+        #[arg(long, value_parser = parse_tier)]
+        tier: Tier,
+        /// Server to place it on (default: the only registered one).
+        #[arg(long)]
+        server: Option<String>,
+        /// Client role(s) to create; default `app`.
+        #[arg(long = "user")]
+        users: Vec<String>,
+        /// Read the client password from standard input instead of generating one.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        settings: SettingArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change pool settings and limits; `--rotate-password` gives the backend role a new one.
+    Update {
+        id: String,
+        #[command(flatten)]
+        settings: SettingArgs,
+        #[arg(long)]
+        rotate_password: bool,
+        /// Add or replace a client user (password from standard input).
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refuse new connections; `--terminate` also closes the existing ones.
+    Suspend {
+        id: String,
+        #[arg(long)]
+        terminate: bool,
+    },
+    Resume {
+        id: String,
+    },
+    /// Remove the tenant and all its data; `--keep-data` only suspends it.
+    Delete {
+        id: String,
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Export the tenant's data (pg_dump format; row tier: its rows only).
+    Dump {
+        id: String,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// Show what would be applied, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Tenants migrated at once (default: registry.migrate_concurrency).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_tier(s: &str) -> Result<Tier, String> {
+    Tier::parse(s).ok_or_else(|| "expected database, schema or row".into())
+}
+
+fn parse_mode(s: &str) -> Result<PoolMode, String> {
+    match s {
+        "session" => Ok(PoolMode::Session),
+        "transaction" => Ok(PoolMode::Transaction),
+        _ => Err("expected session or transaction".into()),
+    }
+}
+
+/// A command's failure: the message and the exit code (2: config, 1: anything else).
+pub struct Failure(pub String, pub u8);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string(), 1)
+    }
+}
+
+pub fn finish(r: Result<(), Failure>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(msg, code)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(config: &Path) -> Result<(Config, RegistryConfig), Failure> {
+    let c = Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))?;
+    let r = c.registry.clone().ok_or_else(|| {
+        Failure(
+            format!(
+                "{}: no [registry] section: these commands work on a registry database",
+                config.display()
+            ),
+            2,
+        )
+    })?;
+    Ok((c, r))
+}
+
+async fn open(config: &Path) -> Result<(Config, RegistryStore), Failure> {
+    let (c, r) = load(config)?;
+    let store = RegistryStore::open(&r, &c.row_tenant_setting).await?;
+    Ok((c, store))
+}
+
+fn migrations(store: &RegistryStore) -> Result<Vec<Migration>, Failure> {
+    match &store.cfg.migrations {
+        Some(dir) => Ok(load_dir(dir)?),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn read_stdin_line(what: &str) -> Result<String, Failure> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s)?;
+    let s = s.trim_end_matches(['\n', '\r']).to_string();
+    if s.is_empty() {
+        return Err(Failure(format!("empty {what} on standard input"), 1));
+    }
+    Ok(s)
+}
+
+fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
+    Ok(TenantSettings {
+        display_name: a.display_name.clone(),
+        pool_size: a.pool_size,
+        pool_min_idle: a.min_idle,
+        pool_mode: a.pool_mode,
+        query_wait_timeout: a.query_wait_timeout,
+        server_idle_timeout: a.server_idle_timeout,
+        max_client_connections: a.max_client_connections,
+        auto_update: a.auto_update,
+        params: if a.params.is_empty() {
+            None
+        } else {
+            Some(provision::parse_params(&a.params)?)
+        },
+        replicas: if a.replicas.is_empty() {
+            None
+        } else {
+            Some(a.replicas.clone())
+        },
+    })
+}
+
+pub async fn registry(cmd: RegistryCmd, config: &Path) -> Result<(), Failure> {
+    match cmd {
+        RegistryCmd::GenKey => {
+            println!("{}", MasterKey::generate_text());
+        }
+        RegistryCmd::Init => {
+            let (_, store) = open(config).await?;
+            println!(
+                "registry ready (schema version {}, key {})",
+                crate::tenancy::store::schema::STEPS.len(),
+                store.keys.current_id()
+            );
+        }
+        RegistryCmd::RotateKey => {
+            let (_, store) = open(config).await?;
+            let n = store.rotate_key().await?;
+            let left = store.values_under_old_keys().await?;
+            println!(
+                "{n} stored passwords re-encrypted under key {}; {left} left under other keys",
+                store.keys.current_id()
+            );
+            if left > 0 {
+                return Err(Failure("some values were not re-encrypted".into(), 1));
+            }
+        }
+        RegistryCmd::Status { json } => {
+            let (_, store) = open(config).await?;
+            let rows = store
+                .client
+                .query(
+                    "SELECT split_part(v, '$', 2) AS key_id, count(*) FROM (
+                         SELECT password AS v FROM pgtenant.backend_roles
+                         UNION ALL SELECT admin_password FROM pgtenant.servers
+                         WHERE admin_password IS NOT NULL) s GROUP BY 1 ORDER BY 1",
+                    &[],
+                )
+                .await
+                .map_err(crate::tenancy::store::RegistryError::from)?;
+            let keys: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let tenants = store.tenant_rows(None).await?.len();
+            if json {
+                println!(
+                    "{}",
+                    output::json(&serde_json::json!({
+                        "schema_version": crate::tenancy::store::schema::STEPS.len(),
+                        "current_key": store.keys.current_id(),
+                        "tenants": tenants,
+                        "values_by_key": keys.iter().map(|(k, n)| serde_json::json!({"key_id": k, "values": n})).collect::<Vec<_>>(),
+                    }))
+                );
+            } else {
+                println!("current key: {}", store.keys.current_id());
+                println!("tenants: {tenants}");
+                println!(
+                    "{}",
+                    output::table(
+                        &["key id", "stored values"],
+                        keys.iter().map(|(k, n)| vec![k.clone(), n.to_string()]).collect()
+                    )
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn server(cmd: ServerCmd, config: &Path) -> Result<(), Failure> {
+    let (_, store) = open(config).await?;
+    match cmd {
+        ServerCmd::Add {
+            name,
+            host,
+            port,
+            admin_user,
+            admin_password_stdin,
+        } => {
+            let pw = if admin_password_stdin {
+                Some(read_stdin_line("password")?)
+            } else {
+                None
+            };
+            store
+                .put_server(&name, &host, port, &admin_user, pw.as_deref())
+                .await?;
+            println!("server {name} registered ({host}:{port}, admin {admin_user})");
+        }
+        ServerCmd::List { json } => {
+            let servers = store.servers().await?;
+            if json {
+                println!("{}", output::json(&servers));
+            } else {
+                println!(
+                    "{}",
+                    output::table(
+                        &["name", "host", "port", "admin user", "admin password"],
+                        servers
+                            .iter()
+                            .map(|s| vec![
+                                s.name.clone(),
+                                s.host.clone(),
+                                s.port.to_string(),
+                                s.admin_user.clone(),
+                                if s.admin_password.is_some() { "(encrypted)" } else { "-" }.into(),
+                            ])
+                            .collect()
+                    )
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
+    let (cfg, store) = open(config).await?;
+    match cmd {
+        TenantCmd::Create {
+            id,
+            tier,
+            server,
+            users,
+            password_stdin,
+            settings: s,
+            json,
+        } => {
+            let users = if users.is_empty() { vec!["app".to_string()] } else { users };
+            let (password, generated) = if password_stdin {
+                (read_stdin_line("password")?, false)
+            } else {
+                (provision::random_password(), true)
+            };
+            let verifier = hash_password(&password);
+            let req = CreateRequest {
+                id: id.clone(),
+                tier,
+                server,
+                settings: settings(&s)?,
+                users: users.iter().map(|u| (u.clone(), verifier.clone())).collect(),
+            };
+            let record = provision::create(&store, &req, &migrations(&store)?).await?;
+            if json {
+                let mut v = serde_json::to_value(&record)?;
+                if generated {
+                    v["generated_password"] = serde_json::Value::String(password.clone());
+                }
+                println!("{}", output::json(&v));
+            } else {
+                println!("tenant {id} created ({} tier on server {}, database {})", tier.as_str(), record.server, record.database);
+                for u in &users {
+                    let login = format!("{u}{}{id}", cfg.tenant_separator);
+                    if generated {
+                        println!("  user {login}  password {password}  (shown once; store it now)");
+                    } else {
+                        println!("  user {login}");
+                    }
+                }
+            }
+        }
+        TenantCmd::List { json } => {
+            let rows = store.tenant_rows(None).await?;
+            let versions = migration_versions(&store).await?;
+            if json {
+                println!("{}", output::json(&rows));
+            } else {
+                println!(
+                    "{}",
+                    output::table(
+                        &["id", "tier", "server", "database", "schema", "status", "pool", "users", "migration", "updated"],
+                        rows.iter()
+                            .map(|r| {
+                                let t = &r.tenant;
+                                vec![
+                                    t.id.clone(),
+                                    t.tier.clone(),
+                                    t.server.clone(),
+                                    t.database.clone(),
+                                    output::opt(&t.schema),
+                                    status_label(r),
+                                    t.pool_size.map(|n| n.to_string()).unwrap_or_else(|| format!("{} (default)", cfg.pool.default_size)),
+                                    r.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>().join(", "),
+                                    versions.get(&t.id).map(|v| format!("V{v}")).unwrap_or_else(|| "-".into()),
+                                    t.updated_at.clone(),
+                                ]
+                            })
+                            .collect()
+                    )
+                );
+            }
+        }
+        TenantCmd::Show { id, json } => {
+            let rows = store.tenant_rows(Some(&id)).await?;
+            let r = rows.into_iter().next().ok_or_else(|| {
+                Failure(format!("tenant \"{id}\" does not exist in the registry"), 1)
+            })?;
+            if json {
+                println!("{}", output::json(&r));
+            } else {
+                println!("{}", show(&r));
+            }
+        }
+        TenantCmd::Update {
+            id,
+            settings: s,
+            rotate_password,
+            user,
+            json,
+        } => {
+            let s = settings(&s)?;
+            store.update_settings(&id, &s).await?;
+            if rotate_password {
+                provision::rotate_role_password(&store, &id).await?;
+            }
+            if let Some(u) = user {
+                let pw = read_stdin_line("password")?;
+                store
+                    .put_user(&id, &u, &hash_password(&pw), &provision::backend_role(&id))
+                    .await?;
+            }
+            let rows = store.tenant_rows(Some(&id)).await?;
+            if let Some(r) = rows.first() {
+                if json {
+                    println!("{}", output::json(r));
+                } else {
+                    println!("tenant {id} updated");
+                }
+            }
+        }
+        TenantCmd::Suspend { id, terminate } => {
+            store.set_status(&id, TenantStatus::Suspended, terminate).await?;
+            println!(
+                "tenant {id} suspended{}",
+                if terminate { "; its connections are being closed" } else { "" }
+            );
+        }
+        TenantCmd::Resume { id } => {
+            store.set_status(&id, TenantStatus::Active, false).await?;
+            println!("tenant {id} resumed");
+        }
+        TenantCmd::Delete { id, keep_data } => {
+            provision::delete(&store, &id, keep_data).await?;
+            if keep_data {
+                println!("tenant {id} suspended; its data is kept");
+            } else {
+                println!("tenant {id} deleted with all its data");
+            }
+        }
+        TenantCmd::Dump { id, output: path } => match path {
+            Some(p) => {
+                let mut f = std::fs::File::create(&p)
+                    .map_err(|e| Failure(format!("cannot create {}: {e}", p.display()), 1))?;
+                crate::tenancy::dump::dump(&store, &id, &mut f).await?;
+                eprintln!("tenant {id} dumped to {}", p.display());
+            }
+            None => {
+                let mut out = std::io::stdout();
+                crate::tenancy::dump::dump(&store, &id, &mut out).await?;
+            }
+        },
+    }
+    Ok(())
+}
+
+fn status_label(r: &TenantRows) -> String {
+    if r.tenant.provisioned {
+        r.tenant.status.clone()
+    } else {
+        format!("{} (provisioning unfinished)", r.tenant.status)
+    }
+}
+
+async fn migration_versions(
+    store: &RegistryStore,
+) -> Result<std::collections::HashMap<String, i64>, Failure> {
+    Ok(store
+        .client
+        .query(
+            "SELECT tenant_id, max(version) FROM pgtenant.migrations GROUP BY 1",
+            &[],
+        )
+        .await
+        .map_err(crate::tenancy::store::RegistryError::from)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+fn show(r: &TenantRows) -> String {
+    let t = &r.tenant;
+    let kv = vec![
+        ("id", t.id.clone()),
+        ("display name", output::opt(&t.display_name)),
+        ("tier", t.tier.clone()),
+        ("server", t.server.clone()),
+        ("database", t.database.clone()),
+        ("schema", output::opt(&t.schema)),
+        ("replicas", if t.replicas.is_empty() { "-".into() } else { t.replicas.join(", ") }),
+        ("status", status_label(r)),
+        ("auto update", t.auto_update.to_string()),
+        ("pool size", output::opt(&t.pool_size)),
+        ("pool min idle", output::opt(&t.pool_min_idle)),
+        ("pool mode", output::opt(&t.pool_mode)),
+        ("query wait timeout", output::opt(&t.query_wait_timeout)),
+        ("server idle timeout", output::opt(&t.server_idle_timeout)),
+        ("max client connections", output::opt(&t.max_client_connections)),
+        ("params", t.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
+        ("backend roles", r.backend_roles.iter().map(|b| format!("{} (password encrypted)", b.name)).collect::<Vec<_>>().join(", ")),
+        ("client users", r.users.iter().map(|u| format!("{} → {}", u.name, u.backend_role)).collect::<Vec<_>>().join(", ")),
+        ("created", t.created_at.clone()),
+        ("updated", t.updated_at.clone()),
+    ];
+    output::table(
+        &["field", "value"],
+        kv.into_iter().map(|(k, v)| vec![k.to_string(), v]).collect(),
+    )
+}
+
+pub async fn migrate_cmd(args: MigrateArgs, config: &Path) -> Result<(), Failure> {
+    let (_, store) = open(config).await?;
+    let migs = migrations(&store)?;
+    if store.cfg.migrations.is_none() {
+        return Err(Failure(
+            "registry.migrations is not set: no migration directory to apply".into(),
+            2,
+        ));
+    }
+    let n = args.concurrency.unwrap_or(store.cfg.migrate_concurrency);
+    let progress = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let outcomes = migrate::run(&store, &migs, n, args.dry_run, progress).await?;
+    if args.json {
+        println!("{}", output::json(&outcomes));
+    } else {
+        println!("{}", migrate::render(&outcomes, args.dry_run));
+    }
+    if outcomes.iter().any(|o| o.error.is_some()) {
+        return Err(Failure("some tenants failed to migrate (see the table)".into(), 1));
+    }
+    Ok(())
+}

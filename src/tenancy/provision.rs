@@ -1,0 +1,501 @@
+//! Creating and deleting tenants for real: databases, schemas, row-tier registration, login
+//! roles with least privilege, migrations, and the registry entry.
+//!
+//! Every step is idempotent and the registry row says "not provisioned" until the last one, so
+//! a create killed at any point is completed by running it again, and a delete killed at any
+//! point is finished the same way.
+
+use std::collections::BTreeMap;
+
+use rand::distributions::Alphanumeric;
+use rand::Rng;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{validate, TenantStatus, Tier};
+use crate::demo::describe_pg_error;
+use crate::tenancy::tier::{quote_ident, quote_literal};
+
+use super::migrate::{self, MigrateError, Migration, Place, HISTORY_TABLE};
+use super::store::{RegistryError, RegistryStore, TenantRecord, TenantSettings};
+
+/// Table in each shared row-tier database listing the tenants registered there.
+pub const ROW_TENANTS_TABLE: &str = "pgtenant_tenants";
+/// Name of the RLS policy pgtenant puts on every row-tier table with a `tenant_id` column.
+pub const ROW_POLICY: &str = "pgtenant_tenant_isolation";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    #[error("on server \"{server}\": {message}")]
+    Server { server: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("tenant \"{0}\" already exists")]
+    Exists(String),
+}
+
+/// What `tenant create` needs to know.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: String,
+    pub tier: Tier,
+    /// None: the only registered server.
+    pub server: Option<String>,
+    pub settings: TenantSettings,
+    /// Client users: (name, SCRAM verifier).
+    pub users: Vec<(String, String)>,
+}
+
+/// The backend login role of a tenant.
+pub fn backend_role(tenant: &str) -> String {
+    format!("{tenant}_app")
+}
+
+/// The schema of a schema-tier tenant.
+pub fn schema_name(tenant: &str) -> String {
+    tenant.replace('-', "_")
+}
+
+pub fn random_password() -> String {
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(32)
+        .map(char::from)
+        .collect()
+}
+
+/// Test hook: `PGTENANT_CRASH_AFTER=<step>` kills the process (SIGKILL, no cleanup) right
+/// after that step, to prove a retry completes what a crash left.
+fn crash_point(step: &str) {
+    if std::env::var("PGTENANT_CRASH_AFTER").is_ok_and(|s| s == step) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+pub async fn admin_client(
+    store: &RegistryStore,
+    server: &str,
+    database: &str,
+) -> Result<Client, ProvisionError> {
+    let (s, password) = store.server_admin(server).await?;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&s.host)
+        .port(s.port)
+        .user(&s.admin_user)
+        .dbname(database)
+        .application_name("pgtenant provisioning")
+        .options("-c client_min_messages=warning")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Some(p) = &password {
+        pg.password(p.expose());
+    }
+    let (client, conn) = pg.connect(NoTls).await.map_err(|e| ProvisionError::Server {
+        server: server.to_string(),
+        message: format!("cannot connect to database \"{database}\": {}", describe_pg_error(&e)),
+    })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn server_err(server: &str) -> impl Fn(tokio_postgres::Error) -> ProvisionError + '_ {
+    move |e| ProvisionError::Server {
+        server: server.to_string(),
+        message: describe_pg_error(&e),
+    }
+}
+
+/// Creates (or completes the creation of) a tenant. Returns its registry record.
+pub async fn create(
+    store: &RegistryStore,
+    req: &CreateRequest,
+    migrations: &[Migration],
+) -> Result<TenantRecord, ProvisionError> {
+    let id = req.id.as_str();
+    if !validate::is_tenant_id(id) || id == validate::ADMIN_DATABASE {
+        return Err(ProvisionError::Invalid(format!(
+            "\"{id}\" is not a valid tenant id (1-63 of a-z, 0-9, '_', '-', starting with a letter or digit; not \"{}\")",
+            validate::ADMIN_DATABASE
+        )));
+    }
+    let server = match &req.server {
+        Some(s) => store.server(s).await?.name,
+        None => {
+            let all = store.servers().await?;
+            match all.as_slice() {
+                [one] => one.name.clone(),
+                [] => {
+                    return Err(ProvisionError::Invalid(
+                        "no server is registered: add one with `pgtenant server add`".into(),
+                    ))
+                }
+                _ => {
+                    return Err(ProvisionError::Invalid(
+                        "several servers are registered: choose one with --server".into(),
+                    ))
+                }
+            }
+        }
+    };
+    let (database, schema) = match req.tier {
+        Tier::Database => (id.to_string(), None),
+        Tier::Schema => (store.cfg.schema_database.clone(), Some(schema_name(id))),
+        Tier::Row => (store.cfg.row_database.clone(), None),
+    };
+    if !store
+        .begin_tenant(id, req.tier, &server, &database, schema.as_deref(), &req.settings)
+        .await?
+    {
+        return Err(ProvisionError::Exists(id.to_string()));
+    }
+    crash_point("registered");
+
+    let role = backend_role(id);
+    let password = random_password();
+    // Stored (sealed) before the role gets it: a crash in between only means the retry
+    // sets a new one.
+    store.put_role(id, &role, &password).await?;
+    let admin = admin_client(store, &server, "postgres").await?;
+    let err = server_err(&server);
+    ensure_login_role(&admin, &role, &password).await.map_err(&err)?;
+    crash_point("role");
+
+    ensure_database(&admin, &database).await.map_err(&err)?;
+    admin
+        .batch_execute(&format!(
+            "GRANT CONNECT{temp} ON DATABASE {d} TO {r}",
+            temp = if req.tier == Tier::Database { ", TEMPORARY" } else { "" },
+            d = quote_ident(&database),
+            r = quote_ident(&role)
+        ))
+        .await
+        .map_err(&err)?;
+    let mut db = admin_client(store, &server, &database).await?;
+    db.batch_execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        .await
+        .map_err(&err)?;
+    match req.tier {
+        Tier::Database => {}
+        Tier::Schema => {
+            let s = quote_ident(schema.as_deref().unwrap_or(id));
+            db.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
+                .await
+                .map_err(&err)?;
+        }
+        Tier::Row => {
+            db.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS public.{ROW_TENANTS_TABLE} (
+                     id text PRIMARY KEY, registered_at timestamptz NOT NULL DEFAULT now());
+                 INSERT INTO public.{ROW_TENANTS_TABLE} (id) VALUES ({}) ON CONFLICT DO NOTHING",
+                quote_literal(id)
+            ))
+            .await
+            .map_err(&err)?;
+        }
+    }
+    crash_point("storage");
+
+    let record = store
+        .tenant_record(id)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind: "tenant",
+            id: id.to_string(),
+        })?;
+    migrate_one(store, &record, &mut db, migrations).await?;
+    crash_point("migrated");
+
+    for (name, verifier) in &req.users {
+        store.put_user(id, name, verifier, &role).await?;
+    }
+    store.finish_tenant(id).await?;
+    Ok(store.tenant_record(id).await?.unwrap_or(record))
+}
+
+/// Applies pending migrations for one tenant on an open admin connection to its database,
+/// then puts its privileges (and, for the row tier, its RLS policies) in place and records
+/// the history in the registry. Returns the versions applied.
+pub async fn migrate_one(
+    store: &RegistryStore,
+    t: &TenantRecord,
+    db: &mut Client,
+    migrations: &[Migration],
+) -> Result<Vec<i64>, ProvisionError> {
+    let tier = Tier::parse(&t.tier)
+        .ok_or_else(|| ProvisionError::Invalid(format!("tenant \"{}\" has tier \"{}\"", t.id, t.tier)))?;
+    let place = migrate::place_of(t, tier);
+    let applied = migrate::apply(db, &place, migrations).await?;
+    let err = server_err(&t.server);
+    if tier == Tier::Row {
+        enforce_row_policies(db, &store.row_setting).await.map_err(&err)?;
+    }
+    grant_tenant_role(db, &place, &backend_role(&t.id), tier)
+        .await
+        .map_err(&err)?;
+    migrate::record(store, &t.id, db, &place).await?;
+    Ok(applied)
+}
+
+async fn ensure_login_role(
+    admin: &Client,
+    role: &str,
+    password: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    admin
+        .batch_execute(&format!(
+            "{verb} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
+            quote_ident(role),
+            quote_literal(password)
+        ))
+        .await
+}
+
+async fn ensure_database(admin: &Client, database: &str) -> Result<(), tokio_postgres::Error> {
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .await?
+        .is_some();
+    if !exists {
+        let d = quote_ident(database);
+        // CREATE DATABASE must run alone, outside a transaction block.
+        match admin.batch_execute(&format!("CREATE DATABASE {d}")).await {
+            Ok(()) => {}
+            // Another create made it meanwhile.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(e),
+        }
+        admin
+            .batch_execute(&format!("REVOKE ALL ON DATABASE {d} FROM PUBLIC"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Least privilege for the tenant's login role: data access to the tables and sequences of its
+/// place, nothing on the migration history or the row-tier registration table.
+async fn grant_tenant_role(
+    db: &Client,
+    place: &Place,
+    role: &str,
+    tier: Tier,
+) -> Result<(), tokio_postgres::Error> {
+    let s = quote_ident(&place.schema);
+    let r = quote_ident(role);
+    let mut sql = format!(
+        "GRANT USAGE ON SCHEMA {s} TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {s} TO {r};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {s} TO {r};
+         REVOKE ALL ON TABLE {s}.{HISTORY_TABLE} FROM {r};"
+    );
+    if tier == Tier::Row {
+        sql.push_str(&format!(
+            "REVOKE ALL ON TABLE public.{ROW_TENANTS_TABLE} FROM {r};"
+        ));
+    }
+    db.batch_execute(&sql).await
+}
+
+/// Every shared table with a `tenant_id` column gets row-level security that only shows a
+/// session the rows of the tenant pgtenant set for it, for its owner too (FORCE).
+async fn enforce_row_policies(db: &Client, setting: &str) -> Result<(), tokio_postgres::Error> {
+    let tables = tenant_tables(db).await?;
+    let cond = format!("tenant_id = current_setting({}, true)", quote_literal(setting));
+    for t in tables {
+        let q = format!("public.{}", quote_ident(&t));
+        let has_policy = db
+            .query_opt(
+                "SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = $1 AND policyname = $2",
+                &[&t, &ROW_POLICY],
+            )
+            .await?
+            .is_some();
+        let mut sql = format!(
+            "ALTER TABLE {q} ENABLE ROW LEVEL SECURITY; ALTER TABLE {q} FORCE ROW LEVEL SECURITY;"
+        );
+        if !has_policy {
+            sql.push_str(&format!(
+                "CREATE POLICY {ROW_POLICY} ON {q} USING ({cond}) WITH CHECK ({cond});"
+            ));
+        }
+        let has_default = db
+            .query_opt(
+                "SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = 'public' AND table_name = $1 AND column_name = 'tenant_id'
+                   AND column_default IS NOT NULL",
+                &[&t],
+            )
+            .await?
+            .is_some();
+        if !has_default {
+            sql.push_str(&format!(
+                "ALTER TABLE {q} ALTER COLUMN tenant_id SET DEFAULT current_setting({}, true);",
+                quote_literal(setting)
+            ));
+        }
+        db.batch_execute(&sql).await?;
+    }
+    Ok(())
+}
+
+/// Row-tier tables that hold tenant rows: public tables with a `tenant_id` column.
+pub async fn tenant_tables(
+    db: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "SELECT c.table_name FROM information_schema.columns c
+             JOIN information_schema.tables t USING (table_schema, table_name)
+             WHERE c.table_schema = 'public' AND c.column_name = 'tenant_id'
+               AND t.table_type = 'BASE TABLE' AND c.table_name NOT LIKE 'pgtenant\\_%'
+             ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Deletes a tenant: with `keep_data`, only suspends it (and ends its sessions); otherwise
+/// removes its database or schema or rows, its login role and its registry entry.
+pub async fn delete(store: &RegistryStore, id: &str, keep_data: bool) -> Result<(), ProvisionError> {
+    if keep_data {
+        store.set_status(id, TenantStatus::Suspended, true).await?;
+        return Ok(());
+    }
+    let t = store.tenant_record(id).await?.ok_or_else(|| RegistryError::NotFound {
+        kind: "tenant",
+        id: id.to_string(),
+    })?;
+    // Proxies stop serving it and close its sessions before anything is dropped.
+    store.set_status(id, TenantStatus::Deleted, true).await?;
+    let err = server_err(&t.server);
+    let admin = admin_client(store, &t.server, "postgres").await?;
+    let role = backend_role(id);
+    let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .await
+        .map_err(&err)?;
+    let db_exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&t.database])
+        .await
+        .map_err(&err)?
+        .is_some();
+    match tier {
+        Tier::Database => {
+            admin
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&t.database)
+                ))
+                .await
+                .map_err(&err)?;
+        }
+        Tier::Schema if db_exists => {
+            let db = admin_client(store, &t.server, &t.database).await?;
+            let s = t.schema.clone().unwrap_or_else(|| schema_name(id));
+            db.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&s)))
+                .await
+                .map_err(&err)?;
+            drop_owned(&db, &role).await.map_err(&err)?;
+        }
+        Tier::Row if db_exists => {
+            let db = admin_client(store, &t.server, &t.database).await?;
+            let mut sql = String::from("BEGIN;");
+            for table in tenant_tables(&db).await.map_err(&err)? {
+                sql.push_str(&format!(
+                    "DELETE FROM public.{} WHERE tenant_id = {};",
+                    quote_ident(&table),
+                    quote_literal(id)
+                ));
+            }
+            sql.push_str(&format!(
+                "DELETE FROM public.{ROW_TENANTS_TABLE} WHERE id = {}; COMMIT;",
+                quote_literal(id)
+            ));
+            if db
+                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("public.{ROW_TENANTS_TABLE}")])
+                .await
+                .map_err(&err)?
+                .get::<_, bool>(0)
+            {
+                db.batch_execute(&sql).await.map_err(&err)?;
+            }
+            drop_owned(&db, &role).await.map_err(&err)?;
+        }
+        _ => {}
+    }
+    let role_exists = admin
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await
+        .map_err(&err)?
+        .is_some();
+    if role_exists {
+        drop_owned(&admin, &role).await.map_err(&err)?;
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(&role)))
+            .await
+            .map_err(&err)?;
+    }
+    store.remove_tenant(id).await?;
+    Ok(())
+}
+
+async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error> {
+    let exists = db
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+        .await?
+        .is_some();
+    if exists {
+        db.batch_execute(&format!("DROP OWNED BY {}", quote_ident(role)))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Gives a tenant's login role a new random password, on the server and (sealed) in the
+/// registry; running proxies pick it up through the registry.
+pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(), ProvisionError> {
+    let t = store.tenant_record(id).await?.ok_or_else(|| RegistryError::NotFound {
+        kind: "tenant",
+        id: id.to_string(),
+    })?;
+    let role = backend_role(id);
+    let password = random_password();
+    let admin = admin_client(store, &t.server, "postgres").await?;
+    ensure_login_role(&admin, &role, &password)
+        .await
+        .map_err(server_err(&t.server))?;
+    store.put_role(id, &role, &password).await?;
+    Ok(())
+}
+
+/// `KEY=VALUE` pairs into a map, for `--param`.
+pub fn parse_params(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| ProvisionError::Invalid(format!("--param {p}: expected NAME=VALUE")))?;
+        if !validate::is_setting_name(k) || k.eq_ignore_ascii_case("search_path") {
+            return Err(ProvisionError::Invalid(format!(
+                "--param {k}: not a setting a tenant may set"
+            )));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
