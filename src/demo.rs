@@ -357,7 +357,10 @@ pub async fn provision_registry(
             server: None,
             settings: TenantSettings {
                 pool_size: Some(5),
-                params: Some(BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())])),
+                params: Some(BTreeMap::from([(
+                    "TimeZone".to_string(),
+                    "UTC".to_string(),
+                )])),
                 ..TenantSettings::default()
             },
             users: vec![(DEMO_ROLE.to_string(), verifier.clone())],
@@ -375,7 +378,9 @@ pub async fn provision_registry(
         };
         for (i, owner) in t.owners.iter().enumerate() {
             db.execute(
-                &format!("INSERT INTO {table} (tenant_id, owner, balance) VALUES ($1, $2, $3::int)"),
+                &format!(
+                    "INSERT INTO {table} (tenant_id, owner, balance) VALUES ($1, $2, $3::int)"
+                ),
                 &[&t.id, owner, &(100 * (i as i32 + 1))],
             )
             .await

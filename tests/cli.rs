@@ -162,8 +162,20 @@ fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
     }
     let config_path = config_path.expect("the demo printed its config path");
     assert!(config_path.exists());
-    let config = pgtenant::config::Config::load(&config_path).expect("the printed config is valid");
-    assert_eq!(config.tenants.len(), 6);
+    pgtenant::config::Config::load(&config_path).expect("the printed config is valid");
+    // The printed config drives the registry CLI while the demo runs.
+    let list = Command::new(BIN)
+        .args(["tenant", "list", "--json", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let tenants: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(tenants.as_array().map(|a| a.len()), Some(6));
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(demo.id() as i32),

@@ -74,11 +74,15 @@ pub async fn run(
                 let r = one(store, t, migrations, dry_run).await;
                 bar.inc(1);
                 bar.set_message(t.id.clone());
+                let (versions, error) = match r {
+                    Ok(v) => (v, None),
+                    Err(e) => (Vec::new(), Some(e)),
+                };
                 TenantOutcome {
                     tenant: t.id.clone(),
                     tier: t.tier.clone(),
-                    versions: r.as_ref().map(|v| v.clone()).unwrap_or_default(),
-                    error: r.err(),
+                    versions,
+                    error,
                 }
             }
         })
@@ -88,7 +92,10 @@ pub async fn run(
     bar.finish_and_clear();
     let _ = store
         .client
-        .execute("SELECT pg_advisory_unlock(hashtext('pgtenant migrate'))", &[])
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('pgtenant migrate'))",
+            &[],
+        )
         .await;
     outcomes.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     Ok(outcomes)

@@ -316,7 +316,9 @@ pub async fn registry(cmd: RegistryCmd, config: &Path) -> Result<(), Failure> {
                     "{}",
                     output::table(
                         &["key id", "stored values"],
-                        keys.iter().map(|(k, n)| vec![k.clone(), n.to_string()]).collect()
+                        keys.iter()
+                            .map(|(k, n)| vec![k.clone(), n.to_string()])
+                            .collect()
                     )
                 );
             }
@@ -361,7 +363,12 @@ pub async fn server(cmd: ServerCmd, config: &Path) -> Result<(), Failure> {
                                 s.host.clone(),
                                 s.port.to_string(),
                                 s.admin_user.clone(),
-                                if s.admin_password.is_some() { "(encrypted)" } else { "-" }.into(),
+                                if s.admin_password.is_some() {
+                                    "(encrypted)"
+                                } else {
+                                    "-"
+                                }
+                                .into(),
                             ])
                             .collect()
                     )
@@ -384,7 +391,11 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             settings: s,
             json,
         } => {
-            let users = if users.is_empty() { vec!["app".to_string()] } else { users };
+            let users = if users.is_empty() {
+                vec!["app".to_string()]
+            } else {
+                users
+            };
             let (password, generated) = if password_stdin {
                 (read_stdin_line("password")?, false)
             } else {
@@ -396,7 +407,10 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 tier,
                 server,
                 settings: settings(&s)?,
-                users: users.iter().map(|u| (u.clone(), verifier.clone())).collect(),
+                users: users
+                    .iter()
+                    .map(|u| (u.clone(), verifier.clone()))
+                    .collect(),
             };
             let record = provision::create(&store, &req, &migrations(&store)?).await?;
             if json {
@@ -406,7 +420,12 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 }
                 println!("{}", output::json(&v));
             } else {
-                println!("tenant {id} created ({} tier on server {}, database {})", tier.as_str(), record.server, record.database);
+                println!(
+                    "tenant {id} created ({} tier on server {}, database {})",
+                    tier.as_str(),
+                    record.server,
+                    record.database
+                );
                 for u in &users {
                     let login = format!("{u}{}{id}", cfg.tenant_separator);
                     if generated {
@@ -426,7 +445,18 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 println!(
                     "{}",
                     output::table(
-                        &["id", "tier", "server", "database", "schema", "status", "pool", "users", "migration", "updated"],
+                        &[
+                            "id",
+                            "tier",
+                            "server",
+                            "database",
+                            "schema",
+                            "status",
+                            "pool",
+                            "users",
+                            "migration",
+                            "updated"
+                        ],
                         rows.iter()
                             .map(|r| {
                                 let t = &r.tenant;
@@ -437,9 +467,18 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                                     t.database.clone(),
                                     output::opt(&t.schema),
                                     status_label(r),
-                                    t.pool_size.map(|n| n.to_string()).unwrap_or_else(|| format!("{} (default)", cfg.pool.default_size)),
-                                    r.users.iter().map(|u| u.name.clone()).collect::<Vec<_>>().join(", "),
-                                    versions.get(&t.id).map(|v| format!("V{v}")).unwrap_or_else(|| "-".into()),
+                                    t.pool_size.map(|n| n.to_string()).unwrap_or_else(|| {
+                                        format!("{} (default)", cfg.pool.default_size)
+                                    }),
+                                    r.users
+                                        .iter()
+                                        .map(|u| u.name.clone())
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                    versions
+                                        .get(&t.id)
+                                        .map(|v| format!("V{v}"))
+                                        .unwrap_or_else(|| "-".into()),
                                     t.updated_at.clone(),
                                 ]
                             })
@@ -487,10 +526,16 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             }
         }
         TenantCmd::Suspend { id, terminate } => {
-            store.set_status(&id, TenantStatus::Suspended, terminate).await?;
+            store
+                .set_status(&id, TenantStatus::Suspended, terminate)
+                .await?;
             println!(
                 "tenant {id} suspended{}",
-                if terminate { "; its connections are being closed" } else { "" }
+                if terminate {
+                    "; its connections are being closed"
+                } else {
+                    ""
+                }
             );
         }
         TenantCmd::Resume { id } => {
@@ -554,7 +599,14 @@ fn show(r: &TenantRows) -> String {
         ("server", t.server.clone()),
         ("database", t.database.clone()),
         ("schema", output::opt(&t.schema)),
-        ("replicas", if t.replicas.is_empty() { "-".into() } else { t.replicas.join(", ") }),
+        (
+            "replicas",
+            if t.replicas.is_empty() {
+                "-".into()
+            } else {
+                t.replicas.join(", ")
+            },
+        ),
         ("status", status_label(r)),
         ("auto update", t.auto_update.to_string()),
         ("pool size", output::opt(&t.pool_size)),
@@ -562,16 +614,42 @@ fn show(r: &TenantRows) -> String {
         ("pool mode", output::opt(&t.pool_mode)),
         ("query wait timeout", output::opt(&t.query_wait_timeout)),
         ("server idle timeout", output::opt(&t.server_idle_timeout)),
-        ("max client connections", output::opt(&t.max_client_connections)),
-        ("params", t.params.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")),
-        ("backend roles", r.backend_roles.iter().map(|b| format!("{} (password encrypted)", b.name)).collect::<Vec<_>>().join(", ")),
-        ("client users", r.users.iter().map(|u| format!("{} → {}", u.name, u.backend_role)).collect::<Vec<_>>().join(", ")),
+        (
+            "max client connections",
+            output::opt(&t.max_client_connections),
+        ),
+        (
+            "params",
+            t.params
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        (
+            "backend roles",
+            r.backend_roles
+                .iter()
+                .map(|b| format!("{} (password encrypted)", b.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        (
+            "client users",
+            r.users
+                .iter()
+                .map(|u| format!("{} → {}", u.name, u.backend_role))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("created", t.created_at.clone()),
         ("updated", t.updated_at.clone()),
     ];
     output::table(
         &["field", "value"],
-        kv.into_iter().map(|(k, v)| vec![k.to_string(), v]).collect(),
+        kv.into_iter()
+            .map(|(k, v)| vec![k.to_string(), v])
+            .collect(),
     )
 }
 
@@ -593,7 +671,10 @@ pub async fn migrate_cmd(args: MigrateArgs, config: &Path) -> Result<(), Failure
         println!("{}", migrate::render(&outcomes, args.dry_run));
     }
     if outcomes.iter().any(|o| o.error.is_some()) {
-        return Err(Failure("some tenants failed to migrate (see the table)".into(), 1));
+        return Err(Failure(
+            "some tenants failed to migrate (see the table)".into(),
+            1,
+        ));
     }
     Ok(())
 }

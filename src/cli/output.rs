@@ -19,5 +19,7 @@ pub fn json<T: Serialize + ?Sized>(value: &T) -> String {
 }
 
 pub fn opt<T: ToString>(v: &Option<T>) -> String {
-    v.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+    v.as_ref()
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "-".into())
 }

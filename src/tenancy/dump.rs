@@ -85,10 +85,17 @@ pub async fn dump(
             .map_err(io)?;
             for table in tenant_tables(&tx).await.map_err(e)? {
                 let cols = columns(&tx, &table).await.map_err(e)?;
-                let col_list = cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
+                let col_list = cols
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let q = format!("public.{}", quote_ident(&table));
-                writeln!(out, "--\n-- Data for {q}\n--\n\nCOPY {q} ({col_list}) FROM stdin;")
-                    .map_err(io)?;
+                writeln!(
+                    out,
+                    "--\n-- Data for {q}\n--\n\nCOPY {q} ({col_list}) FROM stdin;"
+                )
+                .map_err(io)?;
                 let stream = tx
                     .copy_out(&format!(
                         "COPY (SELECT {col_list} FROM {q} WHERE tenant_id = {}) TO STDOUT",
@@ -108,7 +115,10 @@ pub async fn dump(
     Ok(())
 }
 
-async fn columns(db: &impl tokio_postgres::GenericClient, table: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+async fn columns(
+    db: &impl tokio_postgres::GenericClient,
+    table: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
     Ok(db
         .query(
             "SELECT attname FROM pg_attribute

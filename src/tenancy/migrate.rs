@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use crate::config::Tier;
 use crate::demo::describe_pg_error;
-use crate::tenancy::tier::{quote_ident, quote_literal};
+use crate::tenancy::tier::quote_ident;
 
 use super::store::{RegistryError, RegistryStore, TenantRecord};
 
@@ -148,9 +148,29 @@ pub async fn pending<'a>(
     Ok(out)
 }
 
-/// Applies what is pending at `place`, each migration in its own transaction together with its
-/// history row; a concurrent runner on the same place waits on an advisory lock and then finds
-/// nothing left to do. Returns the versions applied.
+/// Serializes everyone who changes `place` (migrations, grants, policies): concurrent
+/// GRANTs on one object fail with "tuple concurrently updated", and a shared row-tier place
+/// must be migrated once, not once per tenant. Held until `unlock_place`.
+pub async fn lock_place(db: &Client, place: &Place) -> Result<(), tokio_postgres::Error> {
+    db.execute(
+        "SELECT pg_advisory_lock(hashtext('pgtenant place ' || $1))",
+        &[&place.schema],
+    )
+    .await
+    .map(|_| ())
+}
+
+pub async fn unlock_place(db: &Client, place: &Place) {
+    let _ = db
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('pgtenant place ' || $1))",
+            &[&place.schema],
+        )
+        .await;
+}
+
+/// Applies what is pending at `place` (whose lock the caller holds), each migration in its own
+/// transaction together with its history row. Returns the versions applied.
 pub async fn apply(
     db: &mut Client,
     place: &Place,
@@ -158,54 +178,45 @@ pub async fn apply(
 ) -> Result<Vec<i64>, MigrateError> {
     let schema = quote_ident(&place.schema);
     let table = format!("{schema}.{HISTORY_TABLE}");
-    let lock_key = format!("pgtenant migrate {}", place.schema);
     db.batch_execute(&format!(
-        "SELECT pg_advisory_lock(hashtext({key}));
-         CREATE TABLE IF NOT EXISTS {table} (
+        "CREATE TABLE IF NOT EXISTS {table} (
              version bigint PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
-             applied_at timestamptz NOT NULL DEFAULT now())",
-        key = quote_literal(&lock_key)
+             applied_at timestamptz NOT NULL DEFAULT now())"
     ))
     .await?;
-    let result = async {
-        let todo: Vec<Migration> = pending(db, place, all).await?.into_iter().cloned().collect();
-        let mut done = Vec::new();
-        for m in todo {
-            let tx = db.transaction().await?;
-            let run = async {
-                tx.batch_execute(&format!("SET LOCAL search_path = {schema}"))
-                    .await?;
-                tx.batch_execute(&m.sql).await?;
-                tx.execute(
-                    &format!("INSERT INTO {table} (version, name, checksum) VALUES ($1, $2, $3)"),
-                    &[&m.version, &m.name, &m.checksum],
-                )
+    let todo: Vec<Migration> = pending(db, place, all)
+        .await?
+        .into_iter()
+        .cloned()
+        .collect();
+    let mut done = Vec::new();
+    for m in todo {
+        let tx = db.transaction().await?;
+        let run = async {
+            tx.batch_execute(&format!("SET LOCAL search_path = {schema}"))
                 .await?;
-                Ok::<(), tokio_postgres::Error>(())
-            }
-            .await;
-            match run {
-                Ok(()) => tx.commit().await?,
-                Err(e) => {
-                    return Err(MigrateError::Failed {
-                        version: m.version,
-                        name: m.name.clone(),
-                        message: describe_pg_error(&e),
-                    })
-                }
-            }
-            done.push(m.version);
+            tx.batch_execute(&m.sql).await?;
+            tx.execute(
+                &format!("INSERT INTO {table} (version, name, checksum) VALUES ($1, $2, $3)"),
+                &[&m.version, &m.name, &m.checksum],
+            )
+            .await?;
+            Ok::<(), tokio_postgres::Error>(())
         }
-        Ok(done)
-    }
-    .await;
-    let _ = db
-        .batch_execute(&format!(
-            "SELECT pg_advisory_unlock(hashtext({}))",
-            quote_literal(&lock_key)
-        ))
         .await;
-    result
+        match run {
+            Ok(()) => tx.commit().await?,
+            Err(e) => {
+                return Err(MigrateError::Failed {
+                    version: m.version,
+                    name: m.name.clone(),
+                    message: describe_pg_error(&e),
+                })
+            }
+        }
+        done.push(m.version);
+    }
+    Ok(done)
 }
 
 /// Mirrors what ran at the tenant's place into the registry's per-tenant history.
@@ -252,10 +263,7 @@ mod tests {
         std::fs::write(d.path().join("V2__add_accounts.sql"), "SELECT 2").unwrap();
         std::fs::write(d.path().join("README.md"), "x").unwrap();
         let m = load_dir(d.path()).unwrap();
-        assert_eq!(
-            m.iter().map(|m| m.version).collect::<Vec<_>>(),
-            vec![2, 10]
-        );
+        assert_eq!(m.iter().map(|m| m.version).collect::<Vec<_>>(), vec![2, 10]);
         assert_eq!(m[0].name, "add accounts");
     }
 
@@ -272,6 +280,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("V1__a.sql"), "SELECT 1").unwrap();
         std::fs::write(d.path().join("V01__b.sql"), "SELECT 1").unwrap();
-        assert!(matches!(load_dir(d.path()), Err(MigrateError::Duplicate(1))));
+        assert!(matches!(
+            load_dir(d.path()),
+            Err(MigrateError::Duplicate(1))
+        ));
     }
 }

@@ -92,10 +92,16 @@ pub async fn admin_client(
     if let Some(p) = &password {
         pg.password(p.expose());
     }
-    let (client, conn) = pg.connect(NoTls).await.map_err(|e| ProvisionError::Server {
-        server: server.to_string(),
-        message: format!("cannot connect to database \"{database}\": {}", describe_pg_error(&e)),
-    })?;
+    let (client, conn) = pg
+        .connect(NoTls)
+        .await
+        .map_err(|e| ProvisionError::Server {
+            server: server.to_string(),
+            message: format!(
+                "cannot connect to database \"{database}\": {}",
+                describe_pg_error(&e)
+            ),
+        })?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -147,7 +153,14 @@ pub async fn create(
         Tier::Row => (store.cfg.row_database.clone(), None),
     };
     if !store
-        .begin_tenant(id, req.tier, &server, &database, schema.as_deref(), &req.settings)
+        .begin_tenant(
+            id,
+            req.tier,
+            &server,
+            &database,
+            schema.as_deref(),
+            &req.settings,
+        )
         .await?
     {
         return Err(ProvisionError::Exists(id.to_string()));
@@ -161,27 +174,87 @@ pub async fn create(
     store.put_role(id, &role, &password).await?;
     let admin = admin_client(store, &server, "postgres").await?;
     let err = server_err(&server);
-    ensure_login_role(&admin, &role, &password).await.map_err(&err)?;
+    ensure_login_role(&admin, &role, &password)
+        .await
+        .map_err(&err)?;
     crash_point("role");
 
-    ensure_database(&admin, &database).await.map_err(&err)?;
+    // Creates of tenants sharing a database must not GRANT on it at the same time.
+    admin
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('pgtenant provision ' || $1))",
+            &[&database],
+        )
+        .await
+        .map_err(&err)?;
+    let result = provision_storage(
+        store,
+        req,
+        &server,
+        &database,
+        schema.as_deref(),
+        &role,
+        migrations,
+    )
+    .await;
+    let _ = admin
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('pgtenant provision ' || $1))",
+            &[&database],
+        )
+        .await;
+    result?;
+    crash_point("migrated");
+
+    for (name, verifier) in &req.users {
+        store.put_user(id, name, verifier, &role).await?;
+    }
+    store.finish_tenant(id).await?;
+    Ok(store
+        .tenant_record(id)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind: "tenant",
+            id: id.to_string(),
+        })?)
+}
+
+/// The database or schema or row-tier registration, then migrations and privileges.
+#[allow(clippy::too_many_arguments)]
+async fn provision_storage(
+    store: &RegistryStore,
+    req: &CreateRequest,
+    server: &str,
+    database: &str,
+    schema: Option<&str>,
+    role: &str,
+    migrations: &[Migration],
+) -> Result<(), ProvisionError> {
+    let id = req.id.as_str();
+    let err = server_err(server);
+    let admin = admin_client(store, server, "postgres").await?;
+    ensure_database(&admin, database).await.map_err(&err)?;
     admin
         .batch_execute(&format!(
             "GRANT CONNECT{temp} ON DATABASE {d} TO {r}",
-            temp = if req.tier == Tier::Database { ", TEMPORARY" } else { "" },
-            d = quote_ident(&database),
-            r = quote_ident(&role)
+            temp = if req.tier == Tier::Database {
+                ", TEMPORARY"
+            } else {
+                ""
+            },
+            d = quote_ident(database),
+            r = quote_ident(role)
         ))
         .await
         .map_err(&err)?;
-    let mut db = admin_client(store, &server, &database).await?;
+    let mut db = admin_client(store, server, database).await?;
     db.batch_execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         .await
         .map_err(&err)?;
     match req.tier {
         Tier::Database => {}
         Tier::Schema => {
-            let s = quote_ident(schema.as_deref().unwrap_or(id));
+            let s = quote_ident(schema.unwrap_or(id));
             db.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {s}"))
                 .await
                 .map_err(&err)?;
@@ -207,13 +280,7 @@ pub async fn create(
             id: id.to_string(),
         })?;
     migrate_one(store, &record, &mut db, migrations).await?;
-    crash_point("migrated");
-
-    for (name, verifier) in &req.users {
-        store.put_user(id, name, verifier, &role).await?;
-    }
-    store.finish_tenant(id).await?;
-    Ok(store.tenant_record(id).await?.unwrap_or(record))
+    Ok(())
 }
 
 /// Applies pending migrations for one tenant on an open admin connection to its database,
@@ -225,17 +292,27 @@ pub async fn migrate_one(
     db: &mut Client,
     migrations: &[Migration],
 ) -> Result<Vec<i64>, ProvisionError> {
-    let tier = Tier::parse(&t.tier)
-        .ok_or_else(|| ProvisionError::Invalid(format!("tenant \"{}\" has tier \"{}\"", t.id, t.tier)))?;
+    let tier = Tier::parse(&t.tier).ok_or_else(|| {
+        ProvisionError::Invalid(format!("tenant \"{}\" has tier \"{}\"", t.id, t.tier))
+    })?;
     let place = migrate::place_of(t, tier);
-    let applied = migrate::apply(db, &place, migrations).await?;
     let err = server_err(&t.server);
-    if tier == Tier::Row {
-        enforce_row_policies(db, &store.row_setting).await.map_err(&err)?;
+    migrate::lock_place(db, &place).await.map_err(&err)?;
+    let result = async {
+        let applied = migrate::apply(db, &place, migrations).await?;
+        if tier == Tier::Row {
+            enforce_row_policies(db, &store.row_setting)
+                .await
+                .map_err(&err)?;
+        }
+        grant_tenant_role(db, &place, &backend_role(&t.id), tier)
+            .await
+            .map_err(&err)?;
+        Ok::<_, ProvisionError>(applied)
     }
-    grant_tenant_role(db, &place, &backend_role(&t.id), tier)
-        .await
-        .map_err(&err)?;
+    .await;
+    migrate::unlock_place(db, &place).await;
+    let applied = result?;
     migrate::record(store, &t.id, db, &place).await?;
     Ok(applied)
 }
@@ -308,7 +385,10 @@ async fn grant_tenant_role(
 /// session the rows of the tenant pgtenant set for it, for its owner too (FORCE).
 async fn enforce_row_policies(db: &Client, setting: &str) -> Result<(), tokio_postgres::Error> {
     let tables = tenant_tables(db).await?;
-    let cond = format!("tenant_id = current_setting({}, true)", quote_literal(setting));
+    let cond = format!(
+        "tenant_id = current_setting({}, true)",
+        quote_literal(setting)
+    );
     for t in tables {
         let q = format!("public.{}", quote_ident(&t));
         let has_policy = db
@@ -367,15 +447,22 @@ pub async fn tenant_tables(
 
 /// Deletes a tenant: with `keep_data`, only suspends it (and ends its sessions); otherwise
 /// removes its database or schema or rows, its login role and its registry entry.
-pub async fn delete(store: &RegistryStore, id: &str, keep_data: bool) -> Result<(), ProvisionError> {
+pub async fn delete(
+    store: &RegistryStore,
+    id: &str,
+    keep_data: bool,
+) -> Result<(), ProvisionError> {
     if keep_data {
         store.set_status(id, TenantStatus::Suspended, true).await?;
         return Ok(());
     }
-    let t = store.tenant_record(id).await?.ok_or_else(|| RegistryError::NotFound {
-        kind: "tenant",
-        id: id.to_string(),
-    })?;
+    let t = store
+        .tenant_record(id)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind: "tenant",
+            id: id.to_string(),
+        })?;
     // Proxies stop serving it and close its sessions before anything is dropped.
     store.set_status(id, TenantStatus::Deleted, true).await?;
     let err = server_err(&t.server);
@@ -390,7 +477,10 @@ pub async fn delete(store: &RegistryStore, id: &str, keep_data: bool) -> Result<
         .await
         .map_err(&err)?;
     let db_exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&t.database])
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&t.database],
+        )
         .await
         .map_err(&err)?
         .is_some();
@@ -407,9 +497,12 @@ pub async fn delete(store: &RegistryStore, id: &str, keep_data: bool) -> Result<
         Tier::Schema if db_exists => {
             let db = admin_client(store, &t.server, &t.database).await?;
             let s = t.schema.clone().unwrap_or_else(|| schema_name(id));
-            db.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&s)))
-                .await
-                .map_err(&err)?;
+            db.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(&s)
+            ))
+            .await
+            .map_err(&err)?;
             drop_owned(&db, &role).await.map_err(&err)?;
         }
         Tier::Row if db_exists => {
@@ -427,7 +520,10 @@ pub async fn delete(store: &RegistryStore, id: &str, keep_data: bool) -> Result<
                 quote_literal(id)
             ));
             if db
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("public.{ROW_TENANTS_TABLE}")])
+                .query_one(
+                    "SELECT to_regclass($1) IS NOT NULL",
+                    &[&format!("public.{ROW_TENANTS_TABLE}")],
+                )
                 .await
                 .map_err(&err)?
                 .get::<_, bool>(0)
@@ -469,10 +565,13 @@ async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error
 /// Gives a tenant's login role a new random password, on the server and (sealed) in the
 /// registry; running proxies pick it up through the registry.
 pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(), ProvisionError> {
-    let t = store.tenant_record(id).await?.ok_or_else(|| RegistryError::NotFound {
-        kind: "tenant",
-        id: id.to_string(),
-    })?;
+    let t = store
+        .tenant_record(id)
+        .await?
+        .ok_or_else(|| RegistryError::NotFound {
+            kind: "tenant",
+            id: id.to_string(),
+        })?;
     let role = backend_role(id);
     let password = random_password();
     let admin = admin_client(store, &t.server, "postgres").await?;

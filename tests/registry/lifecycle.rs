@@ -1,0 +1,342 @@
+//! `tenant create` provisions for real in each tier, `tenant delete` removes every trace, a
+//! create killed halfway completes on retry, and `tenant dump` exports one tenant only.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+async fn exists(f: &Fixture, sql: &str, db: &str) -> bool {
+    f.admin(db)
+        .await
+        .query_opt(sql, &[])
+        .await
+        .unwrap()
+        .is_some()
+}
+
+async fn create_connect_delete(tier: &str, id: &str) {
+    let f = fixture();
+    let reg = f.registry(&id.replace('-', "")).await;
+    reg.create(id, tier);
+    let proxy = f.proxy(reg.config.clone());
+    let c = connect(proxy.addr, id)
+        .await
+        .expect("connect through the proxy");
+    c.execute(
+        "INSERT INTO accounts (owner) VALUES ('first customer')",
+        &[],
+    )
+    .await
+    .expect("the tenant's role may write its tables");
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    // Least privilege: no DDL, no migration history.
+    let e = c
+        .batch_execute("CREATE TABLE sneaky (x int)")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
+    let e = c
+        .batch_execute("DELETE FROM pgtenant_migrations")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
+    drop(c);
+
+    let out = reg.cli(&["tenant", "delete", id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let role = format!("{id}_app");
+    assert!(
+        !exists(
+            f,
+            &format!("SELECT 1 FROM pg_roles WHERE rolname = '{role}'"),
+            "postgres"
+        )
+        .await
+    );
+    let store = reg.store().await;
+    assert!(store.tenant_record(id).await.unwrap().is_none());
+    let r = reg.config.registry.as_ref().unwrap();
+    match tier {
+        "database" => assert!(
+            !exists(
+                f,
+                &format!("SELECT 1 FROM pg_database WHERE datname = '{id}'"),
+                "postgres"
+            )
+            .await
+        ),
+        "schema" => assert!(
+            !exists(
+                f,
+                &format!(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = '{}'",
+                    id.replace('-', "_")
+                ),
+                &r.schema_database
+            )
+            .await
+        ),
+        _ => {
+            assert!(
+                !exists(
+                    f,
+                    &format!("SELECT 1 FROM accounts WHERE tenant_id = '{id}'"),
+                    &r.row_database
+                )
+                .await
+            );
+            assert!(
+                !exists(
+                    f,
+                    &format!("SELECT 1 FROM pgtenant_tenants WHERE id = '{id}'"),
+                    &r.row_database
+                )
+                .await
+            );
+        }
+    }
+    let e = refused_within(proxy.addr, id, "3D000", Duration::from_secs(3)).await;
+    assert!(e.contains("does not exist"), "{e}");
+}
+
+#[tokio::test]
+async fn database_tier_create_connect_delete() {
+    create_connect_delete("database", "life-db").await;
+}
+
+#[tokio::test]
+async fn schema_tier_create_connect_delete() {
+    create_connect_delete("schema", "life-schema").await;
+}
+
+#[tokio::test]
+async fn row_tier_create_connect_delete() {
+    create_connect_delete("row", "life-row").await;
+}
+
+#[tokio::test]
+async fn row_tier_tables_get_rls_policies_that_hide_other_tenants() {
+    let f = fixture();
+    let reg = f.registry("rls").await;
+    reg.create("rls-a", "row");
+    reg.create("rls-b", "row");
+    let proxy = f.proxy(reg.config.clone());
+    let a = connect(proxy.addr, "rls-a").await.unwrap();
+    let b = connect(proxy.addr, "rls-b").await.unwrap();
+    a.execute("INSERT INTO accounts (owner) VALUES ('only a')", &[])
+        .await
+        .unwrap();
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM accounts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "b sees none of a's rows");
+    let e = b
+        .execute(
+            "INSERT INTO accounts (tenant_id, owner) VALUES ('rls-a', 'forged')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
+}
+
+#[tokio::test]
+async fn delete_with_keep_data_only_suspends() {
+    let f = fixture();
+    let reg = f.registry("keep").await;
+    reg.create("keep-a", "database");
+    let out = reg.cli(&["tenant", "delete", "keep-a", "--keep-data"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let store = reg.store().await;
+    assert_eq!(
+        store.tenant_record("keep-a").await.unwrap().unwrap().status,
+        "suspended"
+    );
+    assert!(
+        exists(
+            f,
+            "SELECT 1 FROM pg_database WHERE datname = 'keep-a'",
+            "postgres"
+        )
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_create_killed_halfway_completes_when_run_again() {
+    let f = fixture();
+    let reg = f.registry("crash").await;
+    let proxy = f.proxy(reg.config.clone());
+    for (id, step) in [
+        ("crash-a", "registered"),
+        ("crash-b", "role"),
+        ("crash-c", "storage"),
+        ("crash-d", "migrated"),
+    ] {
+        let out = reg.cli_env(
+            &[
+                "tenant",
+                "create",
+                id,
+                "--tier",
+                "schema",
+                "--password-stdin",
+            ],
+            Some(PASSWORD),
+            &[("PGTENANT_CRASH_AFTER", step)],
+        );
+        assert!(!out.status.success(), "the create was killed after {step}");
+        // Half a tenant is listed as such and never served.
+        let list = reg.cli(&["tenant", "list"]);
+        assert!(
+            stdout(&list).contains("provisioning unfinished"),
+            "{}",
+            stdout(&list)
+        );
+        let e = connect(proxy.addr, id).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("3D000"));
+        reg.create(id, "schema");
+        let c = connect_within(proxy.addr, id, Duration::from_secs(3))
+            .await
+            .expect("served after the retry");
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM accounts", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0);
+    }
+}
+
+#[tokio::test]
+async fn creating_an_existing_tenant_is_refused() {
+    let f = fixture();
+    let reg = f.registry("dup").await;
+    reg.create("dup-a", "row");
+    let out = reg.cli_stdin(
+        &[
+            "tenant",
+            "create",
+            "dup-a",
+            "--tier",
+            "row",
+            "--password-stdin",
+        ],
+        PASSWORD,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+}
+
+#[tokio::test]
+async fn list_json_lists_every_tenant() {
+    let f = fixture();
+    let reg = f.registry("list").await;
+    reg.create("list-a", "row");
+    reg.create("list-b", "schema");
+    let out = reg.cli(&["tenant", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["list-a", "list-b"]);
+    assert!(
+        !stdout(&out).contains("pgt1$"),
+        "no sealed values in the output"
+    );
+}
+
+#[tokio::test]
+async fn a_row_tier_dump_holds_the_tenants_rows_and_no_others() {
+    let f = fixture();
+    let reg = f.registry("rowdump").await;
+    reg.create("rowdump-a", "row");
+    reg.create("rowdump-b", "row");
+    let proxy = f.proxy(reg.config.clone());
+    let a = connect(proxy.addr, "rowdump-a").await.unwrap();
+    let b = connect(proxy.addr, "rowdump-b").await.unwrap();
+    a.execute("INSERT INTO accounts (owner) VALUES ('Alice of A')", &[])
+        .await
+        .unwrap();
+    b.execute("INSERT INTO accounts (owner) VALUES ('Bob of B')", &[])
+        .await
+        .unwrap();
+    let out = reg.cli(&["tenant", "dump", "rowdump-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("Alice of A"), "{text}");
+    assert!(!text.contains("Bob of B"), "{text}");
+    assert!(text.contains("COPY public.\"accounts\""), "{text}");
+
+    // It restores with psql into an empty copy of the shared tables.
+    let admin = f.admin("postgres").await;
+    let target = format!("restore_{}", reg.name);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {target}"))
+        .await
+        .unwrap();
+    let t = f.admin(&target).await;
+    t.batch_execute(V1).await.unwrap();
+    let path = reg.path("a.sql");
+    std::fs::write(&path, &text).unwrap();
+    let psql = std::process::Command::new(f.bindir.join("psql"))
+        .args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            &f.host,
+            "-p",
+            &f.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            &target,
+            "-f",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(psql.status.success(), "{}", stderr(&psql));
+    let owners: Vec<String> = t
+        .query("SELECT owner FROM accounts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(owners, vec!["Alice of A".to_string()]);
+}
+
+#[tokio::test]
+async fn a_schema_tier_dump_holds_only_that_schema() {
+    let f = fixture();
+    let reg = f.registry("schdump").await;
+    reg.create("schdump-a", "schema");
+    reg.create("schdump-b", "schema");
+    let proxy = f.proxy(reg.config.clone());
+    let a = connect(proxy.addr, "schdump-a").await.unwrap();
+    let b = connect(proxy.addr, "schdump-b").await.unwrap();
+    a.execute("INSERT INTO accounts (owner) VALUES ('Ann')", &[])
+        .await
+        .unwrap();
+    b.execute("INSERT INTO accounts (owner) VALUES ('Ben')", &[])
+        .await
+        .unwrap();
+    let out = reg.cli(&["tenant", "dump", "schdump-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("Ann"));
+    assert!(!text.contains("Ben"));
+    assert!(!text.contains("schdump_b"));
+}

@@ -1,0 +1,9 @@
+//! The registry database, its encryption, hot reload, tenant lifecycle, migrations and dumps,
+//! against a real PostgreSQL.
+
+mod support;
+
+mod encryption;
+mod lifecycle;
+mod migrations;
+mod reload;

@@ -1,0 +1,209 @@
+//! A running proxy sees each kind of registry change without a restart.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+/// LISTEN/NOTIFY delivers changes in milliseconds; the margin is for a loaded CI machine.
+const SOON: Duration = Duration::from_secs(3);
+
+#[tokio::test]
+async fn a_tenant_created_after_start_is_served() {
+    let f = fixture();
+    let reg = f.registry("hotnew").await;
+    let proxy = f.proxy(reg.config.clone());
+    let e = connect(proxy.addr, "hotnew-a").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("3D000"));
+    reg.create("hotnew-a", "row");
+    let c = connect_within(proxy.addr, "hotnew-a", SOON)
+        .await
+        .expect("served");
+    let row = c
+        .query_one("SELECT current_setting('pgtenant.tenant_id')", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "hotnew-a");
+}
+
+#[tokio::test]
+async fn suspend_refuses_new_clients_and_resume_admits_them_again() {
+    let f = fixture();
+    let reg = f.registry("hotsusp").await;
+    reg.create("hotsusp-a", "schema");
+    let proxy = f.proxy(reg.config.clone());
+    let kept = connect(proxy.addr, "hotsusp-a").await.expect("connect");
+    assert!(reg
+        .cli(&["tenant", "suspend", "hotsusp-a"])
+        .status
+        .success());
+    let msg = refused_within(proxy.addr, "hotsusp-a", "55000", SOON).await;
+    assert!(msg.contains("suspended"), "{msg}");
+    // Without --terminate, connected clients carry on.
+    kept.simple_query("SELECT 1")
+        .await
+        .expect("existing client unaffected");
+    assert!(reg.cli(&["tenant", "resume", "hotsusp-a"]).status.success());
+    connect_within(proxy.addr, "hotsusp-a", SOON)
+        .await
+        .expect("resumed");
+}
+
+#[tokio::test]
+async fn suspend_with_terminate_closes_clients_and_rolls_back_their_transaction() {
+    let f = fixture();
+    let reg = f.registry("hotterm").await;
+    reg.create("hotterm-a", "database");
+    let proxy = f.proxy(reg.config.clone());
+    let c = connect(proxy.addr, "hotterm-a").await.expect("connect");
+    c.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('half-done')")
+        .await
+        .unwrap();
+    let out = reg.cli(&["tenant", "suspend", "hotterm-a", "--terminate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + SOON;
+    while !c.is_closed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.simple_query("SELECT 1").await.is_err());
+    let admin = f.admin("hotterm-a").await;
+    let n: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE owner = 'half-done'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the open transaction was rolled back");
+}
+
+#[tokio::test]
+async fn a_terminated_client_is_told_why() {
+    let f = fixture();
+    let reg = f.registry("hotwhy").await;
+    reg.create("hotwhy-a", "database");
+    let proxy = f.proxy(reg.config.clone());
+    // psql prints the FATAL a server sends before closing.
+    let psql = f.bindir.join("psql");
+    let url = format!(
+        "postgresql://app.hotwhy-a:{PASSWORD}@{}:{}/hotwhy-a",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    let child = tokio::process::Command::new(psql)
+        .args(["-X", "-At", &url, "-c", "SELECT pg_sleep(30)"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(reg
+        .cli(&["tenant", "suspend", "hotwhy-a", "--terminate"])
+        .status
+        .success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("psql ended")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tenant \"hotwhy-a\" was suspended"), "{err}");
+}
+
+#[tokio::test]
+async fn a_deleted_tenant_is_refused_as_unknown() {
+    let f = fixture();
+    let reg = f.registry("hotdel").await;
+    reg.create("hotdel-a", "schema");
+    let proxy = f.proxy(reg.config.clone());
+    connect(proxy.addr, "hotdel-a").await.expect("connect");
+    let out = reg.cli(&["tenant", "delete", "hotdel-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let msg = refused_within(proxy.addr, "hotdel-a", "3D000", SOON).await;
+    assert!(msg.contains("does not exist"), "{msg}");
+}
+
+/// Backend pids seen by `n` clients that each hold a transaction for a moment at once.
+async fn concurrent_backends(
+    proxy: std::net::SocketAddr,
+    tenant: &str,
+    n: usize,
+) -> std::collections::HashSet<i32> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let tenant = tenant.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(proxy, &tenant).await.expect("connect");
+            let tx = c.transaction().await.unwrap();
+            let pid: i32 = tx
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            tx.batch_execute("SELECT pg_sleep(0.3)").await.unwrap();
+            tx.commit().await.unwrap();
+            pid
+        }));
+    }
+    let mut pids = std::collections::HashSet::new();
+    for t in tasks {
+        pids.insert(t.await.unwrap());
+    }
+    pids
+}
+
+#[tokio::test]
+async fn a_pool_size_change_applies_to_the_running_proxy() {
+    let f = fixture();
+    let reg = f.registry("hotpool").await;
+    reg.create("hotpool-a", "database");
+    let proxy = f.proxy(reg.config.clone());
+    assert!(concurrent_backends(proxy.addr, "hotpool-a", 3).await.len() > 1);
+    let out = reg.cli(&["tenant", "update", "hotpool-a", "--pool-size", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + SOON;
+    while proxy.ctx.registry.tenant("hotpool-a").map(|t| t.pool_size) != Some(1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pool size change not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        concurrent_backends(proxy.addr, "hotpool-a", 3).await.len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn rotated_backend_credentials_are_used_without_a_restart() {
+    let f = fixture();
+    let reg = f.registry("hotcred").await;
+    reg.create("hotcred-a", "row");
+    let proxy = f.proxy(reg.config.clone());
+    let before = connect(proxy.addr, "hotcred-a").await.expect("connect");
+    before.simple_query("SELECT 1").await.unwrap();
+    let out = reg.cli(&["tenant", "update", "hotcred-a", "--rotate-password"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Connections opened from now on need the new password; the proxy has it.
+    let admin = f.admin("postgres").await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'hotcred-a_app'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = connect_within(proxy.addr, "hotcred-a", SOON)
+        .await
+        .expect("connect");
+    let rows = c
+        .query("SELECT 1", &[])
+        .await
+        .expect("a backend opened with the new password");
+    assert_eq!(rows.len(), 1);
+}

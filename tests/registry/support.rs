@@ -1,0 +1,312 @@
+//! Shared fixture for the registry tests: one throwaway cluster that holds registry databases
+//! and tenants, a runtime that outlives every test's own for the proxies, and helpers to make
+//! a registry (its own database, key file, migration directory and shared tier databases) per
+//! test, so tests run in parallel without seeing each other's tenants.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use pgtenant::cluster::PgCluster;
+use pgtenant::config::{Config, RegistryConfig};
+use pgtenant::server::{Proxy, ProxyHandle};
+use pgtenant::tenancy::crypto::MasterKey;
+use pgtenant::tenancy::store::RegistryStore;
+use tokio_postgres::{Client, NoTls};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_pgtenant");
+pub const PASSWORD: &str = "tenant-pw-7Qx";
+
+pub struct Fixture {
+    pub host: String,
+    pub port: u16,
+    pub bindir: PathBuf,
+    pub dir: tempfile::TempDir,
+    rt: tokio::runtime::Handle,
+}
+
+static CLUSTERS: Mutex<Vec<PgCluster>> = Mutex::new(Vec::new());
+static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn stop_clusters() {
+    if let Ok(mut c) = CLUSTERS.lock() {
+        c.clear();
+    }
+}
+
+pub fn fixture() -> &'static Fixture {
+    FIXTURE.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("fixture".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("fixture runtime");
+                let cluster = PgCluster::start().expect("start cluster");
+                unsafe {
+                    libc::atexit(stop_clusters);
+                }
+                let dir = tempfile::tempdir().expect("tempdir");
+                // The cluster runs as the postgres user when tests run as root; pg_dump and
+                // the key files are read by this process only.
+                let f = Fixture {
+                    host: cluster.host().to_string(),
+                    port: cluster.port(),
+                    bindir: cluster.bindir().to_path_buf(),
+                    dir,
+                    rt: rt.handle().clone(),
+                };
+                CLUSTERS.lock().expect("clusters").push(cluster);
+                tx.send(f).expect("send fixture");
+                rt.block_on(std::future::pending::<()>());
+            })
+            .expect("fixture thread");
+        rx.recv().expect("fixture failed to start")
+    })
+}
+
+/// One test's registry: config file, keys, migrations directory.
+pub struct Reg {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+    pub config: Config,
+}
+
+pub const V1: &str = "CREATE TABLE accounts (
+    id serial PRIMARY KEY, tenant_id text, owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);";
+
+impl Fixture {
+    pub async fn admin(&self, db: &str) -> Client {
+        let (c, conn) = tokio_postgres::connect(
+            &format!(
+                "host={} port={} user=postgres dbname={db}",
+                self.host, self.port
+            ),
+            NoTls,
+        )
+        .await
+        .expect("admin connect");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        c
+    }
+
+    /// A fresh registry named after `tag`, with V1 in its migrations and the cluster
+    /// registered as server "main".
+    pub async fn registry(&self, tag: &str) -> Reg {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{tag}{n}");
+        let dir = self.dir.path().join(&name);
+        std::fs::create_dir_all(dir.join("migrations")).unwrap();
+        std::fs::write(dir.join("migrations/V1__accounts.sql"), V1).unwrap();
+        std::fs::write(dir.join("key"), MasterKey::generate_text()).unwrap();
+        let admin = self.admin("postgres").await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE reg_{name}"))
+            .await
+            .unwrap();
+        let mut config = Config::empty();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        let mut r = RegistryConfig::new(
+            format!(
+                "host={} port={} user=postgres dbname=reg_{name}",
+                self.host, self.port
+            ),
+            "file:key",
+        );
+        r.migrations = Some("migrations".into());
+        r.schema_database = format!("schemas_{name}");
+        r.row_database = format!("rows_{name}");
+        r.resync_interval = 30;
+        config.registry = Some(r);
+        let config_path = dir.join("proxy.toml");
+        std::fs::write(&config_path, config.to_toml()).unwrap();
+        let reg = Reg {
+            name,
+            dir,
+            config: Config::load(&config_path).unwrap(),
+            config_path,
+        };
+        let out = reg.cli(&[
+            "server",
+            "add",
+            "main",
+            "--host",
+            &self.host,
+            "--port",
+            &self.port.to_string(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        reg
+    }
+
+    /// A proxy for `config` on the fixture runtime, so it outlives the calling test's runtime.
+    pub fn proxy(&self, config: Config) -> ProxyHandle {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.spawn(async move {
+            let p = Proxy::bind(config).await.expect("proxy starts");
+            tx.send(p.spawn()).ok();
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("proxy started")
+    }
+
+    pub fn pg_dump(&self) -> PathBuf {
+        self.bindir.join("pg_dump")
+    }
+}
+
+impl Reg {
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_env(args, None, &[])
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        self.cli_env(args, Some(stdin), &[])
+    }
+
+    pub fn cli_env(&self, args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]) -> Output {
+        use std::io::Write;
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "warn")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("run pgtenant");
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        child.wait_with_output().expect("pgtenant output")
+    }
+
+    /// `tenant create ID --tier T` with the test password for user `app`.
+    pub fn create(&self, id: &str, tier: &str) {
+        let out = self.cli_stdin(
+            &[
+                "tenant",
+                "create",
+                id,
+                "--tier",
+                tier,
+                "--server",
+                "main",
+                "--password-stdin",
+            ],
+            PASSWORD,
+        );
+        assert!(out.status.success(), "create {id}: {}", stderr(&out));
+    }
+
+    pub async fn store(&self) -> RegistryStore {
+        RegistryStore::open(
+            self.config.registry.as_ref().unwrap(),
+            &self.config.row_tenant_setting,
+        )
+        .await
+        .expect("open registry")
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+/// Connects through a proxy as `app.<tenant>`.
+pub async fn connect(
+    proxy: std::net::SocketAddr,
+    tenant: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=app.{tenant} dbname={tenant} password={PASSWORD}",
+            proxy.ip(),
+            proxy.port()
+        ),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(c)
+}
+
+/// Retries `connect` until it succeeds (or returns the last error after `within`).
+pub async fn connect_within(
+    proxy: std::net::SocketAddr,
+    tenant: &str,
+    within: Duration,
+) -> Result<Client, tokio_postgres::Error> {
+    let deadline = Instant::now() + within;
+    loop {
+        match connect(proxy, tenant).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Waits until connecting fails with `code` (the registry change reached the proxy).
+pub async fn refused_within(
+    proxy: std::net::SocketAddr,
+    tenant: &str,
+    code: &str,
+    within: Duration,
+) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        match connect(proxy, tenant).await {
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == code) => {
+                return e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_default();
+            }
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "not refused with {code} in time: {:?}",
+                    other.err()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
