@@ -70,6 +70,45 @@ fn check_config_names_the_field_of_a_semantic_error() {
 }
 
 #[test]
+fn check_config_refuses_a_password_in_the_registry_url() {
+    let (code, err) = check(
+        "[registry]\nurl = \"host=db user=pgtenant password=hunter2 dbname=registry\"\nkey = \"env:K\"\n",
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("registry.url: must not contain a password"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn check_config_refuses_a_key_that_is_not_a_file_or_variable() {
+    let (code, err) = check("[registry]\nurl = \"host=db dbname=r\"\nkey = \"hunter2\"\n");
+    assert_eq!(code, 2);
+    assert!(err.contains("registry.key"), "{err}");
+}
+
+#[test]
+fn registry_commands_without_a_registry_section_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(&path, "").unwrap();
+    let out = Command::new(BIN)
+        .args(["tenant", "list", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no [registry] section"));
+}
+
+#[test]
+fn gen_key_prints_a_usable_master_key() {
+    let out = Command::new(BIN).args(["registry", "gen-key"]).output().unwrap();
+    assert!(out.status.success());
+    let key = String::from_utf8_lossy(&out.stdout);
+    assert!(pgtenant::tenancy::crypto::MasterKey::from_text(key.trim()).is_some());
+}
+
+#[test]
 fn check_config_refuses_a_clear_text_password_where_a_verifier_belongs() {
     let (code, err) = check(
         "[[servers]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 5432\n\

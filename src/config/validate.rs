@@ -39,6 +39,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         if r.url.trim().is_empty() {
             return Err(ConfigError::invalid("registry.url", "must not be empty"));
         }
+        match r.url.parse::<tokio_postgres::Config>() {
+            Err(e) => {
+                return Err(ConfigError::invalid(
+                    "registry.url",
+                    format!("is not a connection string: {e}"),
+                ))
+            }
+            Ok(pg) if pg.get_password().is_some() => {
+                return Err(ConfigError::invalid(
+                    "registry.url",
+                    "must not contain a password; put it in the environment variable named by registry.password_env",
+                ))
+            }
+            Ok(_) => {}
+        }
         for (field, k) in std::iter::once(("registry.key".to_string(), &r.key)).chain(
             r.old_keys
                 .iter()

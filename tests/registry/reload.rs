@@ -207,3 +207,36 @@ async fn rotated_backend_credentials_are_used_without_a_restart() {
         .expect("a backend opened with the new password");
     assert_eq!(rows.len(), 1);
 }
+
+#[tokio::test]
+async fn several_proxies_sharing_a_registry_all_see_a_change() {
+    let f = fixture();
+    let reg = f.registry("hotmany").await;
+    reg.create("hotmany-a", "database");
+    let one = f.proxy(reg.config.clone());
+    let two = f.proxy(reg.config.clone());
+    connect(one.addr, "hotmany-a").await.expect("first proxy");
+    connect(two.addr, "hotmany-a").await.expect("second proxy");
+    assert!(reg.cli(&["tenant", "suspend", "hotmany-a"]).status.success());
+    refused_within(one.addr, "hotmany-a", "55000", SOON).await;
+    refused_within(two.addr, "hotmany-a", "55000", SOON).await;
+}
+
+#[tokio::test]
+async fn the_proxy_reconnects_to_a_restarted_registry_and_catches_up() {
+    let f = fixture();
+    let mut registry_server = pgtenant::cluster::PgCluster::start().expect("registry cluster");
+    let reg = f
+        .registry_at("hotrestart", registry_server.host(), registry_server.port())
+        .await;
+    reg.create("hotrestart-a", "schema");
+    let proxy = f.proxy(reg.config.clone());
+    connect(proxy.addr, "hotrestart-a").await.expect("connect");
+
+    registry_server.restart().expect("restart the registry");
+    // Served from the last snapshot while the registry was away.
+    connect(proxy.addr, "hotrestart-a").await.expect("served meanwhile");
+    assert!(reg.cli(&["tenant", "suspend", "hotrestart-a"]).status.success());
+    // Backoff tops out at 5 s between attempts; the reload on reconnect brings the change.
+    refused_within(proxy.addr, "hotrestart-a", "55000", Duration::from_secs(15)).await;
+}

@@ -104,13 +104,27 @@ impl Fixture {
     /// A fresh registry named after `tag`, with V1 in its migrations and the cluster
     /// registered as server "main".
     pub async fn registry(&self, tag: &str) -> Reg {
+        self.registry_at(tag, &self.host, self.port).await
+    }
+
+    /// Like `registry`, with the registry database on another server (host, port), whose
+    /// superuser `postgres` is trusted; tenants still live on the fixture's cluster.
+    pub async fn registry_at(&self, tag: &str, host: &str, port: u16) -> Reg {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("{tag}{n}");
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(dir.join("migrations")).unwrap();
         std::fs::write(dir.join("migrations/V1__accounts.sql"), V1).unwrap();
         std::fs::write(dir.join("key"), MasterKey::generate_text()).unwrap();
-        let admin = self.admin("postgres").await;
+        let (admin, conn) = tokio_postgres::connect(
+            &format!("host={host} port={port} user=postgres dbname=postgres"),
+            NoTls,
+        )
+        .await
+        .expect("registry server");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
         admin
             .batch_execute(&format!("CREATE DATABASE reg_{name}"))
             .await
@@ -118,10 +132,7 @@ impl Fixture {
         let mut config = Config::empty();
         config.listen = "127.0.0.1:0".parse().unwrap();
         let mut r = RegistryConfig::new(
-            format!(
-                "host={} port={} user=postgres dbname=reg_{name}",
-                self.host, self.port
-            ),
+            format!("host={host} port={port} user=postgres dbname=reg_{name}"),
             "file:key",
         );
         r.migrations = Some("migrations".into());
