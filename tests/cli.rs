@@ -75,7 +75,10 @@ fn check_config_refuses_a_password_in_the_registry_url() {
         "[registry]\nurl = \"host=db user=pgtenant password=hunter2 dbname=registry\"\nkey = \"env:K\"\n",
     );
     assert_eq!(code, 2);
-    assert!(err.contains("registry.url: must not contain a password"), "{err}");
+    assert!(
+        err.contains("registry.url: must not contain a password"),
+        "{err}"
+    );
     assert!(!err.contains("hunter2"), "{err}");
 }
 
@@ -102,7 +105,10 @@ fn registry_commands_without_a_registry_section_say_so() {
 
 #[test]
 fn gen_key_prints_a_usable_master_key() {
-    let out = Command::new(BIN).args(["registry", "gen-key"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["registry", "gen-key"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let key = String::from_utf8_lossy(&out.stdout);
     assert!(pgtenant::tenancy::crypto::MasterKey::from_text(key.trim()).is_some());

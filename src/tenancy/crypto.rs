@@ -147,12 +147,20 @@ impl Keyring {
         Keyring { current, by_id }
     }
 
+    /// The current key must load. An old key that does not (yet) is skipped with a warning,
+    /// so a proxy can name the next key's file before it exists and pick it up at a rotation.
     pub fn load(current: &KeySource, old: &[KeySource]) -> Result<Keyring, CryptoError> {
         let cur = current.load()?;
         let old = old
             .iter()
-            .map(|s| s.load())
-            .collect::<Result<Vec<_>, _>>()?;
+            .filter_map(|s| match s.load() {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::warn!(error = %e, "old key skipped");
+                    None
+                }
+            })
+            .collect();
         Ok(Keyring::new(cur, old))
     }
 

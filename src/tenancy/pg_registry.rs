@@ -256,6 +256,8 @@ async fn session(
                     take(p);
                 }
                 let Some(r) = reg.upgrade() else { return Ok(()) };
+                // A change may be a rotation to a key whose file just appeared.
+                refresh_keys(store);
                 if everything || tenants.len() > FULL_RELOAD_BURST {
                     r.reload(store, None).await?;
                 } else {
@@ -263,14 +265,20 @@ async fn session(
                 }
             }
             _ = tick.tick() => {
-                // Key files are read again, so a key added for a rotation is picked up.
-                match store::keyring(&store.cfg) {
-                    Ok(k) => store.keys = k,
-                    Err(e) => tracing::warn!(error = %e, "cannot reload the master keys; keeping the loaded ones"),
-                }
+                refresh_keys(store);
                 let Some(r) = reg.upgrade() else { return Ok(()) };
                 r.reload(store, None).await?;
             }
+        }
+    }
+}
+
+/// Reads the key sources again, so a key added for a rotation is picked up without a restart.
+fn refresh_keys(store: &mut RegistryStore) {
+    match store::keyring(&store.cfg) {
+        Ok(k) => store.keys = k,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reload the master keys; keeping the loaded ones")
         }
     }
 }

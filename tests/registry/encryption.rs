@@ -219,9 +219,7 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
     let reg = f.registry("rotate").await;
     reg.create("rotate-a", "database");
     let old_id = reg.store().await.keys.current_id().to_string();
-    // The proxy is told about the new key before the rotation (it accepts both).
-    let new_key = pgtenant::tenancy::crypto::MasterKey::generate_text();
-    std::fs::write(reg.path("key.new"), &new_key).unwrap();
+    // The proxy names the next key's file before it exists, and is never restarted.
     let mut proxy_config = reg.config.clone();
     let r = proxy_config.registry.as_mut().unwrap();
     r.old_keys = vec![format!("file:{}", reg.path("key.new").display())];
@@ -229,6 +227,8 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
     let during = connect(proxy.addr, "rotate-a")
         .await
         .expect("connect before");
+    let new_key = pgtenant::tenancy::crypto::MasterKey::generate_text();
+    std::fs::write(reg.path("key.new"), &new_key).unwrap();
 
     // The CLI's config now names the new key as current and the old one as old.
     let text = std::fs::read_to_string(&reg.config_path).unwrap().replace(
@@ -236,6 +236,7 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
         "key = \"file:key.new\"\nold_keys = [\"file:key\"]",
     );
     std::fs::write(&reg.config_path, text).unwrap();
+    let before = proxy.ctx.registry.tenant("rotate-a").expect("served");
     let out = reg.cli(&["registry", "rotate-key"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
@@ -256,16 +257,41 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
         "nothing is left under the old key: {ids:?}"
     );
 
-    // The open client keeps working, and new clients connect with the re-sealed entry.
+    // The open client keeps working.
     during
         .simple_query("SELECT 1")
         .await
         .expect("client across the rotation");
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The re-sealed entry reached the proxy (a new snapshot entry) and opened.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let t = proxy.ctx.registry.tenant("rotate-a").expect("still served");
+        if !std::sync::Arc::ptr_eq(&t, &before) {
+            assert!(
+                t.unavailable.is_none(),
+                "the proxy opened the re-sealed password"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotation never reached the proxy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Fresh backends are opened with the password the proxy read from the re-sealed entry.
+    f.admin("postgres")
+        .await
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotate-a_app'",
+            &[],
+        )
+        .await
+        .unwrap();
     for _ in 0..3 {
-        let c = connect(proxy.addr, "rotate-a")
+        let c = connect_within(proxy.addr, "rotate-a", std::time::Duration::from_secs(3))
             .await
             .expect("connect after");
-        c.simple_query("SELECT 1").await.unwrap();
+        c.simple_query("SELECT 1").await.expect("a fresh backend");
     }
 }

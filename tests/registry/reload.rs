@@ -217,7 +217,10 @@ async fn several_proxies_sharing_a_registry_all_see_a_change() {
     let two = f.proxy(reg.config.clone());
     connect(one.addr, "hotmany-a").await.expect("first proxy");
     connect(two.addr, "hotmany-a").await.expect("second proxy");
-    assert!(reg.cli(&["tenant", "suspend", "hotmany-a"]).status.success());
+    assert!(reg
+        .cli(&["tenant", "suspend", "hotmany-a"])
+        .status
+        .success());
     refused_within(one.addr, "hotmany-a", "55000", SOON).await;
     refused_within(two.addr, "hotmany-a", "55000", SOON).await;
 }
@@ -235,8 +238,13 @@ async fn the_proxy_reconnects_to_a_restarted_registry_and_catches_up() {
 
     registry_server.restart().expect("restart the registry");
     // Served from the last snapshot while the registry was away.
-    connect(proxy.addr, "hotrestart-a").await.expect("served meanwhile");
-    assert!(reg.cli(&["tenant", "suspend", "hotrestart-a"]).status.success());
+    connect(proxy.addr, "hotrestart-a")
+        .await
+        .expect("served meanwhile");
+    assert!(reg
+        .cli(&["tenant", "suspend", "hotrestart-a"])
+        .status
+        .success());
     // Backoff tops out at 5 s between attempts; the reload on reconnect brings the change.
     refused_within(proxy.addr, "hotrestart-a", "55000", Duration::from_secs(15)).await;
 }
