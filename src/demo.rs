@@ -9,6 +9,7 @@ use rand::Rng;
 use crate::cluster::PgCluster;
 use crate::config::{Config, ServerConfig, TenantConfig, TenantStatus, Tier, UserConfig};
 use crate::frontend::scram::hash_password;
+pub use crate::pg_error::describe_pg_error;
 use crate::secret::Secret;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
@@ -76,17 +77,6 @@ pub fn sample_tenants() -> Vec<SampleTenant> {
 pub enum ProvisionError {
     #[error("provisioning on server \"{server}\" failed: {message}")]
     Sql { server: String, message: String },
-}
-
-/// tokio-postgres prints only "db error"; the server's own words are in the DbError.
-pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
 }
 
 /// The backend login role of a tenant.

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod pg_error;
 pub mod pool;
 pub mod protocol;
 pub mod secret;

@@ -396,6 +396,18 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             } else {
                 users
             };
+            if let Some(u) = users
+                .iter()
+                .find(|u| u.contains(cfg.tenant_separator.as_str()))
+            {
+                return Err(Failure(
+                    format!(
+                        "client user \"{u}\" contains the tenant separator \"{}\"",
+                        cfg.tenant_separator
+                    ),
+                    1,
+                ));
+            }
             let (password, generated) = if password_stdin {
                 (read_stdin_line("password")?, false)
             } else {

@@ -66,7 +66,7 @@ pub async fn dump(
             let mut db = admin_client(store, &t.server, &t.database).await?;
             let e = |e: tokio_postgres::Error| ProvisionError::Server {
                 server: t.server.clone(),
-                message: crate::demo::describe_pg_error(&e),
+                message: crate::pg_error::describe_pg_error(&e),
             };
             let tx = db
                 .build_transaction()

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use crate::config::Tier;
-use crate::demo::describe_pg_error;
+use crate::pg_error::describe_pg_error;
 use crate::tenancy::tier::quote_ident;
 
 use super::store::{RegistryError, RegistryStore, TenantRecord};

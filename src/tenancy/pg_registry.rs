@@ -11,7 +11,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::config::{PoolConfig, RegistryConfig};
-use crate::demo::describe_pg_error;
+use crate::pg_error::describe_pg_error;
 
 use super::registry::{TenantChange, TenantRegistry};
 use super::store::{self, schema::CHANNEL, server_map, to_tenant, RegistryError, RegistryStore};

@@ -12,7 +12,7 @@ use rand::Rng;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{validate, TenantStatus, Tier};
-use crate::demo::describe_pg_error;
+use crate::pg_error::describe_pg_error;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
 use super::migrate::{self, MigrateError, Migration, Place, HISTORY_TABLE};
@@ -127,6 +127,19 @@ pub async fn create(
             "\"{id}\" is not a valid tenant id (1-63 of a-z, 0-9, '_', '-', starting with a letter or digit; not \"{}\")",
             validate::ADMIN_DATABASE
         )));
+    }
+    // The login role `<id>_app` must fit PostgreSQL's 63-byte identifiers.
+    if id.len() > 59 {
+        return Err(ProvisionError::Invalid(format!(
+            "tenant id \"{id}\" is too long for the registry: at most 59 characters"
+        )));
+    }
+    for (user, _) in &req.users {
+        if user.is_empty() || user.contains('\0') {
+            return Err(ProvisionError::Invalid(format!(
+                "client user \"{user}\" must be non-empty"
+            )));
+        }
     }
     let server = match &req.server {
         Some(s) => store.server(s).await?.name,

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::RegistryConfig;
-use crate::demo::describe_pg_error;
+use crate::pg_error::describe_pg_error;
 use crate::tenancy::crypto::{CryptoError, KeySource, Keyring};
 
 pub use records::{
