@@ -14,7 +14,7 @@ use crate::config::Tier;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
 use super::provision::{admin_client, tenant_tables, ProvisionError};
-use super::store::{RegistryError, RegistryStore};
+use super::store::RegistryStore;
 
 /// Writes tenant `id`'s export to `out`.
 pub async fn dump(
@@ -22,13 +22,7 @@ pub async fn dump(
     id: &str,
     out: &mut (dyn Write + Send),
 ) -> Result<(), ProvisionError> {
-    let t = store
-        .tenant_record(id)
-        .await?
-        .ok_or_else(|| RegistryError::NotFound {
-            kind: "tenant",
-            id: id.to_string(),
-        })?;
+    let t = store.tenant(id).await?;
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
     let io = |e: std::io::Error| ProvisionError::Invalid(format!("cannot write the dump: {e}"));
     match tier {

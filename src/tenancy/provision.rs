@@ -223,13 +223,7 @@ pub async fn create(
         store.put_user(id, name, verifier, &role).await?;
     }
     store.finish_tenant(id).await?;
-    Ok(store
-        .tenant_record(id)
-        .await?
-        .ok_or_else(|| RegistryError::NotFound {
-            kind: "tenant",
-            id: id.to_string(),
-        })?)
+    Ok(store.tenant(id).await?)
 }
 
 /// The database or schema or row-tier registration, then migrations and privileges.
@@ -285,13 +279,7 @@ async fn provision_storage(
     }
     crash_point("storage");
 
-    let record = store
-        .tenant_record(id)
-        .await?
-        .ok_or_else(|| RegistryError::NotFound {
-            kind: "tenant",
-            id: id.to_string(),
-        })?;
+    let record = store.tenant(id).await?;
     migrate_one(store, &record, &mut db, migrations).await?;
     Ok(())
 }
@@ -469,13 +457,7 @@ pub async fn delete(
         store.set_status(id, TenantStatus::Suspended, true).await?;
         return Ok(());
     }
-    let t = store
-        .tenant_record(id)
-        .await?
-        .ok_or_else(|| RegistryError::NotFound {
-            kind: "tenant",
-            id: id.to_string(),
-        })?;
+    let t = store.tenant(id).await?;
     // Proxies stop serving it and close its sessions before anything is dropped.
     store.set_status(id, TenantStatus::Deleted, true).await?;
     let err = server_err(&t.server);
@@ -578,13 +560,7 @@ async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error
 /// Gives a tenant's login role a new random password, on the server and (sealed) in the
 /// registry; running proxies pick it up through the registry.
 pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(), ProvisionError> {
-    let t = store
-        .tenant_record(id)
-        .await?
-        .ok_or_else(|| RegistryError::NotFound {
-            kind: "tenant",
-            id: id.to_string(),
-        })?;
+    let t = store.tenant(id).await?;
     let role = backend_role(id);
     let password = random_password();
     let admin = admin_client(store, &t.server, "postgres").await?;

@@ -33,6 +33,15 @@ pub enum RegistryError {
     Invalid(String),
 }
 
+impl RegistryError {
+    pub fn no_tenant(id: &str) -> RegistryError {
+        RegistryError::NotFound {
+            kind: "tenant",
+            id: id.to_string(),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for RegistryError {
     fn from(e: tokio_postgres::Error) -> Self {
         RegistryError::Sql(describe_pg_error(&e))

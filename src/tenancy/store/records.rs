@@ -211,6 +211,13 @@ impl RegistryStore {
         Ok(row.as_ref().map(tenant_from_row))
     }
 
+    /// The tenant's record, or NotFound.
+    pub async fn tenant(&self, id: &str) -> Result<TenantRecord, RegistryError> {
+        self.tenant_record(id)
+            .await?
+            .ok_or_else(|| RegistryError::no_tenant(id))
+    }
+
     /// Tenants with their roles and users: all of them, or just `only`.
     pub async fn tenant_rows(&self, only: Option<&str>) -> Result<Vec<TenantRows>, RegistryError> {
         let tenants = self
@@ -406,10 +413,7 @@ impl RegistryStore {
             )
             .await?;
         if n == 0 {
-            return Err(RegistryError::NotFound {
-                kind: "tenant",
-                id: id.to_string(),
-            });
+            return Err(RegistryError::no_tenant(id));
         }
         Ok(())
     }
@@ -450,10 +454,7 @@ impl RegistryStore {
             )
             .await?;
         if n == 0 {
-            return Err(RegistryError::NotFound {
-                kind: "tenant",
-                id: id.to_string(),
-            });
+            return Err(RegistryError::no_tenant(id));
         }
         Ok(())
     }
