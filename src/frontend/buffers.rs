@@ -29,10 +29,15 @@ pub fn take() -> BytesMut {
 /// Returns a buffer to the stock (or frees it), leaving an unallocated one in its place.
 pub fn give(buf: &mut BytesMut) {
     let mut b = std::mem::take(buf);
+    b.clear();
+    if b.capacity() < BUFFER_SIZE {
+        // A buffer that was read from has advanced past its start; an empty one it owns alone
+        // gets that space back without allocating.
+        b.reserve(BUFFER_SIZE);
+    }
     if b.capacity() < BUFFER_SIZE || b.capacity() > MAX_KEPT {
         return;
     }
-    b.clear();
     STOCK_BUFFERS.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < STOCK {
@@ -53,6 +58,19 @@ mod tests {
         assert_eq!(b.capacity(), 0, "the caller keeps nothing");
         let again = take();
         assert!(again.is_empty());
+        assert!(again.capacity() >= BUFFER_SIZE);
+    }
+
+    #[test]
+    fn a_buffer_read_from_goes_back_to_the_stock_whole() {
+        use bytes::Buf;
+        let mut b = take();
+        let ptr = b.as_ptr();
+        b.extend_from_slice(&[1; 100]);
+        b.advance(60);
+        give(&mut b);
+        let again = take();
+        assert_eq!(again.as_ptr(), ptr, "the same allocation, reused");
         assert!(again.capacity() >= BUFFER_SIZE);
     }
 }

@@ -108,12 +108,13 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             farewell(&mut client, &cancel).await;
             drop(client);
             let how = describe_end(&outcome.end, &who, peer);
-            if let Err(e) =
-                Box::pin(reset::reset(&mut backend, outcome.leftover, reset_timeout)).await
-            {
-                warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+            match Box::pin(reset::reset(&mut backend, outcome.leftover, reset_timeout)).await {
+                Ok(()) => pool.park(backend),
+                Err(e) => {
+                    warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+                    pool.discard(backend);
+                }
             }
-            pool.park(backend);
             (how, outcome.bytes_in, outcome.bytes_out)
         })
         .await,
@@ -153,6 +154,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                     Ok(()) => pool.park(be),
                     Err(e) => {
                         warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
+                        pool.discard(be);
                     }
                 }
             }

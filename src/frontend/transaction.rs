@@ -203,15 +203,14 @@ impl<'a> Engine<'a> {
             }
             let in_tx = self.backend.is_some() && self.tx_status != b'I';
             let idle_limit = self.idle_tx_timeout.filter(|_| in_tx);
+            // Boxed, and only when configured: an inline timer would enlarge (and over-align)
+            // the state every transaction allocates.
+            let mut idle_timer = idle_limit.map(|d| Box::pin(tokio::time::sleep(d)));
             let backend = &mut self.backend;
             tokio::select! {
-                r = client.read_buf(&mut *cbuf) => {
-                    match r {
-                        Ok(0) | Err(_) => return Err(TxEnd::ClientGone),
-                        Ok(n) => self.bytes_in += n as u64,
-                    }
-                    self.on_client_bytes(cbuf).await?;
-                }
+                // Server output first (no random branch order): it is what a transaction
+                // waits for, and the client is only polled when the server has nothing.
+                biased;
                 r = async {
                     match backend {
                         Some(be) => be.read_more().await,
@@ -229,9 +228,16 @@ impl<'a> Engine<'a> {
                     }
                     self.on_server_bytes()?;
                 }
+                r = client.read_buf(&mut *cbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return Err(TxEnd::ClientGone),
+                        Ok(n) => self.bytes_in += n as u64,
+                    }
+                    self.on_client_bytes(cbuf).await?;
+                }
                 _ = async {
-                    match idle_limit {
-                        Some(d) => tokio::time::sleep(d).await,
+                    match idle_timer.as_mut() {
+                        Some(t) => t.as_mut().await,
                         None => std::future::pending().await,
                     }
                 } => {
@@ -360,12 +366,14 @@ impl<'a> Engine<'a> {
                 cbuf.reserve(HEADER_LEN + body_len - cbuf.len());
                 return Ok(());
             }
-            let msg = cbuf.split_to(HEADER_LEN + body_len).freeze();
-            self.on_client_message(tag, msg).await?;
+            // Handled in place (no split_to: that would make the buffer shared and allocate).
+            let n = HEADER_LEN + body_len;
+            self.on_client_message(tag, &cbuf[..n]).await?;
+            cbuf.advance(n);
         }
     }
 
-    async fn on_client_message(&mut self, tag: u8, msg: Bytes) -> Result<(), TxEnd> {
+    async fn on_client_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
         let body = &msg[HEADER_LEN..];
         if !matches!(
             tag,
@@ -393,8 +401,7 @@ impl<'a> Engine<'a> {
         match tag {
             b'Q' => {
                 let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
-                let text = String::from_utf8_lossy(text);
-                let (ops, refusal) = inspect_sql(&text);
+                let (ops, refusal) = inspect_sql(text);
                 if let Some(what) = refusal {
                     let report = refusal_report(what);
                     if self.backend.is_none() {
@@ -411,13 +418,13 @@ impl<'a> Engine<'a> {
                 }
                 self.pending_ops.extend(ops);
                 self.link().await?;
-                self.out.extend_from_slice(&msg);
+                self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Query));
             }
             b'P' => {
                 let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
                 let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
-                let (ops, refusal) = inspect_sql(&String::from_utf8_lossy(query));
+                let (ops, refusal) = inspect_sql(query);
                 if let Some(what) = refusal {
                     self.refuse_extended(refusal_report(what));
                     return Ok(());
@@ -426,7 +433,7 @@ impl<'a> Engine<'a> {
                 self.unsynced = true;
                 if name.is_empty() {
                     self.link().await?;
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::Parse(None)));
                     return Ok(());
                 }
@@ -475,7 +482,7 @@ impl<'a> Engine<'a> {
                             &[portal, b"\0", stmt.global.as_bytes(), b"\0", params],
                         );
                     }
-                    None => self.out.extend_from_slice(&msg),
+                    None => self.out.extend_from_slice(msg),
                 }
                 self.queue.push_back(Item::Client(Resp::Bind));
             }
@@ -494,11 +501,11 @@ impl<'a> Engine<'a> {
                                 &[b"S", stmt.global.as_bytes(), b"\0"],
                             );
                         }
-                        None => self.out.extend_from_slice(&msg),
+                        None => self.out.extend_from_slice(msg),
                     }
                     self.queue.push_back(Item::Client(Resp::DescribeStatement));
                 } else {
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::DescribePortal));
                 }
             }
@@ -513,25 +520,25 @@ impl<'a> Engine<'a> {
                         .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
                 } else {
                     self.link().await?;
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::Close(None)));
                 }
             }
             b'E' => {
                 self.link().await?;
                 self.unsynced = true;
-                self.out.extend_from_slice(&msg);
+                self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Execute));
             }
             b'S' if self.copy => {
                 // PostgreSQL ignores Sync while it is reading COPY data.
                 if self.backend.is_some() {
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                 }
             }
             b'c' | b'f' => {
                 if self.backend.is_some() {
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                     if self.copy {
                         self.copy = false;
                     } else {
@@ -555,23 +562,23 @@ impl<'a> Engine<'a> {
                     return Ok(());
                 }
                 self.link().await?;
-                self.out.extend_from_slice(&msg);
+                self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Sync));
             }
             b'H' => {
                 if self.backend.is_some() {
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                 }
             }
             b'F' => {
                 self.link().await?;
-                self.out.extend_from_slice(&msg);
+                self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::FunctionCall));
             }
             // CopyData: only meaningful with a backend in COPY.
             _ => {
                 if self.backend.is_some() {
-                    self.out.extend_from_slice(&msg);
+                    self.out.extend_from_slice(msg);
                 }
             }
         }
@@ -892,11 +899,13 @@ async fn wait_for_input(client: &mut TcpStream) -> Result<BytesMut, ()> {
 }
 
 /// Setting changes a query makes, and the first thing in it transaction pooling cannot serve.
-fn inspect_sql(text: &str) -> (Vec<SettingOp>, Option<&'static str>) {
+fn inspect_sql(text: &[u8]) -> (Vec<SettingOp>, Option<&'static str>) {
     let mut ops = Vec::new();
     if !may_matter(text) {
         return (ops, None);
     }
+    let text = String::from_utf8_lossy(text);
+    let text: &str = &text;
     for stmt in statements(text) {
         match classify(stmt) {
             Statement::Unsupported(what) => return (ops, Some(what)),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use dashmap::DashMap;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 
 use crate::backend::{BackendError, ConnectSpec};
 use crate::config::PoolConfig;
@@ -71,9 +71,8 @@ pub struct TenantPool {
     names: DashMap<Bytes, Arc<str>>,
     /// Global names that some backend has parsed successfully: valid SQL for this pool.
     parsed: DashMap<Arc<str>, ()>,
-    /// Connections between transactions, most recently used last.
-    parked: std::sync::Mutex<Parked>,
-    parked_ready: Notify,
+    /// Connections between transactions and clients waiting for one.
+    idle: std::sync::Mutex<Idle>,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
@@ -136,77 +135,121 @@ impl TenantPool {
     }
 
     /// A connection: a parked one if any (the hot path: a lock and a pop, no timer), else one
-    /// from bb8, which creates connections up to the pool size. Fails as soon as a connect
+    /// from bb8 while it may open more, else the next one a finishing transaction hands over
+    /// (first come, first served, as PgBouncer queues its clients). Fails as soon as a connect
     /// attempt fails (bb8 alone would keep retrying until the wait timeout and then report only
     /// the timeout), or after `query_wait_timeout`.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
-        if let Some(be) = self.unpark() {
+        if let Some((be, _)) = self.idle.lock().ok().and_then(|mut i| i.parked.pop()) {
             return Ok(be);
         }
+        // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
+        // transaction's state, though the fast path above serves most transactions.
+        Box::pin(self.checkout_slow()).await
+    }
+
+    async fn checkout_slow(&self) -> Result<Box<PooledBackend>, PoolError> {
         let deadline = tokio::time::Instant::now() + self.wait;
         loop {
-            let parked = self.parked_ready.notified();
+            // In the queue for a handover in every case: while bb8 opens a connection for
+            // us, one parked meanwhile by a finishing transaction must not pass us by.
+            let (rx, bb8_can_serve) = {
+                let Ok(mut idle) = self.idle.lock() else {
+                    return Err(PoolError::Timeout(self.wait));
+                };
+                if let Some((be, _)) = idle.parked.pop() {
+                    return Ok(be);
+                }
+                let (tx, rx) = oneshot::channel();
+                idle.waiters.retain(|w| !w.is_closed());
+                idle.waiters.push_back(tx);
+                let state = self.pool.state();
+                (
+                    rx,
+                    state.idle_connections > 0 || state.connections < self.max_size,
+                )
+            };
             let failed = self.failures.notify.notified();
-            tokio::pin!(parked, failed);
-            parked.as_mut().enable();
+            tokio::pin!(failed);
             failed.as_mut().enable();
-            // Checked after registering, so a connection parked meanwhile is not missed.
-            if let Some(be) = self.unpark() {
-                return Ok(be);
-            }
-            let state = self.pool.state();
-            let bb8_can_serve = state.idle_connections > 0 || state.connections < self.max_size;
-            if !bb8_can_serve {
-                // Every connection exists and is busy: wait for one to be parked. Re-check
-                // now and then, in case one was dropped (broken) instead, freeing a slot.
-                let wake = (tokio::time::Instant::now() + Duration::from_millis(100)).min(deadline);
+            if bb8_can_serve {
                 tokio::select! {
-                    _ = parked => continue,
-                    _ = tokio::time::sleep_until(wake) => {
-                        if wake >= deadline {
-                            return Err(PoolError::Timeout(self.wait));
-                        }
-                        continue;
+                    got = tokio::time::timeout_at(deadline, self.pool.get_owned()) => {
+                        return match got {
+                            Ok(Ok(be)) => Ok(Box::new(be)),
+                            Ok(Err(bb8::RunError::User(e))) => Err(PoolError::Backend(e)),
+                            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Timeout(self.wait)),
+                        };
                     }
+                    got = rx => match got {
+                        Ok(Handoff::Conn(be)) => return Ok(be),
+                        Ok(Handoff::Retry) | Err(_) => continue,
+                    },
+                    _ = failed => return Err(self.failure()),
                 }
             }
+            // Every connection exists and is busy. A connection dropped rather than parked
+            // frees a slot without a handover, so look again now and then.
+            let wake = (tokio::time::Instant::now() + RECHECK).min(deadline);
             tokio::select! {
-                got = tokio::time::timeout_at(deadline, self.pool.get_owned()) => {
-                    return match got {
-                        Ok(Ok(be)) => Ok(Box::new(be)),
-                        Ok(Err(bb8::RunError::User(e))) => Err(PoolError::Backend(e)),
-                        Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Timeout(self.wait)),
-                    };
-                }
-                _ = parked => {}
-                _ = failed => {
-                    return Err(self
-                        .failures
-                        .take()
-                        .map(PoolError::Backend)
-                        .unwrap_or(PoolError::Timeout(self.wait)));
-                }
+                got = tokio::time::timeout_at(wake, rx) => match got {
+                    Ok(Ok(Handoff::Conn(be))) => return Ok(be),
+                    Ok(Ok(Handoff::Retry)) | Ok(Err(_)) => continue,
+                    Err(_) if wake >= deadline => return Err(PoolError::Timeout(self.wait)),
+                    Err(_) => continue,
+                },
+                _ = failed => return Err(self.failure()),
             }
         }
     }
 
-    /// Keeps a clean, idle connection for the pool's next transaction. Connections parked for
-    /// longer than `PARK_MAX` go back to bb8, whose idle timeout and lifetime then apply.
+    fn failure(&self) -> PoolError {
+        self.failures
+            .take()
+            .map(PoolError::Backend)
+            .unwrap_or(PoolError::Timeout(self.wait))
+    }
+
+    /// Keeps a clean, idle connection for the pool's next transaction: handed straight to the
+    /// longest-waiting client if there is one, else parked. Connections parked for longer than
+    /// `PARK_MAX` go back to bb8, whose idle timeout and lifetime then apply.
     pub fn park(&self, be: Box<PooledBackend>) {
         if be.is_broken() || self.is_retired() {
+            self.discard(be);
             return;
         }
+        let mut be = be;
         let now = Instant::now();
-        let stale = match self.parked.lock() {
-            Ok(mut p) => {
-                let stale = take_stale(&mut p, now);
-                p.push((be, now));
+        let stale = match self.idle.lock() {
+            Ok(mut idle) => {
+                while let Some(w) = idle.waiters.pop_front() {
+                    match w.send(Handoff::Conn(be)) {
+                        Ok(()) => return,
+                        // That client gave up waiting.
+                        Err(Handoff::Conn(back)) => be = back,
+                        Err(Handoff::Retry) => return,
+                    }
+                }
+                let stale = take_stale(&mut idle.parked, now);
+                idle.parked.push((be, now));
                 stale
             }
             Err(_) => Vec::new(),
         };
         drop(stale);
-        self.parked_ready.notify_one();
+    }
+
+    /// Closes a connection that must not be reused, and lets a waiting client open another in
+    /// its place.
+    pub fn discard(&self, be: Box<PooledBackend>) {
+        drop(be);
+        if let Ok(mut idle) = self.idle.lock() {
+            while let Some(w) = idle.waiters.pop_front() {
+                if w.send(Handoff::Retry).is_ok() {
+                    break;
+                }
+            }
+        }
     }
 
     pub fn is_retired(&self) -> bool {
@@ -230,21 +273,29 @@ impl TenantPool {
         }
         self.retired.store(true, Ordering::Relaxed);
         // Idle connections close now; busy ones close when their clients are done.
-        drop(self.parked.lock().map(|mut p| std::mem::take(&mut *p)));
+        let (parked, waiters) = match self.idle.lock() {
+            Ok(mut i) => (
+                std::mem::take(&mut i.parked),
+                std::mem::take(&mut i.waiters),
+            ),
+            Err(_) => return,
+        };
+        drop(parked);
+        // Waiting clients go on to the successor at their next transaction, or open a
+        // connection here for this one.
+        for w in waiters {
+            let _ = w.send(Handoff::Retry);
+        }
     }
 
     pub fn tenant(&self) -> &Arc<Tenant> {
         &self.tenant
     }
 
-    fn unpark(&self) -> Option<Box<PooledBackend>> {
-        self.parked.lock().ok()?.pop().map(|(be, _)| be)
-    }
-
     /// Returns connections parked longer than `PARK_MAX` to bb8.
     fn release_stale(&self) {
-        let stale = match self.parked.lock() {
-            Ok(mut p) => take_stale(&mut p, Instant::now()),
+        let stale = match self.idle.lock() {
+            Ok(mut i) => take_stale(&mut i.parked, Instant::now()),
             Err(_) => Vec::new(),
         };
         drop(stale);
@@ -256,6 +307,24 @@ impl TenantPool {
 }
 
 type Parked = Vec<(Box<PooledBackend>, Instant)>;
+
+/// What a finishing transaction hands a waiting client.
+enum Handoff {
+    Conn(Box<PooledBackend>),
+    /// A slot was freed (a connection closed): try bb8 again.
+    Retry,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// Most recently used last.
+    parked: Parked,
+    /// Clients waiting for a connection, longest-waiting first.
+    waiters: std::collections::VecDeque<oneshot::Sender<Handoff>>,
+}
+
+/// How often a waiting client looks at the pool again in case a slot was freed silently.
+const RECHECK: Duration = Duration::from_secs(1);
 
 /// Removes the connections parked longer than `PARK_MAX` (the oldest come first); the caller
 /// drops them outside the lock, which hands them back to bb8.
@@ -426,8 +495,7 @@ impl Pools {
             wait,
             names: DashMap::new(),
             parsed: DashMap::new(),
-            parked: std::sync::Mutex::new(Vec::new()),
-            parked_ready: Notify::new(),
+            idle: std::sync::Mutex::new(Idle::default()),
             clients: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }

@@ -136,7 +136,7 @@ impl Scanner {
 
 /// Reads a NUL-terminated string from the front of `buf`, returning it and the rest.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    let end = memchr::memchr(0, buf)?;
     Some((&buf[..end], &buf[end + 1..]))
 }
 

@@ -179,8 +179,13 @@ const INTERESTING: &[&str] = &[
 
 /// True when `sql` may hold something `classify` would not call `Other`. A cheap test without
 /// allocation, so the common single query (SELECT/INSERT/UPDATE/...) skips the lexer.
-pub fn may_matter(sql: &str) -> bool {
-    let b = sql.trim_start().as_bytes();
+pub fn may_matter(sql: impl AsRef<[u8]>) -> bool {
+    let b = sql.as_ref();
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let b = &b[start..];
     if b.starts_with(b"--") || b.starts_with(b"/*") {
         return true;
     }
@@ -193,20 +198,19 @@ pub fn may_matter(sql: &str) -> bool {
         return true;
     }
     // More than one statement, or a session advisory lock anywhere.
-    let body = sql.trim_end().trim_end_matches(';');
-    body.contains(';') || contains_advisory(b)
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace() && *c != b';')
+        .map_or(0, |i| i + 1);
+    memchr::memchr(b';', &b[..end]).is_some() || contains_advisory(b)
 }
 
+/// "advisory" in any case. Searched from its rare last letter with memchr: this runs on every
+/// query of every transaction.
 fn contains_advisory(b: &[u8]) -> bool {
     const NEEDLE: &[u8] = b"advisory";
-    let mut i = 0;
-    while i + NEEDLE.len() <= b.len() {
-        if (b[i] | 0x20) == b'a' && b[i..i + NEEDLE.len()].eq_ignore_ascii_case(NEEDLE) {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    memchr::memchr2_iter(b'y', b'Y', b)
+        .any(|i| i + 1 >= NEEDLE.len() && b[i + 1 - NEEDLE.len()..=i].eq_ignore_ascii_case(NEEDLE))
 }
 
 pub fn classify(stmt: &str) -> Statement<'_> {
