@@ -328,11 +328,13 @@ async fn ensure_login_role(
         .await?
         .is_some();
     let verb = if exists { "ALTER" } else { "CREATE" };
+    // The server gets a SCRAM verifier, never the password: statement text can end up in the
+    // server log (a failed statement is logged) and in pg_stat_activity.
     admin
         .batch_execute(&format!(
             "{verb} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
             quote_ident(role),
-            quote_literal(password)
+            quote_literal(&crate::frontend::scram::hash_password(password))
         ))
         .await
 }

@@ -295,3 +295,34 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
         c.simple_query("SELECT 1").await.expect("a fresh backend");
     }
 }
+
+#[tokio::test]
+async fn the_server_log_never_sees_a_tenant_password() {
+    let f = fixture();
+    let admin = f.admin("postgres").await;
+    admin
+        .batch_execute("ALTER SYSTEM SET log_statement = 'ddl'")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    let reg = f.registry("srvlog").await;
+    reg.create("srvlog-a", "schema");
+    let out = reg.cli(&["tenant", "update", "srvlog-a", "--rotate-password"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let password = reg
+        .store()
+        .await
+        .role_password("srvlog-a", "srvlog-a_app")
+        .await
+        .unwrap()
+        .expect("role password");
+    let log = std::fs::read_to_string(&f.server_log).unwrap();
+    assert!(log.contains("ROLE \"srvlog-a_app\""), "DDL is logged");
+    assert!(
+        !log.contains(password.expose()),
+        "the server log holds the tenant's password"
+    );
+}

@@ -25,6 +25,8 @@ pub struct Fixture {
     pub host: String,
     pub port: u16,
     pub bindir: PathBuf,
+    /// The cluster's server log.
+    pub server_log: PathBuf,
     pub dir: tempfile::TempDir,
     rt: tokio::runtime::Handle,
 }
@@ -61,6 +63,7 @@ pub fn fixture() -> &'static Fixture {
                     host: cluster.host().to_string(),
                     port: cluster.port(),
                     bindir: cluster.bindir().to_path_buf(),
+                    server_log: cluster.dir().join("postgres.log"),
                     dir,
                     rt: rt.handle().clone(),
                 };
