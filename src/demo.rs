@@ -127,7 +127,7 @@ pub async fn provision(
                 .batch_execute(&format!(
                     "CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD {}",
                     quote_ident(&role),
-                    quote_literal(&password)
+                    quote_literal(&hash_password(&password))
                 ))
                 .await
                 .map_err(err)?;
