@@ -340,3 +340,21 @@ async fn a_schema_tier_dump_holds_only_that_schema() {
     assert!(!text.contains("Ben"));
     assert!(!text.contains("schdump_b"));
 }
+
+#[tokio::test]
+async fn a_replica_must_be_a_registered_server() {
+    let f = fixture();
+    let reg = f.registry("repl").await;
+    reg.create("repl-a", "database");
+    let out = reg.cli(&["tenant", "update", "repl-a", "--replica", "nowhere"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("replica \"nowhere\" is not a registered server"),
+        "{}",
+        stderr(&out)
+    );
+    let out = reg.cli(&["tenant", "update", "repl-a", "--replica", "main", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["replicas"], serde_json::json!(["main"]));
+}

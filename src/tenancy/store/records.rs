@@ -280,6 +280,27 @@ impl RegistryStore {
         Ok(by_id.into_values().collect())
     }
 
+    /// Refuses replica names that are not registered servers.
+    async fn check_replicas(&self, replicas: Option<&Vec<String>>) -> Result<(), RegistryError> {
+        let Some(names) = replicas else {
+            return Ok(());
+        };
+        let unknown: Vec<String> = self
+            .client
+            .query_one(
+                "SELECT array(SELECT unnest($1::text[]) EXCEPT SELECT name FROM pgtenant.servers)",
+                &[names],
+            )
+            .await?
+            .get(0);
+        match unknown.first() {
+            Some(n) => Err(RegistryError::Invalid(format!(
+                "replica \"{n}\" is not a registered server (add it with `pgtenant server add`)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Records a new tenant (not yet provisioned), or finds the one a crashed create left.
     /// Returns false when a finished tenant with this id already exists.
     #[allow(clippy::too_many_arguments)]
@@ -292,6 +313,7 @@ impl RegistryStore {
         schema: Option<&str>,
         settings: &TenantSettings,
     ) -> Result<bool, RegistryError> {
+        self.check_replicas(settings.replicas.as_ref()).await?;
         let params = serde_json::to_string(&settings.params.clone().unwrap_or_default())
             .unwrap_or_else(|_| "{}".into());
         let replicas = settings.replicas.clone().unwrap_or_default();
@@ -419,6 +441,7 @@ impl RegistryStore {
     }
 
     pub async fn update_settings(&self, id: &str, s: &TenantSettings) -> Result<(), RegistryError> {
+        self.check_replicas(s.replicas.as_ref()).await?;
         let params = s
             .params
             .as_ref()
