@@ -29,6 +29,24 @@ pub struct ClientUser {
     pub backend: BackendCredentials,
 }
 
+impl ClientUser {
+    pub fn new(
+        name: &str,
+        verifier: ScramVerifier,
+        backend_user: &str,
+        password: Option<Secret>,
+    ) -> Arc<ClientUser> {
+        Arc::new(ClientUser {
+            name: name.to_string(),
+            verifier,
+            backend: BackendCredentials {
+                user: backend_user.to_string(),
+                password,
+            },
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Tenant {
     pub id: String,

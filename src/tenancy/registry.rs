@@ -9,7 +9,7 @@ use crate::config::{Config, ConfigError};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
-use super::model::{BackendCredentials, ClientUser, Server, Tenant};
+use super::model::{ClientUser, Server, Tenant};
 
 pub trait TenantRegistry: Send + Sync + 'static {
     fn tenant(&self, id: &str) -> Option<Arc<Tenant>>;
@@ -102,14 +102,7 @@ impl StaticRegistry {
                 };
                 users.insert(
                     u.name.clone(),
-                    Arc::new(ClientUser {
-                        name: u.name.clone(),
-                        verifier,
-                        backend: BackendCredentials {
-                            user: u.backend_user.clone(),
-                            password,
-                        },
-                    }),
+                    ClientUser::new(&u.name, verifier, &u.backend_user, password),
                 );
             }
             tenants.insert(

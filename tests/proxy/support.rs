@@ -4,9 +4,12 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/keeper.rs"]
+mod keeper;
+
 use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::{Config, TenantConfig, TenantStatus, Tier, UserConfig};
@@ -34,48 +37,15 @@ pub struct Fixture {
     _proxy: pgtenant::server::ProxyHandle,
 }
 
-/// Clusters live here so the exit hook can stop them; statics are never dropped.
-static CLUSTERS: Mutex<Vec<PgCluster>> = Mutex::new(Vec::new());
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 
-extern "C" fn stop_clusters() {
-    if let Ok(mut c) = CLUSTERS.lock() {
-        c.clear();
-    }
-}
-
 pub fn fixture() -> &'static Fixture {
-    FIXTURE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        // The clusters die with the thread that started them (PR_SET_PDEATHSIG), so they are
-        // started on this thread, which lives until the process exits.
-        std::thread::Builder::new()
-            .name("fixture".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("fixture runtime");
-                let fixture = rt.block_on(build());
-                tx.send(Fixture {
-                    rt: rt.handle().clone(),
-                    ..fixture
-                })
-                .expect("send fixture");
-                rt.block_on(std::future::pending::<()>());
-            })
-            .expect("fixture thread");
-        rx.recv().expect("fixture failed to start")
-    })
+    FIXTURE.get_or_init(|| keeper::on_keeper_thread(build).0)
 }
 
 async fn build() -> Fixture {
     let main = PgCluster::start().expect("start cluster main");
     let second = PgCluster::start().expect("start cluster second");
-    unsafe {
-        libc::atexit(stop_clusters);
-    }
     let mut tenants = demo::sample_tenants();
     // globex lives on the second server: database-tier tenants on different servers.
     for t in tenants.iter_mut() {
@@ -138,7 +108,8 @@ async fn build() -> Fixture {
         .await
         .expect("bind proxy")
         .spawn();
-    CLUSTERS.lock().expect("clusters").extend([main, second]);
+    keeper::keep(main);
+    keeper::keep(second);
     Fixture {
         proxy: proxy.addr,
         _proxy: proxy,

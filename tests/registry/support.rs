@@ -5,10 +5,13 @@
 
 #![allow(dead_code)]
 
+#[path = "../common/keeper.rs"]
+mod keeper;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use pgtenant::cluster::PgCluster;
@@ -28,51 +31,29 @@ pub struct Fixture {
     /// The cluster's server log.
     pub server_log: PathBuf,
     pub dir: tempfile::TempDir,
-    rt: tokio::runtime::Handle,
+    rt: Option<tokio::runtime::Handle>,
 }
 
-static CLUSTERS: Mutex<Vec<PgCluster>> = Mutex::new(Vec::new());
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-extern "C" fn stop_clusters() {
-    if let Ok(mut c) = CLUSTERS.lock() {
-        c.clear();
-    }
-}
-
 pub fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("fixture".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("fixture runtime");
-                let cluster = PgCluster::start().expect("start cluster");
-                unsafe {
-                    libc::atexit(stop_clusters);
-                }
-                let dir = tempfile::tempdir().expect("tempdir");
-                // The cluster runs as the postgres user when tests run as root; pg_dump and
-                // the key files are read by this process only.
-                let f = Fixture {
-                    host: cluster.host().to_string(),
-                    port: cluster.port(),
-                    bindir: cluster.bindir().to_path_buf(),
-                    server_log: cluster.dir().join("postgres.log"),
-                    dir,
-                    rt: rt.handle().clone(),
-                };
-                CLUSTERS.lock().expect("clusters").push(cluster);
-                tx.send(f).expect("send fixture");
-                rt.block_on(std::future::pending::<()>());
-            })
-            .expect("fixture thread");
-        rx.recv().expect("fixture failed to start")
+        let (mut f, rt) = keeper::on_keeper_thread(|| async {
+            let cluster = PgCluster::start().expect("start cluster");
+            let f = Fixture {
+                host: cluster.host().to_string(),
+                port: cluster.port(),
+                bindir: cluster.bindir().to_path_buf(),
+                server_log: cluster.dir().join("postgres.log"),
+                dir: tempfile::tempdir().expect("tempdir"),
+                rt: None,
+            };
+            keeper::keep(cluster);
+            f
+        });
+        f.rt = Some(rt);
+        f
     })
 }
 
@@ -167,7 +148,8 @@ impl Fixture {
     /// A proxy for `config` on the fixture runtime, so it outlives the calling test's runtime.
     pub fn proxy(&self, config: Config) -> ProxyHandle {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.rt.spawn(async move {
+        let rt = self.rt.as_ref().expect("fixture runtime");
+        rt.spawn(async move {
             let p = Proxy::bind(config).await.expect("proxy starts");
             tx.send(p.spawn()).ok();
         });

@@ -10,7 +10,7 @@ use tokio_postgres::Row;
 use crate::config::{PoolConfig, PoolMode, TenantStatus, Tier};
 use crate::frontend::scram::ScramVerifier;
 use crate::tenancy::crypto::{role_owner, server_owner, Keyring};
-use crate::tenancy::model::{BackendCredentials, ClientUser, Server, Tenant};
+use crate::tenancy::model::{ClientUser, Server, Tenant};
 
 use super::{RegistryError, RegistryStore};
 
@@ -601,16 +601,10 @@ pub fn to_tenant(
             tracing::error!(tenant = %t.id, user = %u.name, "client user has an invalid SCRAM verifier; skipped");
             continue;
         };
+        let password = passwords.get(&u.backend_role).cloned();
         users.insert(
             u.name.clone(),
-            Arc::new(ClientUser {
-                name: u.name.clone(),
-                verifier,
-                backend: BackendCredentials {
-                    user: u.backend_role.clone(),
-                    password: passwords.get(&u.backend_role).cloned(),
-                },
-            }),
+            ClientUser::new(&u.name, verifier, &u.backend_role, password),
         );
     }
     let pool_mode = match t.pool_mode.as_deref() {
