@@ -248,3 +248,54 @@ async fn the_proxy_reconnects_to_a_restarted_registry_and_catches_up() {
     // Backoff tops out at 5 s between attempts; the reload on reconnect brings the change.
     refused_within(proxy.addr, "hotrestart-a", "55000", Duration::from_secs(15)).await;
 }
+
+#[tokio::test]
+async fn terminate_also_closes_session_mode_clients() {
+    let f = fixture();
+    let reg = f.registry("hotsess").await;
+    let out = reg.cli_stdin(
+        &[
+            "tenant",
+            "create",
+            "hotsess-a",
+            "--tier",
+            "row",
+            "--server",
+            "main",
+            "--pool-mode",
+            "session",
+            "--password-stdin",
+        ],
+        PASSWORD,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy = f.proxy(reg.config.clone());
+    let c = connect(proxy.addr, "hotsess-a").await.expect("connect");
+    c.batch_execute("BEGIN; INSERT INTO accounts (owner) VALUES ('half-done')")
+        .await
+        .unwrap();
+    assert!(reg
+        .cli(&["tenant", "suspend", "hotsess-a", "--terminate"])
+        .status
+        .success());
+    let deadline = std::time::Instant::now() + SOON;
+    while !c.is_closed() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session-mode client still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = reg.config.registry.as_ref().unwrap();
+    let n: i64 = f
+        .admin(&r.row_database)
+        .await
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE owner = 'half-done'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "the open transaction was rolled back");
+}
