@@ -9,7 +9,7 @@ use rand::Rng;
 use crate::cluster::PgCluster;
 use crate::config::{Config, ServerConfig, TenantConfig, TenantStatus, Tier, UserConfig};
 use crate::frontend::scram::hash_password;
-pub use crate::pg_error::describe_pg_error;
+use crate::pg_error::describe_pg_error;
 use crate::secret::Secret;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
@@ -380,7 +380,8 @@ pub async fn provision_registry(
     Ok(config)
 }
 
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+/// Writes `text` to `path`, readable by its owner only (it may hold secrets).
+pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -390,9 +391,4 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(text.as_bytes())
-}
-
-/// Writes `text` to `path`, readable by its owner only (it may hold secrets).
-pub fn write_private_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    write_private(path, text)
 }

@@ -219,7 +219,7 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
         };
         config.listen = listen;
         let config_path = cluster.dir().join("proxy.toml");
-        if let Err(e) = demo::write_private_file(&config_path, &config.to_toml()) {
+        if let Err(e) = demo::write_private(&config_path, &config.to_toml()) {
             eprintln!("cannot write {}: {e}", config_path.display());
             return ExitCode::FAILURE;
         }

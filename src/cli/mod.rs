@@ -500,7 +500,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             }
         }
         TenantCmd::Show { id, json } => {
-            let rows = store.tenant_rows(Some(&id)).await?;
+            let rows = store.tenant_rows(Some(&[id.as_str()])).await?;
             let r = rows.into_iter().next().ok_or_else(|| {
                 Failure(format!("tenant \"{id}\" does not exist in the registry"), 1)
             })?;
@@ -528,7 +528,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                     .put_user(&id, &u, &hash_password(&pw), &provision::backend_role(&id))
                     .await?;
             }
-            let rows = store.tenant_rows(Some(&id)).await?;
+            let rows = store.tenant_rows(Some(&[id.as_str()])).await?;
             if let Some(r) = rows.first() {
                 if json {
                     println!("{}", output::json(r));

@@ -86,27 +86,22 @@ impl PgRegistry {
             .collect();
         let smap = server_map(&servers);
         let mut fresh: HashMap<String, Entry> = HashMap::new();
-        let ids: Vec<Option<&str>> = match only {
-            None => vec![None],
-            Some(set) => set.iter().map(|s| Some(s.as_str())).collect(),
-        };
-        for id in ids {
-            for rows in store.tenant_rows(id).await? {
-                let mut fingerprint = format!("{rows:?}");
-                for s in std::iter::once(&rows.tenant.server).chain(&rows.tenant.replicas) {
-                    fingerprint.push_str(server_fp.get(s.as_str()).map_or("?", |v| v.as_str()));
-                }
-                let generation = rows.tenant.terminate_generation;
-                if let Some(t) = to_tenant(&rows, &smap, keys, &self.pool) {
-                    fresh.insert(
-                        t.id.clone(),
-                        Entry {
-                            tenant: t,
-                            fingerprint,
-                            generation,
-                        },
-                    );
-                }
+        let ids: Option<Vec<&str>> = only.map(|set| set.iter().map(String::as_str).collect());
+        for rows in store.tenant_rows(ids.as_deref()).await? {
+            let mut fingerprint = format!("{rows:?}");
+            for s in std::iter::once(&rows.tenant.server).chain(&rows.tenant.replicas) {
+                fingerprint.push_str(server_fp.get(s.as_str()).map_or("?", |v| v.as_str()));
+            }
+            let generation = rows.tenant.terminate_generation;
+            if let Some(t) = to_tenant(&rows, &smap, keys, &self.pool) {
+                fresh.insert(
+                    t.id.clone(),
+                    Entry {
+                        tenant: t,
+                        fingerprint,
+                        generation,
+                    },
+                );
             }
         }
         let mut announce = Vec::new();

@@ -200,16 +200,13 @@ pub async fn create(
         )
         .await
         .map_err(&err)?;
-    let result = provision_storage(
-        store,
-        req,
-        &server,
-        &database,
-        schema.as_deref(),
-        &role,
-        migrations,
-    )
-    .await;
+    let target = Target {
+        server: &server,
+        database: &database,
+        schema: schema.as_deref(),
+        role: &role,
+    };
+    let result = provision_storage(store, &admin, req, &target, migrations).await;
     let _ = admin
         .execute(
             "SELECT pg_advisory_unlock(hashtext('pgtenant provision ' || $1))",
@@ -226,21 +223,32 @@ pub async fn create(
     Ok(store.tenant(id).await?)
 }
 
-/// The database or schema or row-tier registration, then migrations and privileges.
-#[allow(clippy::too_many_arguments)]
+/// Where a tenant being created goes.
+struct Target<'a> {
+    server: &'a str,
+    database: &'a str,
+    schema: Option<&'a str>,
+    role: &'a str,
+}
+
+/// The database or schema or row-tier registration, then migrations and privileges, through
+/// the server's admin connection `admin` (on its `postgres` database).
 async fn provision_storage(
     store: &RegistryStore,
+    admin: &Client,
     req: &CreateRequest,
-    server: &str,
-    database: &str,
-    schema: Option<&str>,
-    role: &str,
+    target: &Target<'_>,
     migrations: &[Migration],
 ) -> Result<(), ProvisionError> {
+    let Target {
+        server,
+        database,
+        schema,
+        role,
+    } = *target;
     let id = req.id.as_str();
     let err = server_err(server);
-    let admin = admin_client(store, server, "postgres").await?;
-    ensure_database(&admin, database).await.map_err(&err)?;
+    ensure_database(admin, database).await.map_err(&err)?;
     admin
         .batch_execute(&format!(
             "GRANT CONNECT{temp} ON DATABASE {d} TO {r}",

@@ -284,7 +284,7 @@ pub async fn text(c: &Client, sql: &str) -> String {
 
 /// The server's message and SQLSTATE of an error, or its Display.
 pub fn pg_error(e: &tokio_postgres::Error) -> String {
-    pgtenant::demo::describe_pg_error(e)
+    pgtenant::pg_error::describe_pg_error(e)
 }
 
 /// SQLSTATE of an error returned through the proxy.

@@ -263,22 +263,20 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
         .await
         .expect("client across the rotation");
     // The re-sealed entry reached the proxy (a new snapshot entry) and opened.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    loop {
-        let t = proxy.ctx.registry.tenant("rotate-a").expect("still served");
-        if !std::sync::Arc::ptr_eq(&t, &before) {
-            assert!(
-                t.unavailable.is_none(),
-                "the proxy opened the re-sealed password"
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the rotation never reached the proxy"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the rotation never reached the proxy",
+        std::time::Duration::from_secs(3),
+        || {
+            let t = proxy.ctx.registry.tenant("rotate-a").expect("still served");
+            !std::sync::Arc::ptr_eq(&t, &before)
+        },
+    )
+    .await;
+    let t = proxy.ctx.registry.tenant("rotate-a").expect("still served");
+    assert!(
+        t.unavailable.is_none(),
+        "the proxy opened the re-sealed password"
+    );
     // Fresh backends are opened with the password the proxy read from the re-sealed entry.
     f.admin("postgres")
         .await

@@ -60,25 +60,13 @@ async fn suspend_with_terminate_closes_clients_and_rolls_back_their_transaction(
         .unwrap();
     let out = reg.cli(&["tenant", "suspend", "hotterm-a", "--terminate"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let deadline = std::time::Instant::now() + SOON;
-    while !c.is_closed() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "client still connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("client still connected", SOON, || c.is_closed()).await;
     assert!(c.simple_query("SELECT 1").await.is_err());
-    let admin = f.admin("hotterm-a").await;
-    let n: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM accounts WHERE owner = 'half-done'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "the open transaction was rolled back");
+    assert_eq!(
+        rows_owned(f, "hotterm-a", "half-done").await,
+        0,
+        "the open transaction was rolled back"
+    );
 }
 
 #[tokio::test]
@@ -164,14 +152,10 @@ async fn a_pool_size_change_applies_to_the_running_proxy() {
     assert!(concurrent_backends(proxy.addr, "hotpool-a", 3).await.len() > 1);
     let out = reg.cli(&["tenant", "update", "hotpool-a", "--pool-size", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let deadline = std::time::Instant::now() + SOON;
-    while proxy.ctx.registry.tenant("hotpool-a").map(|t| t.pool_size) != Some(1) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pool size change not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("pool size change not seen", SOON, || {
+        proxy.ctx.registry.tenant("hotpool-a").map(|t| t.pool_size) == Some(1)
+    })
+    .await;
     assert_eq!(
         concurrent_backends(proxy.addr, "hotpool-a", 3).await.len(),
         1
@@ -278,24 +262,14 @@ async fn terminate_also_closes_session_mode_clients() {
         .cli(&["tenant", "suspend", "hotsess-a", "--terminate"])
         .status
         .success());
-    let deadline = std::time::Instant::now() + SOON;
-    while !c.is_closed() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "session-mode client still connected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("session-mode client still connected", SOON, || {
+        c.is_closed()
+    })
+    .await;
     let r = reg.config.registry.as_ref().unwrap();
-    let n: i64 = f
-        .admin(&r.row_database)
-        .await
-        .query_one(
-            "SELECT count(*) FROM accounts WHERE owner = 'half-done'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "the open transaction was rolled back");
+    assert_eq!(
+        rows_owned(f, &r.row_database, "half-done").await,
+        0,
+        "the open transaction was rolled back"
+    );
 }

@@ -306,3 +306,22 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Waits (polling) until `ready` holds, failing with `what` after `within`.
+pub async fn eventually(what: &str, within: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rows of `accounts` in `db` with this owner, seen by the superuser (no RLS).
+pub async fn rows_owned(f: &Fixture, db: &str, owner: &str) -> i64 {
+    f.admin(db)
+        .await
+        .query_one("SELECT count(*) FROM accounts WHERE owner = $1", &[&owner])
+        .await
+        .expect("count rows")
+        .get(0)
+}

@@ -218,14 +218,17 @@ impl RegistryStore {
             .ok_or_else(|| RegistryError::no_tenant(id))
     }
 
-    /// Tenants with their roles and users: all of them, or just `only`.
-    pub async fn tenant_rows(&self, only: Option<&str>) -> Result<Vec<TenantRows>, RegistryError> {
+    /// Tenants with their roles and users: all of them, or just the ids in `only`.
+    pub async fn tenant_rows(
+        &self,
+        only: Option<&[&str]>,
+    ) -> Result<Vec<TenantRows>, RegistryError> {
         let tenants = self
             .client
             .query(
                 &format!(
                     "SELECT {TENANT_COLUMNS} FROM pgtenant.tenants
-                     WHERE $1::text IS NULL OR id = $1 ORDER BY id"
+                     WHERE $1::text[] IS NULL OR id = ANY($1) ORDER BY id"
                 ),
                 &[&only],
             )
@@ -234,7 +237,7 @@ impl RegistryStore {
             .client
             .query(
                 "SELECT tenant_id, name, password FROM pgtenant.backend_roles
-                 WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY tenant_id, name",
+                 WHERE $1::text[] IS NULL OR tenant_id = ANY($1) ORDER BY tenant_id, name",
                 &[&only],
             )
             .await?;
@@ -242,7 +245,7 @@ impl RegistryStore {
             .client
             .query(
                 "SELECT tenant_id, name, scram, backend_role FROM pgtenant.client_users
-                 WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY tenant_id, name",
+                 WHERE $1::text[] IS NULL OR tenant_id = ANY($1) ORDER BY tenant_id, name",
                 &[&only],
             )
             .await?;
