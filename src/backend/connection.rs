@@ -134,7 +134,8 @@ pub struct BackendConn {
 /// The global statement names prepared on one backend, least recently used first out.
 #[derive(Debug, Default)]
 pub struct PreparedSet {
-    names: std::collections::HashMap<Arc<str>, u64>,
+    /// foldhash, not SipHash: consulted at every Bind of a named statement.
+    names: foldhash::HashMap<Arc<str>, u64>,
     clock: u64,
 }
 

@@ -2,7 +2,6 @@
 //! it made and the statements it prepared. Transaction mode replays the one and re-prepares the
 //! other on whichever backend serves its next transaction.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,7 +30,8 @@ pub struct ClientState {
     /// Setting name → the statement that sets it, in the order first set.
     settings: Vec<(String, String)>,
     script: Arc<str>,
-    pub statements: HashMap<Bytes, Arc<ClientStatement>>,
+    /// foldhash, not SipHash: looked up at every Bind and Describe, and seeded per process.
+    pub statements: foldhash::HashMap<Bytes, Arc<ClientStatement>>,
 }
 
 impl ClientState {
@@ -83,8 +83,8 @@ impl ClientState {
     /// What to run on a backend whose applied settings are `applied` so it matches this client;
     /// None when it already does. RESET restores the session defaults, which carry the tier's
     /// pins (they travel in the backend's startup packet).
-    pub fn replay_for(&self, applied: &str) -> Option<String> {
-        if *applied == *self.script {
+    pub fn replay_for(&self, applied: &Arc<str>) -> Option<String> {
+        if Arc::ptr_eq(applied, &self.script) || **applied == *self.script {
             return None;
         }
         Some(if self.script.is_empty() {
@@ -133,18 +133,20 @@ mod tests {
     #[test]
     fn replay_is_skipped_when_the_backend_already_matches() {
         let mut s = ClientState::default();
-        assert_eq!(s.replay_for(""), None);
+        assert_eq!(s.replay_for(&Arc::from("")), None);
         s.apply([SettingOp::Set {
             name: "a".into(),
             statement: "SET a = 1".into(),
         }]);
-        assert_eq!(s.replay_for("SET a = 1"), None);
+        assert_eq!(s.replay_for(&Arc::from("SET a = 1")), None);
         assert_eq!(
-            s.replay_for("").as_deref(),
+            s.replay_for(&Arc::from("")).as_deref(),
             Some("RESET ALL; RESET ROLE; SET a = 1")
         );
         assert_eq!(
-            ClientState::default().replay_for("SET a = 1").as_deref(),
+            ClientState::default()
+                .replay_for(&Arc::from("SET a = 1"))
+                .as_deref(),
             Some("RESET ALL; RESET ROLE")
         );
     }

@@ -285,7 +285,7 @@ impl<'a> Engine<'a> {
     async fn flush(&mut self, client: &mut TcpStream) -> Result<(), TxEnd> {
         if !self.out.is_empty() {
             if let Some(be) = self.backend.as_mut() {
-                if be.stream.write_all(&self.out).await.is_err() {
+                if send_all(&mut be.stream, &self.out).await.is_err() {
                     be.mark_broken();
                     return Err(TxEnd::ServerGone);
                 }
@@ -295,7 +295,7 @@ impl<'a> Engine<'a> {
         self.emit_synthetics();
         self.maybe_release();
         if !self.obuf.is_empty() {
-            if client.write_all(&self.obuf).await.is_err() {
+            if send_all(client, &self.obuf).await.is_err() {
                 return Err(TxEnd::ClientGone);
             }
             self.bytes_out += self.obuf.len() as u64;
@@ -879,6 +879,17 @@ impl TxOutcome {
             let _ = client.write_all(&b).await;
         }
         self
+    }
+}
+
+/// Writes all of `buf`: one direct send in the usual case (the socket has room), tokio's
+/// `write_all` future only when it does not.
+async fn send_all(stream: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+    match stream.try_write(buf) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(n) => stream.write_all(&buf[n..]).await,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.write_all(buf).await,
+        Err(e) => Err(e),
     }
 }
 

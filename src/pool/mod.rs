@@ -53,8 +53,8 @@ pub struct PoolKey {
 static NEXT_STATEMENT: AtomicU64 = AtomicU64::new(1);
 /// Distinct statements remembered per pool; beyond this, new ones still get fresh names.
 const MAX_STATEMENT_NAMES: usize = 10_000;
-/// How long a connection stays parked in the fast path before it goes back to bb8.
-const PARK_MAX: Duration = Duration::from_secs(1);
+/// How long (ms) a connection stays parked in the fast path before it goes back to bb8.
+const PARK_MAX_MS: u64 = 1000;
 
 /// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
 pub struct TenantPool {
@@ -217,14 +217,14 @@ impl TenantPool {
 
     /// Keeps a clean, idle connection for the pool's next transaction: handed straight to the
     /// longest-waiting client if there is one, else parked. Connections parked for longer than
-    /// `PARK_MAX` go back to bb8, whose idle timeout and lifetime then apply.
+    /// `PARK_MAX_MS` go back to bb8, whose idle timeout and lifetime then apply.
     pub fn park(&self, be: Box<PooledBackend>) {
         if be.is_broken() || self.is_retired() {
             self.discard(be);
             return;
         }
         let mut be = be;
-        let now = Instant::now();
+        let now = coarse_ms();
         let stale = match self.idle.lock() {
             Ok(mut idle) => {
                 while let Some(w) = idle.waiters.pop_front() {
@@ -297,10 +297,10 @@ impl TenantPool {
         &self.tenant
     }
 
-    /// Returns connections parked longer than `PARK_MAX` to bb8.
+    /// Returns connections parked longer than `PARK_MAX_MS` to bb8.
     fn release_stale(&self) {
         let stale = match self.idle.lock() {
-            Ok(mut i) => take_stale(&mut i.parked, Instant::now()),
+            Ok(mut i) => take_stale(&mut i.parked, coarse_ms()),
             Err(_) => Vec::new(),
         };
         drop(stale);
@@ -311,7 +311,8 @@ impl TenantPool {
     }
 }
 
-type Parked = Vec<(Box<PooledBackend>, Instant)>;
+/// Each with the `coarse_ms` time it was parked.
+type Parked = Vec<(Box<PooledBackend>, u64)>;
 
 /// What a finishing transaction hands a waiting client.
 enum Handoff {
@@ -331,14 +332,29 @@ struct Idle {
 /// How often a waiting client looks at the pool again in case a slot was freed silently.
 const RECHECK: Duration = Duration::from_secs(1);
 
-/// Removes the connections parked longer than `PARK_MAX` (the oldest come first); the caller
-/// drops them outside the lock, which hands them back to bb8.
-fn take_stale(parked: &mut Parked, now: Instant) -> Parked {
+/// Removes the connections parked longer than `PARK_MAX_MS` (the oldest come first); the
+/// caller drops them outside the lock, which hands them back to bb8.
+fn take_stale(parked: &mut Parked, now: u64) -> Parked {
     let n = parked
         .iter()
-        .take_while(|(_, t)| now - *t > PARK_MAX)
+        .take_while(|(_, t)| now.saturating_sub(*t) > PARK_MAX_MS)
         .count();
+    if n == 0 {
+        return Vec::new();
+    }
     parked.drain(..n).collect()
+}
+
+/// Monotonic milliseconds from the kernel's coarse clock: every transaction parks a connection,
+/// and this needs neither the precise clock nor `Instant` arithmetic.
+fn coarse_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 pub struct PoolClientGuard(Arc<TenantPool>);

@@ -136,6 +136,10 @@ impl Scanner {
 
 /// Reads a NUL-terminated string from the front of `buf`, returning it and the rest.
 pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
+    // Unnamed statements and portals are the common case.
+    if buf.first() == Some(&0) {
+        return Some((&buf[..0], &buf[1..]));
+    }
     let end = memchr::memchr(0, buf)?;
     Some((&buf[..end], &buf[end + 1..]))
 }
