@@ -33,7 +33,8 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     move |source| ClusterError::Io { what, source }
 }
 
-/// A running throwaway cluster. Superuser `postgres`, trusted on 127.0.0.1; every other role
+/// A running throwaway cluster. Superuser `postgres`, trusted on 127.0.0.1 and the Unix socket
+/// (in the cluster's directory); every other role
 /// authenticates with its password (md5 or SCRAM, as stored), except members of
 /// `pgtenant_trust`, which are trusted.
 pub struct PgCluster {
@@ -285,7 +286,9 @@ fn as_owner(cmd: &mut Command, owner: Option<&User>) {
 }
 
 const HBA: &str = "\
-local all all trust
+local all postgres trust
+local all +pgtenant_trust trust
+local all all md5
 host all postgres 127.0.0.1/32 trust
 host all +pgtenant_trust 127.0.0.1/32 trust
 host all all 127.0.0.1/32 md5

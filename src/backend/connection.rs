@@ -12,7 +12,8 @@ use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256}
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+use super::stream::BackendStream;
 
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorReport;
@@ -101,7 +102,7 @@ pub struct CancelTarget {
 
 impl CancelTarget {
     pub async fn send(&self) -> std::io::Result<()> {
-        let mut stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let mut stream = BackendStream::connect(&self.host, self.port).await?;
         let mut buf = BytesMut::with_capacity(16);
         frontend::cancel_request(self.pid as i32, self.secret as i32, &mut buf);
         stream.write_all(&buf).await?;
@@ -113,7 +114,7 @@ impl CancelTarget {
 }
 
 pub struct BackendConn {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: BackendStream,
     /// Bytes read from the server and not yet consumed.
     pub(crate) read_buf: BytesMut,
     server: Arc<Server>,
@@ -215,13 +216,12 @@ impl BackendConn {
 
     async fn connect_inner(spec: &ConnectSpec) -> Result<BackendConn, BackendError> {
         let server = &spec.server;
-        let stream = TcpStream::connect((server.host.as_str(), server.port))
+        let stream = BackendStream::connect(&server.host, server.port)
             .await
             .map_err(|source| BackendError::Connect {
                 server: server.name.clone(),
                 source,
             })?;
-        let _ = stream.set_nodelay(true);
         let mut conn = BackendConn {
             stream,
             read_buf: BytesMut::with_capacity(8192),

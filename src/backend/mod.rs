@@ -3,5 +3,6 @@
 
 pub mod connection;
 pub mod reset;
+pub mod stream;
 
 pub use connection::{BackendConn, BackendError, ConnectSpec};

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::backend::reset::Leftover;
+use crate::backend::stream::TryWrite;
 use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::sql::{classify, may_matter, statements, Statement};
@@ -884,7 +885,10 @@ impl TxOutcome {
 
 /// Writes all of `buf`: one direct send in the usual case (the socket has room), tokio's
 /// `write_all` future only when it does not.
-async fn send_all(stream: &mut TcpStream, buf: &[u8]) -> std::io::Result<()> {
+async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
+    stream: &mut S,
+    buf: &[u8],
+) -> std::io::Result<()> {
     match stream.try_write(buf) {
         Ok(n) if n == buf.len() => Ok(()),
         Ok(n) => stream.write_all(&buf[n..]).await,

@@ -10,3 +10,4 @@ mod session;
 mod stress;
 mod tiers;
 mod transaction;
+mod unix_socket;

@@ -30,6 +30,8 @@ pub struct Fixture {
     pub config: Config,
     /// (host, port) of each cluster: 0 = "main", 1 = "second".
     pub servers: Vec<(String, u16)>,
+    /// Unix-socket directory of each cluster.
+    pub socket_dirs: Vec<std::path::PathBuf>,
     pub psql: std::path::PathBuf,
     pub pgbench: std::path::PathBuf,
     rt: tokio::runtime::Handle,
@@ -102,6 +104,7 @@ async fn build() -> Fixture {
         (main.host().to_string(), main.port()),
         (second.host().to_string(), second.port()),
     ];
+    let socket_dirs = vec![main.dir().to_path_buf(), second.dir().to_path_buf()];
     let psql = main.program("psql");
     let pgbench = main.program("pgbench");
     let proxy = Proxy::bind(config.clone())
@@ -115,6 +118,7 @@ async fn build() -> Fixture {
         _proxy: proxy,
         config,
         servers,
+        socket_dirs,
         psql,
         pgbench,
         rt: tokio::runtime::Handle::current(),
