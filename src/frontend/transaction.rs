@@ -664,16 +664,26 @@ impl<'a> Engine<'a> {
         result
     }
 
+    /// Walks the server's output message by message. Forwarded bytes are copied to the client
+    /// buffer in runs (one copy for a whole batch of rows), interrupted only by a swallowed
+    /// message or by responses pgtenant answers itself.
     fn scan_server(&mut self, be: &mut PooledBackend) -> Result<(), TxEnd> {
         let mut pos = 0;
+        // Forwarded bytes [run, pos) not yet copied.
+        let mut run = 0;
         let buf_len = be.read_buf.len();
         if self.srv_remaining > 0 {
             let n = self.srv_remaining.min(buf_len);
-            if self.srv_forward {
-                self.obuf.extend_from_slice(&be.read_buf[..n]);
+            if !self.srv_forward {
+                run = n;
             }
             pos = n;
             self.srv_remaining -= n;
+            if self.srv_remaining == 0 && self.synthetic_next() {
+                self.obuf.extend_from_slice(&be.read_buf[run..pos]);
+                run = pos;
+                self.emit_synthetics();
+            }
         }
         while self.srv_remaining == 0 {
             let rest = &be.read_buf[pos..];
@@ -692,35 +702,53 @@ impl<'a> Engine<'a> {
                 be.read_buf.reserve(HEADER_LEN + body_len);
                 break;
             }
-            // Copied out of the read buffer (which on_server_message may not borrow) into a
-            // stack buffer: ReadyForQuery and CommandComplete arrive every transaction.
-            let mut small = [0u8; 128];
-            let mut large = Vec::new();
-            let body: Option<&[u8]> = if !inspect {
-                None
-            } else if body_len <= small.len() {
-                small[..body_len].copy_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
-                Some(&small[..body_len])
+            let forward = if tag == b'D' {
+                // Rows: nothing to inspect, and they are most of what a server sends.
+                !matches!(self.queue.front(), Some(Item::Proxy(_)))
             } else {
-                large.extend_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
-                Some(&large)
+                // Copied out of the read buffer (which on_server_message may not borrow) into
+                // a stack buffer: ReadyForQuery and CommandComplete arrive every transaction.
+                let mut small = [0u8; 128];
+                let mut large = Vec::new();
+                let body: Option<&[u8]> = if !inspect {
+                    None
+                } else if body_len <= small.len() {
+                    small[..body_len].copy_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
+                    Some(&small[..body_len])
+                } else {
+                    large.extend_from_slice(&rest[HEADER_LEN..HEADER_LEN + body_len]);
+                    Some(&large)
+                };
+                self.on_server_message(be, tag, body)
             };
-            let forward = self.on_server_message(be, tag, body);
-            let rest = &be.read_buf[pos..];
-            let avail = (rest.len() - HEADER_LEN).min(body_len);
-            if forward {
-                self.obuf.extend_from_slice(&rest[..HEADER_LEN + avail]);
+            let avail = (be.read_buf.len() - pos - HEADER_LEN).min(body_len);
+            if !forward {
+                self.obuf.extend_from_slice(&be.read_buf[run..pos]);
+                run = pos + HEADER_LEN + avail;
             }
             self.srv_forward = forward;
             self.srv_last_tag = tag;
             pos += HEADER_LEN + avail;
             self.srv_remaining = body_len - avail;
-            if self.srv_remaining == 0 {
+            if self.srv_remaining == 0 && self.synthetic_next() {
+                self.obuf.extend_from_slice(&be.read_buf[run..pos]);
+                run = pos;
                 self.emit_synthetics();
             }
         }
+        if run < pos {
+            self.obuf.extend_from_slice(&be.read_buf[run..pos]);
+        }
         be.read_buf.advance(pos);
         Ok(())
+    }
+
+    /// Whether the next response in order is one pgtenant emits itself.
+    fn synthetic_next(&self) -> bool {
+        matches!(
+            self.queue.front(),
+            Some(Item::Synthetic(_) | Item::CopyEnd)
+        )
     }
 
     /// Updates the expected-response queue for one server message; true if it goes to the client.
