@@ -745,10 +745,7 @@ impl<'a> Engine<'a> {
 
     /// Whether the next response in order is one pgtenant emits itself.
     fn synthetic_next(&self) -> bool {
-        matches!(
-            self.queue.front(),
-            Some(Item::Synthetic(_) | Item::CopyEnd)
-        )
+        matches!(self.queue.front(), Some(Item::Synthetic(_) | Item::CopyEnd))
     }
 
     /// Updates the expected-response queue for one server message; true if it goes to the client.
