@@ -33,10 +33,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     move |source| ClusterError::Io { what, source }
 }
 
-/// A running throwaway cluster. Superuser `postgres`, trusted on 127.0.0.1 and the Unix socket
-/// (in the cluster's directory); every other role
-/// authenticates with its password (md5 or SCRAM, as stored), except members of
-/// `pgtenant_trust`, which are trusted.
+/// A running throwaway cluster. Superuser `postgres`, trusted on 127.0.0.1 and on the Unix socket
+/// in the cluster's directory; every other role authenticates with its password (md5 or SCRAM,
+/// as stored), except members of `pgtenant_trust`, which are trusted.
 pub struct PgCluster {
     dir: Option<tempfile::TempDir>,
     bindir: PathBuf,

@@ -339,9 +339,6 @@ fn take_stale(parked: &mut Parked, now: u64) -> Parked {
         .iter()
         .take_while(|(_, t)| now.saturating_sub(*t) > PARK_MAX_MS)
         .count();
-    if n == 0 {
-        return Vec::new();
-    }
     parked.drain(..n).collect()
 }
 

@@ -5,21 +5,14 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use pgtenant::config::PoolMode;
-use tokio_postgres::NoTls;
 
-use crate::support::{fixture, pg_error, sqlstate, text, RawClient, PASSWORD, SCRATCH};
+use crate::support::{
+    assert_cancel_stops_pg_sleep, fixture, pg_error, sqlstate, text, RawClient, PASSWORD, SCRATCH,
+};
 
 #[tokio::test]
 async fn cancel_stops_a_running_pg_sleep() {
-    let c = fixture().tenant("acme").await;
-    let token = c.cancel_token();
-    let started = Instant::now();
-    let sleeper = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.expect("send cancel");
-    let e = sleeper.await.unwrap().expect_err("query was cancelled");
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{}", pg_error(&e));
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_cancel_stops_pg_sleep(fixture().tenant("acme").await).await;
 }
 
 #[tokio::test]

@@ -198,6 +198,13 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("connect to {tenant}: {}", pg_error(&e)))
     }
 
+    /// Like `tenant`, through the proxy at `addr`.
+    pub async fn tenant_at(&self, addr: SocketAddr, tenant: &str) -> Client {
+        self.connect_str(&self.url_at(addr, tenant))
+            .await
+            .unwrap_or_else(|e| panic!("connect {tenant}: {}", pg_error(&e)))
+    }
+
     pub async fn connect(
         &self,
         user: &str,
@@ -279,6 +286,18 @@ impl Fixture {
 }
 
 /// The single text value a query returns.
+/// Runs `pg_sleep(30)` on `c`, cancels it after half a second and checks it stopped with 57014.
+pub async fn assert_cancel_stops_pg_sleep(c: Client) {
+    let token = c.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    token.cancel_query(NoTls).await.expect("send cancel");
+    let e = sleeper.await.unwrap().expect_err("query was cancelled");
+    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{}", pg_error(&e));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
+
 pub async fn text(c: &Client, sql: &str) -> String {
     c.query_one(sql, &[])
         .await

@@ -20,10 +20,7 @@ async fn pool_of(size: u32) -> SocketAddr {
 }
 
 async fn client_at(addr: SocketAddr, tenant: &str) -> Client {
-    let f = fixture();
-    f.connect_str(&f.url_at(addr, tenant))
-        .await
-        .unwrap_or_else(|e| panic!("connect {tenant}: {}", pg_error(&e)))
+    fixture().tenant_at(addr, tenant).await
 }
 
 async fn pid(c: &Client) -> i32 {

@@ -2,11 +2,8 @@
 //! PostgreSQL's Unix-domain socket, with the same authentication, pooling and cancel.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
-
-use crate::support::{fixture, pg_error, sqlstate, text};
+use crate::support::{assert_cancel_stops_pg_sleep, fixture, text};
 
 /// A proxy whose "main" server is addressed by its socket directory.
 async fn proxy_over_unix_socket() -> SocketAddr {
@@ -22,17 +19,10 @@ async fn proxy_over_unix_socket() -> SocketAddr {
     .await
 }
 
-async fn client(addr: SocketAddr, tenant: &str) -> Client {
-    let f = fixture();
-    f.connect_str(&f.url_at(addr, tenant))
-        .await
-        .unwrap_or_else(|e| panic!("connect {tenant}: {}", pg_error(&e)))
-}
-
 #[tokio::test]
 async fn a_socket_directory_host_is_reached_over_the_unix_socket() {
     let addr = proxy_over_unix_socket().await;
-    let c = client(addr, "acme").await;
+    let c = fixture().tenant_at(addr, "acme").await;
     // inet_server_addr() is NULL on a Unix-socket connection.
     assert_eq!(
         text(&c, "SELECT (inet_server_addr() IS NULL)::text").await,
@@ -45,20 +35,12 @@ async fn a_socket_directory_host_is_reached_over_the_unix_socket() {
 async fn a_password_role_authenticates_over_the_unix_socket() {
     let addr = proxy_over_unix_socket().await;
     // The cluster asks every role but the superuser for its password on the socket too.
-    let c = client(addr, "md5co").await;
+    let c = fixture().tenant_at(addr, "md5co").await;
     assert_eq!(text(&c, "SELECT current_user").await, "md5_app");
 }
 
 #[tokio::test]
 async fn cancel_reaches_a_backend_over_the_unix_socket() {
     let addr = proxy_over_unix_socket().await;
-    let c = client(addr, "acme").await;
-    let token = c.cancel_token();
-    let started = Instant::now();
-    let sleeper = tokio::spawn(async move { c.batch_execute("SELECT pg_sleep(30)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    token.cancel_query(NoTls).await.expect("send cancel");
-    let e = sleeper.await.unwrap().expect_err("query was cancelled");
-    assert_eq!(sqlstate(&e).as_deref(), Some("57014"), "{}", pg_error(&e));
-    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_cancel_stops_pg_sleep(fixture().tenant_at(addr, "acme").await).await;
 }
