@@ -11,6 +11,8 @@ use crate::config::{Config, ServerConfig, TenantConfig, TenantStatus, Tier, User
 use crate::frontend::scram::hash_password;
 use crate::pg_error::describe_pg_error;
 use crate::secret::Secret;
+use crate::tenancy::crypto::MasterKey;
+use crate::tenancy::row_context;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
 /// Password of every demo client user.
@@ -104,6 +106,19 @@ pub async fn provision(
         .collect();
     let verifier = hash_password(DEMO_PASSWORD);
     let mut passwords: BTreeMap<(usize, String), String> = BTreeMap::new();
+    // Row-tier context proofs need a key the proxy and the database share; it lives in a
+    // private file beside the first cluster.
+    let row_key_text = MasterKey::generate_text();
+    let row_key_path = servers[0].1.dir().join("row.key");
+    write_private(&row_key_path, &row_key_text).map_err(|e| ProvisionError::Sql {
+        server: servers[0].0.to_string(),
+        message: format!("cannot write {}: {e}", row_key_path.display()),
+    })?;
+    let row_secret = MasterKey::from_text(&row_key_text).ok_or_else(|| ProvisionError::Sql {
+        server: servers[0].0.to_string(),
+        message: "generated row key does not parse".into(),
+    })?;
+    config.row_key = Some(format!("file:{}", row_key_path.display()));
 
     for t in tenants {
         let (name, cluster) = servers[t.server];
@@ -203,7 +218,6 @@ pub async fn provision(
                 rows = rows(false)
             ),
             Tier::Row => {
-                let setting = quote_literal(&config.row_tenant_setting);
                 let table_exists = db
                     .query_opt("SELECT 1 FROM pg_class WHERE relname = 'accounts' AND relnamespace = 'public'::regnamespace", &[])
                     .await
@@ -211,20 +225,23 @@ pub async fn provision(
                     .is_some();
                 let mut sql = String::new();
                 if !table_exists {
+                    row_context::install(&db, &row_secret.row_key(&database))
+                        .await
+                        .map_err(err)?;
+                    let cond = row_context::POLICY_CONDITION;
                     sql.push_str(&format!(
                         "GRANT CONNECT ON DATABASE {d} TO {r};
                          REVOKE CREATE ON SCHEMA public FROM PUBLIC;
                          CREATE TABLE accounts (id serial PRIMARY KEY,
-                             tenant_id text NOT NULL DEFAULT current_setting({setting}, true),
+                             tenant_id text NOT NULL DEFAULT {default},
                              owner text NOT NULL, balance numeric NOT NULL DEFAULT 0);
                          CREATE INDEX ON accounts (tenant_id);
                          ALTER TABLE accounts ENABLE ROW LEVEL SECURITY;
                          ALTER TABLE accounts FORCE ROW LEVEL SECURITY;
-                         CREATE POLICY tenant_rows ON accounts
-                             USING (tenant_id = current_setting({setting}, true))
-                             WITH CHECK (tenant_id = current_setting({setting}, true));
+                         CREATE POLICY tenant_rows ON accounts USING ({cond}) WITH CHECK ({cond});
                          GRANT SELECT, INSERT, UPDATE, DELETE ON accounts TO {r};
-                         GRANT USAGE ON SEQUENCE accounts_id_seq TO {r};"
+                         GRANT USAGE ON SEQUENCE accounts_id_seq TO {r};",
+                        default = row_context::COLUMN_DEFAULT
                     ));
                 }
                 sql.push_str(&format!(
@@ -300,7 +317,6 @@ pub async fn provision_registry(
     dir: &std::path::Path,
 ) -> Result<Config, String> {
     use crate::config::RegistryConfig;
-    use crate::tenancy::crypto::MasterKey;
     use crate::tenancy::provision::{self, CreateRequest};
     use crate::tenancy::store::{RegistryStore, TenantSettings};
 

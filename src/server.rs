@@ -13,6 +13,7 @@ use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::limits::ClientLimits;
 use crate::frontend::listener::accept_loop;
 use crate::pool::Pools;
+use crate::tenancy::crypto::{KeySource, MasterKey};
 use crate::tenancy::pg_registry::PgRegistry;
 use crate::tenancy::{LayeredRegistry, StaticRegistry, TenantRegistry};
 
@@ -27,6 +28,18 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("row_key: {0}")]
+    RowKey(#[from] crate::tenancy::crypto::CryptoError),
+}
+
+/// The secret row-tier context keys derive from: `row_key`, else the registry's master key.
+fn row_secret(config: &Config) -> Result<Option<MasterKey>, ServeError> {
+    let source = match (&config.row_key, &config.registry) {
+        (Some(k), _) => k,
+        (None, Some(r)) => &r.key,
+        (None, None) => return Ok(None),
+    };
+    Ok(Some(KeySource::parse(source)?.load()?))
 }
 
 /// What every session shares.
@@ -73,7 +86,11 @@ impl Proxy {
                 })?;
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
-        let pools = Pools::new(config.pool.clone(), config.row_tenant_setting.clone());
+        let pools = Pools::new(
+            config.pool.clone(),
+            config.row_tenant_setting.clone(),
+            row_secret(&config)?,
+        );
         let limits = ClientLimits::new(config.pool.max_client_connections);
         Ok(Proxy {
             ctx: Arc::new(ProxyContext {

@@ -17,6 +17,7 @@ use super::stream::BackendStream;
 
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorReport;
+use crate::tenancy::row_context::{self, RowBinding};
 use crate::tenancy::{BackendCredentials, Server};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,14 @@ pub enum BackendError {
     },
     #[error("timed out waiting for server \"{server}\"")]
     Timeout { server: String },
+    #[error(
+        "server \"{server}\" did not accept the row-tier context of tenant \"{tenant}\": {reason}"
+    )]
+    RowContext {
+        server: String,
+        tenant: String,
+        reason: String,
+    },
 }
 
 impl BackendError {
@@ -89,6 +98,8 @@ pub struct ConnectSpec {
     pub credentials: BackendCredentials,
     pub params: Vec<(String, String)>,
     pub connect_timeout: Duration,
+    /// Row tier: the tenant this connection is bound to right after login.
+    pub row: Option<RowBinding>,
 }
 
 /// Where and how to cancel whatever this backend is running.
@@ -245,6 +256,10 @@ impl BackendConn {
             ("database", spec.database.as_str()),
         ];
         startup.extend(spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let nonce = spec.row.as_ref().map(|_| row_context::new_nonce());
+        if let Some(n) = &nonce {
+            startup.push((row_context::BINDING_SETTING, n.as_str()));
+        }
         frontend::startup_message(startup.iter().copied(), &mut out)
             .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
         conn.send(&out).await?;
@@ -266,6 +281,9 @@ impl BackendConn {
                 }
                 Message::ReadyForQuery(body) => {
                     conn.tx_status = body.status();
+                    if let (Some(row), Some(nonce)) = (&spec.row, &nonce) {
+                        conn.bind_row(row, nonce).await?;
+                    }
                     return Ok(conn);
                 }
                 Message::ErrorResponse(body) => return Err(conn.refused(body.fields())),
@@ -358,6 +376,65 @@ impl BackendConn {
                 .map_err(|e| self.protocol_error(format!("SCRAM: {e}"))),
             Message::ErrorResponse(body) => Err(self.refused(body.fields())),
             _ => Err(self.protocol_error("expected SASLFinal")),
+        }
+    }
+
+    /// Binds this connection to its row-tier tenant (see `tenancy::row_context`). The proof
+    /// goes as a bind parameter of the extended protocol, never in statement text.
+    async fn bind_row(&mut self, row: &RowBinding, nonce: &str) -> Result<(), BackendError> {
+        let server = self.server.name.clone();
+        let failed = |reason: String| BackendError::RowContext {
+            server: server.clone(),
+            tenant: row.tenant.clone(),
+            reason,
+        };
+        let Some(key) = &row.key else {
+            return Err(failed(
+                "this proxy has no row key (set row_key, or use a registry)".into(),
+            ));
+        };
+        let expires = row_context::expiry();
+        let proof = row_context::hex(&key.proof(&row.tenant, self.cancel.pid, nonce, expires));
+        let expires = expires.to_string();
+        let mut out = BytesMut::with_capacity(256);
+        put_extended_query(
+            &mut out,
+            row_context::ENTER_SQL,
+            &[row.tenant.as_bytes(), expires.as_bytes(), proof.as_bytes()],
+        );
+        self.send(&out).await?;
+        let mut accepted = false;
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(body) => {
+                    let mut ranges = body.ranges();
+                    if let Ok(Some(Some(r))) = ranges.next() {
+                        accepted = body.buffer().get(r) == Some(b"t".as_slice());
+                    }
+                }
+                Message::ErrorResponse(body) => {
+                    let (code, message, _) = error_fields(body.fields());
+                    error.get_or_insert((code, message));
+                }
+                Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        match error {
+            // undefined_function / invalid_schema_name: the schema was never installed.
+            Some((code, _)) if code == "42883" || code == "3F000" => Err(failed(format!(
+                "{}.enter() does not exist in this database: provision it (pgtenant tenant create / migrate) so its RLS policies can be enforced",
+                row_context::SCHEMA
+            ))),
+            Some((_, message)) => Err(failed(message)),
+            None if accepted => Ok(()),
+            None => Err(failed(
+                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant migrate` or check row_key)".into(),
+            )),
         }
     }
 
@@ -531,4 +608,39 @@ fn error_fields(
         }
     }
     (code, message, fatal)
+}
+
+/// Parse (unnamed) + Bind with text parameters + Execute + Sync.
+fn put_extended_query(buf: &mut BytesMut, sql: &str, params: &[&[u8]]) {
+    use bytes::BufMut;
+    let message = |buf: &mut BytesMut, tag: u8, body: &dyn Fn(&mut BytesMut)| {
+        buf.put_u8(tag);
+        let at = buf.len();
+        buf.put_i32(0);
+        body(buf);
+        let len = (buf.len() - at) as i32;
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    };
+    message(buf, b'P', &|b| {
+        b.put_u8(0);
+        b.put_slice(sql.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    });
+    message(buf, b'B', &|b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p);
+        }
+        b.put_i16(0);
+    });
+    message(buf, b'E', &|b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    message(buf, b'S', &|_| {});
 }

@@ -44,9 +44,15 @@ pub struct Config {
     /// Separator between role and tenant in the startup user name (`app.acme`).
     #[serde(default = "default_separator")]
     pub tenant_separator: String,
-    /// Custom setting that carries the tenant id for row-tier RLS policies.
+    /// Custom setting that shows a row-tier session its tenant id. Informational only: RLS
+    /// policies never trust it (a client can SET it); they read the signed binding.
     #[serde(default = "default_row_setting")]
     pub row_tenant_setting: String,
+    /// Secret that row-tier context proofs are derived from: `file:PATH` or `env:VARIABLE`
+    /// (32 bytes, base64 or hex, as made by `pgtenant registry gen-key`). Defaults to the
+    /// registry's master key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_key: Option<String>,
     /// Largest client message accepted after startup, in bytes.
     #[serde(default = "default_max_message")]
     pub max_message_bytes: u32,
@@ -302,6 +308,7 @@ impl Config {
             listen: default_listen(),
             tenant_separator: default_separator(),
             row_tenant_setting: default_row_setting(),
+            row_key: None,
             max_message_bytes: default_max_message(),
             worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),

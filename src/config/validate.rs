@@ -22,6 +22,14 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             "must be a custom setting name such as \"pgtenant.tenant_id\"",
         ));
     }
+    if let Some(k) = &config.row_key {
+        if crate::tenancy::crypto::KeySource::parse(k).is_err() {
+            return Err(ConfigError::invalid(
+                "row_key",
+                "must be \"file:PATH\" or \"env:VARIABLE\"",
+            ));
+        }
+    }
     if config.max_message_bytes < 1024 {
         return Err(ConfigError::invalid(
             "max_message_bytes",
@@ -168,6 +176,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 ))
             }
             _ => {}
+        }
+        if t.tier == Tier::Row && config.row_key.is_none() && config.registry.is_none() {
+            return Err(ConfigError::invalid(
+                "row_key",
+                format!("row-tier tenant \"{}\" needs a key to prove its context to the server: set row_key = \"file:PATH\" (make one with `pgtenant registry gen-key`)", t.id),
+            ));
         }
         if t.pool_size == Some(0) {
             return Err(ConfigError::invalid(

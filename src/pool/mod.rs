@@ -12,8 +12,10 @@ use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 
 use crate::backend::{BackendError, ConnectSpec};
-use crate::config::PoolConfig;
+use crate::config::{PoolConfig, Tier};
 use crate::protocol::{sqlstate, ErrorReport};
+use crate::tenancy::crypto::MasterKey;
+use crate::tenancy::row_context::RowBinding;
 use crate::tenancy::{ClientUser, Tenant};
 
 pub use manager::BackendManager;
@@ -407,14 +409,17 @@ pub struct Pools {
     pools: DashMap<PoolKey, Arc<TenantPool>>,
     settings: PoolConfig,
     row_setting: String,
+    /// What row-tier context keys derive from.
+    row_secret: Option<MasterKey>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, row_setting: String) -> Self {
+    pub fn new(settings: PoolConfig, row_setting: String, row_secret: Option<MasterKey>) -> Self {
         Pools {
             pools: DashMap::new(),
             settings,
             row_setting,
+            row_secret,
         }
     }
 
@@ -479,6 +484,13 @@ impl Pools {
             credentials: user.backend.clone(),
             params: crate::tenancy::tier::backend_startup_params(tenant, &self.row_setting),
             connect_timeout: Duration::from_secs(s.connect_timeout),
+            row: (tenant.tier == Tier::Row).then(|| RowBinding {
+                tenant: tenant.id.clone(),
+                key: self
+                    .row_secret
+                    .as_ref()
+                    .map(|k| k.row_key(&tenant.database)),
+            }),
         };
         let failures = Arc::new(ConnectFailures::default());
         let wait = Duration::from_secs(

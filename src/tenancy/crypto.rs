@@ -15,6 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::secret::Secret;
 
+use super::row_context::RowKey;
+
 const PREFIX: &str = "pgt1";
 const NONCE_LEN: usize = 12;
 
@@ -87,6 +89,8 @@ impl KeySource {
 pub struct MasterKey {
     id: String,
     cipher: Aes256Gcm,
+    /// A subkey for the row tier's context proofs (never the key itself).
+    row_secret: [u8; 32],
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -103,9 +107,15 @@ impl MasterKey {
             .chain_update(bytes)
             .finalize();
         let id = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let row_secret = Sha256::new()
+            .chain_update(b"pgtenant row secret\0")
+            .chain_update(bytes)
+            .finalize()
+            .into();
         MasterKey {
             id,
             cipher: Aes256Gcm::new(bytes.into()),
+            row_secret,
         }
     }
 
@@ -129,6 +139,11 @@ impl MasterKey {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The row-tier context key of `database`.
+    pub fn row_key(&self, database: &str) -> RowKey {
+        RowKey::derive(&self.row_secret, database)
     }
 }
 
@@ -162,6 +177,11 @@ impl Keyring {
             })
             .collect();
         Ok(Keyring::new(cur, old))
+    }
+
+    /// The row-tier context key of `database`, under the current master key.
+    pub fn row_key(&self, database: &str) -> RowKey {
+        self.current.row_key(database)
     }
 
     pub fn current_id(&self) -> &str {

@@ -9,6 +9,7 @@ pub mod pg_registry;
 pub mod provision;
 pub mod registry;
 pub mod resolve;
+pub mod row_context;
 pub mod store;
 pub mod tier;
 

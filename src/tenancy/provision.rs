@@ -13,6 +13,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::config::{validate, TenantStatus, Tier};
 use crate::pg_error::describe_pg_error;
+use crate::tenancy::row_context;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
 use super::migrate::{self, MigrateError, Migration, Place, HISTORY_TABLE};
@@ -310,9 +311,10 @@ pub async fn migrate_one(
     let result = async {
         let applied = migrate::apply(db, &place, migrations).await?;
         if tier == Tier::Row {
-            enforce_row_policies(db, &store.row_setting)
+            row_context::install(&*db, &store.keys.row_key(&t.database))
                 .await
                 .map_err(&err)?;
+            enforce_row_policies(db).await.map_err(&err)?;
         }
         grant_tenant_role(db, &place, &backend_role(&t.id), tier)
             .await
@@ -393,13 +395,12 @@ async fn grant_tenant_role(
 }
 
 /// Every shared table with a `tenant_id` column gets row-level security that only shows a
-/// session the rows of the tenant pgtenant set for it, for its owner too (FORCE).
-async fn enforce_row_policies(db: &Client, setting: &str) -> Result<(), tokio_postgres::Error> {
+/// session the rows of the tenant its connection is bound to (`row_context`), for the table's
+/// owner too (FORCE). Policies and defaults from older versions (which read a custom setting a
+/// client could change) are brought up to date.
+async fn enforce_row_policies(db: &Client) -> Result<(), tokio_postgres::Error> {
     let tables = tenant_tables(db).await?;
-    let cond = format!(
-        "tenant_id = current_setting({}, true)",
-        quote_literal(setting)
-    );
+    let cond = row_context::POLICY_CONDITION;
     for t in tables {
         let q = format!("public.{}", quote_ident(&t));
         let has_policy = db
@@ -409,30 +410,14 @@ async fn enforce_row_policies(db: &Client, setting: &str) -> Result<(), tokio_po
             )
             .await?
             .is_some();
-        let mut sql = format!(
-            "ALTER TABLE {q} ENABLE ROW LEVEL SECURITY; ALTER TABLE {q} FORCE ROW LEVEL SECURITY;"
-        );
-        if !has_policy {
-            sql.push_str(&format!(
-                "CREATE POLICY {ROW_POLICY} ON {q} USING ({cond}) WITH CHECK ({cond});"
-            ));
-        }
-        let has_default = db
-            .query_opt(
-                "SELECT 1 FROM information_schema.columns
-                 WHERE table_schema = 'public' AND table_name = $1 AND column_name = 'tenant_id'
-                   AND column_default IS NOT NULL",
-                &[&t],
-            )
-            .await?
-            .is_some();
-        if !has_default {
-            sql.push_str(&format!(
-                "ALTER TABLE {q} ALTER COLUMN tenant_id SET DEFAULT current_setting({}, true);",
-                quote_literal(setting)
-            ));
-        }
-        db.batch_execute(&sql).await?;
+        let verb = if has_policy { "ALTER" } else { "CREATE" };
+        db.batch_execute(&format!(
+            "ALTER TABLE {q} ENABLE ROW LEVEL SECURITY; ALTER TABLE {q} FORCE ROW LEVEL SECURITY;
+             {verb} POLICY {ROW_POLICY} ON {q} USING ({cond}) WITH CHECK ({cond});
+             ALTER TABLE {q} ALTER COLUMN tenant_id SET DEFAULT {};",
+            row_context::COLUMN_DEFAULT
+        ))
+        .await?;
     }
     Ok(())
 }

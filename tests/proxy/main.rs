@@ -4,6 +4,7 @@ mod support;
 
 mod addressing;
 mod auth;
+mod isolation;
 mod pgbench;
 mod protocol;
 mod session;

@@ -80,6 +80,13 @@ async fn build() -> Fixture {
             owners: &["Zed"],
         });
     }
+    // A row tenant whose hostile tests may unbind its own connections (they then see nothing).
+    tenants.push(SampleTenant {
+        id: "mallory",
+        tier: Tier::Row,
+        server: 0,
+        owners: &["Mal", "Mia"],
+    });
     let mut config = demo::provision(&[("main", &main), ("second", &second)], &tenants)
         .await
         .expect("provision sample tenants");
