@@ -71,6 +71,17 @@ enum Command {
         #[command(flatten)]
         config: cli::ConfigArg,
     },
+    /// Install the row tier's tenant-context check (schema pgtenant_rls, keyed by this config's
+    /// row key) and RLS policies on the public tables with a tenant_id column, in the database
+    /// at --url (connect as the tables' owner). `tenant create` and `migrate` do this
+    /// themselves; this is for row-tier tenants kept in the config file.
+    RowTierInstall {
+        /// Connection string of the shared row-tier database (libpq key=value or URL).
+        #[arg(long)]
+        url: String,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
     /// Apply pending per-tenant migrations to every tenant with auto_update.
     Migrate {
         #[command(flatten)]
@@ -125,6 +136,9 @@ fn main() -> ExitCode {
         }
         Command::Tenant { cmd, config } => {
             cli::finish(runtime(0).block_on(cli::tenant(cmd, &config.config)))
+        }
+        Command::RowTierInstall { url, config } => {
+            cli::finish(runtime(0).block_on(cli::row_tier_install(&url, &config.config)))
         }
         Command::Migrate { args, config } => {
             cli::finish(runtime(0).block_on(cli::migrate_cmd(args, &config.config)))

@@ -33,7 +33,7 @@ pub enum ServeError {
 }
 
 /// The secret row-tier context keys derive from: `row_key`, else the registry's master key.
-fn row_secret(config: &Config) -> Result<Option<MasterKey>, ServeError> {
+pub fn row_secret(config: &Config) -> Result<Option<MasterKey>, ServeError> {
     let source = match (&config.row_key, &config.registry) {
         (Some(k), _) => k,
         (None, Some(r)) => &r.key,

@@ -199,6 +199,42 @@ pub fn finish(r: Result<(), Failure>) -> ExitCode {
     }
 }
 
+/// `pgtenant row-tier-install`: the context check and the policies, in one database.
+pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
+    let c = Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))?;
+    let secret = crate::server::row_secret(&c)?.ok_or_else(|| {
+        Failure(
+            format!(
+                "{}: no row_key and no [registry] key to derive the row key from",
+                config.display()
+            ),
+            2,
+        )
+    })?;
+    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| Failure(crate::pg_error::describe_pg_error(&e), 1))?;
+    tokio::spawn(conn);
+    let describe = |e: tokio_postgres::Error| Failure(crate::pg_error::describe_pg_error(&e), 1);
+    let database: String = db
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(describe)?
+        .get(0);
+    crate::tenancy::row_context::install(&db, &secret.row_key(&database))
+        .await
+        .map_err(describe)?;
+    let tables = provision::enforce_row_policies(&db)
+        .await
+        .map_err(describe)?;
+    println!(
+        "row tier ready in database \"{database}\": context check installed, policies on {} table(s): {}",
+        tables.len(),
+        tables.join(", ")
+    );
+    Ok(())
+}
+
 fn load(config: &Path) -> Result<(Config, RegistryConfig), Failure> {
     let c = Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))?;
     let r = c.registry.clone().ok_or_else(|| {

@@ -398,15 +398,15 @@ async fn grant_tenant_role(
 /// session the rows of the tenant its connection is bound to (`row_context`), for the table's
 /// owner too (FORCE). Policies and defaults from older versions (which read a custom setting a
 /// client could change) are brought up to date.
-async fn enforce_row_policies(db: &Client) -> Result<(), tokio_postgres::Error> {
+pub async fn enforce_row_policies(db: &Client) -> Result<Vec<String>, tokio_postgres::Error> {
     let tables = tenant_tables(db).await?;
     let cond = row_context::POLICY_CONDITION;
-    for t in tables {
-        let q = format!("public.{}", quote_ident(&t));
+    for t in &tables {
+        let q = format!("public.{}", quote_ident(t));
         let has_policy = db
             .query_opt(
                 "SELECT 1 FROM pg_policies WHERE schemaname = 'public' AND tablename = $1 AND policyname = $2",
-                &[&t, &ROW_POLICY],
+                &[t, &ROW_POLICY],
             )
             .await?
             .is_some();
@@ -419,7 +419,7 @@ async fn enforce_row_policies(db: &Client) -> Result<(), tokio_postgres::Error> 
         ))
         .await?;
     }
-    Ok(())
+    Ok(tables)
 }
 
 /// Row-tier tables that hold tenant rows: public tables with a `tenant_id` column.

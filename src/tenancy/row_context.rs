@@ -5,8 +5,9 @@
 //! right after it logs in: pgtenant calls `pgtenant_rls.enter(tenant, expires, proof)` with an
 //! HMAC-SHA256 proof over (tenant, backend pid, connection nonce, expiry) under a key only the
 //! database owner's schema holds. The SECURITY DEFINER function checks the proof and records
-//! the binding in an owner-only table; the policies compare `tenant_id` with
-//! `(SELECT pgtenant_rls.tenant())`, an initPlan evaluated once per statement.
+//! the binding in a table only it writes; the policies compare `tenant_id` with the binding of
+//! the session's own backend (an initPlan, evaluated once per statement). The binding table has
+//! RLS of its own: a session can read only its own row.
 //!
 //! - The proof travels as a bind parameter, so it never shows in `pg_stat_activity` or in
 //!   statement logs of other sessions.
@@ -30,8 +31,11 @@ pub const PROOF_LIFETIME: u64 = 300;
 /// The statement pgtenant runs to bind a new connection.
 pub const ENTER_SQL: &str = "SELECT pgtenant_rls.enter($1, $2::bigint, decode($3, 'hex'))";
 
-/// The RLS condition on a row-tier table.
-pub const POLICY_CONDITION: &str = "tenant_id = (SELECT pgtenant_rls.tenant())";
+/// The RLS condition on a row-tier table: an uncorrelated subquery, so it runs once per
+/// statement as an initPlan, and inline (no function call), which measured cheapest.
+pub const POLICY_CONDITION: &str = "tenant_id = (SELECT b.tenant FROM pgtenant_rls.binding b \
+     WHERE b.pid = pg_catalog.pg_backend_pid() \
+     AND b.nonce = pg_catalog.current_setting('pgtenant.binding', true))";
 /// Default for `tenant_id`, so inserts need not name the tenant.
 pub const COLUMN_DEFAULT: &str = "pgtenant_rls.tenant()";
 
@@ -101,7 +105,7 @@ pub fn expiry() -> u64 {
 }
 
 /// DDL that creates (or brings up to date) the schema, run as the database owner. Idempotent.
-/// Tenants' roles get EXECUTE on the two functions and nothing on the tables.
+/// Tenants' roles get EXECUTE on the two functions, their own binding row, nothing else.
 pub fn install_sql() -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -116,6 +120,11 @@ pub fn install_sql() -> String {
              nonce text NOT NULL,
              tenant text NOT NULL);
          REVOKE ALL ON {SCHEMA}.secret, {SCHEMA}.binding FROM PUBLIC;
+         GRANT SELECT ON {SCHEMA}.binding TO PUBLIC;
+         ALTER TABLE {SCHEMA}.binding ENABLE ROW LEVEL SECURITY;
+         DROP POLICY IF EXISTS own_binding ON {SCHEMA}.binding;
+         CREATE POLICY own_binding ON {SCHEMA}.binding FOR SELECT
+             USING (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid());
          CREATE OR REPLACE FUNCTION {SCHEMA}.enter(p_tenant text, p_expires bigint, p_proof bytea)
          RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER
          SET search_path = pg_catalog, pg_temp AS $fn$
@@ -144,11 +153,11 @@ pub fn install_sql() -> String {
              RETURN true;
          END $fn$;
          CREATE OR REPLACE FUNCTION {SCHEMA}.tenant() RETURNS text
-         LANGUAGE sql STABLE SECURITY DEFINER
-         SET search_path = pg_catalog, pg_temp AS $fn$
-             SELECT tenant FROM {SCHEMA}.binding
-              WHERE pid = pg_backend_pid()
-                AND nonce = current_setting('{BINDING_SETTING}', true)
+         LANGUAGE sql STABLE AS $fn$
+             SELECT b.tenant FROM {SCHEMA}.binding b
+              WHERE b.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                AND b.nonce OPERATOR(pg_catalog.=)
+                    pg_catalog.current_setting('{BINDING_SETTING}', true)
          $fn$;
          REVOKE ALL ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant() FROM PUBLIC;
          GRANT EXECUTE ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant() TO PUBLIC;"
@@ -163,6 +172,7 @@ pub async fn install(
 ) -> Result<(), tokio_postgres::Error> {
     db.batch_execute(&format!(
         "BEGIN;
+         SET LOCAL client_min_messages = warning;
          SELECT pg_advisory_xact_lock(hashtext('pgtenant row context'));
          {}
          COMMIT;",
