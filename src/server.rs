@@ -86,11 +86,7 @@ impl Proxy {
                 })?;
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
-        let pools = Pools::new(
-            config.pool.clone(),
-            config.row_tenant_setting.clone(),
-            row_secret(&config)?,
-        );
+        let pools = Pools::new(config.pool.clone(), row_secret(&config)?);
         let limits = ClientLimits::new(config.pool.max_client_connections);
         Ok(Proxy {
             ctx: Arc::new(ProxyContext {

@@ -98,8 +98,8 @@ pub struct ConnectSpec {
     pub credentials: BackendCredentials,
     pub params: Vec<(String, String)>,
     pub connect_timeout: Duration,
-    /// Row tier: the tenant this connection is bound to right after login.
-    pub row: Option<RowBinding>,
+    /// Row tier: the connection gets a binding nonce, so it can be bound to a tenant.
+    pub row_nonce: bool,
 }
 
 /// Where and how to cancel whatever this backend is running.
@@ -141,6 +141,10 @@ pub struct BackendConn {
     pub(crate) prepared: PreparedSet,
     /// Transaction mode: the client settings script last replayed here ("" = none).
     pub(crate) applied_settings: Arc<str>,
+    /// Row tier: this connection's binding nonce (in its startup packet).
+    pub(crate) row_nonce: Option<Arc<str>>,
+    /// Row tier: the tenant the server last confirmed this connection is bound to.
+    pub(crate) bound: Option<Arc<str>>,
 }
 
 /// The global statement names prepared on one backend, least recently used first out.
@@ -249,6 +253,8 @@ impl BackendConn {
             created: Instant::now(),
             prepared: PreparedSet::default(),
             applied_settings: Arc::from(""),
+            row_nonce: spec.row_nonce.then(|| Arc::from(row_context::new_nonce())),
+            bound: None,
         };
         let mut out = BytesMut::with_capacity(256);
         let mut startup: Vec<(&str, &str)> = vec![
@@ -256,9 +262,9 @@ impl BackendConn {
             ("database", spec.database.as_str()),
         ];
         startup.extend(spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let nonce = spec.row.as_ref().map(|_| row_context::new_nonce());
+        let nonce = conn.row_nonce.clone();
         if let Some(n) = &nonce {
-            startup.push((row_context::BINDING_SETTING, n.as_str()));
+            startup.push((row_context::BINDING_SETTING, n));
         }
         frontend::startup_message(startup.iter().copied(), &mut out)
             .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
@@ -281,9 +287,6 @@ impl BackendConn {
                 }
                 Message::ReadyForQuery(body) => {
                     conn.tx_status = body.status();
-                    if let (Some(row), Some(nonce)) = (&spec.row, &nonce) {
-                        conn.bind_row(row, nonce).await?;
-                    }
                     return Ok(conn);
                 }
                 Message::ErrorResponse(body) => return Err(conn.refused(body.fields())),
@@ -379,39 +382,33 @@ impl BackendConn {
         }
     }
 
-    /// Binds this connection to its row-tier tenant (see `tenancy::row_context`). The proof
-    /// goes as a bind parameter of the extended protocol, never in statement text.
-    async fn bind_row(&mut self, row: &RowBinding, nonce: &str) -> Result<(), BackendError> {
+    /// The row tier's tenant this connection is bound to, as last confirmed by the server.
+    pub fn bound_tenant(&self) -> Option<&str> {
+        self.bound.as_deref()
+    }
+
+    /// Binds this connection to `row`'s tenant, in one round trip (see `tenancy::row_context`).
+    /// The proof goes as a bind parameter, never in statement text. A refusal leaves the
+    /// connection bound to no tenant.
+    pub async fn bind_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
         let server = self.server.name.clone();
         let failed = |reason: String| BackendError::RowContext {
             server: server.clone(),
-            tenant: row.tenant.clone(),
+            tenant: row.tenant.to_string(),
             reason,
         };
-        let Some(key) = &row.key else {
-            return Err(failed(
-                "this proxy has no row key (set row_key, or use a registry)".into(),
-            ));
-        };
-        let expires = row_context::expiry();
-        let proof = row_context::hex(&key.proof(&row.tenant, self.cancel.pid, nonce, expires));
-        let expires = expires.to_string();
+        self.bound = None;
         let mut out = BytesMut::with_capacity(256);
-        put_extended_query(
-            &mut out,
-            row_context::ENTER_SQL,
-            &[row.tenant.as_bytes(), expires.as_bytes(), proof.as_bytes()],
-        );
+        let nonce = self.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
+        row_context::put_enter(&mut out, row, self.cancel.pid, &nonce)
+            .map_err(|e| failed(e.into()))?;
         self.send(&out).await?;
         let mut accepted = false;
         let mut error = None;
         loop {
             match self.next_message().await? {
-                Message::DataRow(body) => {
-                    let mut ranges = body.ranges();
-                    if let Ok(Some(Some(r))) = ranges.next() {
-                        accepted = body.buffer().get(r) == Some(b"t".as_slice());
-                    }
+                Message::CommandComplete(body) => {
+                    accepted = body.tag().ok() == Some(row_context::BOUND_TAG);
                 }
                 Message::ErrorResponse(body) => {
                     let (code, message, _) = error_fields(body.fields());
@@ -427,13 +424,16 @@ impl BackendConn {
         match error {
             // undefined_function / invalid_schema_name: the schema was never installed.
             Some((code, _)) if code == "42883" || code == "3F000" => Err(failed(format!(
-                "{}.enter() does not exist in this database: provision it (pgtenant tenant create / migrate) so its RLS policies can be enforced",
+                "{}.enter() does not exist in this database: install it with `pgtenant row-tier-install` (or `pgtenant tenant create` / `migrate` with a registry)",
                 row_context::SCHEMA
             ))),
             Some((_, message)) => Err(failed(message)),
-            None if accepted => Ok(()),
+            None if accepted => {
+                self.bound = Some(row.tenant.clone());
+                Ok(())
+            }
             None => Err(failed(
-                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant migrate` or check row_key)".into(),
+                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),
             )),
         }
     }
@@ -608,39 +608,4 @@ fn error_fields(
         }
     }
     (code, message, fatal)
-}
-
-/// Parse (unnamed) + Bind with text parameters + Execute + Sync.
-fn put_extended_query(buf: &mut BytesMut, sql: &str, params: &[&[u8]]) {
-    use bytes::BufMut;
-    let message = |buf: &mut BytesMut, tag: u8, body: &dyn Fn(&mut BytesMut)| {
-        buf.put_u8(tag);
-        let at = buf.len();
-        buf.put_i32(0);
-        body(buf);
-        let len = (buf.len() - at) as i32;
-        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-    };
-    message(buf, b'P', &|b| {
-        b.put_u8(0);
-        b.put_slice(sql.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-    });
-    message(buf, b'B', &|b| {
-        b.put_u8(0);
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(params.len() as i16);
-        for p in params {
-            b.put_i32(p.len() as i32);
-            b.put_slice(p);
-        }
-        b.put_i16(0);
-    });
-    message(buf, b'E', &|b| {
-        b.put_u8(0);
-        b.put_i32(0);
-    });
-    message(buf, b'S', &|_| {});
 }

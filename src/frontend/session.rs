@@ -278,6 +278,24 @@ async fn attach(
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
         let mut backend = pool.checkout().await?;
+        if let Some(row) = pool.row() {
+            if backend.bound_tenant() != Some(&*row.tenant) {
+                match backend.bind_row(row).await {
+                    Ok(()) => {}
+                    Err(e @ BackendError::RowContext { .. }) => {
+                        // The connection is sound (and bound to no tenant); the binding is not.
+                        pool.park(backend);
+                        return Err(SessionError::Backend(e));
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "pooled server connection is dead; trying another");
+                        backend.mark_broken();
+                        last_err = Some(e);
+                        continue;
+                    }
+                }
+            }
+        }
         let sql = setup(&backend);
         match backend.execute(&sql).await {
             Ok(()) => {

@@ -20,10 +20,12 @@ use tokio::net::TcpStream;
 
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
+use crate::backend::BackendError;
 use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::sql::{classify, may_matter, statements, Statement};
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
+use crate::tenancy::row_context;
 
 use super::buffers;
 use super::cancel::CancelGuard;
@@ -49,6 +51,8 @@ enum Resp {
     Sync,
     Query,
     FunctionCall,
+    /// The row tier's binding of the connection to a tenant (an Execute).
+    Enter(Arc<str>),
 }
 
 impl Resp {
@@ -644,6 +648,33 @@ impl<'a> Engine<'a> {
                 .ok_or_else(|| TxEnd::Pool(PoolError::Removed(self.pool.tenant().id.clone())))?;
         }
         let mut be = self.pool.checkout().await.map_err(TxEnd::Pool)?;
+        if let Some(row) = self.pool.row() {
+            if be.bound_tenant() != Some(&*row.tenant) {
+                // Pipelined ahead of the client's messages, its response swallowed. Until the
+                // server confirms it the connection counts as bound to nobody: a refused proof
+                // leaves the session unable to read any tenant's rows.
+                be.bound = None;
+                let nonce = be.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
+                if let Err(reason) =
+                    row_context::put_enter(&mut self.out, row, be.cancel_target().pid, &nonce)
+                {
+                    self.pool.park(be);
+                    return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
+                        server: self.pool.tenant().server.name.clone(),
+                        tenant: row.tenant.to_string(),
+                        reason: reason.into(),
+                    })));
+                }
+                for r in [
+                    Resp::Parse(None),
+                    Resp::Bind,
+                    Resp::Enter(row.tenant.clone()),
+                    Resp::Sync,
+                ] {
+                    self.queue.push_back(Item::Proxy(r));
+                }
+            }
+        }
         if let Some(replay) = self.state.replay_for(&be.applied_settings) {
             put_query(&mut self.out, &replay);
             self.queue.push_back(Item::Proxy(Resp::Query));
@@ -778,6 +809,13 @@ impl<'a> Engine<'a> {
                 if !proxy {
                     self.tx_failed = true;
                 }
+                // The binding's own messages: the connection stays bound to nobody, and the
+                // client, which did not send them, is not told (its statements fail closed).
+                let binding =
+                    proxy && matches!(resp, Resp::Parse(None) | Resp::Bind | Resp::Enter(_));
+                if binding {
+                    tracing::warn!("row-tier binding of a server connection failed");
+                }
                 if !resp.ends_with_ready() {
                     self.queue.pop_front();
                     self.forget_failed(be, &resp);
@@ -797,7 +835,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 // An error from an injected Parse stands for the client's message it served.
-                return true;
+                return !binding;
             }
             b'Z' => {
                 let status = body.and_then(|b| b.first().copied()).unwrap_or(b'I');
@@ -845,8 +883,21 @@ impl<'a> Engine<'a> {
                         _ => {}
                     }
                 }
-                if matches!(resp, Resp::Execute) {
-                    self.queue.pop_front();
+                match &resp {
+                    Resp::Execute => {
+                        self.queue.pop_front();
+                    }
+                    Resp::Enter(tenant) => {
+                        self.queue.pop_front();
+                        let accepted = body.and_then(cstr).map(|(t, _)| t)
+                            == Some(row_context::BOUND_TAG.as_bytes());
+                        if accepted {
+                            be.bound = Some(tenant.clone());
+                        } else {
+                            tracing::warn!(tenant = %tenant, "server refused the row-tier binding of a connection");
+                        }
+                    }
+                    _ => {}
                 }
             }
             b'G' => {

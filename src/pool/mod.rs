@@ -73,8 +73,13 @@ pub struct TenantPool {
     names: DashMap<Bytes, Arc<str>>,
     /// Global names that some backend has parsed successfully: valid SQL for this pool.
     parsed: DashMap<Arc<str>, ()>,
-    /// Connections between transactions and clients waiting for one.
-    idle: std::sync::Mutex<Idle>,
+    /// Connections between transactions and clients waiting for one (shared by a row group).
+    idle: Arc<std::sync::Mutex<Idle>>,
+    /// Row tier: the binding this pool's sessions need on a connection.
+    row: Option<RowBinding>,
+    /// Row tier: connections, parked ones and waiting clients are shared with the other row
+    /// tenants of the same server, database, backend role and session defaults.
+    shared: bool,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
@@ -127,7 +132,10 @@ impl TenantPool {
     }
 
     fn idle_for(&self) -> Duration {
-        if self.clients.load(Ordering::Relaxed) > 0 || self.pool.state().connections > 0 {
+        let busy = self.clients.load(Ordering::Relaxed) > 0
+            // A row group's connections outlive the pools of its tenants.
+            || (!self.shared && self.pool.state().connections > 0);
+        if busy {
             return Duration::ZERO;
         }
         self.last_used
@@ -142,7 +150,12 @@ impl TenantPool {
     /// attempt fails (bb8 alone would keep retrying until the wait timeout and then report only
     /// the timeout), or after `query_wait_timeout`.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
-        if let Some((be, _)) = self.idle.lock().ok().and_then(|mut i| i.parked.pop()) {
+        if let Some(be) = self
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut i| i.take(self.row.as_ref()))
+        {
             return Ok(be);
         }
         // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
@@ -159,7 +172,7 @@ impl TenantPool {
                 let Ok(mut idle) = self.idle.lock() else {
                     return Err(PoolError::Timeout(self.wait));
                 };
-                if let Some((be, _)) = idle.parked.pop() {
+                if let Some(be) = idle.take(self.row.as_ref()) {
                     return Ok(be);
                 }
                 let (tx, rx) = oneshot::channel();
@@ -221,7 +234,8 @@ impl TenantPool {
     /// longest-waiting client if there is one, else parked. Connections parked for longer than
     /// `PARK_MAX_MS` go back to bb8, whose idle timeout and lifetime then apply.
     pub fn park(&self, be: Box<PooledBackend>) {
-        if be.is_broken() || self.is_retired() {
+        // A retired row tenant's connections still serve the rest of its group.
+        if be.is_broken() || (self.is_retired() && !self.shared) {
             self.discard(be);
             return;
         }
@@ -279,6 +293,10 @@ impl TenantPool {
             *s = successor;
         }
         self.retired.store(true, Ordering::Relaxed);
+        if self.shared {
+            // The parked connections and waiting clients belong to the whole row group.
+            return;
+        }
         // Idle connections close now; busy ones close when their clients are done.
         let (parked, waiters) = match self.idle.lock() {
             Ok(mut i) => (
@@ -297,6 +315,11 @@ impl TenantPool {
 
     pub fn tenant(&self) -> &Arc<Tenant> {
         &self.tenant
+    }
+
+    /// Row tier: the binding a connection needs before it serves this pool's sessions.
+    pub fn row(&self) -> Option<&RowBinding> {
+        self.row.as_ref()
     }
 
     /// Returns connections parked longer than `PARK_MAX_MS` to bb8.
@@ -329,6 +352,36 @@ struct Idle {
     parked: Parked,
     /// Clients waiting for a connection, longest-waiting first.
     waiters: std::collections::VecDeque<oneshot::Sender<Handoff>>,
+}
+
+/// How many of the most recently parked connections a row tenant looks through for one
+/// already bound to it.
+const AFFINITY_SCAN: usize = 16;
+
+impl Idle {
+    /// The most recently parked connection; for a row tenant, preferably one already bound
+    /// to it (no switch needed).
+    fn take(&mut self, row: Option<&RowBinding>) -> Option<Box<PooledBackend>> {
+        if let Some(row) = row {
+            let n = self.parked.len();
+            let mine = (n.saturating_sub(AFFINITY_SCAN)..n)
+                .rev()
+                .find(|&i| self.parked[i].0.bound_tenant() == Some(&*row.tenant));
+            if let Some(i) = mine {
+                return Some(self.parked.remove(i).0);
+            }
+        }
+        self.parked.pop().map(|(be, _)| be)
+    }
+}
+
+/// What the row tenants of one group share.
+#[derive(Clone)]
+struct RowGroup {
+    pool: bb8::Pool<BackendManager>,
+    failures: Arc<ConnectFailures>,
+    idle: Arc<std::sync::Mutex<Idle>>,
+    max_size: u32,
 }
 
 /// How often a waiting client looks at the pool again in case a slot was freed silently.
@@ -408,18 +461,19 @@ impl bb8::ErrorSink<BackendError> for FailureSink {
 pub struct Pools {
     pools: DashMap<PoolKey, Arc<TenantPool>>,
     settings: PoolConfig,
-    row_setting: String,
     /// What row-tier context keys derive from.
     row_secret: Option<MasterKey>,
+    /// Connections shared by row tenants, by server, database, backend role and defaults.
+    groups: DashMap<String, RowGroup>,
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, row_setting: String, row_secret: Option<MasterKey>) -> Self {
+    pub fn new(settings: PoolConfig, row_secret: Option<MasterKey>) -> Self {
         Pools {
             pools: DashMap::new(),
             settings,
-            row_setting,
             row_secret,
+            groups: DashMap::new(),
         }
     }
 
@@ -478,34 +532,108 @@ impl Pools {
 
     fn build(&self, tenant: &Arc<Tenant>, user: &ClientUser) -> TenantPool {
         let s = &self.settings;
+        let row_tier = tenant.tier == Tier::Row;
         let spec = ConnectSpec {
             server: tenant.server.clone(),
             database: tenant.database.clone(),
             credentials: user.backend.clone(),
-            params: crate::tenancy::tier::backend_startup_params(tenant, &self.row_setting),
+            params: crate::tenancy::tier::backend_startup_params(tenant),
             connect_timeout: Duration::from_secs(s.connect_timeout),
-            row: (tenant.tier == Tier::Row).then(|| RowBinding {
-                tenant: tenant.id.clone(),
-                key: self
-                    .row_secret
-                    .as_ref()
-                    .map(|k| k.row_key(&tenant.database)),
-            }),
+            row_nonce: row_tier,
         };
-        let failures = Arc::new(ConnectFailures::default());
         let wait = Duration::from_secs(
             tenant
                 .query_wait_timeout
                 .unwrap_or(s.query_wait_timeout)
                 .max(1),
         );
+        let group = if row_tier {
+            // The password only as a hash: a rotated one makes a new group.
+            let password = spec.credentials.password.as_ref().map(|p| {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
+                h.write(p.expose().as_bytes());
+                h.finish()
+            });
+            let key = format!(
+                "{}\0{}\0{}\0{}\0{}\0{:?}\0{:?}",
+                spec.server.name,
+                spec.server.host,
+                spec.server.port,
+                spec.database,
+                spec.credentials.user,
+                password,
+                spec.params
+            );
+            self.groups
+                .entry(key)
+                .or_insert_with(|| {
+                    let failures = Arc::new(ConnectFailures::default());
+                    RowGroup {
+                        pool: self.bb8_pool(tenant, s.default_size, None, wait, &failures, spec),
+                        failures,
+                        idle: Arc::default(),
+                        max_size: s.default_size,
+                    }
+                })
+                .clone()
+        } else {
+            let failures = Arc::new(ConnectFailures::default());
+            RowGroup {
+                pool: self.bb8_pool(
+                    tenant,
+                    tenant.pool_size,
+                    tenant.min_idle,
+                    wait,
+                    &failures,
+                    spec,
+                ),
+                failures,
+                idle: Arc::default(),
+                max_size: tenant.pool_size,
+            }
+        };
+        TenantPool {
+            tenant: tenant.clone(),
+            retired: AtomicBool::new(false),
+            successor: std::sync::Mutex::new(None),
+            pool: group.pool,
+            max_size: group.max_size,
+            failures: group.failures,
+            wait,
+            names: DashMap::new(),
+            parsed: DashMap::new(),
+            idle: group.idle,
+            row: row_tier.then(|| RowBinding {
+                tenant: Arc::from(tenant.id.as_str()),
+                key: self
+                    .row_secret
+                    .as_ref()
+                    .map(|k| k.row_key(&tenant.database)),
+            }),
+            shared: row_tier,
+            clients: AtomicUsize::new(0),
+            last_used: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn bb8_pool(
+        &self,
+        tenant: &Tenant,
+        size: u32,
+        min_idle: Option<u32>,
+        wait: Duration,
+        failures: &Arc<ConnectFailures>,
+        spec: ConnectSpec,
+    ) -> bb8::Pool<BackendManager> {
+        let s = &self.settings;
         let server_idle = tenant
             .server_idle_timeout
             .unwrap_or(s.server_idle_timeout)
             .max(1);
-        let pool = bb8::Pool::builder()
-            .max_size(tenant.pool_size)
-            .min_idle(tenant.min_idle.map(|n| n.min(tenant.pool_size)))
+        bb8::Pool::builder()
+            .max_size(size)
+            .min_idle(min_idle.map(|n| n.min(size)))
             .test_on_check_out(false)
             .retry_connection(false)
             .connection_timeout(wait)
@@ -514,21 +642,7 @@ impl Pools {
             .reaper_rate(Duration::from_secs(server_idle.clamp(1, 30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
             .error_sink(Box::new(FailureSink(failures.clone())))
-            .build_unchecked(BackendManager::new(spec));
-        TenantPool {
-            tenant: tenant.clone(),
-            retired: AtomicBool::new(false),
-            successor: std::sync::Mutex::new(None),
-            pool,
-            max_size: tenant.pool_size,
-            failures,
-            wait,
-            names: DashMap::new(),
-            parsed: DashMap::new(),
-            idle: std::sync::Mutex::new(Idle::default()),
-            clients: AtomicUsize::new(0),
-            last_used: std::sync::Mutex::new(Instant::now()),
-        }
+            .build_unchecked(BackendManager::new(spec))
     }
 
     /// Drops pools that have had no client and no connection for `idle`, so thousands of
@@ -539,6 +653,9 @@ impl Pools {
             p.release_stale();
         }
         self.pools.retain(|_, p| p.idle_for() < idle);
+        // A row group no pool uses any more, with no connection left.
+        self.groups
+            .retain(|_, g| Arc::strong_count(&g.idle) > 1 || g.pool.state().connections > 0);
         before - self.pools.len()
     }
 

@@ -19,6 +19,9 @@
 //! - Only `sha256` is needed (PostgreSQL ≥ 11): HMAC is computed from the key's inner and outer
 //!   pads, stored instead of the key, so no extension is required.
 
+use std::sync::Arc;
+
+use bytes::{BufMut, BytesMut};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -28,14 +31,22 @@ pub const BINDING_SETTING: &str = "pgtenant.binding";
 pub const SCHEMA: &str = "pgtenant_rls";
 /// How long a proof stays valid (seconds); generous for clock skew between proxy and server.
 pub const PROOF_LIFETIME: u64 = 300;
-/// The statement pgtenant runs to bind a new connection.
-pub const ENTER_SQL: &str = "SELECT pgtenant_rls.enter($1, $2::bigint, decode($3, 'hex'))";
+/// The statement pgtenant runs to bind a connection. Its command tag says whether the server
+/// accepted the proof (`SELECT 1`) or not (`SELECT 0`), so a pipelined binding can be checked
+/// without looking at rows.
+pub const ENTER_SQL: &str =
+    "SELECT 1 WHERE pgtenant_rls.enter($1, $2::bigint, pg_catalog.decode($3, 'hex'))";
+/// Command tag of an accepted binding.
+pub const BOUND_TAG: &str = "SELECT 1";
 
 /// The RLS condition on a row-tier table: an uncorrelated subquery, so it runs once per
-/// statement as an initPlan, and inline (no function call), which measured cheapest.
-pub const POLICY_CONDITION: &str = "tenant_id = (SELECT b.tenant FROM pgtenant_rls.binding b \
+/// statement as an initPlan, and inline (no function call), which measured cheapest. A session
+/// with no binding gets an error from `unbound()` (evaluated only then, and at run time: inside
+/// the subquery the planner never pre-evaluates it for estimates), not an empty result.
+pub const POLICY_CONDITION: &str =
+    "tenant_id = (SELECT COALESCE((SELECT b.tenant FROM pgtenant_rls.binding b \
      WHERE b.pid = pg_catalog.pg_backend_pid() \
-     AND b.nonce = pg_catalog.current_setting('pgtenant.binding', true))";
+     AND b.nonce = pg_catalog.current_setting('pgtenant.binding', true)), pgtenant_rls.unbound()))";
 /// Default for `tenant_id`, so inserts need not name the tenant.
 pub const COLUMN_DEFAULT: &str = "pgtenant_rls.tenant()";
 
@@ -159,8 +170,16 @@ pub fn install_sql() -> String {
                 AND b.nonce OPERATOR(pg_catalog.=)
                     pg_catalog.current_setting('{BINDING_SETTING}', true)
          $fn$;
-         REVOKE ALL ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant() FROM PUBLIC;
-         GRANT EXECUTE ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant() TO PUBLIC;"
+         CREATE OR REPLACE FUNCTION {SCHEMA}.unbound() RETURNS text
+         LANGUAGE plpgsql VOLATILE AS $fn$
+         BEGIN
+             RAISE EXCEPTION 'this session is not bound to a tenant'
+                 USING ERRCODE = 'insufficient_privilege',
+                       DETAIL = 'Its row-tier context is missing or was tampered with, so no tenant rows are visible.',
+                       HINT = 'Connect through pgtenant; do not change pgtenant.binding.';
+         END $fn$;
+         REVOKE ALL ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant(), {SCHEMA}.unbound() FROM PUBLIC;
+         GRANT EXECUTE ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant(), {SCHEMA}.unbound() TO PUBLIC;"
     )
 }
 
@@ -191,12 +210,65 @@ pub async fn install(
     Ok(())
 }
 
-/// What a backend connection of a row-tier tenant binds to at login.
+/// What a row-tier tenant's connections are bound to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowBinding {
-    pub tenant: String,
-    /// None when the proxy has no row key (connections then fail with a clear error).
+    pub tenant: Arc<str>,
+    /// None when the proxy has no row key (binding then fails with a clear error).
     pub key: Option<RowKey>,
+}
+
+/// Appends the messages that bind backend `pid` (with connection nonce `nonce`) to `row`'s
+/// tenant: Parse (unnamed) + Bind with the proof as a text parameter + Execute + Sync.
+pub fn put_enter(
+    buf: &mut BytesMut,
+    row: &RowBinding,
+    pid: u32,
+    nonce: &str,
+) -> Result<(), &'static str> {
+    let key = row
+        .key
+        .as_ref()
+        .ok_or("this proxy has no row key (set row_key, or use a registry)")?;
+    if nonce.is_empty() {
+        return Err("the connection has no binding nonce");
+    }
+    let expires = expiry();
+    let proof = hex(&key.proof(&row.tenant, pid, nonce, expires));
+    let expires = expires.to_string();
+    let params: [&[u8]; 3] = [row.tenant.as_bytes(), expires.as_bytes(), proof.as_bytes()];
+    put_message(buf, b'P', |b| {
+        b.put_u8(0);
+        b.put_slice(ENTER_SQL.as_bytes());
+        b.put_u8(0);
+        b.put_i16(0);
+    });
+    put_message(buf, b'B', |b| {
+        b.put_u8(0);
+        b.put_u8(0);
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p);
+        }
+        b.put_i16(0);
+    });
+    put_message(buf, b'E', |b| {
+        b.put_u8(0);
+        b.put_i32(0);
+    });
+    put_message(buf, b'S', |_| {});
+    Ok(())
+}
+
+fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    buf.put_u8(tag);
+    let at = buf.len();
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - at) as i32;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub fn schema_search_path(schema: &str) -> String {
 
 /// Startup parameters for a backend connection of `tenant`: the tier's pin, then the tenant's own
 /// session defaults.
-pub fn backend_startup_params(tenant: &Tenant, row_setting: &str) -> Vec<(String, String)> {
+pub fn backend_startup_params(tenant: &Tenant) -> Vec<(String, String)> {
     let mut params = Vec::with_capacity(tenant.params.len() + 1);
     match tenant.tier {
         Tier::Database => {}
@@ -23,7 +23,9 @@ pub fn backend_startup_params(tenant: &Tenant, row_setting: &str) -> Vec<(String
                 params.push(("search_path".to_string(), schema_search_path(schema)));
             }
         }
-        Tier::Row => params.push((row_setting.to_string(), tenant.id.clone())),
+        // Row tenants share connections: their context is a binding the server checks
+        // (`row_context`), set per connection, not a startup parameter.
+        Tier::Row => {}
     }
     params.extend(tenant.params.iter().cloned());
     params

@@ -55,18 +55,32 @@ async fn reset_all_and_discard_all_keep_a_row_tenants_context() {
     assert_eq!(visible_owners(&c).await, ["Pia", "Pete"]);
 }
 
+/// The error a session bound to no tenant gets when it reads a row-tier table.
+async fn assert_unbound(c: &Client) {
+    let e = c
+        .query("SELECT owner FROM accounts", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+    assert!(
+        crate::support::pg_error(&e).contains("not bound to a tenant"),
+        "{}",
+        crate::support::pg_error(&e)
+    );
+}
+
 #[tokio::test]
-async fn a_tampered_binding_nonce_shows_no_rows() {
+async fn a_tampered_binding_nonce_fails_closed_with_an_error() {
     let c = fixture().tenant("mallory").await;
     c.batch_execute("BEGIN; SET LOCAL pgtenant.binding = 'guessed'")
         .await
         .unwrap();
-    assert!(visible_owners(&c).await.is_empty());
-    c.batch_execute("COMMIT").await.unwrap();
+    assert_unbound(&c).await;
+    c.batch_execute("ROLLBACK").await.unwrap();
 }
 
 #[tokio::test]
-async fn a_forged_proof_binds_nothing_and_leaves_the_session_seeing_no_rows() {
+async fn a_forged_proof_binds_nothing_and_leaves_the_session_unable_to_read_rows() {
     let c = fixture().tenant("mallory").await;
     c.batch_execute("BEGIN").await.unwrap();
     let bound: bool = c
@@ -78,7 +92,9 @@ async fn a_forged_proof_binds_nothing_and_leaves_the_session_seeing_no_rows() {
         .unwrap()
         .get(0);
     assert!(!bound);
-    assert!(visible_owners(&c).await.is_empty());
+    c.batch_execute("SAVEPOINT s").await.unwrap();
+    assert_unbound(&c).await;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
     assert_eq!(
         c.query_one("SELECT pgtenant_rls.tenant()", &[])
             .await
@@ -204,4 +220,91 @@ async fn the_proof_travels_as_a_parameter_never_in_statement_text() {
             "parameters stay parameters: {t}"
         );
     }
+}
+
+/// A proxy whose row tenants share a single server connection.
+async fn one_shared_connection(mode: pgtenant::config::PoolMode) -> std::net::SocketAddr {
+    fixture()
+        .extra_proxy(|c| {
+            c.pool.mode = mode;
+            c.pool.default_size = 1;
+        })
+        .await
+}
+
+/// (backend pid, owners visible) for one transaction of `c`.
+async fn pid_and_owners(c: &Client) -> (i32, Vec<String>) {
+    let row = c
+        .query_one(
+            "SELECT pg_backend_pid(), (SELECT array_agg(owner ORDER BY id) FROM accounts)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn row_tenants_take_turns_on_one_shared_connection_each_seeing_only_its_rows() {
+    let f = fixture();
+    let addr = one_shared_connection(pgtenant::config::PoolMode::Transaction).await;
+    let hooli = f.tenant_at(addr, "hooli").await;
+    let pied = f.tenant_at(addr, "piedpiper").await;
+    let mut pids = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let (pid, owners) = pid_and_owners(&hooli).await;
+        pids.insert(pid);
+        assert_eq!(owners, ["Hal", "Hana"]);
+        let (pid, owners) = pid_and_owners(&pied).await;
+        pids.insert(pid);
+        assert_eq!(owners, ["Pia", "Pete"]);
+    }
+    assert_eq!(pids.len(), 1, "both tenants were served by one connection");
+}
+
+#[tokio::test]
+async fn row_tenants_in_session_mode_reuse_a_connection_rebound_to_the_next_tenant() {
+    let f = fixture();
+    let addr = one_shared_connection(pgtenant::config::PoolMode::Session).await;
+    let (first_pid, owners) = pid_and_owners(&f.tenant_at(addr, "hooli").await).await;
+    assert_eq!(owners, ["Hal", "Hana"]);
+    // The first client has gone: its connection is reset, then serves the next tenant.
+    let mut next = None;
+    for _ in 0..50 {
+        match tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            f.tenant_at(addr, "piedpiper"),
+        )
+        .await
+        {
+            Ok(c) => {
+                next = Some(pid_and_owners(&c).await);
+                break;
+            }
+            Err(_) => continue,
+        }
+    }
+    let (pid, owners) = next.expect("second session got the connection");
+    assert_eq!(owners, ["Pia", "Pete"]);
+    assert_eq!(pid, first_pid);
+}
+
+#[tokio::test]
+async fn a_proxy_with_another_row_key_is_refused_with_a_clear_error() {
+    let f = fixture();
+    let path = std::env::temp_dir().join(format!("pgtenant-wrong-row-key-{}", std::process::id()));
+    std::fs::write(&path, pgtenant::tenancy::crypto::MasterKey::generate_text()).unwrap();
+    let addr = f
+        .extra_proxy(|c| c.row_key = Some(format!("file:{}", path.display())))
+        .await;
+    let Err(e) = f.connect_str(&f.url_at(addr, "hooli")).await else {
+        panic!("login accepted with the wrong row key");
+    };
+    let message = crate::support::pg_error(&e);
+    assert!(
+        message.contains("did not accept the row-tier context of tenant \"hooli\"")
+            && message.contains("different row key"),
+        "{message}"
+    );
+    let _ = std::fs::remove_file(path);
 }

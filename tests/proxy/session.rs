@@ -46,15 +46,18 @@ async fn fifty_concurrent_sessions_across_tenants_get_their_own_results() {
         let (tenant, db, marker) = tenants[i % tenants.len()];
         tasks.push(tokio::spawn(async move {
             let c = fixture().tenant(tenant).await;
+            // The row tier's context: the tenant the server has bound this session to.
+            let context = if db == "row_tenants" {
+                "pgtenant_rls.tenant()"
+            } else {
+                "''"
+            };
+            let sql = format!(
+                "SELECT current_database(), current_schemas(false)::text, \
+                 coalesce({context}, ''), $1::int + 1"
+            );
             for n in 0..20i32 {
-                let row = c
-                    .query_one(
-                        "SELECT current_database(), current_schemas(false)::text, \
-                         coalesce(current_setting('pgtenant.tenant_id', true), ''), $1::int + 1",
-                        &[&n],
-                    )
-                    .await
-                    .unwrap();
+                let row = c.query_one(&sql, &[&n]).await.unwrap();
                 assert_eq!(row.get::<_, String>(0), db);
                 let schemas: String = row.get(1);
                 let setting: String = row.get(2);
@@ -200,6 +203,8 @@ async fn single_backend_url(tenant: &str, mode: PoolMode) -> String {
     let addr = fixture()
         .extra_proxy(|c| {
             c.pool.mode = mode;
+            // Row tenants share a group pool of this size.
+            c.pool.default_size = 1;
             for t in c.tenants.iter_mut() {
                 t.pool_size = Some(1);
             }
@@ -276,25 +281,26 @@ async fn a_changed_search_path_is_back_to_the_tenants_schema_for_the_next_client
 }
 
 #[tokio::test]
-async fn a_changed_row_tenant_setting_is_back_to_the_tenant_for_the_next_client() {
+async fn a_row_tenants_tampering_does_not_reach_the_next_client_of_its_connection() {
     let f = fixture();
     let url = single_backend_url("hooli", PoolMode::Transaction).await;
     let first = f.connect_str(&url).await.unwrap();
     first
-        .batch_execute("SET pgtenant.tenant_id = 'piedpiper'")
+        .batch_execute("SET pgtenant.tenant_id = 'piedpiper'; SET pgtenant.binding = 'forged'")
         .await
         .unwrap();
     drop(first);
     let second = f.connect_str(&url).await.unwrap();
     let row = second
         .query_one(
-            "SELECT current_setting('pgtenant.tenant_id'), (SELECT count(*) FROM accounts WHERE tenant_id <> 'hooli')",
+            "SELECT pgtenant_rls.tenant(), (SELECT count(*) FROM accounts WHERE tenant_id <> 'hooli'), (SELECT count(*) FROM accounts)",
             &[],
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "hooli");
+    assert_eq!(row.get::<_, Option<String>>(0).as_deref(), Some("hooli"));
     assert_eq!(row.get::<_, i64>(1), 0);
+    assert!(row.get::<_, i64>(2) > 0);
 }
 
 #[tokio::test]

@@ -42,11 +42,16 @@ async fn two_hundred_clients_on_a_pool_of_four_never_cross_talk() {
                 .prepare("INSERT INTO accounts (owner, balance) VALUES ($1, $2::int) RETURNING id")
                 .await
                 .unwrap();
+            let context = if tenant == "swarm" {
+                "pgtenant_rls.tenant()"
+            } else {
+                "''"
+            };
             let check = c
-                .prepare(
+                .prepare(&format!(
                     "SELECT current_database(), current_setting('application_name'), \
-                     current_schemas(false)::text, coalesce(current_setting('pgtenant.tenant_id', true), '')",
-                )
+                     current_schemas(false)::text, coalesce({context}, '')"
+                ))
                 .await
                 .unwrap();
             for k in 0..ROUNDS {

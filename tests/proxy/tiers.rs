@@ -59,13 +59,10 @@ async fn schema_tier_unqualified_names_resolve_in_the_tenants_schema() {
 }
 
 #[tokio::test]
-async fn row_tier_sets_the_rls_tenant_context() {
+async fn row_tier_binds_the_session_to_its_tenant() {
     let c = fixture().tenant("hooli").await;
     let row = c
-        .query_one(
-            "SELECT current_database(), current_setting('pgtenant.tenant_id')",
-            &[],
-        )
+        .query_one("SELECT current_database(), pgtenant_rls.tenant()", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "row_tenants");
@@ -96,19 +93,17 @@ async fn tenant_session_defaults_are_applied() {
 #[test]
 fn psql_reaches_every_tier() {
     let f = fixture();
-    for (tenant, expected) in [
-        ("acme", "acme||"),
-        ("initech", "schema_tenants|\"initech\", public|"),
-        ("hooli", "row_tenants|\"$user\", public|hooli"),
+    for (tenant, context, expected) in [
+        ("acme", "''", "acme||"),
+        ("initech", "''", "schema_tenants|\"initech\", public|"),
+        (
+            "hooli",
+            "pgtenant_rls.tenant()",
+            "row_tenants|\"$user\", public|hooli",
+        ),
     ] {
-        let out = f.psql(
-            &format!("app.{tenant}"),
-            tenant,
-            &[
-                "-c",
-                "SELECT current_database(), CASE WHEN current_database() = 'acme' THEN '' ELSE current_setting('search_path') END, current_setting('pgtenant.tenant_id', true)",
-            ],
-        );
+        let sql = format!("SELECT current_database(), CASE WHEN current_database() = 'acme' THEN '' ELSE current_setting('search_path') END, {context}");
+        let out = f.psql(&format!("app.{tenant}"), tenant, &["-c", &sql]);
         assert!(
             out.status.success(),
             "{tenant}: {}",

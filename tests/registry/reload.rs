@@ -19,7 +19,7 @@ async fn a_tenant_created_after_start_is_served() {
         .await
         .expect("served");
     let row = c
-        .query_one("SELECT current_setting('pgtenant.tenant_id')", &[])
+        .query_one("SELECT pgtenant_rls.tenant()", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "hotnew-a");
