@@ -180,9 +180,13 @@ impl TenantPool {
                 // front, and the rest are swept now and then (amortized O(1) per push).
                 let n = idle.waiters.len();
                 if n >= 64 && n.is_power_of_two() {
-                    idle.waiters.retain(|w| !w.is_closed());
+                    idle.waiters.retain(|w| !w.tx.is_closed());
                 }
-                idle.waiters.push_back(tx);
+                idle.waiters.push_back(Waiter {
+                    tx,
+                    tenant: self.row.as_ref().map(|r| r.tenant.clone()),
+                    since_ms: coarse_ms(),
+                });
                 let state = self.pool.state();
                 (
                     rx,
@@ -243,7 +247,7 @@ impl TenantPool {
         let now = coarse_ms();
         let stale = match self.idle.lock() {
             Ok(mut idle) => {
-                while let Some(w) = idle.waiters.pop_front() {
+                while let Some(w) = idle.next_waiter(be.bound_tenant()) {
                     match w.send(Handoff::Conn(be)) {
                         Ok(()) => return,
                         // That client gave up waiting.
@@ -266,7 +270,7 @@ impl TenantPool {
         drop(be);
         if let Ok(mut idle) = self.idle.lock() {
             while let Some(w) = idle.waiters.pop_front() {
-                if w.send(Handoff::Retry).is_ok() {
+                if w.tx.send(Handoff::Retry).is_ok() {
                     break;
                 }
             }
@@ -309,7 +313,7 @@ impl TenantPool {
         // Waiting clients go on to the successor at their next transaction, or open a
         // connection here for this one.
         for w in waiters {
-            let _ = w.send(Handoff::Retry);
+            let _ = w.tx.send(Handoff::Retry);
         }
     }
 
@@ -351,14 +355,53 @@ struct Idle {
     /// Most recently used last.
     parked: Parked,
     /// Clients waiting for a connection, longest-waiting first.
-    waiters: std::collections::VecDeque<oneshot::Sender<Handoff>>,
+    waiters: std::collections::VecDeque<Waiter>,
 }
+
+struct Waiter {
+    tx: oneshot::Sender<Handoff>,
+    /// Row tier: the tenant the client needs the connection bound to.
+    tenant: Option<Arc<str>>,
+    /// When it started waiting (`coarse_ms`).
+    since_ms: u64,
+}
+
+/// Row tier: among this many longest-waiting clients, one of the tenant a freed connection is
+/// bound to is served first (no switch needed)...
+const AFFINITY_WAITERS: usize = 16;
+/// ...unless the longest-waiting client has waited this long (ms): no tenant starves, and a
+/// switch costs about as much as a few transactions.
+const MAX_AFFINITY_WAIT_MS: u64 = 5;
 
 /// How many of the most recently parked connections a row tenant looks through for one
 /// already bound to it.
 const AFFINITY_SCAN: usize = 16;
 
 impl Idle {
+    /// The client to hand a freed connection bound to `bound` to: the longest-waiting one, or
+    /// for a row group a client of the tenant the connection is bound to, if one is among the
+    /// first few and the longest-waiting client has not waited long.
+    fn next_waiter(&mut self, bound: Option<&str>) -> Option<oneshot::Sender<Handoff>> {
+        while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            self.waiters.pop_front();
+        }
+        let front = self.waiters.front()?;
+        if let Some(bound) = bound {
+            let patient = coarse_ms().saturating_sub(front.since_ms) < MAX_AFFINITY_WAIT_MS;
+            if patient && front.tenant.as_deref() != Some(bound) {
+                let mine = self
+                    .waiters
+                    .iter()
+                    .take(AFFINITY_WAITERS)
+                    .position(|w| w.tenant.as_deref() == Some(bound) && !w.tx.is_closed());
+                if let Some(i) = mine {
+                    return self.waiters.remove(i).map(|w| w.tx);
+                }
+            }
+        }
+        self.waiters.pop_front().map(|w| w.tx)
+    }
+
     /// The most recently parked connection; for a row tenant, preferably one already bound
     /// to it (no switch needed).
     fn take(&mut self, row: Option<&RowBinding>) -> Option<Box<PooledBackend>> {
@@ -665,5 +708,66 @@ impl Pools {
 
     pub fn is_empty(&self) -> bool {
         self.pools.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A waiting client of `tenant` that started waiting `ago_ms` ago; its receiver tells
+    /// whether it was served.
+    fn waiter(idle: &mut Idle, tenant: &str, ago_ms: u64) -> oneshot::Receiver<Handoff> {
+        let (tx, rx) = oneshot::channel();
+        idle.waiters.push_back(Waiter {
+            tx,
+            tenant: Some(Arc::from(tenant)),
+            since_ms: coarse_ms().saturating_sub(ago_ms),
+        });
+        rx
+    }
+
+    fn serve(idle: &mut Idle, bound: Option<&str>) {
+        let tx = idle.next_waiter(bound).expect("a waiter");
+        assert!(tx.send(Handoff::Retry).is_ok());
+    }
+
+    #[test]
+    fn a_freed_connection_goes_to_a_waiting_client_of_the_tenant_it_is_bound_to() {
+        let mut idle = Idle::default();
+        let mut a = waiter(&mut idle, "a", 0);
+        let mut b = waiter(&mut idle, "b", 0);
+        serve(&mut idle, Some("b"));
+        assert!(b.try_recv().is_ok());
+        assert!(a.try_recv().is_err(), "a is still waiting");
+    }
+
+    #[test]
+    fn a_client_that_waited_long_is_served_first_whatever_the_binding() {
+        let mut idle = Idle::default();
+        let mut a = waiter(&mut idle, "a", MAX_AFFINITY_WAIT_MS + 10);
+        let mut b = waiter(&mut idle, "b", 0);
+        serve(&mut idle, Some("b"));
+        assert!(a.try_recv().is_ok());
+        assert!(b.try_recv().is_err());
+    }
+
+    #[test]
+    fn without_a_binding_clients_are_served_first_come_first_served() {
+        let mut idle = Idle::default();
+        let mut a = waiter(&mut idle, "a", 0);
+        let mut b = waiter(&mut idle, "b", 0);
+        serve(&mut idle, None);
+        assert!(a.try_recv().is_ok());
+        assert!(b.try_recv().is_err());
+    }
+
+    #[test]
+    fn clients_that_gave_up_are_skipped() {
+        let mut idle = Idle::default();
+        drop(waiter(&mut idle, "a", 0));
+        let mut b = waiter(&mut idle, "b", 0);
+        serve(&mut idle, Some("a"));
+        assert!(b.try_recv().is_ok());
     }
 }
