@@ -255,7 +255,7 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             println!("{:<10} {:<9} {}", t.id, t.tier.as_str(), demo::psql_line(addr, t.id));
         }
         println!();
-        println!("Try: SELECT current_database(), current_schemas(true), current_setting('{}', true); SELECT * FROM accounts;", config.row_tenant_setting);
+        println!("Try: SELECT current_database(), current_schemas(true); SELECT * FROM accounts; and, as a row tenant, SELECT pgtenant_rls.tenant();");
         println!(
             "Manage tenants while it runs: pgtenant tenant list --config {}",
             config_path.display()
