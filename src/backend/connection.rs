@@ -387,7 +387,8 @@ impl BackendConn {
         self.bound.as_deref()
     }
 
-    /// Binds this connection to `row`'s tenant, in one round trip (see `tenancy::row_context`).
+    /// Binds this connection to `row`'s tenant after clearing its session (see
+    /// `tenancy::row_context`).
     /// The proof goes as a bind parameter, never in statement text. A refusal leaves the
     /// connection bound to no tenant.
     pub async fn bind_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
@@ -398,6 +399,11 @@ impl BackendConn {
             reason,
         };
         self.bound = None;
+        // Nothing of the previous tenant's session may remain; the nonce, a startup
+        // parameter, does.
+        self.execute(super::reset::RESET_QUERY).await?;
+        self.prepared.clear();
+        self.applied_settings = Arc::from("");
         let mut out = BytesMut::with_capacity(256);
         let nonce = self.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
         row_context::put_enter(&mut out, row, self.cancel.pid, &nonce)

@@ -650,9 +650,16 @@ impl<'a> Engine<'a> {
         let mut be = self.pool.checkout().await.map_err(TxEnd::Pool)?;
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
-                // Pipelined ahead of the client's messages, its response swallowed. Until the
-                // server confirms it the connection counts as bound to nobody: a refused proof
-                // leaves the session unable to read any tenant's rows.
+                // Pipelined ahead of the client's messages, responses swallowed. First nothing
+                // of the previous tenant's session may remain (settings, also those made with
+                // set_config(); cursors, locks, LISTEN, prepared statements): DISCARD ALL keeps
+                // only the startup parameters, the nonce among them. Until the server confirms
+                // the binding the connection counts as bound to nobody: a refused proof leaves
+                // the session unable to read any tenant's rows.
+                put_query(&mut self.out, "DISCARD ALL");
+                self.queue.push_back(Item::Proxy(Resp::Query));
+                be.prepared.clear();
+                be.applied_settings = Arc::from("");
                 be.bound = None;
                 let nonce = be.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
                 if let Err(reason) =
@@ -870,7 +877,8 @@ impl<'a> Engine<'a> {
             b'C' | b'I' | b's' => {
                 if let Some(text) = body.and_then(cstr).map(|(t, _)| t) {
                     match text {
-                        b"DISCARD ALL" => {
+                        // pgtenant's own (a row tenant switch) was accounted for when sent.
+                        b"DISCARD ALL" if !proxy => {
                             be.prepared.clear();
                             self.state.statements.clear();
                             be.applied_settings = Arc::from("");

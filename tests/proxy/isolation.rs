@@ -308,3 +308,66 @@ async fn a_proxy_with_another_row_key_is_refused_with_a_clear_error() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+/// Two clients of different row tenants on one shared server connection, `hooli` having run
+/// `sql` first; returns what `piedpiper` then gets from `probe` (one text value), after checking
+/// that both used the same connection.
+async fn after_other_tenant_on_shared_connection(sql: &str, probe: &str) -> String {
+    let f = fixture();
+    let addr = one_shared_connection(pgtenant::config::PoolMode::Transaction).await;
+    let hooli = f.tenant_at(addr, "hooli").await;
+    let pied = f.tenant_at(addr, "piedpiper").await;
+    let (pid_a, _) = pid_and_owners(&hooli).await;
+    hooli.batch_execute(sql).await.unwrap();
+    let (pid_b, _) = pid_and_owners(&pied).await;
+    assert_eq!(pid_a, pid_b, "one shared connection");
+    pied.query_one(probe, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test]
+async fn a_setting_made_with_set_config_does_not_follow_the_connection_to_another_tenant() {
+    let seen = after_other_tenant_on_shared_connection(
+        "SELECT set_config('work_mem', '1234kB', false)",
+        "SELECT current_setting('work_mem')",
+    )
+    .await;
+    assert_eq!(seen, "4MB");
+}
+
+#[tokio::test]
+async fn an_advisory_lock_taken_in_dynamic_sql_does_not_follow_the_connection_to_another_tenant() {
+    let seen = after_other_tenant_on_shared_connection(
+        "DO $$ BEGIN EXECUTE 'SELECT pg_' || 'advisory_lock(4242)'; END $$",
+        "SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()",
+    )
+    .await;
+    assert_eq!(seen, "0");
+}
+
+#[tokio::test]
+async fn a_listen_made_in_dynamic_sql_does_not_follow_the_connection_to_another_tenant() {
+    let seen = after_other_tenant_on_shared_connection(
+        "DO $$ BEGIN EXECUTE 'LIST' || 'EN hooli_events'; END $$",
+        "SELECT count(*)::text FROM pg_listening_channels()",
+    )
+    .await;
+    assert_eq!(seen, "0");
+}
+
+#[tokio::test]
+async fn equal_statement_names_in_two_row_tenants_on_one_connection_keep_their_own_queries() {
+    let f = fixture();
+    let addr = one_shared_connection(pgtenant::config::PoolMode::Transaction).await;
+    let hooli = f.tenant_at(addr, "hooli").await;
+    let pied = f.tenant_at(addr, "piedpiper").await;
+    // Each client's first statement: both are named "s0" by the driver.
+    let h = hooli.prepare("SELECT 'hooli:' || $1::text").await.unwrap();
+    let p = pied.prepare("SELECT 'pied:' || $1::text").await.unwrap();
+    for i in 0..5 {
+        let n = i.to_string();
+        let a: String = hooli.query_one(&h, &[&n]).await.unwrap().get(0);
+        let b: String = pied.query_one(&p, &[&n]).await.unwrap().get(0);
+        assert_eq!(a, format!("hooli:{i}"));
+        assert_eq!(b, format!("pied:{i}"));
+    }
+}
