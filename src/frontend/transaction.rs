@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::backend::BackendError;
+use crate::config::Tier;
 use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::sql::{classify, may_matter, statements, Statement};
@@ -37,6 +38,9 @@ const READ_CHUNK: usize = 8192;
 const INSPECT_LIMIT: usize = 64 * 1024;
 const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
 const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+/// Applied-settings marker of a connection whose tier-pinned setting a client changed: equal to
+/// no client's script, so the next transaction on it starts with RESET ALL.
+const PIN_CHANGED: &str = "\0pin changed";
 const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
 
 /// The response(s) one message sent to the backend produces.
@@ -852,10 +856,21 @@ impl<'a> Engine<'a> {
                 if !proxy {
                     self.tx_status = status;
                     if status == b'I' {
-                        let ops = std::mem::take(&mut self.pending_ops);
+                        let mut ops = std::mem::take(&mut self.pending_ops);
                         if !self.tx_failed && !ops.is_empty() {
+                            // The tier's own setting is the tenant's, not the client's: a change
+                            // lasts to the end of its transaction, and the connection gets the
+                            // pinned value back (RESET ALL) before it serves another one.
+                            let pinned = pinned_setting(self.pool.tenant().tier);
+                            let n = ops.len();
+                            ops.retain(|op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned));
+                            let changed_pin = ops.len() < n;
                             self.state.apply(ops);
-                            be.applied_settings = self.state.script().clone();
+                            be.applied_settings = if changed_pin {
+                                Arc::from(PIN_CHANGED)
+                            } else {
+                                self.state.script().clone()
+                            };
                         }
                         self.tx_failed = false;
                     }
@@ -1018,6 +1033,15 @@ fn inspect_sql(text: &[u8]) -> (Vec<SettingOp>, Option<&'static str>) {
         }
     }
     (ops, None)
+}
+
+/// The setting a tier pins on every session, which clients may change only for a transaction.
+fn pinned_setting(tier: Tier) -> Option<&'static str> {
+    match tier {
+        Tier::Schema => Some("search_path"),
+        Tier::Row => Some(row_context::BINDING_SETTING),
+        Tier::Database => None,
+    }
 }
 
 fn refusal_report(what: &str) -> ErrorReport {

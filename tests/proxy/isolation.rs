@@ -371,3 +371,59 @@ async fn equal_statement_names_in_two_row_tenants_on_one_connection_keep_their_o
         assert_eq!(b, format!("pied:{i}"));
     }
 }
+
+#[tokio::test]
+async fn a_schema_tenant_cannot_read_another_tenants_schema() {
+    let c = fixture().tenant("initech").await;
+    let e = c
+        .query("SELECT owner FROM umbrella.accounts", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
+}
+
+#[tokio::test]
+async fn a_search_path_naming_another_tenants_schema_finds_nothing_there() {
+    let c = fixture().tenant("initech").await;
+    c.batch_execute("BEGIN; SET LOCAL search_path = umbrella")
+        .await
+        .unwrap();
+    let e = c
+        .query("SELECT owner FROM accounts", &[])
+        .await
+        .unwrap_err();
+    // umbrella is skipped (no USAGE): the table is not found at all.
+    assert_eq!(sqlstate(&e).as_deref(), Some("42P01"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_schema_tenants_search_path_change_lasts_only_to_the_end_of_its_transaction() {
+    let c = fixture().tenant("initech").await;
+    c.batch_execute("SET search_path = public").await.unwrap();
+    for _ in 0..3 {
+        let path: String = c
+            .query_one("SELECT current_setting('search_path')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(path, "\"initech\", public");
+    }
+}
+
+#[tokio::test]
+async fn other_settings_of_a_schema_tenant_still_last_for_its_session() {
+    let c = fixture().tenant("umbrella").await;
+    c.batch_execute("SET search_path = public; SET statement_timeout = '7s'")
+        .await
+        .unwrap();
+    let row = c
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "7s");
+    assert_eq!(row.get::<_, String>(1), "\"umbrella\", public");
+}
