@@ -278,10 +278,12 @@ async fn attach(
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
         let mut backend = pool.checkout().await?;
+        // Whether a round trip just proved the connection alive.
+        let mut proven = false;
         if let Some(row) = pool.row() {
             if backend.bound_tenant() != Some(&*row.tenant) {
                 match backend.bind_row(row).await {
-                    Ok(()) => {}
+                    Ok(()) => proven = true,
                     Err(e @ BackendError::RowContext { .. }) => {
                         // The connection is sound (and bound to no tenant); the binding is not.
                         pool.park(backend);
@@ -297,7 +299,12 @@ async fn attach(
             }
         }
         let sql = setup(&backend);
-        match backend.execute(&sql).await {
+        let setup_done = if proven && sql.is_empty() {
+            Ok(())
+        } else {
+            backend.execute(&sql).await
+        };
+        match setup_done {
             Ok(()) => {
                 cancel.link(backend.cancel_target().clone());
                 let mut out = BytesMut::with_capacity(512);
