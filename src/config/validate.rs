@@ -278,5 +278,7 @@ pub fn is_setting_name(s: &str) -> bool {
 
 /// Settings the tier pins; a tenant's `params` must not fight them.
 pub fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
-    name.eq_ignore_ascii_case("search_path") || name.eq_ignore_ascii_case(row_setting)
+    name.eq_ignore_ascii_case("search_path")
+        || name.eq_ignore_ascii_case(row_setting)
+        || name.eq_ignore_ascii_case(crate::tenancy::row_context::BINDING_SETTING)
 }
