@@ -1,7 +1,7 @@
 //! Row-tier isolation against a hostile client: whatever SQL it sends, a row tenant sees only
 //! its own rows, and tampering with its context makes it see nothing, never another tenant's.
 
-use crate::support::{fixture, sqlstate};
+use crate::support::{cancel_packet, fixture, sqlstate, RawClient};
 use tokio_postgres::Client;
 
 /// Owners of the rows the client can see in the shared `accounts` table.
@@ -417,4 +417,37 @@ async fn other_settings_of_a_schema_tenant_still_last_for_its_session() {
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "7s");
     assert_eq!(row.get::<_, String>(1), "\"umbrella\", public");
+}
+
+#[tokio::test]
+async fn a_flood_of_wrong_secrets_for_a_clients_own_key_cancels_nothing() {
+    let f = fixture();
+    let mut victim = RawClient::login(f.proxy, "app.piedpiper", "piedpiper").await;
+    let (pid, secret) = victim.key.expect("BackendKeyData");
+    let bystander = f.tenant("hooli").await;
+    let sleeping = tokio::spawn(async move {
+        victim
+            .query("SELECT pg_sleep(1), 'finished'")
+            .await
+            .iter()
+            .map(|(tag, _)| *tag)
+            .collect::<Vec<u8>>()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let proxy = f.proxy;
+    let flood = tokio::spawn(async move {
+        for i in 0..500u32 {
+            let wrong = secret.wrapping_add(1 + i);
+            let mut raw = RawClient::connect(proxy).await;
+            raw.send(&cancel_packet(pid, wrong)).await;
+        }
+    });
+    // Everyone else keeps being served while the flood runs.
+    for _ in 0..20 {
+        assert_eq!(visible_owners(&bystander).await, ["Hal", "Hana"]);
+    }
+    flood.await.unwrap();
+    let tags = sleeping.await.unwrap();
+    assert!(tags.contains(&b'D'), "the query returned its row: {tags:?}");
+    assert!(!tags.contains(&b'E'), "and was not cancelled: {tags:?}");
 }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::{fixture, RawClient};
+use crate::support::{cancel_packet, fixture, RawClient};
 
 const V3: u32 = 196608;
 
@@ -157,10 +157,7 @@ async fn a_simple_query_round_trips_byte_for_byte() {
 #[tokio::test]
 async fn a_cancel_request_as_first_packet_gets_no_reply() {
     let mut c = RawClient::connect(fixture().proxy).await;
-    let mut pkt = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
-    pkt.extend_from_slice(&1u32.to_be_bytes());
-    pkt.extend_from_slice(&2u32.to_be_bytes());
-    c.send(&pkt).await;
+    c.send(&cancel_packet(1, 2)).await;
     let r = tokio::time::timeout(Duration::from_secs(10), c.read_message()).await;
     assert_eq!(r.ok().flatten(), None, "closed without a reply");
 }

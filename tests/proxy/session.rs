@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use pgtenant::config::PoolMode;
 
 use crate::support::{
-    assert_cancel_stops_pg_sleep, fixture, pg_error, sqlstate, text, RawClient, PASSWORD, SCRATCH,
+    assert_cancel_stops_pg_sleep, cancel_packet, fixture, pg_error, sqlstate, text, RawClient,
+    PASSWORD, SCRATCH,
 };
 
 #[tokio::test]
@@ -23,10 +24,7 @@ async fn a_cancel_with_a_wrong_key_cancels_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     for pid in 1..50u32 {
         let mut raw = RawClient::connect(f.proxy).await;
-        let mut pkt = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
-        pkt.extend_from_slice(&pid.to_be_bytes());
-        pkt.extend_from_slice(&12345u32.to_be_bytes());
-        raw.send(&pkt).await;
+        raw.send(&cancel_packet(pid, 12345)).await;
     }
     sleeper.await.unwrap().expect("the sleep finished normally");
 }

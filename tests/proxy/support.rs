@@ -334,6 +334,8 @@ pub fn stderr(o: &Output) -> String {
 pub struct RawClient {
     pub stream: tokio::net::TcpStream,
     buf: bytes::BytesMut,
+    /// (process id, secret) from BackendKeyData, once logged in.
+    pub key: Option<(u32, u32)>,
 }
 
 impl RawClient {
@@ -343,6 +345,7 @@ impl RawClient {
                 .await
                 .expect("connect proxy"),
             buf: bytes::BytesMut::new(),
+            key: None,
         }
     }
 
@@ -450,6 +453,12 @@ impl RawClient {
                     c.send(&out).await;
                 }
                 (b'R', Some(12)) => scram.finish(&body[4..]).expect("server signature"),
+                (b'K', _) if body.len() >= 8 => {
+                    let word = |i: usize| {
+                        u32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]])
+                    };
+                    c.key = Some((word(0), word(4)));
+                }
                 (b'Z', _) => return c,
                 (b'E', _) => panic!("login failed: {:?}", error_fields(&body)),
                 _ => {}
@@ -492,4 +501,12 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
         rest = tail.get(end + 1..).unwrap_or(&[]);
     }
     (code, message)
+}
+
+/// A CancelRequest packet for (process id, secret).
+pub fn cancel_packet(pid: u32, secret: u32) -> Vec<u8> {
+    let mut pkt = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    pkt.extend_from_slice(&pid.to_be_bytes());
+    pkt.extend_from_slice(&secret.to_be_bytes());
+    pkt
 }
