@@ -451,3 +451,22 @@ async fn a_flood_of_wrong_secrets_for_a_clients_own_key_cancels_nothing() {
     assert!(tags.contains(&b'D'), "the query returned its row: {tags:?}");
     assert!(!tags.contains(&b'E'), "and was not cancelled: {tags:?}");
 }
+
+#[tokio::test]
+async fn a_database_tenants_role_can_connect_to_no_other_tenants_database() {
+    let f = fixture();
+    let admin = f.direct(0, "postgres").await;
+    // The server's own maintenance databases are open to every role by PostgreSQL's default
+    // and hold no tenant data.
+    let rows = admin
+        .query(
+            "SELECT datname FROM pg_database
+              WHERE has_database_privilege('acme_app', datname, 'CONNECT')
+                AND datname NOT IN ('postgres', 'template0', 'template1') ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let databases: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(databases, ["acme"]);
+}
