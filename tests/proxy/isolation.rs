@@ -1,5 +1,7 @@
-//! Row-tier isolation against a hostile client: whatever SQL it sends, a row tenant sees only
-//! its own rows, and tampering with its context makes it see nothing, never another tenant's.
+//! Isolation against a hostile client: whatever SQL it sends, a tenant reaches only its own
+//! data and session state. Row tenants see only their rows, and tampering with their context
+//! makes them see nothing, never another tenant's, also on a server connection tenants share;
+//! schema tenants stay in their schema; cancel keys cancel only their own client's query.
 
 use crate::support::{cancel_packet, fixture, sqlstate, RawClient};
 use tokio_postgres::Client;
