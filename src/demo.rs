@@ -347,7 +347,7 @@ pub async fn provision_registry(
     registry.migrations = Some(migrations.clone());
     config.registry = Some(registry.clone());
 
-    let store = RegistryStore::open(&registry, &config.row_tenant_setting)
+    let store = RegistryStore::open(&registry)
         .await
         .map_err(|e| e.to_string())?;
     store

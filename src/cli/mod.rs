@@ -201,7 +201,7 @@ pub fn finish(r: Result<(), Failure>) -> ExitCode {
 
 /// `pgtenant row-tier-install`: the context check and the policies, in one database.
 pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
-    let c = Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))?;
+    let c = load_config(config)?;
     let secret = crate::server::row_secret(&c)?.ok_or_else(|| {
         Failure(
             format!(
@@ -235,8 +235,12 @@ pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+fn load_config(config: &Path) -> Result<Config, Failure> {
+    Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))
+}
+
 fn load(config: &Path) -> Result<(Config, RegistryConfig), Failure> {
-    let c = Config::load(config).map_err(|e| Failure(format!("{}: {e}", config.display()), 2))?;
+    let c = load_config(config)?;
     let r = c.registry.clone().ok_or_else(|| {
         Failure(
             format!(
@@ -251,7 +255,7 @@ fn load(config: &Path) -> Result<(Config, RegistryConfig), Failure> {
 
 async fn open(config: &Path) -> Result<(Config, RegistryStore), Failure> {
     let (c, r) = load(config)?;
-    let store = RegistryStore::open(&r, &c.row_tenant_setting).await?;
+    let store = RegistryStore::open(&r).await?;
     Ok((c, store))
 }
 

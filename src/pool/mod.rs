@@ -418,9 +418,10 @@ impl Idle {
     }
 }
 
-/// What the row tenants of one group share.
+/// A pool's connections and its waiting room: a tenant's own, or shared by the row tenants of
+/// one group.
 #[derive(Clone)]
-struct RowGroup {
+struct Connections {
     pool: bb8::Pool<BackendManager>,
     failures: Arc<ConnectFailures>,
     idle: Arc<std::sync::Mutex<Idle>>,
@@ -507,7 +508,7 @@ pub struct Pools {
     /// What row-tier context keys derive from.
     row_secret: Option<MasterKey>,
     /// Connections shared by row tenants, by server, database, backend role and defaults.
-    groups: DashMap<String, RowGroup>,
+    groups: DashMap<String, Connections>,
 }
 
 impl Pools {
@@ -612,7 +613,7 @@ impl Pools {
                 .entry(key)
                 .or_insert_with(|| {
                     let failures = Arc::new(ConnectFailures::default());
-                    RowGroup {
+                    Connections {
                         pool: self.bb8_pool(tenant, s.default_size, None, wait, &failures, spec),
                         failures,
                         idle: Arc::default(),
@@ -622,7 +623,7 @@ impl Pools {
                 .clone()
         } else {
             let failures = Arc::new(ConnectFailures::default());
-            RowGroup {
+            Connections {
                 pool: self.bb8_pool(
                     tenant,
                     tenant.pool_size,

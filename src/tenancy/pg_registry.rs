@@ -59,7 +59,7 @@ impl PgRegistry {
         cfg: RegistryConfig,
         pool: PoolConfig,
     ) -> Result<Arc<PgRegistry>, RegistryError> {
-        let store = RegistryStore::open(&cfg, "").await?;
+        let store = RegistryStore::open(&cfg).await?;
         let (changes, _) = broadcast::channel(1024);
         let reg = Arc::new(PgRegistry {
             snapshot: RwLock::new(HashMap::new()),
@@ -177,7 +177,6 @@ async fn follow(reg: std::sync::Weak<PgRegistry>) {
                         }
                     },
                     cfg: cfg.clone(),
-                    row_setting: String::new(),
                 };
                 if let Err(e) = session(&reg, &mut store, &mut notes).await {
                     tracing::warn!(error = %e, "registry connection lost; serving the last snapshot and reconnecting");

@@ -21,7 +21,7 @@
 
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -219,13 +219,16 @@ pub struct RowBinding {
 }
 
 /// Appends the messages that bind backend `pid` (with connection nonce `nonce`) to `row`'s
-/// tenant: Parse (unnamed) + Bind with the proof as a text parameter + Execute + Sync.
+/// tenant: Parse (unnamed) + Bind with the proof as a text parameter + Execute + Sync, encoded
+/// by postgres-protocol like the proxy's other own statements.
 pub fn put_enter(
     buf: &mut BytesMut,
     row: &RowBinding,
     pid: u32,
     nonce: &str,
 ) -> Result<(), &'static str> {
+    use postgres_protocol::message::frontend;
+    use postgres_protocol::IsNull;
     let key = row
         .key
         .as_ref()
@@ -237,38 +240,24 @@ pub fn put_enter(
     let proof = hex(&key.proof(&row.tenant, pid, nonce, expires));
     let expires = expires.to_string();
     let params: [&[u8]; 3] = [row.tenant.as_bytes(), expires.as_bytes(), proof.as_bytes()];
-    put_message(buf, b'P', |b| {
-        b.put_u8(0);
-        b.put_slice(ENTER_SQL.as_bytes());
-        b.put_u8(0);
-        b.put_i16(0);
-    });
-    put_message(buf, b'B', |b| {
-        b.put_u8(0);
-        b.put_u8(0);
-        b.put_i16(0);
-        b.put_i16(params.len() as i16);
-        for p in params {
-            b.put_i32(p.len() as i32);
-            b.put_slice(p);
-        }
-        b.put_i16(0);
-    });
-    put_message(buf, b'E', |b| {
-        b.put_u8(0);
-        b.put_i32(0);
-    });
-    put_message(buf, b'S', |_| {});
+    const ENCODE: &str = "cannot encode the binding statement";
+    frontend::parse("", ENTER_SQL, [], buf).map_err(|_| ENCODE)?;
+    frontend::bind(
+        "",
+        "",
+        [],
+        params,
+        |p, b| {
+            b.extend_from_slice(p);
+            Ok(IsNull::No)
+        },
+        [],
+        buf,
+    )
+    .map_err(|_| ENCODE)?;
+    frontend::execute("", 0, buf).map_err(|_| ENCODE)?;
+    frontend::sync(buf);
     Ok(())
-}
-
-fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 #[cfg(test)]

@@ -214,12 +214,9 @@ impl Reg {
     }
 
     pub async fn store(&self) -> RegistryStore {
-        RegistryStore::open(
-            self.config.registry.as_ref().unwrap(),
-            &self.config.row_tenant_setting,
-        )
-        .await
-        .expect("open registry")
+        RegistryStore::open(self.config.registry.as_ref().unwrap())
+            .await
+            .expect("open registry")
     }
 
     pub fn path(&self, p: &str) -> PathBuf {

@@ -84,23 +84,17 @@ pub struct RegistryStore {
     pub client: Client,
     pub keys: Keyring,
     pub cfg: RegistryConfig,
-    /// The custom setting row-tier RLS policies read (`row_tenant_setting`).
-    pub row_setting: String,
 }
 
 impl RegistryStore {
     /// Connects and brings the registry schema up to date.
-    pub async fn open(
-        cfg: &RegistryConfig,
-        row_setting: &str,
-    ) -> Result<RegistryStore, RegistryError> {
+    pub async fn open(cfg: &RegistryConfig) -> Result<RegistryStore, RegistryError> {
         let keys = keyring(cfg)?;
         let client = connect(cfg).await?;
         let store = RegistryStore {
             client,
             keys,
             cfg: cfg.clone(),
-            row_setting: row_setting.to_string(),
         };
         store.upgrade_schema().await?;
         Ok(store)
