@@ -17,7 +17,7 @@ use super::stream::BackendStream;
 
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorReport;
-use crate::tenancy::row_context::{self, RowBinding};
+use crate::tenancy::row_context::{self, ConnToken, RowBinding, RowKey};
 use crate::tenancy::{BackendCredentials, Server};
 
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +54,10 @@ pub enum BackendError {
     },
     #[error("timed out waiting for server \"{server}\"")]
     Timeout { server: String },
-    #[error(
-        "server \"{server}\" did not accept the row-tier context of tenant \"{tenant}\": {reason}"
-    )]
+    #[error("server \"{server}\" did not accept the row-tier context of {scope}: {reason}")]
     RowContext {
         server: String,
-        tenant: String,
+        scope: String,
         reason: String,
     },
 }
@@ -98,8 +96,9 @@ pub struct ConnectSpec {
     pub credentials: BackendCredentials,
     pub params: Vec<(String, String)>,
     pub connect_timeout: Duration,
-    /// Row tier: the connection gets a binding nonce, so it can be bound to a tenant.
-    pub row_nonce: bool,
+    /// Row tier: the connection is opened for tenant switching with this database's key
+    /// (`Some(None)`: row tier, but the proxy has no key, which fails with a clear error).
+    pub row_key: Option<Option<RowKey>>,
 }
 
 /// Where and how to cancel whatever this backend is running.
@@ -141,8 +140,8 @@ pub struct BackendConn {
     pub(crate) prepared: PreparedSet,
     /// Transaction mode: the client settings script last replayed here ("" = none).
     pub(crate) applied_settings: Arc<str>,
-    /// Row tier: this connection's binding nonce (in its startup packet).
-    pub(crate) row_nonce: Option<Arc<str>>,
+    /// Row tier: this connection's switching token (see `tenancy::row_context`).
+    pub(crate) row_token: Option<ConnToken>,
     /// Row tier: the tenant the server last confirmed this connection is bound to.
     pub(crate) bound: Option<Arc<str>>,
 }
@@ -253,7 +252,7 @@ impl BackendConn {
             created: Instant::now(),
             prepared: PreparedSet::default(),
             applied_settings: Arc::from(""),
-            row_nonce: spec.row_nonce.then(|| Arc::from(row_context::new_nonce())),
+            row_token: None,
             bound: None,
         };
         let mut out = BytesMut::with_capacity(256);
@@ -262,10 +261,6 @@ impl BackendConn {
             ("database", spec.database.as_str()),
         ];
         startup.extend(spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let nonce = conn.row_nonce.clone();
-        if let Some(n) = &nonce {
-            startup.push((row_context::BINDING_SETTING, n));
-        }
         frontend::startup_message(startup.iter().copied(), &mut out)
             .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
         conn.send(&out).await?;
@@ -287,6 +282,9 @@ impl BackendConn {
                 }
                 Message::ReadyForQuery(body) => {
                     conn.tx_status = body.status();
+                    if let Some(key) = &spec.row_key {
+                        conn.open_row(key.as_ref(), &spec.database).await?;
+                    }
                     return Ok(conn);
                 }
                 Message::ErrorResponse(body) => return Err(conn.refused(body.fields())),
@@ -387,34 +385,120 @@ impl BackendConn {
         self.bound.as_deref()
     }
 
-    /// Binds this connection to `row`'s tenant after clearing its session (see
-    /// `tenancy::row_context`).
-    /// The proof goes as a bind parameter, never in statement text. A refusal leaves the
-    /// connection bound to no tenant.
-    pub async fn bind_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
+    /// Opens this row-tier connection for tenant switching: answers the server's one-time
+    /// challenge with a proof under `key` for a fresh token (see `tenancy::row_context`).
+    async fn open_row(&mut self, key: Option<&RowKey>, database: &str) -> Result<(), BackendError> {
         let server = self.server.name.clone();
         let failed = |reason: String| BackendError::RowContext {
             server: server.clone(),
-            tenant: row.tenant.to_string(),
+            scope: format!("database \"{database}\""),
             reason,
         };
+        let key = key.ok_or_else(|| {
+            failed("this proxy has no row key (set row_key, or use a registry)".into())
+        })?;
+        let challenge = match self.query_value(row_context::CHALLENGE_SQL).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(failed("the server returned no challenge".into())),
+            Err(BackendError::Statement { code, message, .. }) => {
+                return Err(failed(not_installed(&code).unwrap_or(message)))
+            }
+            Err(e) => return Err(e),
+        };
+        let token = ConnToken::random();
+        let mut out = BytesMut::with_capacity(256);
+        row_context::put_open(&mut out, key, self.cancel.pid, &challenge, &token)
+            .map_err(|e| failed(e.into()))?;
+        match self.run_checked(&out).await? {
+            Ok(true) => {
+                self.row_token = Some(token);
+                Ok(())
+            }
+            Ok(false) => Err(failed(
+                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),
+            )),
+            Err((code, message)) => Err(failed(not_installed(&code).unwrap_or(message))),
+        }
+    }
+
+    /// Clears everything of the previous client's session (the row-tier context too).
+    pub async fn clear_session(&mut self) -> Result<(), BackendError> {
         self.bound = None;
-        // Nothing of the previous tenant's session may remain; the nonce, a startup
-        // parameter, does.
         self.execute(super::reset::RESET_QUERY).await?;
         self.prepared.clear();
         self.applied_settings = Arc::from("");
+        Ok(())
+    }
+
+    /// Binds this connection to `row`'s tenant, leaving the rest of its session as it is.
+    pub async fn enter_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
+        let server = self.server.name.clone();
+        let failed = |reason: String| BackendError::RowContext {
+            server: server.clone(),
+            scope: format!("tenant \"{}\"", row.tenant),
+            reason,
+        };
+        self.bound = None;
+        let token = self
+            .row_token
+            .as_ref()
+            .ok_or_else(|| failed("the connection was not opened for the row tier".into()))?;
         let mut out = BytesMut::with_capacity(256);
-        let nonce = self.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
-        row_context::put_enter(&mut out, row, self.cancel.pid, &nonce)
-            .map_err(|e| failed(e.into()))?;
-        self.send(&out).await?;
+        row_context::put_enter(&mut out, &row.tenant, token).map_err(|e| failed(e.into()))?;
+        match self.run_checked(&out).await? {
+            Ok(true) => {
+                self.bound = Some(row.tenant.clone());
+                Ok(())
+            }
+            Ok(false) => Err(failed("the server refused the connection's token".into())),
+            Err((code, message)) => Err(failed(not_installed(&code).unwrap_or(message))),
+        }
+    }
+
+    /// Sends one of pgtenant's own extended-protocol statements (ending in Sync) and reads up
+    /// to ReadyForQuery: whether its command tag was `SELECT 1`, or the server's error.
+    async fn run_checked(
+        &mut self,
+        out: &[u8],
+    ) -> Result<Result<bool, (String, String)>, BackendError> {
+        self.send(out).await?;
         let mut accepted = false;
         let mut error = None;
         loop {
             match self.next_message().await? {
                 Message::CommandComplete(body) => {
-                    accepted = body.tag().ok() == Some(row_context::BOUND_TAG);
+                    accepted = body.tag().ok() == Some(row_context::ACCEPTED_TAG);
+                }
+                Message::ErrorResponse(body) => {
+                    let (code, message, _) = error_fields(body.fields());
+                    error.get_or_insert((code, message));
+                }
+                Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        Ok(match error {
+            Some(e) => Err(e),
+            None => Ok(accepted),
+        })
+    }
+
+    /// Runs a one-value query of pgtenant's own and returns its first column as text.
+    async fn query_value(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
+        self.send(&out).await?;
+        let mut value = None;
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(row) => {
+                    if let Ok(Some(Some(range))) = row.ranges().next() {
+                        value = Some(String::from_utf8_lossy(&row.buffer()[range]).into_owned());
+                    }
                 }
                 Message::ErrorResponse(body) => {
                     let (code, message, _) = error_fields(body.fields());
@@ -428,19 +512,12 @@ impl BackendConn {
             }
         }
         match error {
-            // undefined_function / invalid_schema_name: the schema was never installed.
-            Some((code, _)) if code == "42883" || code == "3F000" => Err(failed(format!(
-                "{}.enter() does not exist in this database: install it with `pgtenant row-tier-install` (or `pgtenant tenant create` / `migrate` with a registry)",
-                row_context::SCHEMA
-            ))),
-            Some((_, message)) => Err(failed(message)),
-            None if accepted => {
-                self.bound = Some(row.tenant.clone());
-                Ok(())
-            }
-            None => Err(failed(
-                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),
-            )),
+            Some((code, message)) => Err(BackendError::Statement {
+                server: self.server.name.clone(),
+                code,
+                message,
+            }),
+            None => Ok(value),
         }
     }
 
@@ -614,4 +691,15 @@ fn error_fields(
         }
     }
     (code, message, fatal)
+}
+
+/// The message for an error that says the row-tier functions are missing.
+fn not_installed(code: &str) -> Option<String> {
+    // undefined_function / invalid_schema_name
+    (code == "42883" || code == "3F000").then(|| {
+        format!(
+            "{}'s functions do not exist in this database: install them with `pgtenant row-tier-install` (or `pgtenant tenant create` / `migrate` with a registry)",
+            row_context::SCHEMA
+        )
+    })
 }

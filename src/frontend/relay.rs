@@ -13,6 +13,7 @@ use crate::backend::reset::Leftover;
 use crate::backend::BackendConn;
 use crate::protocol::framing::cstr;
 use crate::protocol::{ErrorReport, Scanner, Stop};
+use crate::tenancy::row_context::RowBinding;
 
 use super::error::SessionError;
 
@@ -56,10 +57,14 @@ fn allowed_client_tag(tag: u8) -> bool {
     )
 }
 
+/// `row`: the row-tier tenant the session is bound to; a client statement that may have cleared
+/// the context (`RESET`, `DISCARD`, `SET`) is followed by entering it again, between the
+/// client's requests.
 pub async fn relay(
     client: &mut TcpStream,
     conn: &mut BackendConn,
     max_message: usize,
+    row: Option<&RowBinding>,
 ) -> RelayOutcome {
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
@@ -74,6 +79,8 @@ pub async fn relay(
     // Tag of the last server message seen: an ErrorResponse right before the server hangs up is
     // its FATAL, already forwarded, so the client needs no second one.
     let mut last_server_tag = 0u8;
+    let mut reenter = false;
+    let inspect_command_tags = row.is_some();
 
     let end = loop {
         if cbuf.capacity() - cbuf.len() < 1024 {
@@ -133,7 +140,7 @@ pub async fn relay(
                 }
                 // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
                 let mut params: Vec<(String, String)> = Vec::new();
-                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S', |tag, body| {
+                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S' || (t == b'C' && inspect_command_tags), |tag, body| {
                     last_server_tag = tag;
                     match (tag, body) {
                         (b'Z', Some(b)) => {
@@ -154,6 +161,11 @@ pub async fn relay(
                             }
                         }
                         (b'G', _) => st.copy_in = true,
+                        (b'C', Some(b)) if inspect_command_tags => {
+                            if let Some((t, _)) = cstr(b) {
+                                reenter |= t == b"SET" || t == b"RESET" || t.starts_with(b"DISCARD");
+                            }
+                        }
                         _ => {}
                     }
                     true
@@ -177,6 +189,25 @@ pub async fn relay(
                 if scanned.need > conn.read_buf.len() {
                     let more = scanned.need - conn.read_buf.len();
                     conn.read_buf.reserve(more);
+                }
+                if let Some(row) = row {
+                    // Only between requests, so nothing of the client's is in flight.
+                    if reenter && st.pending == 0 && !st.unsynced && !st.copy_in
+                        && st.tx_status == b'I' && conn.read_buf.is_empty()
+                    {
+                        reenter = false;
+                        if let Err(e) = conn.enter_row(row).await {
+                            tracing::error!(error = %e, "could not enter the row-tier context again; ending the session");
+                            conn.broken = true;
+                            let report = ErrorReport::fatal(
+                                crate::protocol::sqlstate::CONNECTION_FAILURE,
+                                e.to_string(),
+                            );
+                            send_report(client, &report).await;
+                            last_server_tag = b'E';
+                            break RelayEnd::ServerGone;
+                        }
+                    }
                 }
             }
         }

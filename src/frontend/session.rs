@@ -103,7 +103,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     // Each mode's state is boxed so an idle client's task stays small.
     let (how, bytes_in, bytes_out) = match mode {
         PoolMode::Session => Box::pin(async {
-            let outcome = relay(&mut client, &mut backend, max_message).await;
+            let outcome = relay(&mut client, &mut backend, max_message, pool.row()).await;
             cancel.unlink();
             farewell(&mut client, &cancel).await;
             drop(client);
@@ -280,30 +280,37 @@ async fn attach(
         let mut backend = pool.checkout().await?;
         // Whether a round trip just proved the connection alive.
         let mut proven = false;
-        if let Some(row) = pool.row() {
-            if backend.bound_tenant() != Some(&*row.tenant) {
-                match backend.bind_row(row).await {
-                    Ok(()) => proven = true,
-                    Err(e @ BackendError::RowContext { .. }) => {
-                        // The connection is sound (and bound to no tenant); the binding is not.
-                        pool.park(backend);
-                        return Err(SessionError::Backend(e));
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "pooled server connection is dead; trying another");
-                        backend.mark_broken();
-                        last_err = Some(e);
-                        continue;
-                    }
+        let row = pool.row();
+        // Row tier, bound to another tenant (or none): cleared first, entered last, so the
+        // setup's RESET ALL cannot undo the context.
+        let rebind = row.is_some_and(|r| backend.bound_tenant() != Some(&*r.tenant));
+        if rebind {
+            match backend.clear_session().await {
+                Ok(()) => proven = true,
+                Err(e) => {
+                    debug!(error = %e, "pooled server connection is dead; trying another");
+                    backend.mark_broken();
+                    last_err = Some(e);
+                    continue;
                 }
             }
         }
-        let sql = setup(&backend);
-        let setup_done = if proven && sql.is_empty() {
+        let mut sql = setup(&backend);
+        if let (Some(row), false, false) = (row, rebind, sql.is_empty()) {
+            // The setup starts with RESET ALL, which clears the tenant setting.
+            sql.push_str("; ");
+            sql.push_str(&crate::tenancy::row_context::restore_setting_sql(
+                &row.tenant,
+            ));
+        }
+        let mut setup_done = if proven && sql.is_empty() {
             Ok(())
         } else {
             backend.execute(&sql).await
         };
+        if let (Ok(()), Some(row), true) = (&setup_done, row, rebind) {
+            setup_done = backend.enter_row(row).await;
+        }
         match setup_done {
             Ok(()) => {
                 cancel.link(backend.cancel_target().clone());
@@ -316,6 +323,11 @@ async fn attach(
                 messages::ready_for_query_idle(&mut out);
                 client.write_all(&out).await?;
                 return Ok(backend);
+            }
+            Err(e @ BackendError::RowContext { .. }) => {
+                // The connection is sound (and bound to no tenant); the binding is not.
+                pool.park(backend);
+                return Err(SessionError::Backend(e));
             }
             Err(e @ BackendError::Statement { .. }) => {
                 // The client's own settings are invalid: PostgreSQL would refuse the login too.

@@ -656,23 +656,30 @@ impl<'a> Engine<'a> {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
                 // of the previous tenant's session may remain (settings, also those made with
-                // set_config(); cursors, locks, LISTEN, prepared statements): DISCARD ALL keeps
-                // only the startup parameters, the nonce among them. Until the server confirms
-                // the binding the connection counts as bound to nobody: a refused proof leaves
-                // the session unable to read any tenant's rows.
-                put_query(&mut self.out, "DISCARD ALL");
-                self.queue.push_back(Item::Proxy(Resp::Query));
+                // set_config(); cursors, locks, LISTEN, prepared statements, the context):
+                // DISCARD ALL leaves the session bound to no tenant, so if `enter` then fails
+                // the client's statements see no rows, never another tenant's.
                 be.prepared.clear();
                 be.applied_settings = Arc::from("");
                 be.bound = None;
-                let nonce = be.row_nonce.clone().unwrap_or_else(|| Arc::from(""));
-                if let Err(reason) =
-                    row_context::put_enter(&mut self.out, row, be.cancel_target().pid, &nonce)
-                {
+                let Some(token) = be.row_token.as_ref() else {
+                    self.pool.discard(be);
+                    return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
+                        server: self.pool.tenant().server.name.clone(),
+                        scope: format!("tenant \"{}\"", row.tenant),
+                        reason: "the connection was not opened for the row tier".into(),
+                    })));
+                };
+                let (out_len, queue_len) = (self.out.len(), self.queue.len());
+                put_query(&mut self.out, "DISCARD ALL");
+                self.queue.push_back(Item::Proxy(Resp::Query));
+                if let Err(reason) = row_context::put_enter(&mut self.out, &row.tenant, token) {
+                    self.out.truncate(out_len);
+                    self.queue.truncate(queue_len);
                     self.pool.park(be);
                     return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
                         server: self.pool.tenant().server.name.clone(),
-                        tenant: row.tenant.to_string(),
+                        scope: format!("tenant \"{}\"", row.tenant),
                         reason: reason.into(),
                     })));
                 }
@@ -686,7 +693,12 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        if let Some(replay) = self.state.replay_for(&be.applied_settings) {
+        if let Some(mut replay) = self.state.replay_for(&be.applied_settings) {
+            if let Some(row) = self.pool.row() {
+                // The replay starts with RESET ALL.
+                replay.push_str("; ");
+                replay.push_str(&row_context::restore_setting_sql(&row.tenant));
+            }
             put_query(&mut self.out, &replay);
             self.queue.push_back(Item::Proxy(Resp::Query));
             be.applied_settings = self.state.script().clone();
@@ -862,6 +874,10 @@ impl<'a> Engine<'a> {
                             // lasts to the end of its transaction, and the connection gets the
                             // pinned value back (RESET ALL) before it serves another one.
                             let pinned = pinned_setting(self.pool.tenant().tier);
+                            if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
+                                // Bound anew (DISCARD ALL + enter) before the next transaction.
+                                be.bound = None;
+                            }
                             let n = ops.len();
                             ops.retain(|op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned));
                             let changed_pin = ops.len() < n;
@@ -903,6 +919,11 @@ impl<'a> Engine<'a> {
                             self.state.statements.clear();
                         }
                         b"ROLLBACK" if !proxy => self.tx_failed = true,
+                        // Cleared the row context (also when run as dynamic SQL): enter again
+                        // before the next transaction.
+                        t if !proxy && t.starts_with(b"DISCARD") && self.pool.row().is_some() => {
+                            be.bound = None;
+                        }
                         _ => {}
                     }
                 }
@@ -913,11 +934,14 @@ impl<'a> Engine<'a> {
                     Resp::Enter(tenant) => {
                         self.queue.pop_front();
                         let accepted = body.and_then(cstr).map(|(t, _)| t)
-                            == Some(row_context::BOUND_TAG.as_bytes());
+                            == Some(row_context::ACCEPTED_TAG.as_bytes());
                         if accepted {
                             be.bound = Some(tenant.clone());
                         } else {
-                            tracing::warn!(tenant = %tenant, "server refused the row-tier binding of a connection");
+                            // The client's statements ran bound to no one; this connection
+                            // is not to be trusted with another.
+                            tracing::error!(tenant = %tenant, "server refused the row-tier binding of a connection; closing it");
+                            be.broken = true;
                         }
                     }
                     _ => {}
@@ -1039,8 +1063,22 @@ fn inspect_sql(text: &[u8]) -> (Vec<SettingOp>, Option<&'static str>) {
 fn pinned_setting(tier: Tier) -> Option<&'static str> {
     match tier {
         Tier::Schema => Some("search_path"),
-        Tier::Row => Some(row_context::BINDING_SETTING),
+        // The row context is not pinned by RESET ALL, which would clear it: see
+        // `clears_row_context`.
+        Tier::Row => None,
         Tier::Database => None,
+    }
+}
+
+/// Whether a client's setting change cleared (or tampered with) its row-tier context.
+fn clears_row_context(op: &SettingOp) -> bool {
+    let ours = |name: &str| {
+        name.get(..9)
+            .is_some_and(|p| p.eq_ignore_ascii_case("pgtenant."))
+    };
+    match op {
+        SettingOp::ResetAll => true,
+        SettingOp::Set { name, .. } | SettingOp::Reset(name) => ours(name),
     }
 }
 

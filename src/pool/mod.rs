@@ -583,7 +583,11 @@ impl Pools {
             credentials: user.backend.clone(),
             params: crate::tenancy::tier::backend_startup_params(tenant),
             connect_timeout: Duration::from_secs(s.connect_timeout),
-            row_nonce: row_tier,
+            row_key: row_tier.then(|| {
+                self.row_secret
+                    .as_ref()
+                    .map(|k| k.row_key(&tenant.database))
+            }),
         };
         let wait = Duration::from_secs(
             tenant
@@ -650,10 +654,6 @@ impl Pools {
             idle: group.idle,
             row: row_tier.then(|| RowBinding {
                 tenant: Arc::from(tenant.id.as_str()),
-                key: self
-                    .row_secret
-                    .as_ref()
-                    .map(|k| k.row_key(&tenant.database)),
             }),
             shared: row_tier,
             clients: AtomicUsize::new(0),

@@ -419,6 +419,7 @@ pub async fn enforce_row_policies(db: &Client) -> Result<Vec<String>, tokio_post
         ))
         .await?;
     }
+    db.batch_execute(row_context::CLEANUP_SQL).await?;
     Ok(tables)
 }
 

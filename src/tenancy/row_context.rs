@@ -1,23 +1,26 @@
 //! The row tier's tenant context, made so a tenant's own SQL cannot forge it.
 //!
-//! A custom setting (`SET pgtenant.tenant_id = 'b'`) is writable by any SQL a client sends, so
-//! RLS policies never read one. Instead each backend connection is *bound* to its tenant once,
-//! right after it logs in: pgtenant calls `pgtenant_rls.enter(tenant, expires, proof)` with an
-//! HMAC-SHA256 proof over (tenant, backend pid, connection nonce, expiry) under a key only the
-//! database owner's schema holds. The SECURITY DEFINER function checks the proof and records
-//! the binding in a table only it writes; the policies compare `tenant_id` with the binding of
-//! the session's own backend (an initPlan, evaluated once per statement). The binding table has
-//! RLS of its own: a session can read only its own row.
+//! RLS policies compare `tenant_id` with a custom setting, `pgtenant.tenant_id`, which keeps
+//! the planner's index choices cheap, *and* check that setting against a value only
+//! pgtenant's `SECURITY DEFINER` functions can write: `currval('pgtenant_rls.context')`, which
+//! is private to the session and which tenants (without USAGE or UPDATE on the sequence) can
+//! read but never set. A client that sets `pgtenant.tenant_id` itself breaks the match and sees
+//! no rows at all (fail closed).
 //!
-//! - The proof travels as a bind parameter, so it never shows in `pg_stat_activity` or in
-//!   statement logs of other sessions.
-//! - A binding is keyed by backend pid *and* a random per-connection nonce that pgtenant puts in
-//!   the startup packet (`pgtenant.binding`): a new backend that inherits a dead one's pid
-//!   matches no binding, and `RESET ALL` / `DISCARD ALL` return the nonce to its startup value.
-//! - A failed or forged `enter` deletes the binding first: the session then sees no rows
-//!   (fail closed), never another tenant's.
-//! - Only `sha256` is needed (PostgreSQL ≥ 11): HMAC is computed from the key's inner and outer
-//!   pads, stored instead of the key, so no extension is required.
+//! - **Opening.** Once per server connection pgtenant asks for a one-time challenge and answers
+//!   `open(token, proof)` with `proof = HMAC-SHA256(k, "open/" pid "/" challenge "/" token)`:
+//!   the database verifies it with plain `sha256` over the key's stored pads and records only
+//!   `sha256(token)` for the backend's pid. The challenge is used up by any answer, so a proof
+//!   seen in a log is worth nothing.
+//! - **Switching.** `enter(tenant, token)` costs no cryptography: it compares the token's hash,
+//!   sets `context` to `hashtextextended(tenant, 0)` for this session alone and the setting to
+//!   the tenant. A tenant whose hash another tenant already holds is refused, so the pair is
+//!   unambiguous. pgtenant switches right after `DISCARD ALL`, so if `enter` fails the session
+//!   is bound to no one; a client's own forged call changes nothing.
+//! - **Secrets travel as bind parameters**, never in statement text that `pg_stat_activity`
+//!   would show other sessions of the same role.
+//! - `DISCARD ALL`, `RESET ALL` and `DISCARD SEQUENCES` clear the context (no rows), never
+//!   leave another tenant's; pgtenant re-enters after a client runs them.
 
 use std::sync::Arc;
 
@@ -25,30 +28,39 @@ use bytes::BytesMut;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Startup parameter carrying the connection's nonce.
-pub const BINDING_SETTING: &str = "pgtenant.binding";
-/// Schema holding the key, the bindings and the two functions.
+/// The setting RLS policies compare `tenant_id` with (checked against the session's context).
+pub const TENANT_SETTING: &str = "pgtenant.tenant_id";
+/// Schema holding the key, the connection tokens and the functions.
 pub const SCHEMA: &str = "pgtenant_rls";
-/// How long a proof stays valid (seconds); generous for clock skew between proxy and server.
-pub const PROOF_LIFETIME: u64 = 300;
-/// The statement pgtenant runs to bind a connection. Its command tag says whether the server
-/// accepted the proof (`SELECT 1`) or not (`SELECT 0`), so a pipelined binding can be checked
-/// without looking at rows.
-pub const ENTER_SQL: &str =
-    "SELECT 1 WHERE pgtenant_rls.enter($1, $2::bigint, pg_catalog.decode($3, 'hex'))";
-/// Command tag of an accepted binding.
-pub const BOUND_TAG: &str = "SELECT 1";
+/// Asks the server for this connection's one-time challenge.
+pub const CHALLENGE_SQL: &str = "SELECT pgtenant_rls.challenge()";
+/// Opens a connection for switching. Its command tag says whether the server accepted the
+/// proof (`SELECT 1`) or not (`SELECT 0`), so it can be checked without looking at rows.
+pub const OPEN_SQL: &str =
+    "SELECT 1 WHERE pgtenant_rls.open(pg_catalog.decode($1, 'hex'), pg_catalog.decode($2, 'hex'))";
+/// Binds an opened connection to a tenant; command tag as for `OPEN_SQL`.
+pub const ENTER_SQL: &str = "SELECT 1 WHERE pgtenant_rls.enter($1, pg_catalog.decode($2, 'hex'))";
+/// Command tag of an accepted `open` or `enter`.
+pub const ACCEPTED_TAG: &str = "SELECT 1";
 
-/// The RLS condition on a row-tier table: an uncorrelated subquery, so it runs once per
-/// statement as an initPlan, and inline (no function call), which measured cheapest. A session
-/// with no binding gets an error from `unbound()` (evaluated only then, and at run time: inside
-/// the subquery the planner never pre-evaluates it for estimates), not an empty result.
+/// The RLS condition on a row-tier table. Inline and without a subquery, which measured
+/// cheapest: the first half is an index condition, the second a filter that costs a hash.
 pub const POLICY_CONDITION: &str =
-    "tenant_id = (SELECT COALESCE((SELECT b.tenant FROM pgtenant_rls.binding b \
-     WHERE b.pid = pg_catalog.pg_backend_pid() \
-     AND b.nonce = pg_catalog.current_setting('pgtenant.binding', true)), pgtenant_rls.unbound()))";
+    "tenant_id = pg_catalog.current_setting('pgtenant.tenant_id', true) \
+     AND pg_catalog.hashtextextended(pg_catalog.current_setting('pgtenant.tenant_id', true), 0) \
+     = pg_catalog.currval('pgtenant_rls.context'::regclass)";
 /// Default for `tenant_id`, so inserts need not name the tenant.
 pub const COLUMN_DEFAULT: &str = "pgtenant_rls.tenant()";
+
+/// Puts the tenant setting back after `RESET ALL` (which leaves the session's context, the
+/// sequence value, alone). Needs no secret: a setting that does not match the context shows no
+/// rows.
+pub fn restore_setting_sql(tenant: &str) -> String {
+    format!(
+        "SELECT pg_catalog.set_config('{TENANT_SETTING}', '{}', false)",
+        tenant.replace('\'', "''")
+    )
+}
 
 /// The per-database HMAC key. Debug never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -70,11 +82,11 @@ impl RowKey {
         RowKey(mac.finalize().into_bytes().into())
     }
 
-    /// The proof that binds backend `pid` (with connection nonce `nonce`) to `tenant` until
-    /// `expires` (Unix seconds).
-    pub fn proof(&self, tenant: &str, pid: u32, nonce: &str, expires: u64) -> [u8; 32] {
+    /// The proof that opens backend `pid`, which handed out `challenge`, with `token`.
+    pub fn proof(&self, pid: u32, challenge: &str, token: &ConnToken) -> [u8; 32] {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
-        mac.update(message(tenant, pid, nonce, expires).as_bytes());
+        mac.update(format!("open/{pid}/{challenge}/").as_bytes());
+        mac.update(&token.0);
         mac.finalize().into_bytes().into()
     }
 
@@ -91,32 +103,34 @@ impl RowKey {
     }
 }
 
-/// What a proof signs. Tenant ids cannot contain '/'.
-fn message(tenant: &str, pid: u32, nonce: &str, expires: u64) -> String {
-    format!("{tenant}/{pid}/{nonce}/{expires}")
+/// A connection's switching token: 256 random bits, known to pgtenant and (as a hash) to the
+/// server. Debug never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnToken([u8; 32]);
+
+impl ConnToken {
+    pub fn random() -> ConnToken {
+        ConnToken(rand::random())
+    }
+
+    fn hex(&self) -> String {
+        hex(&self.0)
+    }
 }
 
-/// A fresh connection nonce: 128 random bits, hex.
-pub fn new_nonce() -> String {
-    let bytes: [u8; 16] = rand::random();
-    hex(&bytes)
+impl std::fmt::Debug for ConnToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConnToken(..)")
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Unix time a proof minted now expires at.
-pub fn expiry() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + PROOF_LIFETIME
-}
-
 /// DDL that creates (or brings up to date) the schema, run as the database owner. Idempotent.
-/// Tenants' roles get EXECUTE on the two functions, their own binding row, nothing else.
+/// Tenants' roles get EXECUTE on the functions and SELECT (for `currval`) on the context
+/// sequence, nothing else.
 pub fn install_sql() -> String {
     format!(
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -126,62 +140,116 @@ pub fn install_sql() -> String {
              id int PRIMARY KEY CHECK (id = 1),
              inner_pad bytea NOT NULL,
              outer_pad bytea NOT NULL);
-         CREATE UNLOGGED TABLE IF NOT EXISTS {SCHEMA}.binding (
+         CREATE UNLOGGED TABLE IF NOT EXISTS {SCHEMA}.connection (
              pid int PRIMARY KEY,
-             nonce text NOT NULL,
-             tenant text NOT NULL);
-         REVOKE ALL ON {SCHEMA}.secret, {SCHEMA}.binding FROM PUBLIC;
-         GRANT SELECT ON {SCHEMA}.binding TO PUBLIC;
-         ALTER TABLE {SCHEMA}.binding ENABLE ROW LEVEL SECURITY;
-         DROP POLICY IF EXISTS own_binding ON {SCHEMA}.binding;
-         CREATE POLICY own_binding ON {SCHEMA}.binding FOR SELECT
-             USING (pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid());
-         CREATE OR REPLACE FUNCTION {SCHEMA}.enter(p_tenant text, p_expires bigint, p_proof bytea)
+             challenge text,
+             token_hash bytea);
+         CREATE TABLE IF NOT EXISTS {SCHEMA}.tenant_hash (
+             hash bigint PRIMARY KEY,
+             tenant text NOT NULL UNIQUE);
+         DO $do$ BEGIN
+             IF to_regclass('{SCHEMA}.context') IS NULL THEN
+                 -- Unlogged where the server can (15+): switching writes no WAL.
+                 EXECUTE format('CREATE %s SEQUENCE {SCHEMA}.context AS bigint
+                     MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807 START 0 NO CYCLE',
+                     CASE WHEN current_setting('server_version_num')::int >= 150000
+                          THEN 'UNLOGGED' ELSE '' END);
+             END IF;
+         END $do$;
+         REVOKE ALL ON {SCHEMA}.secret, {SCHEMA}.connection, {SCHEMA}.tenant_hash,
+             {SCHEMA}.context FROM PUBLIC;
+         GRANT SELECT ON {SCHEMA}.context TO PUBLIC;
+         CREATE OR REPLACE FUNCTION {SCHEMA}.challenge() RETURNS text
+         LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+         SET search_path = pg_catalog, pg_temp AS $fn$
+         DECLARE
+             c text := gen_random_uuid()::text;
+         BEGIN
+             -- Leaves a token in place: asking for a challenge breaks nothing.
+             INSERT INTO {SCHEMA}.connection (pid, challenge) VALUES (pg_backend_pid(), c)
+                 ON CONFLICT (pid) DO UPDATE SET challenge = EXCLUDED.challenge;
+             RETURN c;
+         END $fn$;
+         CREATE OR REPLACE FUNCTION {SCHEMA}.open(p_token bytea, p_proof bytea)
          RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER
          SET search_path = pg_catalog, pg_temp AS $fn$
          DECLARE
              k record;
-             nonce text := current_setting('{BINDING_SETTING}', true);
+             c text;
              mac bytea;
          BEGIN
-             DELETE FROM {SCHEMA}.binding WHERE pid = pg_backend_pid();
-             IF p_tenant IS NULL OR p_expires IS NULL OR p_proof IS NULL OR nonce IS NULL
-                OR nonce = '' OR p_expires < extract(epoch FROM clock_timestamp()) THEN
+             -- The challenge is used up by any answer.
+             SELECT challenge INTO c FROM {SCHEMA}.connection
+              WHERE pid = pg_backend_pid() FOR UPDATE;
+             UPDATE {SCHEMA}.connection SET challenge = NULL WHERE pid = pg_backend_pid();
+             IF c IS NULL OR p_token IS NULL OR p_proof IS NULL OR length(p_token) < 16 THEN
                  RETURN false;
              END IF;
              SELECT inner_pad, outer_pad INTO k FROM {SCHEMA}.secret WHERE id = 1;
              IF NOT FOUND THEN
                  RETURN false;
              END IF;
-             mac := sha256(k.outer_pad || sha256(k.inner_pad || convert_to(
-                 p_tenant || '/' || pg_backend_pid() || '/' || nonce || '/' || p_expires, 'UTF8')));
+             mac := sha256(k.outer_pad || sha256(k.inner_pad
+                 || convert_to('open/' || pg_backend_pid() || '/' || c || '/', 'UTF8') || p_token));
              -- Compared as hashes: the time taken says nothing about the expected MAC.
              IF sha256(mac) <> sha256(p_proof) THEN
                  RETURN false;
              END IF;
-             INSERT INTO {SCHEMA}.binding (pid, nonce, tenant)
-                 VALUES (pg_backend_pid(), nonce, p_tenant);
+             UPDATE {SCHEMA}.connection SET token_hash = sha256(p_token) WHERE pid = pg_backend_pid();
+             RETURN true;
+         END $fn$;
+         CREATE OR REPLACE FUNCTION {SCHEMA}.enter(p_tenant text, p_token bytea)
+         RETURNS boolean LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+         SET search_path = pg_catalog, pg_temp AS $fn$
+         DECLARE
+             h bigint;
+         BEGIN
+             -- A refusal changes nothing: only the session's own client can have sent it
+             -- (pgtenant switches after DISCARD ALL, which leaves the session bound to no one).
+             PERFORM 1 FROM {SCHEMA}.connection
+               WHERE pid = pg_backend_pid() AND token_hash = sha256(p_token);
+             IF NOT FOUND OR p_tenant IS NULL OR p_tenant = '' THEN
+                 RETURN false;
+             END IF;
+             h := hashtextextended(p_tenant, 0);
+             PERFORM 1 FROM {SCHEMA}.tenant_hash WHERE hash = h AND tenant = p_tenant;
+             IF NOT FOUND THEN
+                 INSERT INTO {SCHEMA}.tenant_hash (hash, tenant) VALUES (h, p_tenant)
+                     ON CONFLICT DO NOTHING;
+                 PERFORM 1 FROM {SCHEMA}.tenant_hash WHERE hash = h AND tenant = p_tenant;
+                 IF NOT FOUND THEN
+                     RAISE EXCEPTION 'tenant id \"%\" has the same context hash as another tenant', p_tenant
+                         USING ERRCODE = 'unique_violation', HINT = 'Rename one of the tenants.';
+                 END IF;
+             END IF;
+             PERFORM setval('{SCHEMA}.context', h, true);
+             -- Only this session's currval keeps h: the shared value tells others nothing.
+             PERFORM setval('{SCHEMA}.context', 0, false);
+             PERFORM set_config('{TENANT_SETTING}', p_tenant, false);
              RETURN true;
          END $fn$;
          CREATE OR REPLACE FUNCTION {SCHEMA}.tenant() RETURNS text
          LANGUAGE sql STABLE AS $fn$
-             SELECT b.tenant FROM {SCHEMA}.binding b
-              WHERE b.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
-                AND b.nonce OPERATOR(pg_catalog.=)
-                    pg_catalog.current_setting('{BINDING_SETTING}', true)
+             SELECT t FROM (SELECT pg_catalog.current_setting('{TENANT_SETTING}', true) AS t) s
+              WHERE t OPERATOR(pg_catalog.<>) ''
+                AND pg_catalog.hashtextextended(t, 0)
+                    OPERATOR(pg_catalog.=) pg_catalog.currval('{SCHEMA}.context'::regclass)
          $fn$;
-         CREATE OR REPLACE FUNCTION {SCHEMA}.unbound() RETURNS text
-         LANGUAGE plpgsql VOLATILE AS $fn$
-         BEGIN
-             RAISE EXCEPTION 'this session is not bound to a tenant'
-                 USING ERRCODE = 'insufficient_privilege',
-                       DETAIL = 'Its row-tier context is missing or was tampered with, so no tenant rows are visible.',
-                       HINT = 'Connect through pgtenant; do not change pgtenant.binding.';
-         END $fn$;
-         REVOKE ALL ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant(), {SCHEMA}.unbound() FROM PUBLIC;
-         GRANT EXECUTE ON FUNCTION {SCHEMA}.enter(text, bigint, bytea), {SCHEMA}.tenant(), {SCHEMA}.unbound() TO PUBLIC;"
+         DROP FUNCTION IF EXISTS {SCHEMA}.enter(text, bigint, bytea);
+         REVOKE ALL ON FUNCTION {SCHEMA}.challenge(), {SCHEMA}.open(bytea, bytea),
+             {SCHEMA}.enter(text, bytea), {SCHEMA}.tenant() FROM PUBLIC;
+         GRANT EXECUTE ON FUNCTION {SCHEMA}.challenge(), {SCHEMA}.open(bytea, bytea),
+             {SCHEMA}.enter(text, bytea), {SCHEMA}.tenant() TO PUBLIC;"
     )
 }
+
+/// Drops what the previous design (a binding table read by every policy) left behind, once
+/// no policy reads it any more. Objects something else still depends on stay.
+pub const CLEANUP_SQL: &str = "DO $do$ BEGIN
+         DROP TABLE IF EXISTS pgtenant_rls.binding;
+         DROP FUNCTION IF EXISTS pgtenant_rls.unbound();
+     EXCEPTION WHEN dependent_objects_still_exist THEN NULL;
+     END $do$";
 
 /// Installs the schema in the database `db` is connected to and stores `key`'s pads there,
 /// sent as bind parameters so they appear in no statement text.
@@ -214,39 +282,20 @@ pub async fn install(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowBinding {
     pub tenant: Arc<str>,
-    /// None when the proxy has no row key (binding then fails with a clear error).
-    pub key: Option<RowKey>,
 }
 
-/// Appends the messages that bind backend `pid` (with connection nonce `nonce`) to `row`'s
-/// tenant: Parse (unnamed) + Bind with the proof as a text parameter + Execute + Sync, encoded
-/// by postgres-protocol like the proxy's other own statements.
-pub fn put_enter(
-    buf: &mut BytesMut,
-    row: &RowBinding,
-    pid: u32,
-    nonce: &str,
-) -> Result<(), &'static str> {
+/// Appends Parse (unnamed) + Bind with text parameters + Execute + Sync of `sql`, encoded by
+/// postgres-protocol like the proxy's other own statements.
+fn put_statement(buf: &mut BytesMut, sql: &str, params: &[&[u8]]) -> Result<(), &'static str> {
     use postgres_protocol::message::frontend;
     use postgres_protocol::IsNull;
-    let key = row
-        .key
-        .as_ref()
-        .ok_or("this proxy has no row key (set row_key, or use a registry)")?;
-    if nonce.is_empty() {
-        return Err("the connection has no binding nonce");
-    }
-    let expires = expiry();
-    let proof = hex(&key.proof(&row.tenant, pid, nonce, expires));
-    let expires = expires.to_string();
-    let params: [&[u8]; 3] = [row.tenant.as_bytes(), expires.as_bytes(), proof.as_bytes()];
-    const ENCODE: &str = "cannot encode the binding statement";
-    frontend::parse("", ENTER_SQL, [], buf).map_err(|_| ENCODE)?;
+    const ENCODE: &str = "cannot encode the row context statement";
+    frontend::parse("", sql, [], buf).map_err(|_| ENCODE)?;
     frontend::bind(
         "",
         "",
         [],
-        params,
+        params.iter().copied(),
         |p, b| {
             b.extend_from_slice(p);
             Ok(IsNull::No)
@@ -260,6 +309,23 @@ pub fn put_enter(
     Ok(())
 }
 
+/// Appends the messages that answer `challenge` of backend `pid`, opening it with `token`.
+pub fn put_open(
+    buf: &mut BytesMut,
+    key: &RowKey,
+    pid: u32,
+    challenge: &str,
+    token: &ConnToken,
+) -> Result<(), &'static str> {
+    let proof = hex(&key.proof(pid, challenge, token));
+    put_statement(buf, OPEN_SQL, &[token.hex().as_bytes(), proof.as_bytes()])
+}
+
+/// Appends the messages that bind an opened connection to `tenant`.
+pub fn put_enter(buf: &mut BytesMut, tenant: &str, token: &ConnToken) -> Result<(), &'static str> {
+    put_statement(buf, ENTER_SQL, &[tenant.as_bytes(), token.hex().as_bytes()])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,18 +334,19 @@ mod tests {
     #[test]
     fn proof_is_hmac_sha256_computable_from_the_stored_pads() {
         let key = RowKey::derive(&[7; 32], "row_tenants");
+        let token = ConnToken([9; 32]);
         let (inner, outer) = key.pads();
-        let msg = message("acme", 42, "n0nce", 1_700_000_000);
         let inner_hash = Sha256::new()
             .chain_update(&inner)
-            .chain_update(msg.as_bytes())
+            .chain_update(b"open/42/c-1/")
+            .chain_update(token.0)
             .finalize();
         let via_pads: [u8; 32] = Sha256::new()
             .chain_update(&outer)
             .chain_update(inner_hash)
             .finalize()
             .into();
-        assert_eq!(key.proof("acme", 42, "n0nce", 1_700_000_000), via_pads);
+        assert_eq!(key.proof(42, "c-1", &token), via_pads);
     }
 
     #[test]
@@ -288,16 +355,18 @@ mod tests {
     }
 
     #[test]
-    fn a_proof_is_bound_to_tenant_pid_and_nonce() {
+    fn a_proof_is_bound_to_pid_challenge_and_token() {
         let key = RowKey::derive(&[7; 32], "d");
-        let p = key.proof("acme", 1, "n", 9);
-        assert_ne!(p, key.proof("globex", 1, "n", 9));
-        assert_ne!(p, key.proof("acme", 2, "n", 9));
-        assert_ne!(p, key.proof("acme", 1, "m", 9));
+        let t = ConnToken([1; 32]);
+        let p = key.proof(1, "c", &t);
+        assert_ne!(p, key.proof(2, "c", &t));
+        assert_ne!(p, key.proof(1, "d", &t));
+        assert_ne!(p, key.proof(1, "c", &ConnToken([2; 32])));
     }
 
     #[test]
-    fn debug_hides_the_key() {
+    fn debug_hides_the_key_and_the_token() {
         assert_eq!(format!("{:?}", RowKey::derive(&[7; 32], "d")), "RowKey(..)");
+        assert_eq!(format!("{:?}", ConnToken::random()), "ConnToken(..)");
     }
 }

@@ -16,27 +16,42 @@ async fn visible_owners(c: &Client) -> Vec<String> {
         .collect()
 }
 
+/// Whether `c` currently sees no rows of the shared table at all (a forged or cleared
+/// context fails closed).
+async fn sees_nothing(c: &Client) -> bool {
+    visible_owners(c).await.is_empty()
+}
+
 #[tokio::test]
-async fn setting_the_tenant_setting_does_not_change_the_rows_a_row_tenant_sees() {
+async fn setting_the_tenant_setting_shows_no_other_tenants_rows() {
+    // Tries: claim another tenant with a plain SET, in a transaction and for the session.
     let c = fixture().tenant("hooli").await;
-    c.batch_execute("SET pgtenant.tenant_id = 'piedpiper'")
+    c.batch_execute("BEGIN; SET pgtenant.tenant_id = 'piedpiper'")
         .await
         .unwrap();
+    assert!(sees_nothing(&c).await);
+    c.batch_execute("COMMIT; SET pgtenant.tenant_id = 'piedpiper'")
+        .await
+        .unwrap();
+    // pgtenant enters the tenant's context again before its next transaction.
     assert_eq!(visible_owners(&c).await, ["Hal", "Hana"]);
 }
 
 #[tokio::test]
-async fn set_config_of_the_tenant_setting_does_not_change_the_rows_a_row_tenant_sees() {
+async fn set_config_of_the_tenant_setting_shows_no_other_tenants_rows() {
+    // Tries: the same through set_config(), which no statement parser sees.
     let c = fixture().tenant("hooli").await;
     c.batch_execute("BEGIN; SELECT set_config('pgtenant.tenant_id', 'piedpiper', true)")
         .await
         .unwrap();
-    assert_eq!(visible_owners(&c).await, ["Hal", "Hana"]);
+    assert!(sees_nothing(&c).await);
     c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(visible_owners(&c).await, ["Hal", "Hana"]);
 }
 
 #[tokio::test]
 async fn dynamic_sql_cannot_switch_a_row_tenants_context() {
+    // Tries: SET built at run time inside a DO block.
     let c = fixture().tenant("hooli").await;
     c.batch_execute(
         "BEGIN;
@@ -44,12 +59,14 @@ async fn dynamic_sql_cannot_switch_a_row_tenants_context() {
     )
     .await
     .unwrap();
-    assert_eq!(visible_owners(&c).await, ["Hal", "Hana"]);
+    assert!(sees_nothing(&c).await);
     c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(visible_owners(&c).await, ["Hal", "Hana"]);
 }
 
 #[tokio::test]
 async fn reset_all_and_discard_all_keep_a_row_tenants_context() {
+    // Tries: wipe the session state the context lives in; pgtenant enters it again.
     let c = fixture().tenant("piedpiper").await;
     c.batch_execute("RESET ALL").await.unwrap();
     assert_eq!(visible_owners(&c).await, ["Pia", "Pete"]);
@@ -57,54 +74,94 @@ async fn reset_all_and_discard_all_keep_a_row_tenants_context() {
     assert_eq!(visible_owners(&c).await, ["Pia", "Pete"]);
 }
 
-/// The error a session bound to no tenant gets when it reads a row-tier table.
-async fn assert_unbound(c: &Client) {
+#[tokio::test]
+async fn reset_all_and_discard_all_keep_a_row_tenants_context_in_session_mode() {
+    // Tries: the same on a connection the client holds for its whole session.
+    let f = fixture();
+    let addr = one_shared_connection(pgtenant::config::PoolMode::Session).await;
+    let c = f.tenant_at(addr, "piedpiper").await;
+    for sql in [
+        "RESET ALL",
+        "DISCARD ALL",
+        "SET pgtenant.tenant_id = 'hooli'",
+    ] {
+        c.batch_execute(sql).await.unwrap();
+        assert_eq!(visible_owners(&c).await, ["Pia", "Pete"], "after {sql}");
+    }
+}
+
+#[tokio::test]
+async fn discarding_sequences_fails_closed_with_an_error_then_recovers() {
+    // Tries: clear the session-private context value inside a transaction.
+    let c = fixture().tenant("mallory").await;
+    c.batch_execute("BEGIN; DISCARD SEQUENCES").await.unwrap();
     let e = c
         .query("SELECT owner FROM accounts", &[])
         .await
         .unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("42501"));
-    assert!(
-        crate::support::pg_error(&e).contains("not bound to a tenant"),
-        "{}",
-        crate::support::pg_error(&e)
-    );
-}
-
-#[tokio::test]
-async fn a_tampered_binding_nonce_fails_closed_with_an_error() {
-    let c = fixture().tenant("mallory").await;
-    c.batch_execute("BEGIN; SET LOCAL pgtenant.binding = 'guessed'")
-        .await
-        .unwrap();
-    assert_unbound(&c).await;
+    assert_eq!(sqlstate(&e).as_deref(), Some("55000"));
     c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(visible_owners(&c).await, ["Mal", "Mia"]);
 }
 
 #[tokio::test]
-async fn a_forged_proof_binds_nothing_and_leaves_the_session_unable_to_read_rows() {
+async fn a_forged_token_binds_nothing() {
+    // Tries: call enter() for another tenant with a guessed token.
     let c = fixture().tenant("mallory").await;
     c.batch_execute("BEGIN").await.unwrap();
     let bound: bool = c
         .query_one(
-            "SELECT pgtenant_rls.enter('hooli', 9999999999, sha256('guess'::bytea))",
+            "SELECT pgtenant_rls.enter('hooli', sha256('guess'::bytea))",
             &[],
         )
         .await
         .unwrap()
         .get(0);
     assert!(!bound);
-    c.batch_execute("SAVEPOINT s").await.unwrap();
-    assert_unbound(&c).await;
-    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.unwrap();
-    assert_eq!(
-        c.query_one("SELECT pgtenant_rls.tenant()", &[])
-            .await
-            .unwrap()
-            .get::<_, Option<String>>(0),
-        None
-    );
-    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(visible_owners(&c).await, ["Mal", "Mia"]);
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_forged_open_proof_gives_no_token_and_changes_nothing() {
+    // Tries: take a fresh challenge and answer it without the key, then use the token.
+    let c = fixture().tenant("mallory").await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let opened: bool = c
+        .query_one(
+            "SELECT pgtenant_rls.challenge() IS NOT NULL
+                AND pgtenant_rls.open(sha256('mine'::bytea), sha256('guess'::bytea))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!opened);
+    let bound: bool = c
+        .query_one(
+            "SELECT pgtenant_rls.enter('hooli', sha256('mine'::bytea))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!bound);
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(visible_owners(&c).await, ["Mal", "Mia"]);
+}
+
+#[tokio::test]
+async fn a_row_tenant_cannot_set_the_context_value() {
+    // Tries: write the session's context directly, as enter() does.
+    let c = fixture().tenant("mallory").await;
+    for sql in [
+        "SELECT setval('pgtenant_rls.context', hashtextextended('hooli', 0))",
+        "SELECT nextval('pgtenant_rls.context')",
+        "ALTER SEQUENCE pgtenant_rls.context RESTART",
+    ] {
+        let e = c.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}");
+    }
 }
 
 #[tokio::test]
@@ -118,14 +175,15 @@ async fn the_row_key_is_not_readable_by_tenants() {
 }
 
 #[tokio::test]
-async fn a_session_sees_only_its_own_binding() {
-    let c = fixture().tenant("piedpiper").await;
-    let rows = c
-        .query("SELECT tenant FROM pgtenant_rls.binding", &[])
-        .await
-        .unwrap();
-    let tenants: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    assert_eq!(tenants, ["piedpiper"]);
+async fn connection_tokens_and_the_tenant_registry_are_not_readable_by_tenants() {
+    let c = fixture().tenant("hooli").await;
+    for table in ["pgtenant_rls.connection", "pgtenant_rls.tenant_hash"] {
+        let e = c
+            .query(&format!("SELECT * FROM {table}"), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{table}");
+    }
 }
 
 #[tokio::test]
@@ -185,10 +243,10 @@ async fn a_row_tenant_cannot_shadow_a_shared_table_with_a_temp_table() {
 }
 
 #[tokio::test]
-async fn the_proof_travels_as_a_parameter_never_in_statement_text() {
+async fn the_token_travels_as_a_parameter_never_in_statement_text() {
     let f = fixture();
-    // A proxy of its own: the connection bound at this login serves no one else, and binding
-    // is the last statement it ran.
+    // A proxy of its own: the connection entered at this login serves no one else, and
+    // entering is the last statement it ran.
     let addr = f.extra_proxy(|_| {}).await;
     let _c = f.tenant_at(addr, "piedpiper").await;
     let admin = f.direct(0, "row_tenants").await;
@@ -205,11 +263,11 @@ async fn the_proof_travels_as_a_parameter_never_in_statement_text() {
         .collect();
     assert!(
         !texts.is_empty(),
-        "the login's binding shows in pg_stat_activity"
+        "the login's enter() shows in pg_stat_activity"
     );
     for t in texts {
         assert!(
-            t.contains("$3") && !t.contains("decode('"),
+            t.contains("$2") && !t.contains("decode('"),
             "parameters stay parameters: {t}"
         );
     }
@@ -295,7 +353,7 @@ async fn a_proxy_with_another_row_key_is_refused_with_a_clear_error() {
     };
     let message = crate::support::pg_error(&e);
     assert!(
-        message.contains("did not accept the row-tier context of tenant \"hooli\"")
+        message.contains("did not accept the row-tier context of database \"row_tenants\"")
             && message.contains("different row key"),
         "{message}"
     );
