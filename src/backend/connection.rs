@@ -424,7 +424,7 @@ impl BackendConn {
     /// Clears everything of the previous client's session (the row-tier context too).
     pub async fn clear_session(&mut self) -> Result<(), BackendError> {
         self.bound = None;
-        self.execute(super::reset::RESET_QUERY).await?;
+        self.execute(row_context::SWITCH_RESET_SQL).await?;
         self.prepared.clear();
         self.applied_settings = Arc::from("");
         Ok(())

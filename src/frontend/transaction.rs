@@ -657,12 +657,11 @@ impl<'a> Engine<'a> {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
                 // of the previous tenant's session may remain (settings, also those made with
                 // set_config(); cursors, locks, LISTEN, prepared statements, the context):
-                // DISCARD ALL leaves the session bound to no tenant, so if `enter` then fails
+                // the reset leaves the session bound to no tenant, so if `enter` then fails
                 // the client's statements see no rows, never another tenant's.
                 be.prepared.clear();
-                be.applied_settings = Arc::from("");
                 be.bound = None;
-                let Some(token) = be.row_token.as_ref() else {
+                let Some(token) = be.row_token.clone() else {
                     self.pool.discard(be);
                     return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
                         server: self.pool.tenant().server.name.clone(),
@@ -671,9 +670,20 @@ impl<'a> Engine<'a> {
                     })));
                 };
                 let (out_len, queue_len) = (self.out.len(), self.queue.len());
-                put_query(&mut self.out, "DISCARD ALL");
+                // The client's settings go in the same query, after the reset (so no RESET
+                // ALL follows `enter`).
+                let script = self.state.script();
+                if script.is_empty() {
+                    put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
+                } else {
+                    put_query(
+                        &mut self.out,
+                        &format!("{}; {script}", row_context::SWITCH_RESET_SQL),
+                    );
+                }
+                be.applied_settings = script.clone();
                 self.queue.push_back(Item::Proxy(Resp::Query));
-                if let Err(reason) = row_context::put_enter(&mut self.out, &row.tenant, token) {
+                if let Err(reason) = row_context::put_enter(&mut self.out, &row.tenant, &token) {
                     self.out.truncate(out_len);
                     self.queue.truncate(queue_len);
                     self.pool.park(be);
@@ -914,7 +924,7 @@ impl<'a> Engine<'a> {
                             self.state.statements.clear();
                             be.applied_settings = Arc::from("");
                         }
-                        b"DEALLOCATE ALL" => {
+                        b"DEALLOCATE ALL" if !proxy => {
                             be.prepared.clear();
                             self.state.statements.clear();
                         }
