@@ -267,6 +267,7 @@ pub async fn provision(
             max_client_connections: None,
             status: TenantStatus::Active,
             params: BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())]),
+            limits: BTreeMap::new(),
             users: vec![UserConfig {
                 name: DEMO_ROLE.to_string(),
                 scram: verifier.clone(),

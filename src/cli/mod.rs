@@ -84,6 +84,10 @@ pub struct SettingArgs {
     /// Session default for the tenant's backend connections, NAME=VALUE (repeatable).
     #[arg(long = "param")]
     pub params: Vec<String>,
+    /// Cap on a setting, NAME=VALUE (repeatable), e.g. statement_timeout=30s: a client may not
+    /// raise it beyond its transaction.
+    #[arg(long = "limit")]
+    pub limits: Vec<String>,
     /// Read-replica server (repeatable).
     #[arg(long = "replica")]
     pub replicas: Vec<String>,
@@ -290,6 +294,11 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
             None
         } else {
             Some(provision::parse_params(&a.params)?)
+        },
+        limits: if a.limits.is_empty() {
+            None
+        } else {
+            Some(provision::parse_limits(&a.limits)?)
         },
         replicas: if a.replicas.is_empty() {
             None
@@ -675,6 +684,14 @@ fn show(r: &TenantRows) -> String {
             t.params
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        (
+            "limits",
+            t.limits
+                .iter()
+                .map(|(k, v)| format!("{k}<={v}"))
                 .collect::<Vec<_>>()
                 .join(", "),
         ),

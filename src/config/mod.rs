@@ -266,6 +266,9 @@ pub struct TenantConfig {
     /// Session defaults applied to every backend connection of the tenant (TimeZone, …).
     #[serde(default)]
     pub params: BTreeMap<String, String>,
+    /// Caps on settings a client may not raise beyond its transaction (`tenancy::limits`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
 }

@@ -203,6 +203,10 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 ));
             }
         }
+        for (name, cap) in &t.limits {
+            crate::tenancy::limits::validate(name, cap)
+                .map_err(|e| ConfigError::invalid(format!("{field}.limits.{name}"), e))?;
+        }
         let mut users = HashSet::new();
         for (j, u) in t.users.iter().enumerate() {
             let field = format!("{field}.users[{j}]");

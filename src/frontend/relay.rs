@@ -57,14 +57,16 @@ fn allowed_client_tag(tag: u8) -> bool {
     )
 }
 
-/// `row`: the row-tier tenant the session is bound to; a client statement that may have cleared
-/// the context (`RESET`, `DISCARD`, `SET`) is followed by entering it again, between the
-/// client's requests.
+/// Between the client's requests (nothing in flight), the relay may run statements of its own:
+/// - `row`: the row-tier tenant the session is bound to; a client statement that may have
+///   cleared the context (`RESET`, `DISCARD`, `SET`) is followed by entering it again;
+/// - `limits`: the tenant's caps on settings, applied after every transaction.
 pub async fn relay(
     client: &mut TcpStream,
     conn: &mut BackendConn,
     max_message: usize,
     row: Option<&RowBinding>,
+    limits: Option<&str>,
 ) -> RelayOutcome {
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
@@ -80,6 +82,7 @@ pub async fn relay(
     // its FATAL, already forwarded, so the client needs no second one.
     let mut last_server_tag = 0u8;
     let mut reenter = false;
+    let mut transaction_ended = false;
     let inspect_command_tags = row.is_some();
 
     let end = loop {
@@ -144,6 +147,7 @@ pub async fn relay(
                     last_server_tag = tag;
                     match (tag, body) {
                         (b'Z', Some(b)) => {
+                            transaction_ended |= b.first() == Some(&b'I');
                             st.pending = st.pending.saturating_sub(1);
                             st.copy_in = false;
                             if let Some(&s) = b.first() {
@@ -190,23 +194,29 @@ pub async fn relay(
                     let more = scanned.need - conn.read_buf.len();
                     conn.read_buf.reserve(more);
                 }
-                if let Some(row) = row {
-                    // Only between requests, so nothing of the client's is in flight.
-                    if reenter && st.pending == 0 && !st.unsynced && !st.copy_in
-                        && st.tx_status == b'I' && conn.read_buf.is_empty()
-                    {
-                        reenter = false;
-                        if let Err(e) = conn.enter_row(row).await {
-                            tracing::error!(error = %e, "could not enter the row-tier context again; ending the session");
-                            conn.broken = true;
-                            let report = ErrorReport::fatal(
-                                crate::protocol::sqlstate::CONNECTION_FAILURE,
-                                e.to_string(),
-                            );
-                            send_report(client, &report).await;
-                            last_server_tag = b'E';
-                            break RelayEnd::ServerGone;
-                        }
+                // Only between requests, so nothing of the client's is in flight.
+                let between = st.pending == 0 && !st.unsynced && !st.copy_in
+                    && st.tx_status == b'I' && conn.read_buf.is_empty();
+                if between && (reenter || (transaction_ended && limits.is_some())) {
+                    let mut done = Ok(());
+                    if let (Some(row), true) = (row, reenter) {
+                        done = conn.enter_row(row).await;
+                    }
+                    if let (Ok(()), Some(sql), true) = (&done, limits, transaction_ended) {
+                        done = conn.execute(sql).await;
+                    }
+                    reenter = false;
+                    transaction_ended = false;
+                    if let Err(e) = done {
+                        tracing::error!(error = %e, "could not restore the tenant's session rules; ending the session");
+                        conn.broken = true;
+                        let report = ErrorReport::fatal(
+                            crate::protocol::sqlstate::CONNECTION_FAILURE,
+                            e.to_string(),
+                        );
+                        send_report(client, &report).await;
+                        last_server_tag = b'E';
+                        break RelayEnd::ServerGone;
                     }
                 }
             }

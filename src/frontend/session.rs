@@ -103,7 +103,14 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     // Each mode's state is boxed so an idle client's task stays small.
     let (how, bytes_in, bytes_out) = match mode {
         PoolMode::Session => Box::pin(async {
-            let outcome = relay(&mut client, &mut backend, max_message, pool.row()).await;
+            let outcome = relay(
+                &mut client,
+                &mut backend,
+                max_message,
+                pool.row(),
+                tenant.enforce_limits.as_deref(),
+            )
+            .await;
             cancel.unlink();
             farewell(&mut client, &cancel).await;
             drop(client);
@@ -302,6 +309,12 @@ async fn attach(
             sql.push_str(&crate::tenancy::row_context::restore_setting_sql(
                 &row.tenant,
             ));
+        }
+        if let Some(caps) = &tenant.enforce_limits {
+            if !sql.is_empty() {
+                sql.push_str("; ");
+            }
+            sql.push_str(caps);
         }
         let mut setup_done = if proven && sql.is_empty() {
             Ok(())

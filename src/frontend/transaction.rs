@@ -713,6 +713,11 @@ impl<'a> Engine<'a> {
             self.queue.push_back(Item::Proxy(Resp::Query));
             be.applied_settings = self.state.script().clone();
         }
+        if let Some(sql) = &self.pool.tenant().enforce_limits {
+            // Whatever the last transaction raised, also through set_config().
+            put_query(&mut self.out, sql);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+        }
         self.cancel.link(be.cancel_target().clone());
         self.tx_status = be.tx_status();
         self.backend = Some(be);

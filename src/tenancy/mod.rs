@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod dump;
+pub mod limits;
 pub mod migrate;
 pub mod model;
 pub mod pg_registry;

@@ -66,6 +66,9 @@ pub struct Tenant {
     pub status: TenantStatus,
     /// Session defaults for every backend connection (TimeZone, …), in config order.
     pub params: Vec<(String, String)>,
+    /// The statement that brings the tenant's capped settings down to their caps
+    /// (`tenancy::limits`), run around every transaction; None without caps.
+    pub enforce_limits: Option<Arc<str>>,
     pub users: HashMap<String, Arc<ClientUser>>,
     /// Set when the registry entry cannot be served (e.g. its credentials fail to decrypt):
     /// clients get this reason instead of a connection. Never holds a secret.

@@ -568,6 +568,19 @@ pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(),
 }
 
 /// `KEY=VALUE` pairs into a map, for `--param`.
+pub fn parse_limits(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| ProvisionError::Invalid(format!("--limit {p}: expected NAME=VALUE")))?;
+        crate::tenancy::limits::validate(k, v)
+            .map_err(|e| ProvisionError::Invalid(format!("--limit {k}: {e}")))?;
+        out.insert(k.to_ascii_lowercase(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
 pub fn parse_params(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
     let mut out = BTreeMap::new();
     for p in pairs {

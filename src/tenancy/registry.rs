@@ -127,6 +127,13 @@ impl StaticRegistry {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
+                    enforce_limits: crate::tenancy::limits::enforce_sql(
+                        &t.limits
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect::<Vec<_>>(),
+                    )
+                    .map(Arc::from),
                     users,
                     unavailable: None,
                 }),

@@ -5,6 +5,7 @@ mod support;
 mod addressing;
 mod auth;
 mod isolation;
+mod limits;
 mod pgbench;
 mod protocol;
 mod session;

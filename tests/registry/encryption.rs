@@ -29,6 +29,8 @@ async fn registry_round_trip_keeps_every_field() {
             "7",
             "--param",
             "TimeZone=Europe/Paris",
+            "--limit",
+            "statement_timeout=7s",
             "--json",
         ],
         PASSWORD,
@@ -44,6 +46,7 @@ async fn registry_round_trip_keeps_every_field() {
     assert_eq!(v["query_wait_timeout"], 9);
     assert_eq!(v["max_client_connections"], 7);
     assert_eq!(v["params"]["TimeZone"], "Europe/Paris");
+    assert_eq!(v["limits"]["statement_timeout"], "7s");
     assert_eq!(v["status"], "active");
     assert_eq!(v["backend_roles"][0]["name"], "rt-one_app");
     assert_eq!(v["users"][0]["name"], "app");
@@ -57,7 +60,8 @@ async fn registry_round_trip_keeps_every_field() {
     let c = connect(proxy.addr, "rt-one").await.expect("connect");
     let row = c
         .query_one(
-            "SELECT current_user::text, current_setting('TimeZone'), current_schemas(false)::text",
+            "SELECT current_user::text, current_setting('TimeZone'), current_schemas(false)::text,
+                    current_setting('statement_timeout')",
             &[],
         )
         .await
@@ -65,6 +69,7 @@ async fn registry_round_trip_keeps_every_field() {
     assert_eq!(row.get::<_, String>(0), "rt-one_app");
     assert_eq!(row.get::<_, String>(1), "Europe/Paris");
     assert_eq!(row.get::<_, String>(2), "{rt_one,public}");
+    assert_eq!(row.get::<_, String>(3), "7s");
 }
 
 #[tokio::test]

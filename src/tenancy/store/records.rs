@@ -37,6 +37,7 @@ pub struct TenantRecord {
     pub schema: Option<String>,
     pub replicas: Vec<String>,
     pub params: BTreeMap<String, String>,
+    pub limits: BTreeMap<String, String>,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -80,7 +81,8 @@ pub struct TenantRows {
 const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, replicas,
     params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
     max_client_connections, status, provisioned, auto_update, terminate_generation,
-    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF')";
+    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
+    limits::text";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -93,6 +95,7 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         schema: r.get(5),
         replicas: r.get(6),
         params: serde_json::from_str(&params).unwrap_or_default(),
+        limits: serde_json::from_str(&r.get::<_, String>(20)).unwrap_or_default(),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -135,6 +138,7 @@ pub struct TenantSettings {
     pub max_client_connections: Option<i32>,
     pub auto_update: Option<bool>,
     pub params: Option<BTreeMap<String, String>>,
+    pub limits: Option<BTreeMap<String, String>>,
     pub replicas: Option<Vec<String>>,
 }
 
@@ -320,14 +324,16 @@ impl RegistryStore {
         let params = serde_json::to_string(&settings.params.clone().unwrap_or_default())
             .unwrap_or_else(|_| "{}".into());
         let replicas = settings.replicas.clone().unwrap_or_default();
+        let limits = serde_json::to_string(&settings.limits.clone().unwrap_or_default())
+            .unwrap_or_else(|_| "{}".into());
         let row = self
             .client
             .query_opt(
                 "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
-                     server_idle_timeout, max_client_connections, auto_update)
+                     server_idle_timeout, max_client_connections, auto_update, limits)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
-                     COALESCE($15, true))
+                     COALESCE($15, true), $16::text::jsonb)
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -349,6 +355,7 @@ impl RegistryStore {
                     &settings.server_idle_timeout,
                     &settings.max_client_connections,
                     &settings.auto_update,
+                    &limits,
                 ],
             )
             .await?;
@@ -449,6 +456,10 @@ impl RegistryStore {
             .params
             .as_ref()
             .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()));
+        let limits = s
+            .limits
+            .as_ref()
+            .map(|p| serde_json::to_string(p).unwrap_or_else(|_| "{}".into()));
         let n = self
             .client
             .execute(
@@ -462,7 +473,8 @@ impl RegistryStore {
                      max_client_connections = COALESCE($8, max_client_connections),
                      auto_update = COALESCE($9, auto_update),
                      params = COALESCE($10::text::jsonb, params),
-                     replicas = COALESCE($11, replicas)
+                     replicas = COALESCE($11, replicas),
+                     limits = COALESCE($12::text::jsonb, limits)
                  WHERE id = $1",
                 &[
                     &id,
@@ -476,6 +488,7 @@ impl RegistryStore {
                     &s.auto_update,
                     &params,
                     &s.replicas,
+                    &limits,
                 ],
             )
             .await?;
@@ -642,6 +655,13 @@ pub fn to_tenant(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        enforce_limits: crate::tenancy::limits::enforce_sql(
+            &t.limits
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>(),
+        )
+        .map(Arc::from),
         users,
         unavailable,
     }))

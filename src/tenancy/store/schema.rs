@@ -106,4 +106,8 @@ CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.backend_rol
 CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.client_users
     FOR EACH ROW EXECUTE FUNCTION pgtenant.announce();
 "#,
+    // 2: per-tenant caps on settings (`tenancy::limits`).
+    r#"
+ALTER TABLE pgtenant.tenants ADD COLUMN limits jsonb NOT NULL DEFAULT '{}';
+"#,
 ];
