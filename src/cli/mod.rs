@@ -574,7 +574,12 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             if let Some(u) = user {
                 let pw = read_stdin_line("password")?;
                 store
-                    .put_user(&id, &u, &hash_password(&pw), &provision::backend_role(&id))
+                    .put_user(
+                        &id,
+                        &u,
+                        &hash_password(&pw),
+                        &provision::role_of(&store, &id).await?,
+                    )
                     .await?;
             }
             let rows = store.tenant_rows(Some(&[id.as_str()])).await?;

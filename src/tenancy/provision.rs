@@ -50,9 +50,19 @@ pub struct CreateRequest {
     pub users: Vec<(String, String)>,
 }
 
-/// The backend login role of a tenant.
+/// The backend login role of a database or schema tenant.
 pub fn backend_role(tenant: &str) -> String {
     format!("{tenant}_app")
+}
+
+/// The login role of a tenant of `tier` in `database`. Row tenants of one database share one
+/// role, so they share server connections (their separation is the row context, not the
+/// role); its name has a '.', which no tenant id has, so it never meets a tenant's own.
+pub fn tenant_role(tier: Tier, tenant: &str, database: &str) -> String {
+    match tier {
+        Tier::Row => format!("{database}.app"),
+        _ => backend_role(tenant),
+    }
 }
 
 /// The schema of a schema-tier tenant.
@@ -166,6 +176,11 @@ pub async fn create(
         Tier::Schema => (store.cfg.schema_database.clone(), Some(schema_name(id))),
         Tier::Row => (store.cfg.row_database.clone(), None),
     };
+    if req.tier == Tier::Row && database.len() > 59 {
+        return Err(ProvisionError::Invalid(format!(
+            "row database \"{database}\" is too long for its login role: at most 59 characters"
+        )));
+    }
     if !store
         .begin_tenant(
             id,
@@ -181,16 +196,25 @@ pub async fn create(
     }
     crash_point("registered");
 
-    let role = backend_role(id);
-    let password = random_password();
-    // Stored (sealed) before the role gets it: a crash in between only means the retry
-    // sets a new one.
-    store.put_role(id, &role, &password).await?;
+    let role = tenant_role(req.tier, id, &database);
     let admin = admin_client(store, &server, "postgres").await?;
     let err = server_err(&server);
-    ensure_login_role(&admin, &role, &password)
+    // Creates that share a row role must agree on its password.
+    admin
+        .execute(
+            "SELECT pg_advisory_lock(hashtext('pgtenant role ' || $1))",
+            &[&role],
+        )
         .await
         .map_err(&err)?;
+    let role_ready = ensure_role(store, &admin, id, &server, &role).await;
+    let _ = admin
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('pgtenant role ' || $1))",
+            &[&role],
+        )
+        .await;
+    role_ready?;
     crash_point("role");
 
     // Creates of tenants sharing a database must not GRANT on it at the same time.
@@ -222,6 +246,31 @@ pub async fn create(
     }
     store.finish_tenant(id).await?;
     Ok(store.tenant(id).await?)
+}
+
+/// Gives `role` a password and stores it (sealed) for tenant `id`: the one its other tenants
+/// hold if the role is shared, else a new one. Stored before the role gets it: a crash in
+/// between only means the retry sets a new one.
+async fn ensure_role(
+    store: &RegistryStore,
+    admin: &Client,
+    id: &str,
+    server: &str,
+    role: &str,
+) -> Result<(), ProvisionError> {
+    let mut password = None;
+    if let Some(other) = store.role_holders(server, role, id).await?.first() {
+        password = store
+            .role_password(other, role)
+            .await?
+            .map(|p| p.expose().to_string());
+    }
+    let password = password.unwrap_or_else(random_password);
+    store.put_role(id, role, &password).await?;
+    ensure_login_role(admin, role, &password)
+        .await
+        .map_err(server_err(server))?;
+    Ok(())
 }
 
 /// Where a tenant being created goes.
@@ -316,7 +365,7 @@ pub async fn migrate_one(
                 .map_err(&err)?;
             enforce_row_policies(db).await.map_err(&err)?;
         }
-        grant_tenant_role(db, &place, &backend_role(&t.id), tier)
+        grant_tenant_role(db, &place, &tenant_role(tier, &t.id, &t.database), tier)
             .await
             .map_err(&err)?;
         Ok::<_, ProvisionError>(applied)
@@ -458,15 +507,19 @@ pub async fn delete(
     store.set_status(id, TenantStatus::Deleted, true).await?;
     let err = server_err(&t.server);
     let admin = admin_client(store, &t.server, "postgres").await?;
-    let role = backend_role(id);
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-            &[&role],
-        )
-        .await
-        .map_err(&err)?;
+    let role = tenant_role(tier, id, &t.database);
+    // A shared row role stays, with its privileges and connections, while others hold it.
+    let role_shared = !store.role_holders(&t.server, &role, id).await?.is_empty();
+    if !role_shared {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                &[&role],
+            )
+            .await
+            .map_err(&err)?;
+    }
     let db_exists = admin
         .query_opt(
             "SELECT 1 FROM pg_database WHERE datname = $1",
@@ -521,15 +574,18 @@ pub async fn delete(
             {
                 db.batch_execute(&sql).await.map_err(&err)?;
             }
-            drop_owned(&db, &role).await.map_err(&err)?;
+            if !role_shared {
+                drop_owned(&db, &role).await.map_err(&err)?;
+            }
         }
         _ => {}
     }
-    let role_exists = admin
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await
-        .map_err(&err)?
-        .is_some();
+    let role_exists = !role_shared
+        && admin
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
+            .await
+            .map_err(&err)?
+            .is_some();
     if role_exists {
         drop_owned(&admin, &role).await.map_err(&err)?;
         admin
@@ -554,17 +610,29 @@ async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error
 }
 
 /// Gives a tenant's login role a new random password, on the server and (sealed) in the
-/// registry; running proxies pick it up through the registry.
+/// registry; running proxies pick it up through the registry. A shared row role changes for
+/// every tenant that holds it.
 pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(), ProvisionError> {
     let t = store.tenant(id).await?;
-    let role = backend_role(id);
+    let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
+    let role = tenant_role(tier, id, &t.database);
     let password = random_password();
     let admin = admin_client(store, &t.server, "postgres").await?;
     ensure_login_role(&admin, &role, &password)
         .await
         .map_err(server_err(&t.server))?;
     store.put_role(id, &role, &password).await?;
+    for other in store.role_holders(&t.server, &role, id).await? {
+        store.put_role(&other, &role, &password).await?;
+    }
     Ok(())
+}
+
+/// The login role the tenant's client users map to.
+pub async fn role_of(store: &RegistryStore, id: &str) -> Result<String, ProvisionError> {
+    let t = store.tenant(id).await?;
+    let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
+    Ok(tenant_role(tier, id, &t.database))
 }
 
 /// `KEY=VALUE` pairs into a map, for `--param`.

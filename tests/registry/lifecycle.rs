@@ -49,7 +49,12 @@ async fn create_connect_delete(tier: &str, id: &str) {
 
     let out = reg.cli(&["tenant", "delete", id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let role = format!("{id}_app");
+    // Row tenants share their database's role; the last one to go takes it along.
+    let role = if tier == "row" {
+        format!("{}.app", reg.config.registry.as_ref().unwrap().row_database)
+    } else {
+        format!("{id}_app")
+    };
     assert!(
         !exists(
             f,
@@ -357,4 +362,53 @@ async fn a_replica_must_be_a_registered_server() {
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(v["replicas"], serde_json::json!(["main"]));
+}
+
+/// (current_user, backend pid) of one statement of `c`.
+async fn role_and_pid(c: &tokio_postgres::Client) -> (String, i32) {
+    let r = c
+        .query_one("SELECT current_user::text, pg_backend_pid()", &[])
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+#[tokio::test]
+async fn provisioned_row_tenants_share_one_login_role_and_its_server_connections() {
+    let f = fixture();
+    let reg = f.registry("rowshare").await;
+    reg.create("rowshare-a", "row");
+    reg.create("rowshare-b", "row");
+    let mut config = reg.config.clone();
+    config.pool.default_size = 1;
+    let proxy = f.proxy(config);
+    let a = connect(proxy.addr, "rowshare-a").await.unwrap();
+    let b = connect(proxy.addr, "rowshare-b").await.unwrap();
+    let (role_a, pid_a) = role_and_pid(&a).await;
+    let (role_b, pid_b) = role_and_pid(&b).await;
+    let row_database = &reg.config.registry.as_ref().unwrap().row_database;
+    assert_eq!(role_a, format!("{row_database}.app"));
+    assert_eq!(role_b, role_a);
+    assert_eq!(pid_a, pid_b, "one server connection serves both tenants");
+}
+
+#[tokio::test]
+async fn deleting_one_row_tenant_or_rotating_its_password_leaves_the_others_served() {
+    let f = fixture();
+    let reg = f.registry("rowkeep").await;
+    reg.create("rowkeep-a", "row");
+    reg.create("rowkeep-b", "row");
+    reg.create("rowkeep-c", "row");
+    let out = reg.cli(&["tenant", "update", "rowkeep-a", "--rotate-password"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = reg.cli(&["tenant", "delete", "rowkeep-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A proxy started now opens new server connections with what the registry holds.
+    let proxy = f.proxy(reg.config.clone());
+    for t in ["rowkeep-b", "rowkeep-c"] {
+        let c = connect(proxy.addr, t).await.unwrap();
+        c.execute("INSERT INTO accounts (owner) VALUES ('still here')", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{t}: {e:?}"));
+    }
 }

@@ -174,13 +174,16 @@ async fn rotated_backend_credentials_are_used_without_a_restart() {
     assert!(out.status.success(), "{}", stderr(&out));
     // Connections opened from now on need the new password; the proxy has it.
     let admin = f.admin("postgres").await;
-    admin
+    // Row tenants of one database share its login role.
+    let role = format!("{}.app", reg.config.registry.as_ref().unwrap().row_database);
+    let killed = admin
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'hotcred-a_app'",
-            &[],
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
         )
         .await
         .unwrap();
+    assert!(killed > 0, "the tenant's server connections were found");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c = connect_within(proxy.addr, "hotcred-a", SOON)
         .await

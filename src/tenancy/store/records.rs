@@ -380,6 +380,28 @@ impl RegistryStore {
         Ok(())
     }
 
+    /// Tenants other than `except` on `server` that hold login role `role` (a shared row role).
+    pub async fn role_holders(
+        &self,
+        server: &str,
+        role: &str,
+        except: &str,
+    ) -> Result<Vec<String>, RegistryError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT b.tenant_id FROM pgtenant.backend_roles b
+                   JOIN pgtenant.tenants t ON t.id = b.tenant_id
+                  WHERE b.name = $1 AND t.server = $2 AND b.tenant_id <> $3
+                  ORDER BY 1",
+                &[&role, &server, &except],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// The opened password of a tenant's backend role.
     pub async fn role_password(
         &self,
