@@ -223,12 +223,29 @@ impl std::fmt::Debug for BackendConn {
 impl BackendConn {
     pub async fn connect(spec: &ConnectSpec) -> Result<BackendConn, BackendError> {
         let server = spec.server.name.clone();
-        tokio::time::timeout(spec.connect_timeout, Self::connect_inner(spec))
-            .await
-            .map_err(|_| BackendError::ConnectTimeout { server })?
+        tokio::time::timeout(spec.connect_timeout, async {
+            // A row-tier login that found its role's defaults tampered with cleared them; its
+            // own session still carries them, so it is replaced once.
+            match Self::connect_inner(spec).await? {
+                Some(conn) => Ok(conn),
+                None => match Self::connect_inner(spec).await? {
+                    Some(conn) => Ok(conn),
+                    None => Err(BackendError::RowContext {
+                        server: server.clone(),
+                        scope: format!("database \"{}\"", spec.database),
+                        reason: "the login role's defaults are being changed (ALTER ROLE ... SET) as fast as they are cleared".into(),
+                    }),
+                },
+            }
+        })
+        .await
+        .map_err(|_| BackendError::ConnectTimeout {
+            server: server.clone(),
+        })?
     }
 
-    async fn connect_inner(spec: &ConnectSpec) -> Result<BackendConn, BackendError> {
+    /// One login; None when it must be done again (see `open_row`).
+    async fn connect_inner(spec: &ConnectSpec) -> Result<Option<BackendConn>, BackendError> {
         let server = &spec.server;
         let stream = BackendStream::connect(&server.host, server.port)
             .await
@@ -283,9 +300,11 @@ impl BackendConn {
                 Message::ReadyForQuery(body) => {
                     conn.tx_status = body.status();
                     if let Some(key) = &spec.row_key {
-                        conn.open_row(key.as_ref(), &spec.database).await?;
+                        if !conn.open_row(key.as_ref(), &spec.database).await? {
+                            return Ok(None);
+                        }
                     }
-                    return Ok(conn);
+                    return Ok(Some(conn));
                 }
                 Message::ErrorResponse(body) => return Err(conn.refused(body.fields())),
                 Message::NoticeResponse(_) => {}
@@ -387,7 +406,17 @@ impl BackendConn {
 
     /// Opens this row-tier connection for tenant switching: answers the server's one-time
     /// challenge with a proof under `key` for a fresh token (see `tenancy::row_context`).
-    async fn open_row(&mut self, key: Option<&RowKey>, database: &str) -> Result<(), BackendError> {
+    ///
+    /// Row tenants share the login role, and any role may `ALTER ROLE CURRENT_USER SET ...`
+    /// its own defaults, which every later session of every tenant on it would start with
+    /// (a 1 ms statement_timeout, read-only transactions). So the role's defaults are cleared
+    /// here; false means they had been set and this session, which started with them, must
+    /// be replaced.
+    async fn open_row(
+        &mut self,
+        key: Option<&RowKey>,
+        database: &str,
+    ) -> Result<bool, BackendError> {
         let server = self.server.name.clone();
         let failed = |reason: String| BackendError::RowContext {
             server: server.clone(),
@@ -397,6 +426,15 @@ impl BackendConn {
         let key = key.ok_or_else(|| {
             failed("this proxy has no row key (set row_key, or use a registry)".into())
         })?;
+        match self.query_value(row_context::ROLE_DEFAULTS_SQL).await {
+            Ok(Some(t)) if t == "t" => {
+                tracing::warn!(server = %self.server.name, database, "the row tier's login role had defaults of its own (ALTER ROLE ... SET); cleared them");
+                self.execute(row_context::CLEAR_ROLE_DEFAULTS_SQL).await?;
+                return Ok(false);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
         let challenge = match self.query_value(row_context::CHALLENGE_SQL).await {
             Ok(Some(c)) => c,
             Ok(None) => return Err(failed("the server returned no challenge".into())),
@@ -412,7 +450,7 @@ impl BackendConn {
         match self.run_checked(&out).await? {
             Ok(true) => {
                 self.row_token = Some(token);
-                Ok(())
+                Ok(true)
             }
             Ok(false) => Err(failed(
                 "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),

@@ -32,6 +32,20 @@ use sha2::Sha256;
 pub const TENANT_SETTING: &str = "pgtenant.tenant_id";
 /// Schema holding the key, the connection tokens and the functions.
 pub const SCHEMA: &str = "pgtenant_rls";
+/// Whether the session's login role has defaults of its own in this database
+/// (`ALTER ROLE ... SET`), which a tenant sharing the role could have set for all the others.
+/// Immune to the defaults it looks for (a 1 ms statement_timeout, read-only transactions).
+pub const ROLE_DEFAULTS_SQL: &str = "BEGIN; SET LOCAL statement_timeout = 0; \
+     SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_db_role_setting s \
+     JOIN pg_catalog.pg_roles r ON r.oid = s.setrole \
+     WHERE r.rolname = session_user AND s.setdatabase IN (0, \
+     (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))); \
+     COMMIT";
+/// Clears them (a role may always reset its own defaults).
+pub const CLEAR_ROLE_DEFAULTS_SQL: &str = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; \
+     ALTER ROLE CURRENT_USER RESET ALL; \
+     DO $pgtenant$ BEGIN EXECUTE pg_catalog.format('ALTER ROLE CURRENT_USER IN DATABASE %I RESET ALL', \
+     pg_catalog.current_database()); END $pgtenant$; COMMIT";
 /// Asks the server for this connection's one-time challenge.
 pub const CHALLENGE_SQL: &str = "SELECT pgtenant_rls.challenge()";
 /// Opens a connection for switching. Its command tag says whether the server accepted the

@@ -530,3 +530,42 @@ async fn a_database_tenants_role_can_connect_to_no_other_tenants_database() {
     let databases: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(databases, ["acme"]);
 }
+
+#[tokio::test]
+async fn defaults_a_row_tenant_sets_on_the_shared_login_role_reach_no_other_tenant() {
+    // Tries: ALTER ROLE CURRENT_USER SET ..., which any role may do to itself and which every
+    // later session of the role would start with, whichever tenant it serves.
+    let f = fixture();
+    let mallory = f.tenant("mallory").await;
+    mallory
+        .batch_execute(
+            "ALTER ROLE CURRENT_USER SET statement_timeout = '1ms';
+             ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
+        )
+        .await
+        .unwrap();
+    // A proxy of its own opens new server connections, which start with the role's defaults.
+    let addr = f.extra_proxy(|_| {}).await;
+    let hooli = f.tenant_at(addr, "hooli").await;
+    let row = hooli
+        .query_one(
+            "SELECT current_setting('statement_timeout'), current_setting('default_transaction_read_only')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "0");
+    assert_eq!(row.get::<_, String>(1), "off");
+    let admin = f.direct(0, "row_tenants").await;
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+              WHERE r.rolname = (SELECT usename FROM pg_stat_activity
+                                  WHERE datname = 'row_tenants' AND usename <> 'postgres' LIMIT 1)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the role's defaults were cleared");
+}
