@@ -123,6 +123,17 @@ impl CancelTarget {
     }
 }
 
+/// What the server answered to one of pgtenant's own requests.
+#[derive(Default)]
+struct OwnReply {
+    /// The last command tag was `SELECT 1`.
+    accepted: bool,
+    /// The first column of the first row.
+    value: Option<String>,
+    /// The first error: (SQLSTATE, message).
+    error: Option<(String, String)>,
+}
+
 pub struct BackendConn {
     pub(crate) stream: BackendStream,
     /// Bytes read from the server and not yet consumed.
@@ -500,27 +511,10 @@ impl BackendConn {
         out: &[u8],
     ) -> Result<Result<bool, (String, String)>, BackendError> {
         self.send(out).await?;
-        let mut accepted = false;
-        let mut error = None;
-        loop {
-            match self.next_message().await? {
-                Message::CommandComplete(body) => {
-                    accepted = body.tag().ok() == Some(row_context::ACCEPTED_TAG);
-                }
-                Message::ErrorResponse(body) => {
-                    let (code, message, _) = error_fields(body.fields());
-                    error.get_or_insert((code, message));
-                }
-                Message::ReadyForQuery(body) => {
-                    self.tx_status = body.status();
-                    break;
-                }
-                _ => {}
-            }
-        }
-        Ok(match error {
+        let reply = self.own_reply().await?;
+        Ok(match reply.error {
             Some(e) => Err(e),
-            None => Ok(accepted),
+            None => Ok(reply.accepted),
         })
     }
 
@@ -529,26 +523,7 @@ impl BackendConn {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
-        let mut value = None;
-        let mut error = None;
-        loop {
-            match self.next_message().await? {
-                Message::DataRow(row) => {
-                    if let Ok(Some(Some(range))) = row.ranges().next() {
-                        value = Some(String::from_utf8_lossy(&row.buffer()[range]).into_owned());
-                    }
-                }
-                Message::ErrorResponse(body) => {
-                    let (code, message, _) = error_fields(body.fields());
-                    error.get_or_insert((code, message));
-                }
-                Message::ReadyForQuery(body) => {
-                    self.tx_status = body.status();
-                    break;
-                }
-                _ => {}
-            }
-        }
+        let OwnReply { value, error, .. } = self.own_reply().await?;
         match error {
             Some((code, message)) => Err(BackendError::Statement {
                 server: self.server.name.clone(),
@@ -556,6 +531,33 @@ impl BackendConn {
                 message,
             }),
             None => Ok(value),
+        }
+    }
+
+    /// Reads the server's reply to one of pgtenant's own requests, up to ReadyForQuery.
+    async fn own_reply(&mut self) -> Result<OwnReply, BackendError> {
+        let mut reply = OwnReply::default();
+        loop {
+            match self.next_message().await? {
+                Message::CommandComplete(body) => {
+                    reply.accepted = body.tag().ok() == Some(row_context::ACCEPTED_TAG);
+                }
+                Message::DataRow(row) => {
+                    if let Ok(Some(Some(range))) = row.ranges().next() {
+                        let text = String::from_utf8_lossy(&row.buffer()[range]).into_owned();
+                        reply.value.get_or_insert(text);
+                    }
+                }
+                Message::ErrorResponse(body) => {
+                    let (code, message, _) = error_fields(body.fields());
+                    reply.error.get_or_insert((code, message));
+                }
+                Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    return Ok(reply);
+                }
+                _ => {}
+            }
         }
     }
 

@@ -684,22 +684,8 @@ fn show(r: &TenantRows) -> String {
             "max client connections",
             output::opt(&t.max_client_connections),
         ),
-        (
-            "params",
-            t.params
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
-        (
-            "limits",
-            t.limits
-                .iter()
-                .map(|(k, v)| format!("{k}<={v}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
+        ("params", joined(&t.params, "=")),
+        ("limits", joined(&t.limits, "<=")),
         (
             "backend roles",
             r.backend_roles
@@ -751,4 +737,12 @@ pub async fn migrate_cmd(args: MigrateArgs, config: &Path) -> Result<(), Failure
         ));
     }
     Ok(())
+}
+
+/// `k1=v1, k2=v2` of a settings map, with `op` between name and value.
+fn joined(map: &std::collections::BTreeMap<String, String>, op: &str) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}{op}{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

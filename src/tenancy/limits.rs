@@ -76,6 +76,14 @@ pub fn validate(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// `enforce_sql` of a tenant's `limits` map, as kept in its model.
+pub fn enforce_statement(
+    limits: &std::collections::BTreeMap<String, String>,
+) -> Option<std::sync::Arc<str>> {
+    let pairs: Vec<(String, String)> = limits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    enforce_sql(&pairs).map(std::sync::Arc::from)
+}
+
 /// The statement that brings every capped setting down to its cap, or None without caps.
 /// Values must have passed `validate`.
 pub fn enforce_sql(limits: &[(String, String)]) -> Option<String> {

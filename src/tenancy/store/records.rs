@@ -677,13 +677,7 @@ pub fn to_tenant(
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
-        enforce_limits: crate::tenancy::limits::enforce_sql(
-            &t.limits
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<Vec<_>>(),
-        )
-        .map(Arc::from),
+        enforce_limits: crate::tenancy::limits::enforce_statement(&t.limits),
         users,
         unavailable,
     }))
