@@ -155,6 +155,9 @@ pub struct BackendConn {
     pub(crate) row_token: Option<ConnToken>,
     /// Row tier: the tenant the server last confirmed this connection is bound to.
     pub(crate) bound: Option<Arc<str>>,
+    /// Row tier: the share of its group's connections the tenant using this one holds (its
+    /// `pool_size`); released when the connection is parked, discarded or closed.
+    pub(crate) tenant_share: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The global statement names prepared on one backend, least recently used first out.
@@ -282,6 +285,7 @@ impl BackendConn {
             applied_settings: Arc::from(""),
             row_token: None,
             bound: None,
+            tenant_share: None,
         };
         let mut out = BytesMut::with_capacity(256);
         let mut startup: Vec<(&str, &str)> = vec![

@@ -80,6 +80,9 @@ pub struct TenantPool {
     /// Row tier: connections, parked ones and waiting clients are shared with the other row
     /// tenants of the same server, database, backend role and session defaults.
     shared: bool,
+    /// Row tier: the tenant's `pool_size` when below its group's, as permits each connection
+    /// it uses holds, so no tenant takes more than its share of the group.
+    share: Option<Arc<tokio::sync::Semaphore>>,
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
@@ -148,8 +151,31 @@ impl TenantPool {
     /// from bb8 while it may open more, else the next one a finishing transaction hands over
     /// (first come, first served, as PgBouncer queues its clients). Fails as soon as a connect
     /// attempt fails (bb8 alone would keep retrying until the wait timeout and then report only
-    /// the timeout), or after `query_wait_timeout`.
+    /// the timeout), or after `query_wait_timeout`. A row tenant whose `pool_size` is below its
+    /// group's first waits for a share of its own, so no tenant can take its neighbours'
+    /// connections.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
+        let Some(share) = &self.share else {
+            return self.checkout_unlimited(None).await;
+        };
+        let started = tokio::time::Instant::now();
+        let permit = match share.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(self.wait, share.clone().acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(PoolError::Timeout(self.wait)),
+            },
+        };
+        let mut be = self.checkout_unlimited(Some(started)).await?;
+        be.tenant_share = Some(permit);
+        Ok(be)
+    }
+
+    /// `started`: when the client began to wait, if it already has (None: now).
+    async fn checkout_unlimited(
+        &self,
+        started: Option<tokio::time::Instant>,
+    ) -> Result<Box<PooledBackend>, PoolError> {
         if let Some(be) = self
             .idle
             .lock()
@@ -160,11 +186,14 @@ impl TenantPool {
         }
         // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
         // transaction's state, though the fast path above serves most transactions.
-        Box::pin(self.checkout_slow()).await
+        let started = started.unwrap_or_else(tokio::time::Instant::now);
+        Box::pin(self.checkout_slow(started + self.wait)).await
     }
 
-    async fn checkout_slow(&self) -> Result<Box<PooledBackend>, PoolError> {
-        let deadline = tokio::time::Instant::now() + self.wait;
+    async fn checkout_slow(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
             // In the queue for a handover in every case: while bb8 opens a connection for
             // us, one parked meanwhile by a finishing transaction must not pass us by.
@@ -237,13 +266,13 @@ impl TenantPool {
     /// Keeps a clean, idle connection for the pool's next transaction: handed straight to the
     /// longest-waiting client if there is one, else parked. Connections parked for longer than
     /// `PARK_MAX_MS` go back to bb8, whose idle timeout and lifetime then apply.
-    pub fn park(&self, be: Box<PooledBackend>) {
+    pub fn park(&self, mut be: Box<PooledBackend>) {
+        be.tenant_share = None;
         // A retired row tenant's connections still serve the rest of its group.
         if be.is_broken() || (self.is_retired() && !self.shared) {
             self.discard(be);
             return;
         }
-        let mut be = be;
         let now = coarse_ms();
         let stale = match self.idle.lock() {
             Ok(mut idle) => {
@@ -266,7 +295,8 @@ impl TenantPool {
 
     /// Closes a connection that must not be reused, and lets a waiting client open another in
     /// its place.
-    pub fn discard(&self, be: Box<PooledBackend>) {
+    pub fn discard(&self, mut be: Box<PooledBackend>) {
+        be.tenant_share = None;
         drop(be);
         if let Ok(mut idle) = self.idle.lock() {
             while let Some(w) = idle.waiters.pop_front() {
@@ -657,6 +687,8 @@ impl Pools {
                 tenant: Arc::from(tenant.id.as_str()),
             }),
             shared: row_tier,
+            share: (row_tier && tenant.pool_size < s.default_size)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(tenant.pool_size as usize))),
             clients: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
         }

@@ -569,3 +569,33 @@ async fn defaults_a_row_tenant_sets_on_the_shared_login_role_reach_no_other_tena
         .get(0);
     assert_eq!(left, 0, "the role's defaults were cleared");
 }
+
+#[tokio::test]
+async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size() {
+    // A noisy neighbour: hooli may hold one of the group's four connections at a time.
+    let f = fixture();
+    let addr = f
+        .extra_proxy(|c| {
+            c.pool.default_size = 4;
+            c.pool.query_wait_timeout = 1;
+            for t in c.tenants.iter_mut().filter(|t| t.id == "hooli") {
+                t.pool_size = Some(1);
+            }
+        })
+        .await;
+    let first = f.tenant_at(addr, "hooli").await;
+    let second = f.tenant_at(addr, "hooli").await;
+    let other = f.tenant_at(addr, "piedpiper").await;
+    first.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let e = second.batch_execute("SELECT 1").await.unwrap_err();
+    assert!(
+        crate::support::pg_error(&e).contains("timed out"),
+        "{}",
+        crate::support::pg_error(&e)
+    );
+    assert_eq!(visible_owners(&other).await, ["Pia", "Pete"]);
+    first.batch_execute("COMMIT").await.unwrap();
+    // Like PgBouncer's query_wait_timeout, the refusal ended that client's session.
+    let again = f.tenant_at(addr, "hooli").await;
+    assert_eq!(visible_owners(&again).await, ["Hal", "Hana"]);
+}
