@@ -670,19 +670,16 @@ impl<'a> Engine<'a> {
                     })));
                 };
                 let (out_len, queue_len) = (self.out.len(), self.queue.len());
-                // The client's settings go in the same query, after the reset (so no RESET
-                // ALL follows `enter`).
+                put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
+                self.queue.push_back(Item::Proxy(Resp::Query));
+                // The client's settings in a query of their own: one that fails must not roll
+                // the reset back. Before `enter`, which sets the tenant setting last.
                 let script = self.state.script();
-                if script.is_empty() {
-                    put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
-                } else {
-                    put_query(
-                        &mut self.out,
-                        &format!("{}; {script}", row_context::SWITCH_RESET_SQL),
-                    );
+                if !script.is_empty() {
+                    put_query(&mut self.out, script);
+                    self.queue.push_back(Item::Proxy(Resp::Query));
                 }
                 be.applied_settings = script.clone();
-                self.queue.push_back(Item::Proxy(Resp::Query));
                 if let Err(reason) = row_context::put_enter(&mut self.out, &row.tenant, &token) {
                     self.out.truncate(out_len);
                     self.queue.truncate(queue_len);
@@ -890,7 +887,7 @@ impl<'a> Engine<'a> {
                             // pinned value back (RESET ALL) before it serves another one.
                             let pinned = pinned_setting(self.pool.tenant().tier);
                             if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
-                                // Bound anew (DISCARD ALL + enter) before the next transaction.
+                                // Reset and entered anew before the next transaction.
                                 be.bound = None;
                             }
                             let n = ops.len();
@@ -925,6 +922,7 @@ impl<'a> Engine<'a> {
                     match text {
                         // pgtenant's own (a row tenant switch) was accounted for when sent.
                         b"DISCARD ALL" if !proxy => {
+                            be.bound = None;
                             be.prepared.clear();
                             self.state.statements.clear();
                             be.applied_settings = Arc::from("");
@@ -934,8 +932,8 @@ impl<'a> Engine<'a> {
                             self.state.statements.clear();
                         }
                         b"ROLLBACK" if !proxy => self.tx_failed = true,
-                        // Cleared the row context (also when run as dynamic SQL): enter again
-                        // before the next transaction.
+                        // A DISCARD of the client's cleared the row context: enter again before
+                        // the next transaction.
                         t if !proxy && t.starts_with(b"DISCARD") && self.pool.row().is_some() => {
                             be.bound = None;
                         }
