@@ -15,6 +15,8 @@ pub struct ClientStatement {
     pub global: Arc<str>,
     /// A complete Parse message for `global`, to prepare it on a backend that lacks it.
     pub parse: Bytes,
+    /// Schema tier: running it may change a setting unseen (`sql::may_change_settings_unseen`).
+    pub unseen_changes: bool,
 }
 
 /// A change to session settings, effective once the transaction that made it commits.

@@ -24,7 +24,9 @@ use crate::backend::BackendError;
 use crate::config::Tier;
 use crate::pool::{PoolError, PooledBackend, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
-use crate::protocol::sql::{classify, may_matter, statements, Statement};
+use crate::protocol::sql::{
+    classify, may_change_settings_unseen, may_matter, statements, Statement,
+};
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
 use crate::tenancy::row_context;
 
@@ -114,6 +116,9 @@ pub struct Engine<'a> {
     tx_status: u8,
     tx_failed: bool,
     pending_ops: Vec<SettingOp>,
+    /// Schema tier: the transaction may have changed `search_path` where no parser sees it
+    /// (`set_config()`, dynamic SQL); the pinned value is restored before the next one.
+    unseen_changes: bool,
     /// Body bytes of the server message being streamed, and whether it goes to the client.
     srv_remaining: usize,
     srv_forward: bool,
@@ -148,6 +153,7 @@ impl<'a> Engine<'a> {
             tx_status: b'I',
             tx_failed: false,
             pending_ops: Vec::new(),
+            unseen_changes: false,
             srv_remaining: 0,
             srv_forward: true,
             srv_last_tag: 0,
@@ -426,6 +432,8 @@ impl<'a> Engine<'a> {
                     return Ok(());
                 }
                 self.pending_ops.extend(ops);
+                self.unseen_changes |=
+                    self.watches_unseen_changes() && may_change_settings_unseen(text);
                 self.link().await?;
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Query));
@@ -440,7 +448,9 @@ impl<'a> Engine<'a> {
                 }
                 self.pending_ops.extend(ops);
                 self.unsynced = true;
+                let unseen = self.watches_unseen_changes() && may_change_settings_unseen(query);
                 if name.is_empty() {
+                    self.unseen_changes |= unseen;
                     self.link().await?;
                     self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::Parse(None)));
@@ -451,6 +461,7 @@ impl<'a> Engine<'a> {
                 let stmt = Arc::new(ClientStatement {
                     global: global.clone(),
                     parse: parse.clone(),
+                    unseen_changes: unseen,
                 });
                 self.state
                     .statements
@@ -484,6 +495,7 @@ impl<'a> Engine<'a> {
                 self.unsynced = true;
                 match self.named(name) {
                     Some(stmt) => {
+                        self.unseen_changes |= stmt.unseen_changes;
                         self.ensure_prepared(&stmt);
                         put_message(
                             &mut self.out,
@@ -592,6 +604,12 @@ impl<'a> Engine<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Schema tier: the pinned `search_path` is restored after a transaction that may have
+    /// changed it where no parser sees it.
+    fn watches_unseen_changes(&self) -> bool {
+        self.pool.tenant().tier == Tier::Schema
     }
 
     fn named(&self, name: &[u8]) -> Option<Arc<ClientStatement>> {
@@ -899,6 +917,9 @@ impl<'a> Engine<'a> {
                             } else {
                                 self.state.script().clone()
                             };
+                        }
+                        if std::mem::take(&mut self.unseen_changes) {
+                            be.applied_settings = Arc::from(PIN_CHANGED);
                         }
                         self.tx_failed = false;
                     }

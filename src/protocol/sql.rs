@@ -213,6 +213,38 @@ fn contains_advisory(b: &[u8]) -> bool {
         .any(|i| i + 1 >= NEEDLE.len() && b[i + 1 - NEEDLE.len()..=i].eq_ignore_ascii_case(NEEDLE))
 }
 
+/// Names through which a statement can change settings that no statement parser sees:
+/// `set_config()`, and the ways core PostgreSQL runs SQL held in a string (plpgsql's EXECUTE,
+/// SQL EXECUTE of a prepared statement, the `query_to_xml` family, `ts_stat`), plus `U&`
+/// escapes, which can spell any of them.
+const UNSEEN_SETTING_CHANGES: &[&[u8]] = &[
+    b"set_config",
+    b"execute",
+    b"query_to_xml",
+    b"ts_stat",
+    b"u&",
+];
+
+/// True when `sql` may change a setting in a way `classify` cannot see (see
+/// `UNSEEN_SETTING_CHANGES`; also any DO block). Errs on the side of true.
+pub fn may_change_settings_unseen(sql: impl AsRef<[u8]>) -> bool {
+    let b = sql.as_ref();
+    let contains = |needle: &[u8]| {
+        b.windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
+    };
+    if UNSEEN_SETTING_CHANGES.iter().any(|n| contains(n)) {
+        return true;
+    }
+    // A DO block: "do" as a word of its own followed by its body or LANGUAGE.
+    b.windows(2).enumerate().any(|(i, w)| {
+        w.eq_ignore_ascii_case(b"do")
+            && (i == 0 || !b[i - 1].is_ascii_alphanumeric() && b[i - 1] != b'_')
+            && b.get(i + 2)
+                .is_none_or(|c| !c.is_ascii_alphanumeric() && *c != b'_')
+    })
+}
+
 pub fn classify(stmt: &str) -> Statement<'_> {
     let w = words(stmt);
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
@@ -294,6 +326,28 @@ pub fn classify(stmt: &str) -> Statement<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn settings_changed_where_no_parser_looks_are_suspected() {
+        for sql in [
+            "SELECT set_config('search_path', 'x', false)",
+            "do $$ begin execute 'set search_path = x'; end $$",
+            "DO LANGUAGE plpgsql $$ BEGIN NULL; END $$",
+            "EXECUTE stmt(1)",
+            "SELECT query_to_xml('select 1', true, false, '')",
+            "SELECT * FROM ts_stat('select 1')",
+            "SELECT U&\"set\\005fconfig\"('a', 'b', false)",
+        ] {
+            assert!(may_change_settings_unseen(sql), "{sql}");
+        }
+        for sql in [
+            "SELECT balance FROM accounts WHERE id = $1",
+            "UPDATE done SET document = 'todo' WHERE id = 1",
+            "INSERT INTO t (redo) VALUES (1)",
+        ] {
+            assert!(!may_change_settings_unseen(sql), "{sql}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -462,6 +462,48 @@ async fn a_schema_tenants_search_path_change_lasts_only_to_the_end_of_its_transa
     }
 }
 
+/// The `search_path` `c` sees in its next transaction.
+async fn search_path(c: &Client) -> String {
+    c.query_one("SELECT current_setting('search_path')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_search_path_changed_by_set_config_lasts_only_to_the_end_of_its_transaction() {
+    // Tries: change the pinned setting where no statement parser looks.
+    let c = fixture().tenant("initech").await;
+    c.batch_execute("SELECT set_config('search_path', 'public', false)")
+        .await
+        .unwrap();
+    assert_eq!(search_path(&c).await, "\"initech\", public");
+}
+
+#[tokio::test]
+async fn a_search_path_changed_by_dynamic_sql_lasts_only_to_the_end_of_its_transaction() {
+    // Tries: SET built at run time inside a DO block.
+    let c = fixture().tenant("initech").await;
+    c.batch_execute("DO $$ BEGIN EXECUTE 'SET search_path = ' || 'public'; END $$")
+        .await
+        .unwrap();
+    assert_eq!(search_path(&c).await, "\"initech\", public");
+}
+
+#[tokio::test]
+async fn a_prepared_statement_that_changes_the_search_path_is_undone_after_each_run() {
+    // Tries: hide set_config in a named statement prepared once and run later.
+    let c = fixture().tenant("umbrella").await;
+    let stmt = c
+        .prepare("SELECT set_config('search_path', $1, false)")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        c.query(&stmt, &[&"public"]).await.unwrap();
+        assert_eq!(search_path(&c).await, "\"umbrella\", public");
+    }
+}
+
 #[tokio::test]
 async fn other_settings_of_a_schema_tenant_still_last_for_its_session() {
     let c = fixture().tenant("umbrella").await;
