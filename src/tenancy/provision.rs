@@ -365,7 +365,7 @@ pub async fn migrate_one(
                 .map_err(&err)?;
             enforce_row_policies(db).await.map_err(&err)?;
         }
-        grant_tenant_role(db, &place, &tenant_role(tier, &t.id, &t.database), tier)
+        grant_tenant_role(db, &place, &recorded_role(store, t).await?, tier)
             .await
             .map_err(&err)?;
         Ok::<_, ProvisionError>(applied)
@@ -508,7 +508,7 @@ pub async fn delete(
     let err = server_err(&t.server);
     let admin = admin_client(store, &t.server, "postgres").await?;
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
-    let role = tenant_role(tier, id, &t.database);
+    let role = recorded_role(store, &t).await?;
     // A shared row role stays, with its privileges and connections, while others hold it.
     let role_shared = !store.role_holders(&t.server, &role, id).await?.is_empty();
     if !role_shared {
@@ -614,8 +614,7 @@ async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error
 /// every tenant that holds it.
 pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(), ProvisionError> {
     let t = store.tenant(id).await?;
-    let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
-    let role = tenant_role(tier, id, &t.database);
+    let role = recorded_role(store, &t).await?;
     let password = random_password();
     let admin = admin_client(store, &t.server, "postgres").await?;
     ensure_login_role(&admin, &role, &password)
@@ -631,8 +630,17 @@ pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(),
 /// The login role the tenant's client users map to.
 pub async fn role_of(store: &RegistryStore, id: &str) -> Result<String, ProvisionError> {
     let t = store.tenant(id).await?;
+    recorded_role(store, &t).await
+}
+
+/// The tenant's login role as recorded (row tenants created before roles were shared keep
+/// their own), else the one `tenant create` gives it.
+async fn recorded_role(store: &RegistryStore, t: &TenantRecord) -> Result<String, ProvisionError> {
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
-    Ok(tenant_role(tier, id, &t.database))
+    Ok(match store.role_name(&t.id).await? {
+        Some(name) => name,
+        None => tenant_role(tier, &t.id, &t.database),
+    })
 }
 
 /// `KEY=VALUE` pairs into a map, for `--param`.

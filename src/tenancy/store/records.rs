@@ -380,6 +380,18 @@ impl RegistryStore {
         Ok(())
     }
 
+    /// The login role recorded for a tenant (None before `tenant create` stored one).
+    pub async fn role_name(&self, tenant: &str) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .client
+            .query_opt(
+                "SELECT name FROM pgtenant.backend_roles WHERE tenant_id = $1 ORDER BY name LIMIT 1",
+                &[&tenant],
+            )
+            .await?
+            .map(|r| r.get(0)))
+    }
+
     /// Tenants other than `except` on `server` that hold login role `role` (a shared row role).
     pub async fn role_holders(
         &self,
