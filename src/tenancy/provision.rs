@@ -643,32 +643,41 @@ async fn recorded_role(store: &RegistryStore, t: &TenantRecord) -> Result<String
     })
 }
 
-/// `KEY=VALUE` pairs into a map, for `--param`.
-pub fn parse_limits(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
+/// `NAME=VALUE` pairs of option `--flag` into a map, each checked by `check`, which also
+/// gives the (name, value) to keep.
+fn parse_pairs(
+    flag: &str,
+    pairs: &[String],
+    check: impl Fn(&str, &str) -> Result<(String, String), String>,
+) -> Result<BTreeMap<String, String>, ProvisionError> {
     let mut out = BTreeMap::new();
     for p in pairs {
         let (k, v) = p
             .split_once('=')
-            .ok_or_else(|| ProvisionError::Invalid(format!("--limit {p}: expected NAME=VALUE")))?;
-        crate::tenancy::limits::validate(k, v)
-            .map_err(|e| ProvisionError::Invalid(format!("--limit {k}: {e}")))?;
-        out.insert(k.to_ascii_lowercase(), v.trim().to_string());
+            .ok_or_else(|| ProvisionError::Invalid(format!("--{flag} {p}: expected NAME=VALUE")))?;
+        let (k, v) =
+            check(k, v).map_err(|e| ProvisionError::Invalid(format!("--{flag} {k}: {e}")))?;
+        out.insert(k, v);
     }
     Ok(out)
 }
 
+/// `--limit` caps (`tenancy::limits`).
+pub fn parse_limits(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
+    parse_pairs("limit", pairs, |k, v| {
+        crate::tenancy::limits::validate(k, v)?;
+        Ok((k.to_ascii_lowercase(), v.trim().to_string()))
+    })
+}
+
+/// `--param` session defaults.
 pub fn parse_params(pairs: &[String]) -> Result<BTreeMap<String, String>, ProvisionError> {
-    let mut out = BTreeMap::new();
-    for p in pairs {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| ProvisionError::Invalid(format!("--param {p}: expected NAME=VALUE")))?;
-        if !validate::is_setting_name(k) || k.eq_ignore_ascii_case("search_path") {
-            return Err(ProvisionError::Invalid(format!(
-                "--param {k}: not a setting a tenant may set"
-            )));
+    parse_pairs("param", pairs, |k, v| {
+        if !validate::is_setting_name(k)
+            || validate::is_tier_owned_setting(k, crate::tenancy::row_context::TENANT_SETTING)
+        {
+            return Err("not a setting a tenant may set".into());
         }
-        out.insert(k.to_string(), v.to_string());
-    }
-    Ok(out)
+        Ok((k.to_string(), v.to_string()))
+    })
 }
