@@ -412,3 +412,44 @@ async fn deleting_one_row_tenant_or_rotating_its_password_leaves_the_others_serv
             .unwrap_or_else(|e| panic!("{t}: {e:?}"));
     }
 }
+
+#[tokio::test]
+async fn a_row_tenant_created_with_a_role_of_its_own_keeps_it_through_migrate() {
+    // Row tenants created before roles were shared have `<id>_app`; recorded in the registry,
+    // that role stays theirs.
+    let f = fixture();
+    let reg = f.registry("legacy").await;
+    reg.create("legacy-a", "row");
+    let row_database = reg.config.registry.as_ref().unwrap().row_database.clone();
+    let admin = f.admin("postgres").await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE \"legacy-a_app\" LOGIN PASSWORD 'legacy-pw-9';
+             GRANT CONNECT ON DATABASE \"{row_database}\" TO \"legacy-a_app\";"
+        ))
+        .await
+        .unwrap();
+    let store = reg.store().await;
+    store
+        .put_role("legacy-a", "legacy-a_app", "legacy-pw-9")
+        .await
+        .unwrap();
+    store
+        .put_user(
+            "legacy-a",
+            "app",
+            &pgtenant::frontend::scram::hash_password(PASSWORD),
+            "legacy-a_app",
+        )
+        .await
+        .unwrap();
+    let out = reg.cli(&["migrate"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let proxy = f.proxy(reg.config.clone());
+    let c = connect(proxy.addr, "legacy-a").await.unwrap();
+    let (role, _) = role_and_pid(&c).await;
+    assert_eq!(role, "legacy-a_app");
+    c.execute("INSERT INTO accounts (owner) VALUES ('legacy')", &[])
+        .await
+        .unwrap();
+}
