@@ -63,6 +63,16 @@ pub enum BackendError {
 }
 
 impl BackendError {
+    /// Whether this could come from role defaults a tenant set to stop pgtenant's own
+    /// statements at login (see `BackendConn::open_row`).
+    fn may_be_tampered_defaults(&self) -> bool {
+        match self {
+            BackendError::Statement { code, .. } => code == "57014" || code == "25006",
+            BackendError::Lost { .. } => true,
+            _ => false,
+        }
+    }
+
     /// What a client is told when this stops its session from starting.
     pub fn report(&self) -> ErrorReport {
         match self {
@@ -239,17 +249,26 @@ impl BackendConn {
         let server = spec.server.name.clone();
         tokio::time::timeout(spec.connect_timeout, async {
             // A row-tier login that found its role's defaults tampered with cleared them; its
-            // own session still carries them, so it is replaced once.
-            match Self::connect_inner(spec).await? {
+            // own session still carries them, so it is replaced. Defaults can also stop the
+            // check itself (a 1 ms statement_timeout, an idle-session timeout): then a login
+            // shielded from them by startup parameters clears them first.
+            let first = match Self::connect_inner(spec, false).await {
+                Err(e) if spec.row_key.is_some() && e.may_be_tampered_defaults() => {
+                    tracing::warn!(server = %server, error = %e, "row-tier login failed; clearing the login role's defaults from a shielded session");
+                    Self::connect_inner(spec, true).await?
+                }
+                other => other?,
+            };
+            if let Some(conn) = first {
+                return Ok(conn);
+            }
+            match Self::connect_inner(spec, false).await? {
                 Some(conn) => Ok(conn),
-                None => match Self::connect_inner(spec).await? {
-                    Some(conn) => Ok(conn),
-                    None => Err(BackendError::RowContext {
-                        server: server.clone(),
-                        scope: format!("database \"{}\"", spec.database),
-                        reason: "the login role's defaults are being changed (ALTER ROLE ... SET) as fast as they are cleared".into(),
-                    }),
-                },
+                None => Err(BackendError::RowContext {
+                    server: server.clone(),
+                    scope: format!("database \"{}\"", spec.database),
+                    reason: "the login role's defaults are being changed (ALTER ROLE ... SET) as fast as they are cleared".into(),
+                }),
             }
         })
         .await
@@ -258,8 +277,12 @@ impl BackendConn {
         })?
     }
 
-    /// One login; None when it must be done again (see `open_row`).
-    async fn connect_inner(spec: &ConnectSpec) -> Result<Option<BackendConn>, BackendError> {
+    /// One login; None when it must be done again (see `open_row`). `shielded`: startup
+    /// parameters override the role defaults that could stop pgtenant's own statements.
+    async fn connect_inner(
+        spec: &ConnectSpec,
+        shielded: bool,
+    ) -> Result<Option<BackendConn>, BackendError> {
         let server = &spec.server;
         let stream = BackendStream::connect(&server.host, server.port)
             .await
@@ -293,6 +316,9 @@ impl BackendConn {
             ("database", spec.database.as_str()),
         ];
         startup.extend(spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if shielded {
+            startup.extend(row_context::SHIELD_PARAMS.iter().copied());
+        }
         frontend::startup_message(startup.iter().copied(), &mut out)
             .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
         conn.send(&out).await?;

@@ -41,6 +41,15 @@ pub const ROLE_DEFAULTS_SQL: &str = "BEGIN; SET LOCAL statement_timeout = 0; \
      WHERE r.rolname = session_user AND s.setdatabase IN (0, \
      (SELECT oid FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()))); \
      COMMIT";
+/// Startup parameters (which win over role defaults) for a login that must get its checks
+/// through whatever defaults a tenant set on the shared role.
+pub const SHIELD_PARAMS: &[(&str, &str)] = &[
+    ("statement_timeout", "0"),
+    ("lock_timeout", "0"),
+    ("idle_in_transaction_session_timeout", "0"),
+    ("idle_session_timeout", "0"),
+    ("default_transaction_read_only", "off"),
+];
 /// Clears them (a role may always reset its own defaults).
 pub const CLEAR_ROLE_DEFAULTS_SQL: &str = "BEGIN READ WRITE; SET LOCAL statement_timeout = 0; \
      ALTER ROLE CURRENT_USER RESET ALL; \

@@ -582,6 +582,7 @@ async fn defaults_a_row_tenant_sets_on_the_shared_login_role_reach_no_other_tena
     mallory
         .batch_execute(
             "ALTER ROLE CURRENT_USER SET statement_timeout = '1ms';
+             ALTER ROLE CURRENT_USER SET idle_session_timeout = '1ms';
              ALTER ROLE CURRENT_USER SET default_transaction_read_only = on",
         )
         .await
@@ -591,13 +592,15 @@ async fn defaults_a_row_tenant_sets_on_the_shared_login_role_reach_no_other_tena
     let hooli = f.tenant_at(addr, "hooli").await;
     let row = hooli
         .query_one(
-            "SELECT current_setting('statement_timeout'), current_setting('default_transaction_read_only')",
+            "SELECT current_setting('statement_timeout'), current_setting('default_transaction_read_only'),
+                    current_setting('idle_session_timeout')",
             &[],
         )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "0");
     assert_eq!(row.get::<_, String>(1), "off");
+    assert_eq!(row.get::<_, String>(2), "0");
     let admin = f.direct(0, "row_tenants").await;
     let left: i64 = admin
         .query_one(
