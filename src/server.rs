@@ -86,7 +86,12 @@ impl Proxy {
                 })?;
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
-        let pools = Pools::new(config.pool.clone(), row_secret(&config)?);
+        let repair = config.registry.as_ref().map(|r| {
+            crate::backend::RoleRepair::new(Arc::new(
+                crate::tenancy::role_repair::RegistryRoleRepair::new(r.clone()),
+            ))
+        });
+        let pools = Pools::new(config.pool.clone(), row_secret(&config)?).with_role_repair(repair);
         let limits = ClientLimits::new(config.pool.max_client_connections);
         Ok(Proxy {
             ctx: Arc::new(ProxyContext {

@@ -109,6 +109,56 @@ pub struct ConnectSpec {
     /// Row tier: the connection is opened for tenant switching with this database's key
     /// (`Some(None)`: row tier, but the proxy has no key, which fails with a clear error).
     pub row_key: Option<Option<RowKey>>,
+    /// Row tier: who can give the shared login role its password back when a tenant changed
+    /// it (`ALTER ROLE CURRENT_USER PASSWORD`); None without a registry.
+    pub repair: Option<RoleRepair>,
+}
+
+/// Puts a login role's password back on its server, with credentials pgtenant keeps for it.
+pub trait RestoreRolePassword: Send + Sync {
+    fn restore<'a>(
+        &'a self,
+        server: &'a str,
+        role: &'a str,
+        password: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// A `RestoreRolePassword`, used at most every `REPAIR_INTERVAL` per pool.
+#[derive(Clone)]
+pub struct RoleRepair {
+    pub by: Arc<dyn RestoreRolePassword>,
+    last: Arc<std::sync::Mutex<Option<Instant>>>,
+}
+
+/// A tenant that keeps changing the password cannot make pgtenant hammer the server.
+const REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+
+impl RoleRepair {
+    pub fn new(by: Arc<dyn RestoreRolePassword>) -> RoleRepair {
+        RoleRepair {
+            by,
+            last: Arc::default(),
+        }
+    }
+
+    /// Whether a repair may run now (and, if so, counts it).
+    fn due(&self) -> bool {
+        let Ok(mut last) = self.last.lock() else {
+            return false;
+        };
+        if last.is_some_and(|t| t.elapsed() < REPAIR_INTERVAL) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
+    }
+}
+
+impl std::fmt::Debug for RoleRepair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RoleRepair(..)")
+    }
 }
 
 /// Where and how to cancel whatever this backend is running.
@@ -253,6 +303,12 @@ impl BackendConn {
             // check itself (a 1 ms statement_timeout, an idle-session timeout): then a login
             // shielded from them by startup parameters clears them first.
             let first = match Self::connect_inner(spec, false).await {
+                Err(BackendError::Refused { code, message, .. })
+                    if code == "28P01" && spec.row_key.is_some() =>
+                {
+                    Self::repair_password(spec, &message).await?;
+                    Self::connect_inner(spec, false).await?
+                }
                 Err(e) if spec.row_key.is_some() && e.may_be_tampered_defaults() => {
                     tracing::warn!(server = %server, error = %e, "row-tier login failed; clearing the login role's defaults from a shielded session");
                     Self::connect_inner(spec, true).await?
@@ -275,6 +331,35 @@ impl BackendConn {
         .map_err(|_| BackendError::ConnectTimeout {
             server: server.clone(),
         })?
+    }
+
+    /// A row-tier login was refused its password. The shared role's password is one any
+    /// tenant on it may change (`ALTER ROLE CURRENT_USER PASSWORD`), locking the others out;
+    /// put back the one pgtenant holds, if it can.
+    async fn repair_password(spec: &ConnectSpec, message: &str) -> Result<(), BackendError> {
+        let server = &spec.server.name;
+        let role = &spec.credentials.user;
+        let refused = || BackendError::Refused {
+            server: server.clone(),
+            code: "28P01".into(),
+            message: message.to_string(),
+        };
+        let (Some(repair), Some(password)) = (&spec.repair, &spec.credentials.password) else {
+            return Err(refused());
+        };
+        if !repair.due() {
+            return Err(refused());
+        }
+        match repair.by.restore(server, role, password.expose()).await {
+            Ok(()) => {
+                tracing::warn!(server = %server, role = %role, "the row tier's login role had another password (changed by a tenant?); restored the registry's");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(server = %server, role = %role, error = %e, "could not restore the row tier's login role password");
+                Err(refused())
+            }
+        }
     }
 
     /// One login; None when it must be done again (see `open_row`). `shielded`: startup

@@ -5,4 +5,4 @@ pub mod connection;
 pub mod reset;
 pub mod stream;
 
-pub use connection::{BackendConn, BackendError, ConnectSpec};
+pub use connection::{BackendConn, BackendError, ConnectSpec, RestoreRolePassword, RoleRepair};

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 
-use crate::backend::{BackendError, ConnectSpec};
+use crate::backend::{BackendError, ConnectSpec, RoleRepair};
 use crate::config::{PoolConfig, Tier};
 use crate::protocol::{sqlstate, ErrorReport};
 use crate::tenancy::crypto::MasterKey;
@@ -540,6 +540,8 @@ pub struct Pools {
     row_secret: Option<MasterKey>,
     /// Connections shared by row tenants, by server, database, backend role and defaults.
     groups: DashMap<String, Connections>,
+    /// Row tier: restores the shared login role's password when a tenant changed it.
+    role_repair: Option<RoleRepair>,
 }
 
 impl Pools {
@@ -549,7 +551,15 @@ impl Pools {
             settings,
             row_secret,
             groups: DashMap::new(),
+            role_repair: None,
         }
+    }
+
+    /// With a registry: row-tier logins refused their password have it restored (see
+    /// `BackendConn::connect`).
+    pub fn with_role_repair(mut self, repair: Option<RoleRepair>) -> Self {
+        self.role_repair = repair;
+        self
     }
 
     /// The pool of (tenant, role), made on first use (which opens no connection, unless the
@@ -614,6 +624,7 @@ impl Pools {
             credentials: user.backend.clone(),
             params: crate::tenancy::tier::backend_startup_params(tenant),
             connect_timeout: Duration::from_secs(s.connect_timeout),
+            repair: row_tier.then(|| self.role_repair.clone()).flatten(),
             row_key: row_tier.then(|| {
                 self.row_secret
                     .as_ref()

@@ -10,6 +10,7 @@ pub mod pg_registry;
 pub mod provision;
 pub mod registry;
 pub mod resolve;
+pub mod role_repair;
 pub mod row_context;
 pub mod store;
 pub mod tier;

@@ -377,7 +377,7 @@ pub async fn migrate_one(
     Ok(applied)
 }
 
-async fn ensure_login_role(
+pub(crate) async fn ensure_login_role(
     admin: &Client,
     role: &str,
     password: &str,

@@ -453,3 +453,26 @@ async fn a_row_tenant_created_with_a_role_of_its_own_keeps_it_through_migrate() 
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_row_tenant_changing_the_shared_roles_password_locks_no_other_tenant_out() {
+    // Tries: ALTER ROLE CURRENT_USER PASSWORD, which any role may run, on the login role all
+    // row tenants of the database share.
+    let f = fixture();
+    let reg = f.registry("rowpw").await;
+    reg.create("rowpw-a", "row");
+    reg.create("rowpw-b", "row");
+    let proxy = f.proxy(reg.config.clone());
+    let a = connect(proxy.addr, "rowpw-a").await.unwrap();
+    a.batch_execute("ALTER ROLE CURRENT_USER PASSWORD 'hijacked-7'")
+        .await
+        .unwrap();
+    // A proxy started now must open new server connections, with the registry's password.
+    let other = f.proxy(reg.config.clone());
+    let b = connect(other.addr, "rowpw-b")
+        .await
+        .expect("b still connects");
+    b.execute("INSERT INTO accounts (owner) VALUES ('b')", &[])
+        .await
+        .unwrap();
+}
