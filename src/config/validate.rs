@@ -284,7 +284,5 @@ pub fn is_setting_name(s: &str) -> bool {
 pub fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
     name.eq_ignore_ascii_case("search_path")
         || name.eq_ignore_ascii_case(row_setting)
-        || name
-            .get(..9)
-            .is_some_and(|p| p.eq_ignore_ascii_case("pgtenant."))
+        || crate::tenancy::row_context::is_reserved_setting(name)
 }

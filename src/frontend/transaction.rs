@@ -1106,13 +1106,11 @@ fn pinned_setting(tier: Tier) -> Option<&'static str> {
 
 /// Whether a client's setting change cleared (or tampered with) its row-tier context.
 fn clears_row_context(op: &SettingOp) -> bool {
-    let ours = |name: &str| {
-        name.get(..9)
-            .is_some_and(|p| p.eq_ignore_ascii_case("pgtenant."))
-    };
     match op {
         SettingOp::ResetAll => true,
-        SettingOp::Set { name, .. } | SettingOp::Reset(name) => ours(name),
+        SettingOp::Set { name, .. } | SettingOp::Reset(name) => {
+            row_context::is_reserved_setting(name)
+        }
     }
 }
 

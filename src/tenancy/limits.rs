@@ -87,7 +87,7 @@ pub fn enforce_statement(
 /// The statement that brings every capped setting down to its cap, or None without caps.
 /// Values must have passed `validate`.
 pub fn enforce_sql(limits: &[(String, String)]) -> Option<String> {
-    let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    let lit = crate::tenancy::tier::quote_literal;
     let columns: Vec<String> = limits
         .iter()
         .filter_map(|(name, cap)| {

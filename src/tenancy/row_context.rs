@@ -86,9 +86,15 @@ pub const COLUMN_DEFAULT: &str = "pgtenant_rls.tenant()";
 /// rows.
 pub fn restore_setting_sql(tenant: &str) -> String {
     format!(
-        "SELECT pg_catalog.set_config('{TENANT_SETTING}', '{}', false)",
-        tenant.replace('\'', "''")
+        "SELECT pg_catalog.set_config('{TENANT_SETTING}', {}, false)",
+        crate::tenancy::tier::quote_literal(tenant)
     )
+}
+
+/// Whether `name` is one of pgtenant's own settings (`pgtenant.*`), which only the tier sets.
+pub fn is_reserved_setting(name: &str) -> bool {
+    name.get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case("pgtenant."))
 }
 
 /// The per-database HMAC key. Debug never shows it.
