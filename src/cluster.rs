@@ -47,14 +47,7 @@ impl PgCluster {
     pub fn start() -> Result<PgCluster, ClusterError> {
         let bindir = find_bindir().ok_or(ClusterError::NoBinaries)?;
         let owner = server_owner()?;
-        let dir = tempfile::Builder::new()
-            .prefix("pgtenant-pg-")
-            .tempdir()
-            .map_err(io("creating a temporary directory"))?;
-        if let Some(u) = &owner {
-            std::os::unix::fs::chown(dir.path(), Some(u.uid.as_raw()), Some(u.gid.as_raw()))
-                .map_err(io("chown of the temporary directory"))?;
-        }
+        let dir = owned_tempdir(owner.as_ref())?;
         let data = dir.path().join("data");
         let mut initdb = Command::new(bindir.join("initdb"));
         // The server user may not be able to enter our working directory.
@@ -83,7 +76,39 @@ impl PgCluster {
             ));
         }
         fs::write(data.join("pg_hba.conf"), HBA).map_err(io("writing pg_hba.conf"))?;
+        PgCluster::first_launch(dir, bindir, owner.as_ref())
+    }
 
+    /// A hot standby of `primary`, streaming from it: a base backup (`pg_basebackup -R`)
+    /// started on a port of its own.
+    pub fn start_standby(primary: &PgCluster) -> Result<PgCluster, ClusterError> {
+        let owner = server_owner()?;
+        let dir = owned_tempdir(owner.as_ref())?;
+        let mut backup = Command::new(primary.program("pg_basebackup"));
+        backup
+            .current_dir(dir.path())
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-h", primary.host(), "-p", &primary.port().to_string()])
+            .args(["-U", "postgres", "-X", "stream", "-R", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_owner(&mut backup, owner.as_ref());
+        let out = backup.output().map_err(io("running pg_basebackup"))?;
+        if !out.status.success() {
+            return Err(ClusterError::Command(
+                "pg_basebackup".into(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        PgCluster::first_launch(dir, primary.bindir.clone(), owner.as_ref())
+    }
+
+    fn first_launch(
+        dir: tempfile::TempDir,
+        bindir: PathBuf,
+        owner: Option<&User>,
+    ) -> Result<PgCluster, ClusterError> {
         let mut cluster = PgCluster {
             dir: Some(dir),
             bindir,
@@ -92,7 +117,7 @@ impl PgCluster {
         };
         let mut last = None;
         for _ in 0..3 {
-            match cluster.launch(owner.as_ref(), None) {
+            match cluster.launch(owner, None) {
                 Ok(()) => return Ok(cluster),
                 Err(e) => last = Some(e),
             }
@@ -126,6 +151,8 @@ impl PgCluster {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.display()))
             .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+            // Standbys report their replay promptly (lag checks) and keep up with the tests.
+            .args(["-c", "wal_receiver_status_interval=1"])
             .args(["-c", "full_page_writes=off", "-c", "max_connections=300"])
             .args([
                 "-c",
@@ -158,7 +185,11 @@ impl PgCluster {
                 }
             }
             if let Ok(text) = fs::read_to_string(&pidfile) {
-                if text.lines().nth(7).map(str::trim) == Some("ready") {
+                // A standby reports "standby" once it accepts read-only connections.
+                if matches!(
+                    text.lines().nth(7).map(str::trim),
+                    Some("ready" | "standby")
+                ) {
                     return Ok(());
                 }
             }
@@ -250,9 +281,18 @@ impl PgCluster {
     /// Starts the server again on the same port, with the same data.
     pub fn restart(&mut self) -> Result<(), ClusterError> {
         self.shutdown();
+        self.start_again()
+    }
+
+    /// Starts a server stopped with `shutdown` again, on the same port, with the same data.
+    pub fn start_again(&mut self) -> Result<(), ClusterError> {
         let owner = server_owner()?;
         let port = self.port;
         self.launch(owner.as_ref(), Some(port))
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 }
 
@@ -263,6 +303,19 @@ impl Drop for PgCluster {
             let _ = dir.close();
         }
     }
+}
+
+/// A temporary directory the server's user owns.
+fn owned_tempdir(owner: Option<&User>) -> Result<tempfile::TempDir, ClusterError> {
+    let dir = tempfile::Builder::new()
+        .prefix("pgtenant-pg-")
+        .tempdir()
+        .map_err(io("creating a temporary directory"))?;
+    if let Some(u) = owner {
+        std::os::unix::fs::chown(dir.path(), Some(u.uid.as_raw()), Some(u.gid.as_raw()))
+            .map_err(io("chown of the temporary directory"))?;
+    }
+    Ok(dir)
 }
 
 /// The user the server runs as: `postgres` when we are root, else ourselves (None).
@@ -291,6 +344,8 @@ local all all md5
 host all postgres 127.0.0.1/32 trust
 host all +pgtenant_trust 127.0.0.1/32 trust
 host all all 127.0.0.1/32 md5
+local replication postgres trust
+host replication postgres 127.0.0.1/32 trust
 ";
 
 fn free_port() -> std::io::Result<u16> {

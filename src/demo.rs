@@ -102,6 +102,7 @@ pub async fn provision(
             name: name.to_string(),
             host: c.host().to_string(),
             port: c.port(),
+            replicas: Vec::new(),
         })
         .collect();
     let verifier = hash_password(DEMO_PASSWORD);
@@ -268,12 +269,16 @@ pub async fn provision(
             status: TenantStatus::Active,
             params: BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())]),
             limits: BTreeMap::new(),
+            replicas: None,
+            read_write_split: false,
+            replica_fallback: true,
             users: vec![UserConfig {
                 name: DEMO_ROLE.to_string(),
                 scram: verifier.clone(),
                 backend_user: role,
                 backend_password: Some(Secret::new(password)),
                 backend_password_env: None,
+                read_only: false,
             }],
         });
     }

@@ -91,7 +91,9 @@ impl Proxy {
                 crate::tenancy::role_repair::RegistryRoleRepair::new(r.clone()),
             ))
         });
-        let pools = Pools::new(config.pool.clone(), row_secret(&config)?).with_role_repair(repair);
+        let pools = Pools::new(config.pool.clone(), row_secret(&config)?)
+            .with_role_repair(repair)
+            .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);
         Ok(Proxy {
             ctx: Arc::new(ProxyContext {
@@ -119,9 +121,12 @@ impl Proxy {
         tracing::info!(addr = %self.local_addr(), "pgtenant listening");
         let sweeper = tokio::spawn(sweep_idle_pools(self.ctx.clone()));
         let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
+        let ctx = self.ctx.clone();
+        let checker = tokio::spawn(async move { crate::pool::health_check::run(&ctx.pools).await });
         accept_loop(self.listener, self.ctx, shutdown).await;
         sweeper.abort();
         follower.abort();
+        checker.abort();
     }
 
     /// Serves on a background task.

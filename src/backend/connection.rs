@@ -13,6 +13,7 @@ use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::health::ServerHealth;
 use super::stream::BackendStream;
 
 use crate::protocol::sqlstate;
@@ -73,6 +74,22 @@ impl BackendError {
         }
     }
 
+    /// Says the server cannot be reached or is not taking connections right now (stopped,
+    /// starting, shutting down, out of slots), as opposed to refusing this role or database:
+    /// worth waiting for and retrying.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            BackendError::Connect { .. }
+            | BackendError::ConnectTimeout { .. }
+            | BackendError::Lost { .. } => true,
+            // cannot_connect_now, admin/crash shutdown, too many connections.
+            BackendError::Refused { code, .. } => {
+                matches!(code.as_str(), "57P03" | "57P01" | "57P02" | "53300")
+            }
+            _ => false,
+        }
+    }
+
     /// What a client is told when this stops its session from starting.
     pub fn report(&self) -> ErrorReport {
         match self {
@@ -112,6 +129,8 @@ pub struct ConnectSpec {
     /// Row tier: who can give the shared login role its password back when a tenant changed
     /// it (`ALTER ROLE CURRENT_USER PASSWORD`); None without a registry.
     pub repair: Option<RoleRepair>,
+    /// The server's health record: connection attempts pass its backoff gate.
+    pub health: Arc<ServerHealth>,
 }
 
 /// Puts a login role's password back on its server, with credentials pgtenant keeps for it.
@@ -634,7 +653,7 @@ impl BackendConn {
     }
 
     /// Runs a one-value query of pgtenant's own and returns its first column as text.
-    async fn query_value(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
@@ -743,6 +762,37 @@ impl BackendConn {
 
     pub fn is_broken(&self) -> bool {
         self.broken
+    }
+
+    /// Whether an idle connection turns out dead: the server closed it, or sent something
+    /// unasked (the FATAL of pg_terminate_backend or a shutdown). One non-blocking peek at the
+    /// socket, asked of the kernel: tokio's readiness flag may not have caught up yet.
+    pub fn is_dead(&mut self) -> bool {
+        if self.broken || !self.read_buf.is_empty() {
+            return true;
+        }
+        let fd = match &self.stream {
+            BackendStream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+            BackendStream::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+        };
+        let mut byte = 0u8;
+        // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the data where it is.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let alive = n < 0 && {
+            let e = std::io::Error::last_os_error().raw_os_error();
+            e == Some(libc::EAGAIN) || e == Some(libc::EWOULDBLOCK)
+        };
+        if !alive {
+            self.broken = true;
+        }
+        !alive
     }
 
     pub fn mark_broken(&mut self) {

@@ -2,7 +2,9 @@
 //! own statements on it, and reset it before reuse.
 
 pub mod connection;
+pub mod health;
 pub mod reset;
 pub mod stream;
 
 pub use connection::{BackendConn, BackendError, ConnectSpec, RestoreRolePassword, RoleRepair};
+pub use health::{HealthBook, HealthView, ServerHealth};

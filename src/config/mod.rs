@@ -65,6 +65,8 @@ pub struct Config {
     pub auth_timeout: u64,
     #[serde(default)]
     pub pool: PoolConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
     /// Tenants kept in a PostgreSQL registry database, beside (or instead of) `[[tenants]]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
@@ -161,6 +163,27 @@ impl Default for PoolConfig {
     }
 }
 
+/// Server health checks and the replica rules that use them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between health checks of every server in use (also run soon after an error).
+    #[serde(default = "default_health_interval")]
+    pub interval: u64,
+    /// Seconds of replay lag beyond which a replica gets no reads (0: lag is not checked).
+    #[serde(default = "default_replica_max_lag")]
+    pub replica_max_lag: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: default_health_interval(),
+            replica_max_lag: default_replica_max_lag(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
@@ -175,6 +198,9 @@ pub struct ServerConfig {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// Names of servers that are read replicas of this one; its tenants read from them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +295,15 @@ pub struct TenantConfig {
     /// Caps on settings a client may not raise beyond its transaction (`tenancy::limits`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, String>,
+    /// Read replicas of this tenant, replacing its server's list (`[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Vec<String>>,
+    /// Transaction mode: transactions begun `READ ONLY` go to a replica.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_write_split: bool,
+    /// Reads go to the primary when no replica is usable (else they get an error).
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub replica_fallback: bool,
     #[serde(default)]
     pub users: Vec<UserConfig>,
 }
@@ -288,6 +323,9 @@ pub struct UserConfig {
     /// Name of an environment variable that holds the backend password.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backend_password_env: Option<String>,
+    /// Every session of this role reads from the tenant's replicas (and is read-only).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub read_only: bool,
 }
 
 impl Config {
@@ -316,6 +354,7 @@ impl Config {
             worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),
             pool: PoolConfig::default(),
+            health: HealthConfig::default(),
             registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),
@@ -368,6 +407,21 @@ impl RegistryConfig {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+fn default_true() -> bool {
+    true
+}
+fn default_health_interval() -> u64 {
+    5
+}
+fn default_replica_max_lag() -> u64 {
+    10
+}
 fn default_resync() -> u64 {
     30
 }

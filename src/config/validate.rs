@@ -119,6 +119,20 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             ));
         }
     }
+    for (i, s) in config.servers.iter().enumerate() {
+        check_replicas(
+            &format!("servers[{i}].replicas"),
+            &s.replicas,
+            &s.name,
+            &servers,
+        )?;
+    }
+    if config.health.interval == 0 {
+        return Err(ConfigError::invalid(
+            "health.interval",
+            "must be at least 1 second",
+        ));
+    }
 
     let mut tenants = HashSet::new();
     for (i, t) in config.tenants.iter().enumerate() {
@@ -149,6 +163,15 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 format!("{field}.server"),
                 format!("no server named \"{}\" in [[servers]]", t.server),
             ));
+        }
+        if let Some(replicas) = &t.replicas {
+            check_replicas(&format!("{field}.replicas"), replicas, &t.server, &servers)?;
+            if t.tier == Tier::Row && !replicas.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{field}.replicas"),
+                    "row-tier tenants read from their primary: their row context needs writes a hot standby refuses (see docs/replicas.md)",
+                ));
+            }
         }
         if t.database.is_empty() || t.database.len() > 63 || t.database.contains('\0') {
             return Err(ConfigError::invalid(
@@ -249,6 +272,37 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
                 }
                 _ => {}
             }
+        }
+    }
+    Ok(())
+}
+
+/// Replica names must be other servers of the config, each listed once.
+fn check_replicas(
+    field: &str,
+    replicas: &[String],
+    primary: &str,
+    servers: &HashSet<&str>,
+) -> Result<(), ConfigError> {
+    let mut seen = HashSet::new();
+    for r in replicas {
+        if !servers.contains(r.as_str()) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("no server named \"{r}\" in [[servers]]"),
+            ));
+        }
+        if r == primary {
+            return Err(ConfigError::invalid(
+                field,
+                format!("server \"{r}\" cannot be a replica of itself"),
+            ));
+        }
+        if !seen.insert(r.as_str()) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("replica \"{r}\" is listed twice"),
+            ));
         }
     }
     Ok(())

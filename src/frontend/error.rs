@@ -53,6 +53,9 @@ impl SessionError {
             Resolve(e @ ResolveError::Replication) => {
                 ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }
+            Resolve(e @ ResolveError::BadTarget(_)) => {
+                ErrorReport::fatal(sqlstate::INVALID_PARAMETER_VALUE, e.to_string())
+            }
             Resolve(e @ ResolveError::BadOption(_)) => {
                 ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }

@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 use crate::backend::reset::{self, Leftover};
 use crate::backend::{BackendConn, BackendError};
 use crate::config::{PoolMode, TenantStatus};
-use crate::pool::{PoolError, PooledBackend, TenantPool};
+use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
 use crate::server::ProxyContext;
@@ -60,6 +60,12 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     };
     let pool = ctx.pools.get(&tenant, user);
     let _in_pool = pool.enter();
+    let reads = ReadPolicy::for_session(&tenant, user, who.intent);
+    if reads.read_only_session() {
+        // Also read-only on the primary, when no replica is usable.
+        who.settings
+            .push(("default_transaction_read_only".into(), "on".into()));
+    }
     let cancel = ctx
         .cancels
         .register(&tenant.id, std::os::fd::AsRawFd::as_raw_fd(&client));
@@ -67,26 +73,24 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
     drop(std::mem::take(&mut who.settings));
-    let attached = match mode {
-        PoolMode::Session => {
-            let settings = state.script().to_string();
-            Box::pin(attach(
-                &mut client,
-                &ctx,
-                &tenant,
-                &pool,
-                &|_| settings.clone(),
-                &cancel,
-            ))
-            .await
-        }
-        PoolMode::Transaction => {
-            let replay =
-                |be: &BackendConn| state.replay_for(&be.applied_settings).unwrap_or_default();
-            Box::pin(attach(&mut client, &ctx, &tenant, &pool, &replay, &cancel)).await
-        }
+    let attached = {
+        let session_settings = state.script().to_string();
+        let replay = |be: &BackendConn| match mode {
+            PoolMode::Session => session_settings.clone(),
+            PoolMode::Transaction => state.replay_for(&be.applied_settings).unwrap_or_default(),
+        };
+        Box::pin(attach_routed(
+            &mut client,
+            &ctx,
+            &tenant,
+            &pool,
+            reads,
+            &replay,
+            &cancel,
+        ))
+        .await
     };
-    let mut backend = match attached {
+    let (mut backend, login_pool) = match attached {
         Ok(b) => b,
         Err(e) => {
             warn!(tenant = %who.tenant, role = %who.role, client = %peer, error = %e, "session refused");
@@ -116,10 +120,10 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             drop(client);
             let how = describe_end(&outcome.end, &who, peer);
             match Box::pin(reset::reset(&mut backend, outcome.leftover, reset_timeout)).await {
-                Ok(()) => pool.park(backend),
+                Ok(()) => login_pool.park(backend),
                 Err(e) => {
                     warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
-                    pool.discard(backend);
+                    login_pool.discard(backend);
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
@@ -128,10 +132,11 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         PoolMode::Transaction => Box::pin(async {
             backend.applied_settings = state.script().clone();
             cancel.unlink();
-            pool.park(backend);
+            login_pool.park(backend);
             let p = &ctx.config.pool;
             let engine = Engine::new(
                 pool.clone(),
+                reads,
                 &mut state,
                 &cancel,
                 max_message,
@@ -155,13 +160,13 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                     "no server connection"
                 }
             };
-            if let Some((mut be, left)) = outcome.backend {
+            if let Some((mut be, left, be_pool)) = outcome.backend {
                 cancel.unlink();
                 match Box::pin(reset::reset(&mut be, left, reset_timeout)).await {
-                    Ok(()) => pool.park(be),
+                    Ok(()) => be_pool.park(be),
                     Err(e) => {
                         warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
-                        pool.discard(be);
+                        be_pool.discard(be);
                     }
                 }
             }
@@ -273,18 +278,66 @@ async fn negotiate(client: &mut TcpStream) -> Result<First, SessionError> {
     ))
 }
 
+/// `attach` to the server the session's reads go to: a usable replica when all its
+/// transactions are reads (another one, or the primary if allowed, when that fails), else
+/// the primary. Returns the backend with the pool it came from.
+async fn attach_routed(
+    client: &mut TcpStream,
+    ctx: &ProxyContext,
+    tenant: &Tenant,
+    primary: &Arc<TenantPool>,
+    reads: ReadPolicy,
+    setup: &(dyn Fn(&BackendConn) -> String + Sync),
+    cancel: &CancelGuard,
+) -> Result<(Box<PooledBackend>, Arc<TenantPool>), SessionError> {
+    if reads.all_reads {
+        if let Some(replicas) = primary.replicas() {
+            for _ in 0..replicas.pools().len() {
+                let Some(p) = replicas.choose() else {
+                    break;
+                };
+                match attach(client, ctx, tenant, p, Patience::FailFast, setup, cancel).await {
+                    Ok(be) => return Ok((be, p.clone())),
+                    Err(SessionError::Pool(e)) if e.is_transient() => {
+                        warn!(tenant = %tenant.id, replica = %p.health().name, error = %e, "replica unavailable for a read-only session");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if let Some(why) = reads.no_fallback {
+            return Err(SessionError::Pool(PoolError::NoReplica {
+                tenant: tenant.id.clone(),
+                why,
+            }));
+        }
+    }
+    let be = attach(
+        client,
+        ctx,
+        tenant,
+        primary,
+        Patience::UntilTimeout,
+        setup,
+        cancel,
+    )
+    .await?;
+    Ok((be, primary.clone()))
+}
+
 /// Checks out a backend, applies the client's settings and tells the client it is ready.
 async fn attach(
     client: &mut TcpStream,
     ctx: &ProxyContext,
     tenant: &Tenant,
     pool: &TenantPool,
+    patience: Patience,
     setup: &(dyn Fn(&BackendConn) -> String + Sync),
     cancel: &CancelGuard,
 ) -> Result<Box<PooledBackend>, SessionError> {
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
-        let mut backend = pool.checkout().await?;
+        let mut backend = pool.checkout_with(patience).await?;
         // Whether a round trip just proved the connection alive.
         let mut proven = false;
         let row = pool.row();

@@ -22,10 +22,12 @@ use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::backend::BackendError;
 use crate::config::Tier;
-use crate::pool::{PoolError, PooledBackend, TenantPool};
+use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
+use crate::protocol::report::Severity;
 use crate::protocol::sql::{
-    classify, may_change_settings_unseen, may_matter, statements, Statement,
+    classify, may_change_settings_unseen, may_matter, opens_read_only_transaction, statements,
+    Statement,
 };
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
 use crate::tenancy::row_context;
@@ -59,12 +61,19 @@ enum Resp {
     FunctionCall,
     /// The row tier's binding of the connection to a tenant (an Execute).
     Enter(Arc<str>),
+    /// A Query that opens a transaction and fails it on purpose: the client's transaction was
+    /// lost with its server connection, and its next statements must fail as PostgreSQL's
+    /// would in an aborted transaction, until it ends it.
+    Abort,
 }
 
 impl Resp {
     /// Ends with ReadyForQuery (an error does not end it).
     fn ends_with_ready(&self) -> bool {
-        matches!(self, Resp::Sync | Resp::Query | Resp::FunctionCall)
+        matches!(
+            self,
+            Resp::Sync | Resp::Query | Resp::FunctionCall | Resp::Abort
+        )
     }
 }
 
@@ -92,14 +101,33 @@ pub enum TxEnd {
 
 pub struct TxOutcome {
     pub end: TxEnd,
-    /// The backend still linked when the client left, with what it was doing.
-    pub backend: Option<(Box<PooledBackend>, Leftover)>,
+    /// The backend still linked when the client left, with what it was doing and the pool it
+    /// belongs to (the primary's or a replica's).
+    pub backend: Option<(Box<PooledBackend>, Leftover, Arc<TenantPool>)>,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
 
 pub struct Engine<'a> {
+    /// The tenant's (primary) pool: statement names, the row binding, its replicas.
     pool: Arc<TenantPool>,
+    /// Where reads go, and whether this session's transactions are all reads.
+    reads: ReadPolicy,
+    /// The next transaction was seen to start READ ONLY (read/write split).
+    read_hint: bool,
+    /// The pool of the linked backend when it is not `pool` (a replica's).
+    serving: Option<Arc<TenantPool>>,
+    /// A FATAL the server sent before closing the linked connection, told to the client as an
+    /// ERROR (its own connection stays usable).
+    server_fatal: Option<ErrorReport>,
+    /// The client's explicit transaction died with its server connection: the next one starts
+    /// aborted, so the client must end it (ROLLBACK) as with any failed transaction.
+    aborted_block: bool,
+    /// A BEGIN completed since the client last saw ReadyForQuery.
+    began_in_batch: bool,
+    /// The server connection of a client idle in its transaction was lost: the answer to the
+    /// client's next request.
+    deferred_error: Option<ErrorReport>,
     state: &'a mut ClientState,
     cancel: &'a CancelGuard,
     max_message: usize,
@@ -130,8 +158,10 @@ pub struct Engine<'a> {
 }
 
 impl<'a> Engine<'a> {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Arc<TenantPool>,
+        reads: ReadPolicy,
         state: &'a mut ClientState,
         cancel: &'a CancelGuard,
         max_message: usize,
@@ -140,6 +170,13 @@ impl<'a> Engine<'a> {
     ) -> Self {
         Engine {
             pool,
+            reads,
+            read_hint: false,
+            serving: None,
+            server_fatal: None,
+            aborted_block: false,
+            began_in_batch: false,
+            deferred_error: None,
             state,
             cancel,
             max_message,
@@ -175,8 +212,15 @@ impl<'a> Engine<'a> {
                 Err(()) => break TxEnd::ClientGone,
             };
             // Boxed: this state lives only while the client is active.
-            if let Err(e) = Box::pin(self.active(client, first)).await {
-                break e;
+            match Box::pin(self.active(client, first)).await {
+                Ok(()) => {}
+                // Lost at a message boundary: the client is told, and keeps its connection.
+                Err(TxEnd::ServerGone) if self.srv_remaining == 0 => {
+                    if self.recover_from_lost_server(client).await.is_err() {
+                        break TxEnd::ClientGone;
+                    }
+                }
+                Err(e) => break e,
             }
         };
         Box::pin(self.finish(client, end)).await
@@ -283,7 +327,8 @@ impl<'a> Engine<'a> {
                     self.srv_remaining,
                 ),
             };
-            (be, left)
+            let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
+            (be, left, pool)
         });
         TxOutcome {
             end,
@@ -335,7 +380,10 @@ impl<'a> Engine<'a> {
         }
         if let Some(be) = self.backend.take() {
             self.cancel.unlink();
-            self.pool.park(be);
+            match self.serving.take() {
+                Some(p) => p.park(be),
+                None => self.pool.park(be),
+            }
         }
     }
 
@@ -431,10 +479,15 @@ impl<'a> Engine<'a> {
                     self.queue.push_back(Item::Client(Resp::Query));
                     return Ok(());
                 }
+                if self.backend.is_none() {
+                    self.read_hint = self.reads.split && opens_read_only_transaction(text);
+                }
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.pending_ops.extend(ops);
                 self.unseen_changes |=
                     self.watches_unseen_changes() && may_change_settings_unseen(text);
-                self.link().await?;
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Query));
             }
@@ -446,12 +499,17 @@ impl<'a> Engine<'a> {
                     self.refuse_extended(refusal_report(what));
                     return Ok(());
                 }
+                if self.backend.is_none() {
+                    self.read_hint = self.reads.split && opens_read_only_transaction(query);
+                }
                 self.pending_ops.extend(ops);
                 self.unsynced = true;
                 let unseen = self.watches_unseen_changes() && may_change_settings_unseen(query);
                 if name.is_empty() {
                     self.unseen_changes |= unseen;
-                    self.link().await?;
+                    if !self.link_or_refuse(tag).await? {
+                        return Ok(());
+                    }
                     self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::Parse(None)));
                     return Ok(());
@@ -475,7 +533,9 @@ impl<'a> Engine<'a> {
                         .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
                     return Ok(());
                 }
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
                 if be.prepared.contains(&global) {
                     self.queue
@@ -491,7 +551,9 @@ impl<'a> Engine<'a> {
             b'B' => {
                 let (portal, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
                 let (name, params) = cstr(rest).ok_or_else(|| malformed(tag))?;
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.unsynced = true;
                 match self.named(name) {
                     Some(stmt) => {
@@ -510,7 +572,9 @@ impl<'a> Engine<'a> {
             b'D' => {
                 let kind = *body.first().ok_or_else(|| malformed(tag))?;
                 let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.unsynced = true;
                 if kind == b'S' {
                     match self.named(name) {
@@ -540,13 +604,17 @@ impl<'a> Engine<'a> {
                     self.queue
                         .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
                 } else {
-                    self.link().await?;
+                    if !self.link_or_refuse(tag).await? {
+                        return Ok(());
+                    }
                     self.out.extend_from_slice(msg);
                     self.queue.push_back(Item::Client(Resp::Close(None)));
                 }
             }
             b'E' => {
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.unsynced = true;
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Execute));
@@ -582,7 +650,9 @@ impl<'a> Engine<'a> {
                     self.queue.push_back(Item::Synthetic(z.freeze()));
                     return Ok(());
                 }
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Sync));
             }
@@ -592,7 +662,9 @@ impl<'a> Engine<'a> {
                 }
             }
             b'F' => {
-                self.link().await?;
+                if !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::FunctionCall));
             }
@@ -656,6 +728,68 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// `link`, except that a request no server connection can be found for (the server is
+    /// down, the pool busy, no replica usable) fails alone: the client is told, as PostgreSQL
+    /// would tell it of a failed statement, and may try again. False when refused so.
+    async fn link_or_refuse(&mut self, tag: u8) -> Result<bool, TxEnd> {
+        let refusal = match self.deferred_error.take() {
+            Some(report) => Err(report),
+            None => match self.link().await {
+                Ok(()) => Ok(()),
+                Err(TxEnd::Pool(e)) if e.is_transient() => {
+                    tracing::warn!(tenant = %self.pool.tenant().id, error = %e, "request refused: no server connection");
+                    let mut report = e.report();
+                    report.severity = Severity::Error;
+                    Err(report)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        match refusal {
+            Ok(()) => Ok(true),
+            Err(report) => {
+                if matches!(tag, b'Q' | b'F' | b'S') {
+                    let mut b = BytesMut::new();
+                    report.encode(&mut b);
+                    ready_for_query(&mut b, self.tx_status);
+                    self.queue.push_back(Item::Synthetic(b.freeze()));
+                } else {
+                    self.refuse_extended(report);
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// A backend for a read: from a usable replica (round robin; one that fails to connect
+    /// is passed over at once), else from the primary if the session allows it.
+    async fn checkout_read(&mut self) -> Result<Box<PooledBackend>, PoolError> {
+        if let Some(replicas) = self.pool.replicas().cloned() {
+            for _ in 0..replicas.pools().len() {
+                let Some(p) = replicas.choose() else {
+                    break;
+                };
+                let p = p.clone();
+                match p.checkout_with(Patience::FailFast).await {
+                    Ok(be) => {
+                        self.serving = Some(p);
+                        return Ok(be);
+                    }
+                    Err(e) => {
+                        tracing::warn!(tenant = %self.pool.tenant().id, replica = %p.health().name, error = %e, "replica unavailable for a read")
+                    }
+                }
+            }
+        }
+        if let Some(why) = self.reads.no_fallback {
+            return Err(PoolError::NoReplica {
+                tenant: self.pool.tenant().id.clone(),
+                why,
+            });
+        }
+        self.pool.checkout().await
+    }
+
     /// Borrows a backend for the transaction that is starting, and brings it in line with the
     /// client's session (settings); statements are prepared as they are used.
     async fn link(&mut self) -> Result<(), TxEnd> {
@@ -669,7 +803,13 @@ impl<'a> Engine<'a> {
                 .current()
                 .ok_or_else(|| TxEnd::Pool(PoolError::Removed(self.pool.tenant().id.clone())))?;
         }
-        let mut be = self.pool.checkout().await.map_err(TxEnd::Pool)?;
+        let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
+        let checkout = if read {
+            self.checkout_read().await
+        } else {
+            self.pool.checkout().await
+        };
+        let mut be = checkout.map_err(TxEnd::Pool)?;
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
@@ -733,9 +873,83 @@ impl<'a> Engine<'a> {
             put_query(&mut self.out, sql);
             self.queue.push_back(Item::Proxy(Resp::Query));
         }
+        if std::mem::take(&mut self.aborted_block) {
+            put_query(&mut self.out, &abort_statement());
+            self.queue.push_back(Item::Proxy(Resp::Abort));
+        }
         self.cancel.link(be.cancel_target().clone());
         self.tx_status = be.tx_status();
         self.backend = Some(be);
+        Ok(())
+    }
+
+    /// The linked server connection died (killed, server restarted or gone) with the client's
+    /// requests in flight. Every request still waiting for its ReadyForQuery fails with the
+    /// server's reason (or 08006); a transaction block the client had open stays open but
+    /// aborted, as PostgreSQL leaves a failed one, so its later statements cannot run outside
+    /// it. The next transaction gets a fresh connection.
+    async fn recover_from_lost_server(&mut self, client: &mut TcpStream) -> Result<(), ()> {
+        if let Some(mut be) = self.backend.take() {
+            self.cancel.unlink();
+            be.mark_broken();
+            let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
+            tracing::warn!(tenant = %self.pool.tenant().id, server = %be.server().name, "server connection lost mid-request; the client was told and keeps its connection");
+            pool.health().wake_checker();
+            pool.discard(be);
+        }
+        let report = self.server_fatal.take().unwrap_or_else(|| {
+            ErrorReport::error(
+                sqlstate::CONNECTION_FAILURE,
+                "server connection lost: the server closed the connection unexpectedly",
+            )
+        });
+        let report = report.with_detail(
+            "pgtenant lost its connection to the server while this request ran; the client connection is still usable",
+        ).with_hint("anything not confirmed committed was not, or may not have been: retry it");
+        let in_block = self.tx_status != b'I' || self.began_in_batch;
+        let status = if in_block { b'E' } else { b'I' };
+        let waiting = self.unsynced || self.queue.iter().any(|i| matches!(i, Item::Client(_)));
+        // After whatever of the server's output was already forwarded.
+        let b = &mut self.obuf;
+        if waiting {
+            let mut answered = false;
+            for item in self.queue.drain(..) {
+                if let Item::Client(r) = item {
+                    if r.ends_with_ready() {
+                        report.encode(b);
+                        ready_for_query(b, status);
+                        answered = true;
+                    }
+                }
+            }
+            // Messages of an unfinished batch: one error, the rest dropped up to the Sync.
+            if self.unsynced || !answered {
+                report.encode(b);
+                self.skipping = true;
+            }
+        } else {
+            // Idle in its transaction: told with its next request (an ErrorResponse now would
+            // answer nothing it asked).
+            self.queue.clear();
+            self.deferred_error = Some(report);
+        }
+        self.out.clear();
+        self.unsynced = false;
+        self.copy = false;
+        self.pending_ops.clear();
+        self.unseen_changes = false;
+        self.tx_failed = false;
+        self.read_hint = false;
+        self.began_in_batch = false;
+        self.srv_forward = true;
+        self.srv_last_tag = 0;
+        self.tx_status = status;
+        self.aborted_block = in_block;
+        if send_all(client, &self.obuf).await.is_err() {
+            return Err(());
+        }
+        self.bytes_out += self.obuf.len() as u64;
+        self.obuf.clear();
         Ok(())
     }
 
@@ -781,7 +995,7 @@ impl<'a> Engine<'a> {
                 return Err(TxEnd::ServerGone);
             }
             let body_len = len - 4;
-            let inspect = matches!(tag, b'Z' | b'C' | b'S') && body_len <= INSPECT_LIMIT;
+            let inspect = matches!(tag, b'Z' | b'C' | b'S' | b'E') && body_len <= INSPECT_LIMIT;
             if inspect && rest.len() < HEADER_LEN + body_len {
                 be.read_buf.reserve(HEADER_LEN + body_len);
                 break;
@@ -834,6 +1048,15 @@ impl<'a> Engine<'a> {
 
     /// Updates the expected-response queue for one server message; true if it goes to the client.
     fn on_server_message(&mut self, be: &mut PooledBackend, tag: u8, body: Option<&[u8]>) -> bool {
+        if tag == b'E' {
+            if let Some(report) = body.and_then(fatal_report) {
+                // The server is closing this connection; the client is told when it does, as
+                // an ERROR, for its own connection stays.
+                be.mark_broken();
+                self.server_fatal = Some(report);
+                return false;
+            }
+        }
         let (proxy, resp) = match self.queue.front() {
             Some(Item::Client(r)) => (false, r.clone()),
             Some(Item::Proxy(r)) => (true, r.clone()),
@@ -854,6 +1077,10 @@ impl<'a> Engine<'a> {
                 return !proxy;
             }
             b'E' => {
+                if proxy && matches!(resp, Resp::Abort) {
+                    // Failed on purpose.
+                    return false;
+                }
                 if proxy && matches!(resp, Resp::Query) {
                     tracing::warn!("replaying client settings failed on a server connection");
                     be.applied_settings = Arc::from("\0failed");
@@ -897,6 +1124,7 @@ impl<'a> Engine<'a> {
                 self.copy = false;
                 if !proxy {
                     self.tx_status = status;
+                    self.began_in_batch = false;
                     if status == b'I' {
                         let mut ops = std::mem::take(&mut self.pending_ops);
                         if !self.tx_failed && !ops.is_empty() {
@@ -953,6 +1181,7 @@ impl<'a> Engine<'a> {
                             self.state.statements.clear();
                         }
                         b"ROLLBACK" if !proxy => self.tx_failed = true,
+                        b"BEGIN" | b"START TRANSACTION" if !proxy => self.began_in_batch = true,
                         // A DISCARD of the client's cleared the row context: enter again before
                         // the next transaction.
                         t if !proxy && t.starts_with(b"DISCARD") && self.pool.row().is_some() => {
@@ -1132,6 +1361,51 @@ fn raise_statement(report: &ErrorReport) -> String {
         lit(&report.message),
         lit(report.hint.as_deref().unwrap_or(""))
     )
+}
+
+/// Opens a transaction and fails it: what a client whose transaction was lost with its server
+/// connection finds its next statements in (see `Resp::Abort`).
+fn abort_statement() -> String {
+    let report = ErrorReport::error(
+        sqlstate::IN_FAILED_TRANSACTION,
+        "the transaction was aborted when its server connection was lost",
+    );
+    format!("BEGIN; {}", raise_statement(&report))
+}
+
+/// The error a server sends before closing a connection (FATAL or PANIC), as a report of
+/// ERROR severity with the server's code and message.
+fn fatal_report(body: &[u8]) -> Option<ErrorReport> {
+    let (mut severity, mut code, mut message) = (None, None, None);
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        let value = &tail[..end];
+        match field {
+            b'V' => severity = Some(value),
+            b'S' if severity.is_none() => severity = Some(value),
+            b'C' => code = Some(value),
+            b'M' => message = Some(value),
+            _ => {}
+        }
+        rest = &tail[end + 1..];
+    }
+    if !matches!(severity?, b"FATAL" | b"PANIC") {
+        return None;
+    }
+    let code = match code.unwrap_or_default() {
+        b"57P01" => sqlstate::ADMIN_SHUTDOWN,
+        b"57P02" => "57P02",
+        b"57P03" => sqlstate::CANNOT_CONNECT_NOW,
+        b"57P05" => "57P05",
+        b"25P03" => "25P03",
+        _ => sqlstate::CONNECTION_FAILURE,
+    };
+    let message = String::from_utf8_lossy(message.unwrap_or(b"server closed the connection"));
+    Some(ErrorReport::error(code, message.into_owned()))
 }
 
 fn malformed(tag: u8) -> TxEnd {

@@ -17,8 +17,22 @@ impl bb8::ManageConnection for BackendManager {
     type Connection = BackendConn;
     type Error = BackendError;
 
+    /// Through the server's backoff gate: a dead server gets one attempt at a time.
     async fn connect(&self) -> Result<BackendConn, BackendError> {
-        BackendConn::connect(&self.spec).await
+        let health = &self.spec.health;
+        let _turn = health.gate().await;
+        match BackendConn::connect(&self.spec).await {
+            Ok(conn) => {
+                health.connected();
+                Ok(conn)
+            }
+            Err(e) => {
+                if e.is_unreachable() {
+                    health.unreachable(&e.to_string());
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Not called: pools run with test_on_check_out(false), because every session already

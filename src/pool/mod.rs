@@ -1,6 +1,8 @@
 //! Backend connection pools, one per (tenant, client role), created on first use.
 
+pub mod health_check;
 mod manager;
+mod replicas;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,14 +13,25 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use tokio::sync::{oneshot, Notify};
 
-use crate::backend::{BackendError, ConnectSpec, RoleRepair};
-use crate::config::{PoolConfig, Tier};
+use crate::backend::health::coarse_ms;
+use crate::backend::{BackendError, ConnectSpec, HealthBook, RoleRepair, ServerHealth};
+use crate::config::{HealthConfig, PoolConfig, Tier};
 use crate::protocol::{sqlstate, ErrorReport};
 use crate::tenancy::crypto::MasterKey;
 use crate::tenancy::row_context::RowBinding;
-use crate::tenancy::{ClientUser, Tenant};
+use crate::tenancy::{ClientUser, Server, Tenant};
 
 pub use manager::BackendManager;
+pub use replicas::{ReadPolicy, Replicas};
+
+/// Whether a checkout waits for an unreachable server to come back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Patience {
+    /// Until `query_wait_timeout`: the server may be restarting.
+    UntilTimeout,
+    /// Not at all: the caller has somewhere else to go (a read, another replica or the primary).
+    FailFast,
+}
 
 pub type PooledBackend = bb8::PooledConnection<'static, BackendManager>;
 
@@ -30,6 +43,14 @@ pub enum PoolError {
     Backend(#[from] BackendError),
     #[error("tenant \"{0}\" or its role was removed from the registry")]
     Removed(String),
+    #[error("no server connection within {wait:?}: server \"{server}\" is unreachable ({error})")]
+    Unreachable {
+        wait: Duration,
+        server: String,
+        error: String,
+    },
+    #[error("no read replica of tenant \"{tenant}\" is usable (unreachable, or lagging more than replica_max_lag), and {why}")]
+    NoReplica { tenant: String, why: &'static str },
 }
 
 impl PoolError {
@@ -41,7 +62,22 @@ impl PoolError {
             }
             PoolError::Backend(e) => e.report(),
             PoolError::Removed(_) => ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
+            PoolError::Unreachable { .. } => {
+                ErrorReport::fatal(sqlstate::CONNECTION_FAILURE, self.to_string()).with_hint(
+                    "the server is down or restarting; pgtenant retries and serves again as soon as it is back",
+                )
+            }
+            PoolError::NoReplica { .. } => {
+                ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string())
+                    .with_hint("allow reads on the primary with replica_fallback = true, or retry")
+            }
         }
+    }
+
+    /// Whether the client may stay connected and try again with its next request (the pool
+    /// still exists; only this request could not be served).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, PoolError::Removed(_))
     }
 }
 
@@ -86,6 +122,12 @@ pub struct TenantPool {
     /// Clients currently using this pool, and when it was last used (for the idle-pool sweep).
     clients: AtomicUsize,
     last_used: std::sync::Mutex<Instant>,
+    /// The server's health: its backoff gate, and whether reads may go there.
+    health: Arc<ServerHealth>,
+    /// How this pool logs in, for health checks of its server.
+    spec: ConnectSpec,
+    /// A primary's read replicas (one pool each), if the tenant has any.
+    replicas: Option<Arc<Replicas>>,
 }
 
 impl TenantPool {
@@ -137,7 +179,11 @@ impl TenantPool {
     fn idle_for(&self) -> Duration {
         let busy = self.clients.load(Ordering::Relaxed) > 0
             // A row group's connections outlive the pools of its tenants.
-            || (!self.shared && self.pool.state().connections > 0);
+            || (!self.shared && self.pool.state().connections > 0)
+            || self
+                .replica_pools()
+                .iter()
+                .any(|p| p.pool.state().connections > 0);
         if busy {
             return Duration::ZERO;
         }
@@ -155,8 +201,14 @@ impl TenantPool {
     /// group's first waits for a share of its own, so no tenant can take its neighbours'
     /// connections.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
+        self.checkout_with(Patience::UntilTimeout).await
+    }
+
+    /// Like `checkout`; with `Patience::FailFast` an unreachable server fails the checkout at
+    /// once instead of being waited for (a replica read then goes elsewhere).
+    pub async fn checkout_with(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
         let Some(share) = &self.share else {
-            return self.checkout_unlimited(None).await;
+            return self.checkout_unlimited(None, patience).await;
         };
         let started = tokio::time::Instant::now();
         let permit = match share.clone().try_acquire_owned() {
@@ -166,33 +218,48 @@ impl TenantPool {
                 _ => return Err(PoolError::Timeout(self.wait)),
             },
         };
-        let mut be = self.checkout_unlimited(Some(started)).await?;
+        let mut be = self.checkout_unlimited(Some(started), patience).await?;
         be.tenant_share = Some(permit);
         Ok(be)
     }
 
-    /// `started`: when the client began to wait, if it already has (None: now).
+    /// `started`: when the client began to wait, if it already has (None: now). A connection
+    /// found dead (the server closed it while it was idle) is thrown away and another taken,
+    /// so a broken one is never handed out.
     async fn checkout_unlimited(
         &self,
         started: Option<tokio::time::Instant>,
+        patience: Patience,
     ) -> Result<Box<PooledBackend>, PoolError> {
-        if let Some(be) = self
-            .idle
-            .lock()
-            .ok()
-            .and_then(|mut i| i.take(self.row.as_ref()))
-        {
-            return Ok(be);
+        loop {
+            let parked = self
+                .idle
+                .lock()
+                .ok()
+                .and_then(|mut i| i.take(self.row.as_ref()));
+            let mut be = match parked {
+                Some(be) => be,
+                // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
+                // transaction's state, though the fast path above serves most transactions.
+                None => {
+                    let started = started.unwrap_or_else(tokio::time::Instant::now);
+                    Box::pin(self.checkout_slow(started + self.wait, patience)).await?
+                }
+            };
+            if !be.is_dead() {
+                return Ok(be);
+            }
+            tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");
+            self.health.wake_checker();
+            be.mark_broken();
+            self.discard(be);
         }
-        // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
-        // transaction's state, though the fast path above serves most transactions.
-        let started = started.unwrap_or_else(tokio::time::Instant::now);
-        Box::pin(self.checkout_slow(started + self.wait)).await
     }
 
     async fn checkout_slow(
         &self,
         deadline: tokio::time::Instant,
+        patience: Patience,
     ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
             // In the queue for a handover in every case: while bb8 opens a connection for
@@ -222,6 +289,9 @@ impl TenantPool {
                     state.idle_connections > 0 || state.connections < self.max_size,
                 )
             };
+            if patience == Patience::FailFast && self.health.is_down() {
+                return Err(self.timeout_error());
+            }
             let failed = self.failures.notify.notified();
             tokio::pin!(failed);
             failed.as_mut().enable();
@@ -231,14 +301,17 @@ impl TenantPool {
                         return match got {
                             Ok(Ok(be)) => Ok(Box::new(be)),
                             Ok(Err(bb8::RunError::User(e))) => Err(PoolError::Backend(e)),
-                            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(PoolError::Timeout(self.wait)),
+                            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(self.timeout_error()),
                         };
                     }
                     got = rx => match got {
                         Ok(Handoff::Conn(be)) => return Ok(be),
                         Ok(Handoff::Retry) | Err(_) => continue,
                     },
-                    _ = failed => return Err(self.failure()),
+                    _ = failed => match self.after_failure(patience, deadline) {
+                        Some(e) => return Err(e),
+                        None => continue,
+                    },
                 }
             }
             // Every connection exists and is busy. A connection dropped rather than parked
@@ -248,19 +321,47 @@ impl TenantPool {
                 got = tokio::time::timeout_at(wake, rx) => match got {
                     Ok(Ok(Handoff::Conn(be))) => return Ok(be),
                     Ok(Ok(Handoff::Retry)) | Ok(Err(_)) => continue,
-                    Err(_) if wake >= deadline => return Err(PoolError::Timeout(self.wait)),
+                    Err(_) if wake >= deadline => return Err(self.timeout_error()),
                     Err(_) => continue,
                 },
-                _ = failed => return Err(self.failure()),
+                _ = failed => match self.after_failure(patience, deadline) {
+                    Some(e) => return Err(e),
+                    None => continue,
+                },
             }
         }
     }
 
-    fn failure(&self) -> PoolError {
-        self.failures
-            .take()
-            .map(PoolError::Backend)
-            .unwrap_or(PoolError::Timeout(self.wait))
+    /// A connection attempt failed. A refusal (bad password, no such database) is the client's
+    /// answer at once. An unreachable server is waited for until the deadline, while the
+    /// server's gate spaces out the attempts; unless the caller cannot wait.
+    fn after_failure(
+        &self,
+        patience: Patience,
+        deadline: tokio::time::Instant,
+    ) -> Option<PoolError> {
+        match self.failures.take() {
+            Some(e) if !e.is_unreachable() || patience == Patience::FailFast => {
+                Some(PoolError::Backend(e))
+            }
+            _ if tokio::time::Instant::now() >= deadline => Some(self.timeout_error()),
+            _ => None,
+        }
+    }
+
+    /// What a client that waited in vain is told: that the server is unreachable, if it is.
+    fn timeout_error(&self) -> PoolError {
+        if self.health.is_down() {
+            let v = self.health.view();
+            return PoolError::Unreachable {
+                wait: self.wait,
+                server: v.name,
+                error: v
+                    .last_error
+                    .unwrap_or_else(|| "connection attempts fail".into()),
+            };
+        }
+        PoolError::Timeout(self.wait)
     }
 
     /// Keeps a clean, idle connection for the pool's next transaction: handed straight to the
@@ -327,6 +428,9 @@ impl TenantPool {
             *s = successor;
         }
         self.retired.store(true, Ordering::Relaxed);
+        for p in self.replica_pools() {
+            p.retire(None);
+        }
         if self.shared {
             // The parked connections and waiting clients belong to the whole row group.
             return;
@@ -363,6 +467,28 @@ impl TenantPool {
             Err(_) => Vec::new(),
         };
         drop(stale);
+        for p in self.replica_pools() {
+            p.release_stale();
+        }
+    }
+
+    /// The tenant's read replicas, when it has any (never for the row tier).
+    pub fn replicas(&self) -> Option<&Arc<Replicas>> {
+        self.replicas.as_ref()
+    }
+
+    fn replica_pools(&self) -> &[Arc<TenantPool>] {
+        self.replicas.as_deref().map_or(&[], Replicas::pools)
+    }
+
+    /// The health record of this pool's server.
+    pub fn health(&self) -> &Arc<ServerHealth> {
+        &self.health
+    }
+
+    /// How this pool logs in to its server.
+    pub fn spec(&self) -> &ConnectSpec {
+        &self.spec
     }
 
     pub fn state(&self) -> bb8::State {
@@ -472,18 +598,6 @@ fn take_stale(parked: &mut Parked, now: u64) -> Parked {
     parked.drain(..n).collect()
 }
 
-/// Monotonic milliseconds from the kernel's coarse clock: every transaction parks a connection,
-/// and this needs neither the precise clock nor `Instant` arithmetic.
-fn coarse_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
 pub struct PoolClientGuard(Arc<TenantPool>);
 
 impl Drop for PoolClientGuard {
@@ -542,6 +656,9 @@ pub struct Pools {
     groups: DashMap<String, Connections>,
     /// Row tier: restores the shared login role's password when a tenant changed it.
     role_repair: Option<RoleRepair>,
+    /// Every server's health, shared by all pools on it.
+    health: Arc<HealthBook>,
+    health_settings: HealthConfig,
 }
 
 impl Pools {
@@ -552,7 +669,27 @@ impl Pools {
             row_secret,
             groups: DashMap::new(),
             role_repair: None,
+            health: HealthBook::new(),
+            health_settings: HealthConfig::default(),
         }
+    }
+
+    pub fn with_health(mut self, settings: HealthConfig) -> Self {
+        self.health_settings = settings;
+        self
+    }
+
+    pub fn health(&self) -> &Arc<HealthBook> {
+        &self.health
+    }
+
+    pub fn health_settings(&self) -> &HealthConfig {
+        &self.health_settings
+    }
+
+    /// Every pool now in use (a snapshot), primaries only: replicas hang off them.
+    pub fn snapshot(&self) -> Vec<Arc<TenantPool>> {
+        self.pools.iter().map(|p| p.value().clone()).collect()
     }
 
     /// With a registry: row-tier logins refused their password have it restored (see
@@ -616,10 +753,33 @@ impl Pools {
     }
 
     fn build(&self, tenant: &Arc<Tenant>, user: &ClientUser) -> TenantPool {
+        let mut pool = self.build_for(tenant, user, &tenant.server);
+        if tenant.tier != Tier::Row && !tenant.replicas.is_empty() {
+            let max_lag = (self.health_settings.replica_max_lag > 0)
+                .then(|| Duration::from_secs(self.health_settings.replica_max_lag));
+            let pools = tenant
+                .replicas
+                .iter()
+                .map(|r| Arc::new(self.build_for(tenant, user, r)))
+                .collect();
+            pool.replicas = Some(Arc::new(Replicas::new(pools, max_lag)));
+        }
+        pool
+    }
+
+    /// A pool of (tenant, role) connections to `server`: the tenant's primary or a replica.
+    fn build_for(
+        &self,
+        tenant: &Arc<Tenant>,
+        user: &ClientUser,
+        server: &Arc<Server>,
+    ) -> TenantPool {
         let s = &self.settings;
         let row_tier = tenant.tier == Tier::Row;
+        let health = self.health.of(server);
         let spec = ConnectSpec {
-            server: tenant.server.clone(),
+            health: health.clone(),
+            server: server.clone(),
             database: tenant.database.clone(),
             credentials: user.backend.clone(),
             params: crate::tenancy::tier::backend_startup_params(tenant),
@@ -660,7 +820,14 @@ impl Pools {
                 .or_insert_with(|| {
                     let failures = Arc::new(ConnectFailures::default());
                     Connections {
-                        pool: self.bb8_pool(tenant, s.default_size, None, wait, &failures, spec),
+                        pool: self.bb8_pool(
+                            tenant,
+                            s.default_size,
+                            None,
+                            wait,
+                            &failures,
+                            spec.clone(),
+                        ),
                         failures,
                         idle: Arc::default(),
                         max_size: s.default_size,
@@ -676,7 +843,7 @@ impl Pools {
                     tenant.min_idle,
                     wait,
                     &failures,
-                    spec,
+                    spec.clone(),
                 ),
                 failures,
                 idle: Arc::default(),
@@ -702,6 +869,9 @@ impl Pools {
                 .then(|| Arc::new(tokio::sync::Semaphore::new(tenant.pool_size as usize))),
             clients: AtomicUsize::new(0),
             last_used: std::sync::Mutex::new(Instant::now()),
+            health,
+            spec,
+            replicas: None,
         }
     }
 

@@ -245,6 +245,49 @@ pub fn may_change_settings_unseen(sql: impl AsRef<[u8]>) -> bool {
     })
 }
 
+/// Whether `sql` starts a transaction that is read-only from its first statement on (`BEGIN
+/// READ ONLY`, `START TRANSACTION ... READ ONLY`, or `BEGIN; SET TRANSACTION READ ONLY`), and
+/// nothing in the same string runs after that transaction ends. Such a transaction can be served
+/// by a replica: even a write slipped in later is refused there, never applied.
+pub fn opens_read_only_transaction(sql: &[u8]) -> bool {
+    let lead = sql.trim_ascii_start();
+    let starts = |w: &[u8]| lead.len() >= w.len() && lead[..w.len()].eq_ignore_ascii_case(w);
+    if !(starts(b"begin") || starts(b"start")) {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return false;
+    };
+    let stmts: Vec<Vec<String>> = statements(text).into_iter().map(words).collect();
+    let Some(first) = stmts.first() else {
+        return false;
+    };
+    fn at(w: &[String], i: usize) -> &str {
+        w.get(i).map(String::as_str).unwrap_or("")
+    }
+    let begins =
+        at(first, 0) == "BEGIN" || (at(first, 0) == "START" && at(first, 1) == "TRANSACTION");
+    if !begins {
+        return false;
+    }
+    let read_only = |w: &[String]| w.windows(2).any(|p| p[0] == "READ" && p[1] == "ONLY");
+    let second_sets_it = stmts
+        .get(1)
+        .is_some_and(|w| at(w, 0) == "SET" && at(w, 1) == "TRANSACTION" && read_only(w));
+    if !(read_only(first) || second_sets_it) {
+        return false;
+    }
+    // Nothing may follow the end of this transaction in the same string.
+    let ends = |w: &[String]| {
+        matches!(at(w, 0), "COMMIT" | "END" | "ROLLBACK" | "ABORT")
+            || (at(w, 0) == "PREPARE" && at(w, 1) == "TRANSACTION")
+    };
+    match stmts.iter().position(|w| ends(w)) {
+        Some(i) => i + 1 == stmts.len(),
+        None => true,
+    }
+}
+
 pub fn classify(stmt: &str) -> Statement<'_> {
     let w = words(stmt);
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
@@ -436,6 +479,32 @@ mod tests {
             "SELECT 'pg_advisory_lock(1)'",
         ] {
             assert!(!matches!(classify(sql), Statement::Unsupported(_)), "{sql}");
+        }
+    }
+
+    #[test]
+    fn read_only_transaction_starts_are_recognised() {
+        for sql in [
+            "BEGIN READ ONLY",
+            "begin transaction isolation level repeatable read, read only",
+            "START TRANSACTION READ ONLY; SELECT 1",
+            "BEGIN; SET TRANSACTION READ ONLY; SELECT 1; COMMIT",
+        ] {
+            assert!(opens_read_only_transaction(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn transactions_that_may_write_are_not_read_only() {
+        for sql in [
+            "BEGIN",
+            "BEGIN READ WRITE",
+            "BEGIN; INSERT INTO t VALUES (1); SET TRANSACTION READ ONLY",
+            "BEGIN READ ONLY; COMMIT; INSERT INTO t VALUES (1)",
+            "SELECT 1",
+            "/* BEGIN READ ONLY */ INSERT INTO t VALUES (1)",
+        ] {
+            assert!(!opens_read_only_transaction(sql.as_bytes()), "{sql}");
         }
     }
 }

@@ -14,3 +14,5 @@ pub const ADMIN_SHUTDOWN: &str = "57P01";
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 pub const SYSTEM_ERROR: &str = "58000";
 pub const INTERNAL_ERROR: &str = "XX000";
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
+pub const IN_FAILED_TRANSACTION: &str = "25P02";

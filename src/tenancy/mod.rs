@@ -17,4 +17,4 @@ pub mod tier;
 
 pub use model::{BackendCredentials, ClientUser, Server, Tenant};
 pub use registry::{LayeredRegistry, StaticRegistry, TenantChange, TenantRegistry};
-pub use resolve::{resolve, Addressed, ResolveError};
+pub use resolve::{resolve, Addressed, ReadIntent, ResolveError};

@@ -27,6 +27,8 @@ pub struct ClientUser {
     pub name: String,
     pub verifier: ScramVerifier,
     pub backend: BackendCredentials,
+    /// Every session of this role reads from the tenant's replicas and is read-only.
+    pub read_only: bool,
 }
 
 impl ClientUser {
@@ -43,7 +45,18 @@ impl ClientUser {
                 user: backend_user.to_string(),
                 password,
             },
+            read_only: false,
         })
+    }
+
+    /// The same user, read-only or not.
+    pub fn read_only(self: Arc<Self>, read_only: bool) -> Arc<ClientUser> {
+        if self.read_only == read_only {
+            return self;
+        }
+        let mut u = (*self).clone();
+        u.read_only = read_only;
+        Arc::new(u)
     }
 }
 
@@ -53,8 +66,12 @@ pub struct Tenant {
     pub display_name: Option<String>,
     pub tier: Tier,
     pub server: Arc<Server>,
-    /// Read replicas (routing comes with a later issue; kept so the registry round-trips).
+    /// Read replicas of `server` (never for the row tier: see docs/replicas.md).
     pub replicas: Vec<Arc<Server>>,
+    /// Transaction mode: transactions begun READ ONLY are served by a replica.
+    pub read_write_split: bool,
+    /// Reads go to the primary when no replica is usable, instead of failing.
+    pub replica_fallback: bool,
     pub database: String,
     pub schema: Option<String>,
     pub pool_size: u32,

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Tier};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
@@ -63,6 +63,11 @@ pub struct StaticRegistry {
 impl StaticRegistry {
     /// Builds the registry from a validated config.
     pub fn from_config(config: &Config) -> Result<StaticRegistry, ConfigError> {
+        let by_name: HashMap<&str, &crate::config::ServerConfig> = config
+            .servers
+            .iter()
+            .map(|s| (s.name.as_str(), s))
+            .collect();
         let servers: HashMap<&str, Arc<Server>> = config
             .servers
             .iter()
@@ -102,7 +107,8 @@ impl StaticRegistry {
                 };
                 users.insert(
                     u.name.clone(),
-                    ClientUser::new(&u.name, verifier, &u.backend_user, password),
+                    ClientUser::new(&u.name, verifier, &u.backend_user, password)
+                        .read_only(u.read_only),
                 );
             }
             tenants.insert(
@@ -111,8 +117,21 @@ impl StaticRegistry {
                     id: t.id.clone(),
                     display_name: None,
                     tier: t.tier,
+                    replicas: match t.tier {
+                        // Validation refuses a row tenant's own list; its server's is not for it.
+                        Tier::Row => Vec::new(),
+                        _ => t
+                            .replicas
+                            .as_ref()
+                            .or(by_name.get(t.server.as_str()).map(|s| &s.replicas))
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| servers.get(r.as_str()).cloned())
+                            .collect(),
+                    },
+                    read_write_split: t.read_write_split,
+                    replica_fallback: t.replica_fallback,
                     server,
-                    replicas: Vec::new(),
                     database: t.database.clone(),
                     schema: t.schema.clone(),
                     pool_size: t.pool_size.unwrap_or(config.pool.default_size),

@@ -32,6 +32,42 @@ pub enum ResolveError {
     BadOption(String),
     #[error("replication connections are not supported")]
     Replication,
+    #[error("invalid value for target_session_attrs: \"{0}\" (use any, read-write, primary, read-only, standby or prefer-standby)")]
+    BadTarget(String),
+}
+
+/// Where a client asks its reads to go: the `target_session_attrs` of libpq, which libpq
+/// itself never sends, so clients pass it as a startup parameter or
+/// `options=-c pgtenant.target_session_attrs=...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadIntent {
+    /// `read-write`, `primary`: the primary, whatever the role.
+    Primary,
+    /// `read-only`: replicas; the primary when none is usable if the tenant allows it.
+    ReadOnly,
+    /// `standby`: replicas only.
+    Standby,
+    /// `prefer-standby`: replicas, else the primary.
+    PreferStandby,
+}
+
+impl ReadIntent {
+    fn parse(v: &str) -> Result<Option<ReadIntent>, ResolveError> {
+        match v.to_ascii_lowercase().as_str() {
+            "any" => Ok(None),
+            "read-write" | "primary" => Ok(Some(ReadIntent::Primary)),
+            "read-only" => Ok(Some(ReadIntent::ReadOnly)),
+            "standby" => Ok(Some(ReadIntent::Standby)),
+            "prefer-standby" => Ok(Some(ReadIntent::PreferStandby)),
+            _ => Err(ResolveError::BadTarget(v.to_string())),
+        }
+    }
+}
+
+/// Startup settings that carry a `ReadIntent`.
+fn is_target_setting(name: &str) -> bool {
+    name.eq_ignore_ascii_case("target_session_attrs")
+        || name.eq_ignore_ascii_case("pgtenant.target_session_attrs")
 }
 
 /// Who a client says it is, before authentication.
@@ -44,6 +80,8 @@ pub struct Addressed {
     pub user: String,
     /// Settings to apply to the session: GUC-style startup parameters and `-c` options, in order.
     pub settings: Vec<(String, String)>,
+    /// Where the client asked its reads to go, if it did.
+    pub intent: Option<ReadIntent>,
 }
 
 pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, ResolveError> {
@@ -75,6 +113,7 @@ pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, Resol
     };
 
     let mut settings = Vec::new();
+    let mut intent = None;
     for (name, value) in &msg.params {
         match name.as_str() {
             "user" | "database" | "replication" => {}
@@ -85,10 +124,14 @@ pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, Resol
                         OptionWord::Setting(k, v) if k.eq_ignore_ascii_case(TENANT_OPTION) => {
                             claim(&v, "options")?
                         }
+                        OptionWord::Setting(k, v) if is_target_setting(&k) => {
+                            intent = ReadIntent::parse(&v)?
+                        }
                         OptionWord::Setting(k, v) => settings.push((k, v)),
                     }
                 }
             }
+            n if is_target_setting(n) => intent = ReadIntent::parse(value)?,
             _ => settings.push((name.clone(), value.clone())),
         }
     }
@@ -116,6 +159,7 @@ pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, Resol
         role: role.to_string(),
         user: user.to_string(),
         settings,
+        intent,
     })
 }
 
@@ -266,6 +310,24 @@ mod tests {
     fn configurable_separator_splits_at_the_last_occurrence() {
         let a = resolve(&msg(&[("user", "a@b@acme")]), "@").unwrap();
         assert_eq!((a.tenant.as_str(), a.role.as_str()), ("acme", "a@b"));
+    }
+
+    #[test]
+    fn read_intent_comes_from_a_startup_parameter_or_an_option_and_is_no_setting() {
+        for (k, v) in [
+            ("target_session_attrs", "read-only"),
+            ("options", "-c pgtenant.target_session_attrs=read-only"),
+        ] {
+            let a = resolve(&msg(&[("user", "app.acme"), (k, v)]), ".").unwrap();
+            assert_eq!(a.intent, Some(ReadIntent::ReadOnly), "{k}");
+            assert!(a.settings.is_empty(), "{k}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_read_intent_is_refused() {
+        let m = msg(&[("user", "app.acme"), ("target_session_attrs", "fastest")]);
+        assert!(matches!(resolve(&m, "."), Err(ResolveError::BadTarget(_))));
     }
 
     #[test]

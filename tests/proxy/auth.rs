@@ -82,14 +82,19 @@ async fn backend_login_with_trust() {
 }
 
 #[tokio::test]
-async fn a_dead_server_is_reported_as_08001() {
+async fn a_dead_server_is_waited_for_then_reported_as_08006() {
     let f = fixture();
+    let started = std::time::Instant::now();
     let e = f
         .connect("app.ghostco", "ghostco")
         .await
         .map(drop)
         .expect_err("refused");
-    assert_eq!(sqlstate(&e).as_deref(), Some("08001"), "{}", pg_error(&e));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1900),
+        "the client waited for its query_wait_timeout of 2 s"
+    );
+    assert_eq!(sqlstate(&e).as_deref(), Some("08006"), "{}", pg_error(&e));
     assert!(
         pg_error(&e).contains("could not connect to server \"ghost\""),
         "{}",

@@ -4,6 +4,7 @@ mod support;
 
 mod addressing;
 mod auth;
+mod faults;
 mod isolation;
 mod limits;
 mod pgbench;

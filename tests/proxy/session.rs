@@ -333,39 +333,6 @@ async fn an_invalid_startup_setting_is_refused_with_the_servers_error() {
 }
 
 #[tokio::test]
-async fn a_terminated_backend_is_reported_and_replaced() {
-    let f = fixture();
-    let c = f.tenant("initech").await;
-    let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let direct = f.direct(0, "postgres").await;
-    direct
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    let e = c
-        .query_one("SELECT 1", &[])
-        .await
-        .expect_err("session is gone");
-    let code = sqlstate(&e);
-    assert!(
-        code.as_deref() == Some("57P01") || e.is_closed(),
-        "{}",
-        pg_error(&e)
-    );
-    let again = f.tenant("initech").await;
-    let new_pid: i32 = again
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(new_pid, pid);
-}
-
-#[tokio::test]
 async fn session_mode_clients_beyond_the_pool_wait_then_get_57p03() {
     let f = fixture();
     let addr = f

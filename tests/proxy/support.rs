@@ -24,6 +24,8 @@ pub const PASSWORD: &str = DEMO_PASSWORD;
 
 /// Tests that watch or load the scratch tenant's backends run one at a time.
 pub static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Tests that kill the faulty tenant's server connections run one at a time.
+pub static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub struct Fixture {
     pub proxy: SocketAddr,
@@ -80,6 +82,13 @@ async fn build() -> Fixture {
             owners: &["Zed"],
         });
     }
+    // A tenant whose server connections the fault tests kill.
+    tenants.push(SampleTenant {
+        id: "faulty",
+        tier: Tier::Database,
+        server: 0,
+        owners: &["Fay"],
+    });
     // A row tenant whose hostile tests may unbind its own connections (they then see nothing).
     tenants.push(SampleTenant {
         id: "mallory",
@@ -166,6 +175,7 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
                 backend_user: role.into(),
                 backend_password: password.map(Secret::new),
                 backend_password_env: None,
+                read_only: false,
             }],
             ..base.clone()
         });
@@ -175,10 +185,13 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
         name: "ghost".into(),
         host: "127.0.0.1".into(),
         port: closed_port(),
+        replicas: Vec::new(),
     });
     config.tenants.push(TenantConfig {
         id: "ghostco".into(),
         server: "ghost".into(),
+        // Its clients wait this long for the server to come up before they are refused.
+        query_wait_timeout: Some(2),
         ..base
     });
 }

@@ -667,11 +667,17 @@ pub fn to_tenant(
         display_name: t.display_name.clone(),
         tier,
         server,
-        replicas: t
-            .replicas
-            .iter()
-            .filter_map(|r| servers.get(r).cloned())
-            .collect(),
+        // A row tenant's context cannot be opened on a hot standby (docs/replicas.md).
+        replicas: match tier {
+            Tier::Row => Vec::new(),
+            _ => t
+                .replicas
+                .iter()
+                .filter_map(|r| servers.get(r).cloned())
+                .collect(),
+        },
+        read_write_split: false,
+        replica_fallback: true,
         database: t.database.clone(),
         schema: t.schema.clone(),
         pool_size: t
