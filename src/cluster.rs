@@ -90,7 +90,17 @@ impl PgCluster {
             .arg("-D")
             .arg(dir.path().join("data"))
             .args(["-h", primary.host(), "-p", &primary.port().to_string()])
-            .args(["-U", "postgres", "-X", "stream", "-R", "--no-sync"])
+            // A fast checkpoint: the default spreads it over minutes.
+            .args([
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+                "-c",
+                "fast",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         as_owner(&mut backup, owner.as_ref());

@@ -16,12 +16,13 @@ use crate::backend::{BackendConn, ConnectSpec, ServerHealth};
 use super::Pools;
 
 /// -1 on a primary; else the standby's replay lag in ms: 0 when it has replayed all it
-/// received, else the age of the last transaction it replayed.
+/// received, else the age of the last transaction it replayed (unbounded when it has replayed
+/// none since it started: behind by an unknown amount).
 const HEALTH_SQL: &str = "SELECT CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN -1 \
      WHEN pg_catalog.pg_last_wal_receive_lsn() IS NULL \
        OR pg_catalog.pg_last_wal_receive_lsn() <= pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
      ELSE COALESCE((extract(epoch FROM pg_catalog.clock_timestamp() \
-       - pg_catalog.pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) END";
+       - pg_catalog.pg_last_xact_replay_timestamp()) * 1000)::bigint, 9223372036854775807) END";
 
 /// After an error wakes the checker, errors arriving this soon after are checked together.
 const BURST: Duration = Duration::from_millis(100);

@@ -16,6 +16,8 @@ use crate::tenancy::{ClientUser, ReadIntent, Tenant};
 pub struct ReadPolicy {
     /// Every transaction is a read (a read-only role, or the client asked for a standby).
     pub all_reads: bool,
+    /// The session is read-only wherever it runs (a read-only role, or all reads).
+    pub read_only: bool,
     /// Transaction mode with `read_write_split`: transactions begun READ ONLY are reads.
     pub split: bool,
     /// Reads may not fall back to the primary, and why; None: they may.
@@ -36,6 +38,7 @@ impl ReadPolicy {
         };
         ReadPolicy {
             all_reads,
+            read_only: all_reads || user.read_only,
             split: tenant.read_write_split
                 && tenant.pool_mode == PoolMode::Transaction
                 && !wants_primary,
@@ -46,7 +49,7 @@ impl ReadPolicy {
     /// Sessions that read only are also made read-only, so that one served by the primary (no
     /// replica usable) cannot write either.
     pub fn read_only_session(&self) -> bool {
-        self.all_reads
+        self.read_only
     }
 }
 
