@@ -118,6 +118,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve { config } => {
+            let config_path = config.clone();
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -125,7 +126,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            runtime(config.worker_threads).block_on(serve(config))
+            let path = config_path;
+            runtime(config.worker_threads).block_on(serve(config, path))
         }
         Command::Demo { listen } => demo_cmd(listen),
         Command::Registry { cmd, config } => {
@@ -184,7 +186,7 @@ fn hash_password_cmd() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
     let proxy = match Proxy::bind(config).await {
         Ok(p) => p,
         Err(e) => {
@@ -192,8 +194,30 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let reloader = tokio::spawn(reload_on_sighup(proxy.context(), path));
     proxy.run(shutdown_signal()).await;
+    reloader.abort();
     ExitCode::SUCCESS
+}
+
+/// SIGHUP re-reads the config file and applies what can change without a restart; a file
+/// that does not parse or validate is reported and the running config kept.
+async fn reload_on_sighup(ctx: std::sync::Arc<pgtenant::server::ProxyContext>, path: PathBuf) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match Config::load(&path).map_err(pgtenant::server::ServeError::from) {
+            Ok(config) => {
+                if let Err(e) = ctx.reload(&config) {
+                    tracing::error!(error = %e, "config reload failed; the running config is kept");
+                }
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "config reload failed; the running config is kept")
+            }
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -51,6 +51,60 @@ pub struct ProxyContext {
     pub limits: Arc<ClientLimits>,
     /// Key for the mock SCRAM verifiers of unknown users; random per process.
     pub mock_key: [u8; 32],
+    /// The config file's tenants, which `reload` replaces (None when the proxy was given its
+    /// registry ready-made).
+    pub file_tenants: Option<Arc<StaticRegistry>>,
+}
+
+impl ProxyContext {
+    /// Applies a re-read config file (SIGHUP): tenants and servers, with their pools and
+    /// replicas, change without a restart; clients of a changed tenant move to its new pools
+    /// at their next transaction, none is dropped. Settings that only a restart can change
+    /// (listen, pool, health, registry, worker_threads) are reported and left as they are.
+    pub fn reload(&self, config: &Config) -> Result<usize, ServeError> {
+        let Some(file) = &self.file_tenants else {
+            return Ok(0);
+        };
+        let old = &self.config;
+        let fixed = [
+            (
+                "listen",
+                old.listen.to_string() != config.listen.to_string(),
+            ),
+            (
+                "pool",
+                format!("{:?}", old.pool) != format!("{:?}", config.pool),
+            ),
+            (
+                "health",
+                format!("{:?}", old.health) != format!("{:?}", config.health),
+            ),
+            (
+                "registry",
+                format!("{:?}", old.registry) != format!("{:?}", config.registry),
+            ),
+            (
+                "worker_threads",
+                old.worker_threads != config.worker_threads,
+            ),
+            (
+                "tenant_separator",
+                old.tenant_separator != config.tenant_separator,
+            ),
+            ("row_key", old.row_key != config.row_key),
+        ];
+        for (name, changed) in fixed {
+            if changed {
+                tracing::warn!(
+                    setting = name,
+                    "config reload: this setting changes only with a restart; kept as it was"
+                );
+            }
+        }
+        let changed = file.reload(config)?;
+        tracing::info!(tenants_changed = changed, "config reloaded");
+        Ok(changed)
+    }
 }
 
 pub struct Proxy {
@@ -62,7 +116,8 @@ impl Proxy {
     /// Binds the configured address with the config's own tenants and, when `[registry]` is
     /// set, the registry database's (a tenant defined in both is served from the file).
     pub async fn bind(config: Config) -> Result<Proxy, ServeError> {
-        let fixed: Arc<dyn TenantRegistry> = Arc::new(StaticRegistry::from_config(&config)?);
+        let file = Arc::new(StaticRegistry::from_config(&config)?);
+        let fixed: Arc<dyn TenantRegistry> = file.clone();
         let registry: Arc<dyn TenantRegistry> = match &config.registry {
             Some(r) => {
                 let db = PgRegistry::start(r.clone(), config.pool.clone()).await?;
@@ -70,12 +125,20 @@ impl Proxy {
             }
             None => fixed,
         };
-        Proxy::bind_with_registry(config, registry).await
+        Proxy::bind_inner(config, registry, Some(file)).await
     }
 
     pub async fn bind_with_registry(
         config: Config,
         registry: Arc<dyn TenantRegistry>,
+    ) -> Result<Proxy, ServeError> {
+        Proxy::bind_inner(config, registry, None).await
+    }
+
+    async fn bind_inner(
+        config: Config,
+        registry: Arc<dyn TenantRegistry>,
+        file_tenants: Option<Arc<StaticRegistry>>,
     ) -> Result<Proxy, ServeError> {
         let listener =
             TcpListener::bind(config.listen)
@@ -103,6 +166,7 @@ impl Proxy {
                 cancels: Arc::new(CancelRegistry::default()),
                 limits,
                 mock_key,
+                file_tenants,
             }),
             listener,
         })
@@ -179,11 +243,18 @@ async fn sweep_idle_pools(ctx: Arc<ProxyContext>) {
     }
 }
 
-/// Rebuilds pools from changed registry entries and ends sessions the operator asked to end.
+/// Rebuilds pools from changed registry entries (of every layer: the config file's and the
+/// registry database's) and ends sessions the operator asked to end.
 async fn apply_registry_changes(ctx: Arc<ProxyContext>) {
-    let Some(mut changes) = ctx.registry.changes() else {
-        return;
-    };
+    let streams = ctx.registry.change_streams();
+    futures_util::future::join_all(streams.into_iter().map(|s| follow_changes(ctx.clone(), s)))
+        .await;
+}
+
+async fn follow_changes(
+    ctx: Arc<ProxyContext>,
+    mut changes: tokio::sync::broadcast::Receiver<crate::tenancy::TenantChange>,
+) {
     loop {
         match changes.recv().await {
             Ok(c) => {
