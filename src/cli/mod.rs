@@ -91,6 +91,12 @@ pub struct SettingArgs {
     /// Read-replica server (repeatable).
     #[arg(long = "replica")]
     pub replicas: Vec<String>,
+    /// Transaction mode: send transactions begun READ ONLY to a replica.
+    #[arg(long)]
+    pub read_write_split: Option<bool>,
+    /// Serve reads from the primary when no replica is usable (default true).
+    #[arg(long)]
+    pub replica_fallback: Option<bool>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,6 +140,9 @@ pub enum TenantCmd {
         /// Add or replace a client user (password from standard input).
         #[arg(long)]
         user: Option<String>,
+        /// With --user: the user reads from the tenant's replicas and cannot write.
+        #[arg(long, requires = "user")]
+        read_only: bool,
         #[arg(long)]
         json: bool,
     },
@@ -305,6 +314,8 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
         } else {
             Some(a.replicas.clone())
         },
+        read_write_split: a.read_write_split,
+        replica_fallback: a.replica_fallback,
     })
 }
 
@@ -564,6 +575,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             settings: s,
             rotate_password,
             user,
+            read_only,
             json,
         } => {
             let s = settings(&s)?;
@@ -579,6 +591,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                         &u,
                         &hash_password(&pw),
                         &provision::role_of(&store, &id).await?,
+                        read_only,
                     )
                     .await?;
             }
@@ -673,6 +686,8 @@ fn show(r: &TenantRows) -> String {
                 t.replicas.join(", ")
             },
         ),
+        ("read/write split", t.read_write_split.to_string()),
+        ("replica fallback", t.replica_fallback.to_string()),
         ("status", status_label(r)),
         ("auto update", t.auto_update.to_string()),
         ("pool size", output::opt(&t.pool_size)),
@@ -698,7 +713,10 @@ fn show(r: &TenantRows) -> String {
             "client users",
             r.users
                 .iter()
-                .map(|u| format!("{} → {}", u.name, u.backend_role))
+                .map(|u| {
+                    let ro = if u.read_only { " (read-only)" } else { "" };
+                    format!("{} → {}{ro}", u.name, u.backend_role)
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
         ),

@@ -176,6 +176,17 @@ pub async fn create(
         Tier::Schema => (store.cfg.schema_database.clone(), Some(schema_name(id))),
         Tier::Row => (store.cfg.row_database.clone(), None),
     };
+    if req.tier == Tier::Row
+        && req
+            .settings
+            .replicas
+            .as_ref()
+            .is_some_and(|r| !r.is_empty())
+    {
+        return Err(ProvisionError::Invalid(
+            "row-tier tenants read from their primary: their row context needs writes a hot standby refuses (see docs/replicas.md)".into(),
+        ));
+    }
     if req.tier == Tier::Row && database.len() > 59 {
         return Err(ProvisionError::Invalid(format!(
             "row database \"{database}\" is too long for its login role: at most 59 characters"
@@ -242,7 +253,7 @@ pub async fn create(
     crash_point("migrated");
 
     for (name, verifier) in &req.users {
-        store.put_user(id, name, verifier, &role).await?;
+        store.put_user(id, name, verifier, &role, false).await?;
     }
     store.finish_tenant(id).await?;
     Ok(store.tenant(id).await?)

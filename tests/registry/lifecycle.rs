@@ -440,6 +440,7 @@ async fn a_row_tenant_created_with_a_role_of_its_own_keeps_it_through_migrate() 
             "app",
             &pgtenant::frontend::scram::hash_password(PASSWORD),
             "legacy-a_app",
+            false,
         )
         .await
         .unwrap();

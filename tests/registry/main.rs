@@ -7,3 +7,4 @@ mod encryption;
 mod lifecycle;
 mod migrations;
 mod reload;
+mod replicas;

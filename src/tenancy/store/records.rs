@@ -38,6 +38,8 @@ pub struct TenantRecord {
     pub replicas: Vec<String>,
     pub params: BTreeMap<String, String>,
     pub limits: BTreeMap<String, String>,
+    pub read_write_split: bool,
+    pub replica_fallback: bool,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -67,6 +69,8 @@ pub struct UserRecord {
     #[serde(skip)]
     pub scram: String,
     pub backend_role: String,
+    /// Its sessions read from the tenant's replicas and are read-only.
+    pub read_only: bool,
 }
 
 /// A tenant row with its roles and users.
@@ -82,7 +86,7 @@ const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, 
     params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
     max_client_connections, status, provisioned, auto_update, terminate_generation,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
-    limits::text";
+    limits::text, read_write_split, replica_fallback";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -96,6 +100,8 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         replicas: r.get(6),
         params: serde_json::from_str(&params).unwrap_or_default(),
         limits: serde_json::from_str(&r.get::<_, String>(20)).unwrap_or_default(),
+        read_write_split: r.get(21),
+        replica_fallback: r.get(22),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -140,6 +146,8 @@ pub struct TenantSettings {
     pub params: Option<BTreeMap<String, String>>,
     pub limits: Option<BTreeMap<String, String>>,
     pub replicas: Option<Vec<String>>,
+    pub read_write_split: Option<bool>,
+    pub replica_fallback: Option<bool>,
 }
 
 impl RegistryStore {
@@ -248,7 +256,7 @@ impl RegistryStore {
         let users = self
             .client
             .query(
-                "SELECT tenant_id, name, scram, backend_role FROM pgtenant.client_users
+                "SELECT tenant_id, name, scram, backend_role, read_only FROM pgtenant.client_users
                  WHERE $1::text[] IS NULL OR tenant_id = ANY($1) ORDER BY tenant_id, name",
                 &[&only],
             )
@@ -281,6 +289,7 @@ impl RegistryStore {
                     name: r.get(1),
                     scram: r.get(2),
                     backend_role: r.get(3),
+                    read_only: r.get(4),
                 });
             }
         }
@@ -331,9 +340,10 @@ impl RegistryStore {
             .query_opt(
                 "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
-                     server_idle_timeout, max_client_connections, auto_update, limits)
+                     server_idle_timeout, max_client_connections, auto_update, limits,
+                     read_write_split, replica_fallback)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
-                     COALESCE($15, true), $16::text::jsonb)
+                     COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true))
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -356,6 +366,8 @@ impl RegistryStore {
                     &settings.max_client_connections,
                     &settings.auto_update,
                     &limits,
+                    &settings.read_write_split,
+                    &settings.replica_fallback,
                 ],
             )
             .await?;
@@ -439,14 +451,16 @@ impl RegistryStore {
         name: &str,
         scram: &str,
         backend_role: &str,
+        read_only: bool,
     ) -> Result<(), RegistryError> {
         self.client
             .execute(
-                "INSERT INTO pgtenant.client_users (tenant_id, name, scram, backend_role)
-                 VALUES ($1, $2, $3, $4)
+                "INSERT INTO pgtenant.client_users (tenant_id, name, scram, backend_role, read_only)
+                 VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (tenant_id, name) DO UPDATE
-                     SET scram = EXCLUDED.scram, backend_role = EXCLUDED.backend_role",
-                &[&tenant, &name, &scram, &backend_role],
+                     SET scram = EXCLUDED.scram, backend_role = EXCLUDED.backend_role,
+                         read_only = EXCLUDED.read_only",
+                &[&tenant, &name, &scram, &backend_role, &read_only],
             )
             .await?;
         Ok(())
@@ -508,7 +522,9 @@ impl RegistryStore {
                      auto_update = COALESCE($9, auto_update),
                      params = COALESCE($10::text::jsonb, params),
                      replicas = COALESCE($11, replicas),
-                     limits = COALESCE($12::text::jsonb, limits)
+                     limits = COALESCE($12::text::jsonb, limits),
+                     read_write_split = COALESCE($13, read_write_split),
+                     replica_fallback = COALESCE($14, replica_fallback)
                  WHERE id = $1",
                 &[
                     &id,
@@ -523,6 +539,8 @@ impl RegistryStore {
                     &params,
                     &s.replicas,
                     &limits,
+                    &s.read_write_split,
+                    &s.replica_fallback,
                 ],
             )
             .await?;
@@ -654,7 +672,7 @@ pub fn to_tenant(
         let password = passwords.get(&u.backend_role).cloned();
         users.insert(
             u.name.clone(),
-            ClientUser::new(&u.name, verifier, &u.backend_role, password),
+            ClientUser::new(&u.name, verifier, &u.backend_role, password).read_only(u.read_only),
         );
     }
     let pool_mode = match t.pool_mode.as_deref() {
@@ -676,8 +694,8 @@ pub fn to_tenant(
                 .filter_map(|r| servers.get(r).cloned())
                 .collect(),
         },
-        read_write_split: false,
-        replica_fallback: true,
+        read_write_split: t.read_write_split,
+        replica_fallback: t.replica_fallback,
         database: t.database.clone(),
         schema: t.schema.clone(),
         pool_size: t

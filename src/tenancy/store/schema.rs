@@ -110,4 +110,14 @@ CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.client_user
     r#"
 ALTER TABLE pgtenant.tenants ADD COLUMN limits jsonb NOT NULL DEFAULT '{}';
 "#,
+    // 3: read routing: read/write split and primary fallback per tenant, read-only users.
+    r#"
+ALTER TABLE pgtenant.tenants
+    ADD COLUMN read_write_split boolean NOT NULL DEFAULT false,
+    ADD COLUMN replica_fallback boolean NOT NULL DEFAULT true;
+ALTER TABLE pgtenant.client_users ADD COLUMN read_only boolean NOT NULL DEFAULT false;
+-- A row tenant's context cannot be opened on a hot standby (docs/replicas.md).
+ALTER TABLE pgtenant.tenants ADD CONSTRAINT row_tier_tenants_read_from_their_primary
+    CHECK (tier <> 'row' OR replicas = '{}') NOT VALID;
+"#,
 ];

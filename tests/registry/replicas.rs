@@ -1,0 +1,111 @@
+//! Read-routing settings kept in the registry: replicas, read/write split, fallback, and
+//! read-only users.
+
+use crate::support::*;
+
+#[tokio::test]
+async fn read_routing_settings_and_read_only_users_round_trip_through_the_registry() {
+    let f = fixture();
+    let reg = f.registry("routing").await;
+    // A second name for the same server stands in for a replica here; routing to a real
+    // standby is covered by the replicas test suite.
+    let out = reg.cli(&[
+        "server",
+        "add",
+        "copy",
+        "--host",
+        &f.host,
+        "--port",
+        &f.port.to_string(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = reg.cli_stdin(
+        &[
+            "tenant",
+            "create",
+            "readco",
+            "--tier",
+            "database",
+            "--server",
+            "main",
+            "--password-stdin",
+            "--replica",
+            "copy",
+            "--read-write-split",
+            "true",
+            "--replica-fallback",
+            "false",
+        ],
+        PASSWORD,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = reg.cli_stdin(
+        &[
+            "tenant",
+            "update",
+            "readco",
+            "--user",
+            "reporting",
+            "--read-only",
+        ],
+        PASSWORD,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let shown = reg.cli(&["tenant", "show", "readco", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&shown)).expect("json");
+    assert_eq!(json["replicas"], serde_json::json!(["copy"]));
+    assert_eq!(json["read_write_split"], true);
+    assert_eq!(json["replica_fallback"], false);
+    let reporting = json["users"]
+        .as_array()
+        .and_then(|u| u.iter().find(|u| u["name"] == "reporting"))
+        .expect("reporting user");
+    assert_eq!(reporting["read_only"], true);
+
+    // The proxy serves the read-only user a read-only session.
+    let proxy = f.proxy(reg.config.clone());
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=reporting.readco dbname=readco password={PASSWORD}",
+            proxy.addr.ip(),
+            proxy.addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(conn);
+    let e = c
+        .batch_execute("INSERT INTO accounts (owner) VALUES ('x')")
+        .await
+        .expect_err("read-only");
+    assert_eq!(sqlstate(&e).as_deref(), Some("25006"), "{e:?}");
+}
+
+#[tokio::test]
+async fn a_row_tier_tenant_with_a_replica_is_refused_with_the_reason() {
+    let f = fixture();
+    let reg = f.registry("rowrepl").await;
+    let out = reg.cli_stdin(
+        &[
+            "tenant",
+            "create",
+            "rowco",
+            "--tier",
+            "row",
+            "--server",
+            "main",
+            "--password-stdin",
+            "--replica",
+            "main",
+        ],
+        PASSWORD,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("row-tier tenants read from their primary"),
+        "{}",
+        stderr(&out)
+    );
+}
