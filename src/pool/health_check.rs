@@ -59,7 +59,15 @@ pub async fn run(pools: &Pools) {
             let Some(t) = targets.get(&addr) else {
                 continue;
             };
-            t.health.record_check(result);
+            match result {
+                Check::Done(r) => t.health.record_check(r),
+                // Says nothing of the server (the role it logged in as was refused, say):
+                // another pool's role is tried next time.
+                Check::Inconclusive(e) => {
+                    tracing::debug!(server = %t.health.name, error = %e, "health check inconclusive");
+                    continue;
+                }
+            }
             if let Some(c) = conn {
                 probes.insert(addr.clone(), c);
             }
@@ -122,12 +130,19 @@ fn targets(pools: &Pools) -> HashMap<String, Target> {
     out
 }
 
+enum Check {
+    /// The server's state: its replay lag (None on a primary), or why it failed the check.
+    Done(Result<Option<u64>, String>),
+    /// The check could not run for a reason that is not the server's health.
+    Inconclusive(String),
+}
+
 /// One check, on the kept connection if it is still alive, else on a new one.
 async fn check(
     conn: Option<BackendConn>,
     spec: &ConnectSpec,
     timeout: Duration,
-) -> (Result<Option<u64>, String>, Option<BackendConn>) {
+) -> (Check, Option<BackendConn>) {
     let run = async {
         let alive = conn.and_then(|mut c| (!c.is_dead()).then_some(c));
         let mut conn = match alive {
@@ -144,11 +159,15 @@ async fn check(
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok((value, conn))) => {
             let lag = value.and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
-            (Ok((lag >= 0).then_some(lag as u64)), Some(conn))
+            (
+                Check::Done(Ok((lag >= 0).then_some(lag as u64))),
+                Some(conn),
+            )
         }
-        Ok(Err(e)) => (Err(e.to_string()), None),
+        Ok(Err(e)) if e.is_unreachable() => (Check::Done(Err(e.to_string())), None),
+        Ok(Err(e)) => (Check::Inconclusive(e.to_string()), None),
         Err(_) => (
-            Err(format!("health check timed out after {timeout:?}")),
+            Check::Done(Err(format!("health check timed out after {timeout:?}"))),
             None,
         ),
     }
