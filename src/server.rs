@@ -102,8 +102,13 @@ impl ProxyContext {
             }
         }
         let changed = file.reload(config)?;
-        tracing::info!(tenants_changed = changed, "config reloaded");
-        Ok(changed)
+        // Applied here too (the change followers will find nothing left to do), so the
+        // caller's next request already meets the new pools.
+        for id in &changed {
+            self.pools.refresh(id, self.registry.tenant(id).as_ref());
+        }
+        tracing::info!(tenants_changed = changed.len(), "config reloaded");
+        Ok(changed.len())
     }
 }
 

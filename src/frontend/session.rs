@@ -79,16 +79,28 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             PoolMode::Session => session_settings.clone(),
             PoolMode::Transaction => state.replay_for(&be.applied_settings).unwrap_or_default(),
         };
-        Box::pin(attach_routed(
-            &mut client,
-            &ctx,
-            &tenant,
-            &pool,
-            reads,
-            &replay,
-            &cancel,
-        ))
-        .await
+        let mut target = pool.clone();
+        loop {
+            let r = Box::pin(attach_routed(
+                &mut client,
+                &ctx,
+                &tenant,
+                &target,
+                reads,
+                &replay,
+                &cancel,
+            ))
+            .await;
+            // The tenant's entry changed while this client waited (a failover, say): go on
+            // with the pool built from the new one.
+            match (r, target.current()) {
+                (Err(SessionError::Pool(PoolError::Retired)), Some(next)) => target = next,
+                (Err(SessionError::Pool(PoolError::Retired)), None) => {
+                    break Err(SessionError::Pool(PoolError::Removed(tenant.id.clone())))
+                }
+                (r, _) => break r,
+            }
+        }
     };
     let (mut backend, login_pool) = match attached {
         Ok(b) => b,

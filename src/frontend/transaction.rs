@@ -796,20 +796,24 @@ impl<'a> Engine<'a> {
         if self.backend.is_some() {
             return Ok(());
         }
-        if self.pool.is_retired() {
-            // The tenant's registry entry changed: continue on the pool built from it.
-            self.pool = self
-                .pool
-                .current()
-                .ok_or_else(|| TxEnd::Pool(PoolError::Removed(self.pool.tenant().id.clone())))?;
-        }
         let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
-        let checkout = if read {
-            self.checkout_read().await
-        } else {
-            self.pool.checkout().await
+        let mut be = loop {
+            if self.pool.is_retired() {
+                // The tenant's entry changed: continue on the pool built from it.
+                self.pool = self.pool.current().ok_or_else(|| {
+                    TxEnd::Pool(PoolError::Removed(self.pool.tenant().id.clone()))
+                })?;
+            }
+            let checkout = if read {
+                self.checkout_read().await
+            } else {
+                self.pool.checkout().await
+            };
+            match checkout {
+                Err(PoolError::Retired) => continue,
+                other => break other.map_err(TxEnd::Pool)?,
+            }
         };
-        let mut be = checkout.map_err(TxEnd::Pool)?;
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing

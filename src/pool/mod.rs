@@ -49,6 +49,8 @@ pub enum PoolError {
         server: String,
         error: String,
     },
+    #[error("the tenant's entry changed; its new pool serves this request")]
+    Retired,
     #[error("no read replica of tenant \"{tenant}\" is usable (unreachable, or lagging more than replica_max_lag), and {why}")]
     NoReplica { tenant: String, why: &'static str },
 }
@@ -62,6 +64,7 @@ impl PoolError {
             }
             PoolError::Backend(e) => e.report(),
             PoolError::Removed(_) => ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
+            PoolError::Retired => ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
             PoolError::Unreachable { .. } => {
                 ErrorReport::fatal(sqlstate::CONNECTION_FAILURE, self.to_string()).with_hint(
                     "the server is down or restarting; pgtenant retries and serves again as soon as it is back",
@@ -262,6 +265,11 @@ impl TenantPool {
         patience: Patience,
     ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
+            // A changed tenant entry: its waiters move to the new pool (which may name another
+            // server, after a failover) rather than wait for this one.
+            if self.is_retired() && !self.shared {
+                return Err(PoolError::Retired);
+            }
             // In the queue for a handover in every case: while bb8 opens a connection for
             // us, one parked meanwhile by a finishing transaction must not pass us by.
             let (rx, bb8_can_serve) = {

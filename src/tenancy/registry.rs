@@ -89,13 +89,13 @@ impl StaticRegistry {
 
     /// Takes the tenants of a re-read config: changed ones are rebuilt (their pools follow,
     /// clients move at their next transaction), removed ones end, unchanged ones keep their
-    /// pools. Returns how many tenants changed.
-    pub fn reload(&self, config: &Config) -> Result<usize, ConfigError> {
+    /// pools. Returns the ids of the tenants that changed.
+    pub fn reload(&self, config: &Config) -> Result<Vec<String>, ConfigError> {
         let mut fresh = Self::build(config)?;
         let mut announce = Vec::new();
         {
             let Ok(mut current) = self.tenants.write() else {
-                return Ok(0);
+                return Ok(Vec::new());
             };
             let ids: std::collections::BTreeSet<String> =
                 current.keys().chain(fresh.keys()).cloned().collect();
@@ -121,11 +121,11 @@ impl StaticRegistry {
                 }
             }
         }
-        let n = announce.len();
+        let ids = announce.iter().map(|c| c.id.clone()).collect();
         for change in announce {
             let _ = self.changes.send(change);
         }
-        Ok(n)
+        Ok(ids)
     }
 
     fn build(config: &Config) -> Result<HashMap<String, Entry>, ConfigError> {
@@ -305,7 +305,7 @@ mod tests {
     fn reloading_an_unchanged_config_keeps_every_tenant_as_it_was() {
         let r = StaticRegistry::from_config(&config(5)).expect("registry");
         let before = r.tenant("acme").expect("acme");
-        assert_eq!(r.reload(&config(5)).expect("reload"), 0);
+        assert!(r.reload(&config(5)).expect("reload").is_empty());
         assert!(Arc::ptr_eq(&before, &r.tenant("acme").expect("acme")));
     }
 
@@ -313,7 +313,7 @@ mod tests {
     fn reloading_announces_only_the_changed_tenant() {
         let r = StaticRegistry::from_config(&config(5)).expect("registry");
         let mut changes = r.changes().expect("changes");
-        assert_eq!(r.reload(&config(9)).expect("reload"), 1);
+        assert_eq!(r.reload(&config(9)).expect("reload"), ["acme"]);
         let c = changes.try_recv().expect("a change");
         assert_eq!(c.id, "acme");
         assert_eq!(c.now.expect("still there").pool_size, 9);

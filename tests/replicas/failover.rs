@@ -23,6 +23,18 @@ async fn after_a_failover_a_config_reload_moves_idle_clients_to_the_promoted_rep
 
     // The primary is lost; the standby is promoted; the operator points "main" at it.
     blocking(|| p.primary.shutdown());
+    // A client whose transaction starts meanwhile waits for the server...
+    let waiting = {
+        let url = p.url("app", "acme");
+        tokio::spawn(async move {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{}", pg_error(&e)));
+            tokio::spawn(conn);
+            server_port(&c).await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let standby = p.standby.connect("postgres").await.expect("standby");
     standby
         .batch_execute("SELECT pg_promote()")
@@ -35,6 +47,8 @@ async fn after_a_failover_a_config_reload_moves_idle_clients_to_the_promoted_rep
     let changed = p.proxy.ctx.reload(&config).expect("reload");
     assert_eq!(changed, 2, "both tenants live on the moved server");
 
+    // ...and is served by the new primary once the config names it.
+    assert_eq!(waiting.await.expect("join"), p.standby.port() as i32);
     // The idle client was not dropped: its next transaction runs on the new primary.
     assert_eq!(server_port(&idle).await, p.standby.port() as i32);
     assert!(!on_standby(&idle).await);
