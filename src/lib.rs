@@ -7,6 +7,7 @@
 //! `frontend::session` relays messages until the client leaves → `backend::cleanup` resets the
 //! connection before it goes back to its pool.
 
+pub mod admin;
 pub mod backend;
 pub mod cli;
 pub mod cluster;

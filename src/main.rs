@@ -194,6 +194,7 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let _ = proxy.context().config_path.set(path.clone());
     let reloader = tokio::spawn(reload_on_sighup(proxy.context(), path));
     proxy.run(shutdown_signal()).await;
     reloader.abort();

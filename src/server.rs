@@ -54,9 +54,78 @@ pub struct ProxyContext {
     /// The config file's tenants, which `reload` replaces (None when the proxy was given its
     /// registry ready-made).
     pub file_tenants: Option<Arc<StaticRegistry>>,
+    /// The config file, for RELOAD.
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
+    pub started: std::time::Instant,
+    shutdown: tokio::sync::Notify,
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl ProxyContext {
+    /// RELOAD: re-reads the config file the proxy was started with.
+    pub fn reload_from_file(&self) -> Result<usize, ServeError> {
+        let path = self.config_path.get().ok_or_else(|| {
+            ServeError::Config(ConfigError::invalid(
+                "reload",
+                "this proxy was not started from a config file",
+            ))
+        })?;
+        self.reload(&Config::load(path)?)
+    }
+
+    /// SHUTDOWN: stop accepting and drain, as SIGTERM does.
+    pub fn request_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown.notify_waiters();
+    }
+
+    async fn shutdown_requested(&self) {
+        loop {
+            let n = self.shutdown.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Lets sessions finish: clients idle between transactions are told at once (FATAL
+    /// 57P01), those in a transaction when it ends; whatever is still open after
+    /// `shutdown_timeout` is ended (its transaction rolled back).
+    pub async fn drain(&self) {
+        let open = self.cancels.len();
+        tracing::info!(
+            clients = open,
+            "draining: no new clients; running transactions may finish"
+        );
+        self.cancels.begin_drain();
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_secs(self.config.shutdown_timeout);
+        while !self.cancels.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if !self.cancels.is_empty() {
+            let n = self
+                .cancels
+                .terminate_all("terminating connection: pgtenant is shutting down");
+            tracing::warn!(
+                clients = n,
+                "shutdown_timeout reached; ending the remaining sessions"
+            );
+            let grace = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !self.cancels.is_empty() && tokio::time::Instant::now() < grace {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        tracing::info!("drained");
+    }
+
     /// Applies a re-read config file (SIGHUP): tenants and servers, with their pools and
     /// replicas, change without a restart; clients of a changed tenant move to its new pools
     /// at their next transaction, none is dropped. Settings that only a restart can change
@@ -172,6 +241,10 @@ impl Proxy {
                 limits,
                 mock_key,
                 file_tenants,
+                config_path: std::sync::OnceLock::new(),
+                started: std::time::Instant::now(),
+                shutdown: tokio::sync::Notify::new(),
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
             listener,
         })
@@ -192,7 +265,15 @@ impl Proxy {
         let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
         let ctx = self.ctx.clone();
         let checker = tokio::spawn(async move { crate::pool::health_check::run(&ctx.pools).await });
-        accept_loop(self.listener, self.ctx, shutdown).await;
+        let ctx = self.ctx.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = ctx.shutdown_requested() => {}
+            }
+        };
+        accept_loop(self.listener, self.ctx.clone(), stop).await;
+        self.ctx.drain().await;
         sweeper.abort();
         follower.abort();
         checker.abort();

@@ -237,6 +237,8 @@ pub struct BackendConn {
     /// Row tier: the share of its group's connections the tenant using this one holds (its
     /// `pool_size`); released when the connection is parked, discarded or closed.
     pub(crate) tenant_share: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its entry in the census of open connections (SHOW SERVERS), while a pool owns it.
+    pub census: Option<super::census::CensusEntry>,
 }
 
 /// The global statement names prepared on one backend, least recently used first out.
@@ -413,6 +415,7 @@ impl BackendConn {
             row_token: None,
             bound: None,
             tenant_share: None,
+            census: None,
         };
         let mut out = BytesMut::with_capacity(256);
         let mut startup: Vec<(&str, &str)> = vec![
@@ -746,6 +749,11 @@ impl BackendConn {
 
     pub fn params(&self) -> &[(String, String)] {
         &self.params
+    }
+
+    /// The server's process id for this connection.
+    pub fn pid(&self) -> u32 {
+        self.cancel.pid
     }
 
     pub fn cancel_target(&self) -> &Arc<CancelTarget> {

@@ -63,10 +63,16 @@ pub struct Config {
     /// Seconds a client may take to send its startup packet and authenticate.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: u64,
+    /// Seconds running transactions get to finish when pgtenant shuts down (SIGTERM,
+    /// SHUTDOWN); then the remaining sessions are ended.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: u64,
     #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default, skip_serializing_if = "AdminConfig::is_empty")]
+    pub admin: AdminConfig,
     /// Tenants kept in a PostgreSQL registry database, beside (or instead of) `[[tenants]]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
@@ -161,6 +167,30 @@ impl Default for PoolConfig {
             pool_idle_timeout: default_pool_idle(),
         }
     }
+}
+
+/// The admin console (database `pgtenant` on the proxy's port).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Who may use it: `{ name = "admin", scram = "SCRAM-SHA-256$..." }`.
+    #[serde(default)]
+    pub users: Vec<AdminUserConfig>,
+}
+
+impl AdminConfig {
+    fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminUserConfig {
+    /// Logs in as this user name (no tenant suffix) to database `pgtenant`.
+    pub name: String,
+    /// SCRAM-SHA-256 verifier (`pgtenant hash-password`).
+    pub scram: String,
 }
 
 /// Server health checks and the replica rules that use them.
@@ -353,8 +383,10 @@ impl Config {
             max_message_bytes: default_max_message(),
             worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),
+            shutdown_timeout: default_shutdown_timeout(),
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
+            admin: AdminConfig::default(),
             registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),
@@ -450,6 +482,9 @@ fn default_max_message() -> u32 {
 }
 fn default_workers() -> usize {
     1
+}
+fn default_shutdown_timeout() -> u64 {
+    30
 }
 fn default_auth_timeout() -> u64 {
     60

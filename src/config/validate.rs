@@ -127,6 +127,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             &servers,
         )?;
     }
+    let mut admins = HashSet::new();
+    for (i, a) in config.admin.users.iter().enumerate() {
+        if a.name.is_empty() || !admins.insert(a.name.as_str()) {
+            return Err(ConfigError::invalid(
+                format!("admin.users[{i}].name"),
+                "must be non-empty and unique",
+            ));
+        }
+        if ScramVerifier::parse(&a.scram).is_none() {
+            return Err(ConfigError::invalid(
+                format!("admin.users[{i}].scram"),
+                "is not a SCRAM-SHA-256 verifier (make one with `pgtenant hash-password`)",
+            ));
+        }
+    }
     if config.health.interval == 0 {
         return Err(ConfigError::invalid(
             "health.interval",

@@ -19,9 +19,30 @@ pub struct CancelKey {
     pub secret: u32,
 }
 
+/// Who a client is, for the admin console's SHOW CLIENTS.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub role: String,
+    pub database: String,
+    pub addr: std::net::SocketAddr,
+    pub application_name: String,
+    pub connected: std::time::SystemTime,
+}
+
+/// One client as SHOW CLIENTS lists it.
+#[derive(Debug, Clone)]
+pub struct ClientView {
+    pub pid: u32,
+    pub tenant: Arc<str>,
+    pub info: Option<ClientInfo>,
+    /// Holding a server connection now.
+    pub linked: bool,
+}
+
 struct Entry {
     secret: u32,
     tenant: Arc<str>,
+    info: Option<ClientInfo>,
     /// The client's socket while the session owns it (-1 after), so an operator's
     /// `tenant suspend --terminate` can wake the session; guarded so the descriptor is never
     /// touched after the session closed it.
@@ -36,11 +57,24 @@ struct Entry {
 #[derive(Default)]
 pub struct CancelRegistry {
     entries: DashMap<u32, Arc<Entry>>,
+    /// Shutting down: sessions end once their client is between transactions.
+    draining: std::sync::atomic::AtomicBool,
+    drain: tokio::sync::Notify,
 }
 
 impl CancelRegistry {
     /// Mints a key for a new client. The guard removes it when the client goes away.
     pub fn register(self: &Arc<Self>, tenant: &str, socket: RawFd) -> CancelGuard {
+        self.register_client(tenant, socket, None)
+    }
+
+    /// `register`, with what SHOW CLIENTS tells of the client.
+    pub fn register_client(
+        self: &Arc<Self>,
+        tenant: &str,
+        socket: RawFd,
+        info: Option<ClientInfo>,
+    ) -> CancelGuard {
         let mut rng = rand::thread_rng();
         loop {
             let pid = rng.gen_range(1..=i32::MAX as u32);
@@ -49,6 +83,7 @@ impl CancelRegistry {
                 let entry = Arc::new(Entry {
                     secret,
                     tenant: Arc::from(tenant),
+                    info: info.clone(),
                     socket: std::sync::Mutex::new(socket),
                     terminated: std::sync::Mutex::new(None),
                     target: std::sync::Mutex::new(None),
@@ -107,6 +142,44 @@ impl CancelRegistry {
         n
     }
 
+    /// Tells every session to end as soon as its client is between transactions.
+    pub fn begin_drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.drain.notify_waiters();
+    }
+
+    /// Ends every session, as `terminate_tenant` does for one tenant's.
+    pub fn terminate_all(&self, reason: &str) -> usize {
+        let tenants: std::collections::BTreeSet<Arc<str>> =
+            self.entries.iter().map(|e| e.tenant.clone()).collect();
+        tenants
+            .iter()
+            .map(|t| self.terminate_tenant(t, reason))
+            .sum()
+    }
+
+    /// Every client now, by key.
+    pub fn clients(&self) -> Vec<ClientView> {
+        let mut v: Vec<ClientView> = self
+            .entries
+            .iter()
+            .map(|e| ClientView {
+                pid: *e.key(),
+                tenant: e.tenant.clone(),
+                info: e.info.clone(),
+                linked: e.target.lock().is_ok_and(|t| t.is_some()),
+            })
+            .collect();
+        v.sort_by_key(|c| c.pid);
+        v
+    }
+
+    /// Clients of `tenant` now.
+    pub fn count(&self, tenant: &str) -> usize {
+        self.entries.iter().filter(|e| &*e.tenant == tenant).count()
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -144,6 +217,24 @@ impl CancelGuard {
         if let Ok(mut fd) = self.entry.socket.lock() {
             *fd = -1;
         }
+    }
+
+    /// pgtenant is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.registry
+            .draining
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once pgtenant starts shutting down.
+    pub async fn drained(&self) {
+        let n = self.registry.drain.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if self.is_draining() {
+            return;
+        }
+        n.await;
     }
 
     /// Why an operator ended this session, if one did.

@@ -36,6 +36,8 @@ pub enum SessionError {
     Limit(#[from] super::limits::LimitError),
     #[error("timed out during startup and authentication")]
     LoginTimeout,
+    #[error("permission denied: \"{0}\" is not an admin user of the pgtenant console")]
+    NotAdmin(String),
     #[error("client connection lost: {0}")]
     ClientIo(#[from] std::io::Error),
 }
@@ -60,6 +62,8 @@ impl SessionError {
                 ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }
             Resolve(e) => ErrorReport::fatal(sqlstate::INVALID_AUTHORIZATION, e.to_string()),
+            NotAdmin(_) => ErrorReport::fatal("42501", self.to_string())
+                .with_hint("admin users are listed under [admin] users in the config"),
             UnknownTenant(_) => {
                 ErrorReport::fatal(sqlstate::INVALID_CATALOG_NAME, self.to_string())
             }

@@ -67,7 +67,9 @@ pub async fn relay(
     max_message: usize,
     row: Option<&RowBinding>,
     limits: Option<&str>,
+    stats: &crate::pool::stats::PoolStats,
 ) -> RelayOutcome {
+    use std::sync::atomic::Ordering;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
     let mut sscan = Scanner::new(MAX_SERVER_MESSAGE, INSPECT_LIMIT);
@@ -83,6 +85,8 @@ pub async fn relay(
     let mut last_server_tag = 0u8;
     let mut reenter = false;
     let mut transaction_ended = false;
+    // For the pool's counters: when the running transaction began.
+    let mut tx_began: Option<std::time::Instant> = None;
     let inspect_command_tags = row.is_some();
 
     let end = loop {
@@ -101,6 +105,12 @@ pub async fn relay(
                 let scanned = cscan.scan(&cbuf, |_| false, |tag, _| {
                     if !allowed_client_tag(tag) || tag == b'X' {
                         return false;
+                    }
+                    if matches!(tag, b'Q' | b'E') {
+                        stats.queries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if tx_began.is_none() && tag != b'H' {
+                        tx_began = Some(std::time::Instant::now());
                     }
                     match tag {
                         b'Q' | b'F' => st.pending += 1,
@@ -148,6 +158,12 @@ pub async fn relay(
                     match (tag, body) {
                         (b'Z', Some(b)) => {
                             transaction_ended |= b.first() == Some(&b'I');
+                            if b.first() == Some(&b'I') {
+                                if let Some(at) = tx_began.take() {
+                                    stats.xacts.fetch_add(1, Ordering::Relaxed);
+                                    stats.xact_us.fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                                }
+                            }
                             st.pending = st.pending.saturating_sub(1);
                             st.copy_in = false;
                             if let Some(&s) = b.first() {
@@ -239,6 +255,8 @@ pub async fn relay(
         );
         send_report(client, &report).await;
     }
+    stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+    stats.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
     RelayOutcome {
         end,
         leftover: Leftover {

@@ -48,6 +48,11 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let (mut who, tenant, _slot) = match login {
         Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
         Ok(Login::Cancel) => return,
+        Ok(Login::Admin(user)) => {
+            info!(user = %user, client = %peer, "admin console session opened");
+            crate::admin::serve(&mut client, &ctx, &user).await;
+            return;
+        }
         Err(e) => {
             refuse(&mut client, peer, &e).await;
             return;
@@ -66,9 +71,23 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         who.settings
             .push(("default_transaction_read_only".into(), "on".into()));
     }
-    let cancel = ctx
-        .cancels
-        .register(&tenant.id, std::os::fd::AsRawFd::as_raw_fd(&client));
+    let info = super::cancel::ClientInfo {
+        role: who.role.clone(),
+        database: tenant.database.clone(),
+        addr: peer,
+        application_name: who
+            .settings
+            .iter()
+            .find(|(k, _)| k == "application_name")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default(),
+        connected: std::time::SystemTime::now(),
+    };
+    let cancel = ctx.cancels.register_client(
+        &tenant.id,
+        std::os::fd::AsRawFd::as_raw_fd(&client),
+        Some(info),
+    );
     let mode = tenant.pool_mode;
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
@@ -119,14 +138,18 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     // Each mode's state is boxed so an idle client's task stays small.
     let (how, bytes_in, bytes_out) = match mode {
         PoolMode::Session => Box::pin(async {
+            let stats = pool.stats();
+            stats.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let outcome = relay(
                 &mut client,
                 &mut backend,
                 max_message,
                 pool.row(),
                 tenant.enforce_limits.as_deref(),
+                pool.stats(),
             )
             .await;
+            stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             cancel.unlink();
             farewell(&mut client, &cancel).await;
             drop(client);
@@ -160,6 +183,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
             drop(client);
             let how = match &outcome.end {
                 TxEnd::Terminated => "terminate",
+                TxEnd::Shutdown => "shutdown",
                 TxEnd::ClientGone => "client disconnected",
                 TxEnd::ClientError(e) => {
                     warn!(tenant = %who.tenant, client = %peer, error = %e, "client protocol error");
@@ -186,6 +210,10 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         })
         .await,
     };
+    pool.stats().client_ms.fetch_add(
+        started.elapsed().as_millis() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     info!(
         tenant = %who.tenant,
         role = %who.role,
@@ -223,6 +251,8 @@ fn describe_end(end: &RelayEnd, who: &Addressed, peer: SocketAddr) -> &'static s
 enum Login {
     Session(Addressed, Arc<Tenant>, ClientSlot),
     Cancel,
+    /// An admin user of the console (database `pgtenant`).
+    Admin(String),
 }
 
 /// Startup packet, tenant resolution and authentication.
@@ -239,6 +269,9 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
         let mut out = BytesMut::new();
         messages::negotiate_protocol_version(&mut out, &msg.protocol_options);
         client.write_all(&out).await?;
+    }
+    if msg.param("database") == Some(crate::config::validate::ADMIN_DATABASE) {
+        return admin_login(client, ctx, &msg).await;
     }
     let who = resolve(&msg, &ctx.config.tenant_separator)?;
     let tenant = ctx
@@ -264,6 +297,41 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
         return Err(SessionError::Unavailable(tenant.id.clone(), why.clone()));
     }
     Ok(Login::Session(who, tenant, slot))
+}
+
+/// A login to the admin console. Admin users authenticate against the config's verifiers; a
+/// tenant's user who proves its password learns it is not an admin (42501); anyone else fails
+/// like a wrong password, so the console reveals no user names.
+async fn admin_login(
+    client: &mut TcpStream,
+    ctx: &ProxyContext,
+    msg: &StartupMessage,
+) -> Result<Login, SessionError> {
+    let user = msg
+        .param("user")
+        .filter(|u| !u.is_empty())
+        .ok_or(SessionError::Resolve(crate::tenancy::ResolveError::NoUser))?;
+    let admin = ctx
+        .config
+        .admin
+        .users
+        .iter()
+        .find(|a| a.name == user)
+        .and_then(|a| ScramVerifier::parse(&a.scram));
+    let tenant_user = user
+        .rsplit_once(ctx.config.tenant_separator.as_str())
+        .and_then(|(role, t)| ctx.registry.tenant(t)?.user(role).cloned());
+    let (verifier, known) = match (&admin, &tenant_user) {
+        (Some(v), _) => (v.clone(), true),
+        (None, Some(u)) => (u.verifier.clone(), true),
+        (None, None) => (ScramVerifier::mock(user, &ctx.mock_key), false),
+    };
+    authenticate(client, user, verifier, known).await?;
+    if admin.is_some() {
+        Ok(Login::Admin(user.to_string()))
+    } else {
+        Err(SessionError::NotAdmin(user.to_string()))
+    }
 }
 
 /// Answers encryption requests until the client sends its StartupMessage or a CancelRequest.

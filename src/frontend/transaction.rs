@@ -11,6 +11,7 @@
 //! CloseComplete for a client Close) are emitted in order.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,6 +93,8 @@ enum Item {
 
 pub enum TxEnd {
     Terminated,
+    /// pgtenant is shutting down and the client is between transactions.
+    Shutdown,
     ClientGone,
     ClientError(SessionError),
     ServerGone,
@@ -128,6 +131,9 @@ pub struct Engine<'a> {
     /// The server connection of a client idle in its transaction was lost: the answer to the
     /// client's next request.
     deferred_error: Option<ErrorReport>,
+    /// When the linked backend was checked out, and the byte counts at the last release.
+    linked_at: Option<std::time::Instant>,
+    counted: (u64, u64),
     state: &'a mut ClientState,
     cancel: &'a CancelGuard,
     max_message: usize,
@@ -177,6 +183,8 @@ impl<'a> Engine<'a> {
             aborted_block: false,
             began_in_batch: false,
             deferred_error: None,
+            linked_at: None,
+            counted: (0, 0),
             state,
             cancel,
             max_message,
@@ -207,9 +215,15 @@ impl<'a> Engine<'a> {
             // stack: thousands of idle clients then cost little more than their sockets.
             buffers::give(&mut self.out);
             buffers::give(&mut self.obuf);
-            let first = match wait_for_input(client).await {
-                Ok(b) => b,
-                Err(()) => break TxEnd::ClientGone,
+            if self.cancel.is_draining() {
+                break TxEnd::Shutdown;
+            }
+            let first = tokio::select! {
+                r = wait_for_input(client) => match r {
+                    Ok(b) => b,
+                    Err(()) => break TxEnd::ClientGone,
+                },
+                _ = self.cancel.drained() => break TxEnd::Shutdown,
             };
             // Boxed: this state lives only while the client is active.
             match Box::pin(self.active(client, first)).await {
@@ -311,6 +325,7 @@ impl<'a> Engine<'a> {
     }
 
     async fn finish(mut self, client: &mut TcpStream, end: TxEnd) -> TxOutcome {
+        self.note_release();
         let backend = self.backend.take().map(|be| {
             let pending = self
                 .queue
@@ -380,6 +395,7 @@ impl<'a> Engine<'a> {
         }
         if let Some(be) = self.backend.take() {
             self.cancel.unlink();
+            self.note_release();
             match self.serving.take() {
                 Some(p) => p.park(be),
                 None => self.pool.park(be),
@@ -460,6 +476,9 @@ impl<'a> Engine<'a> {
         }
         if self.skipping && tag != b'S' {
             return Ok(());
+        }
+        if matches!(tag, b'Q' | b'E') {
+            self.pool.stats().queries.fetch_add(1, Ordering::Relaxed);
         }
         match tag {
             b'Q' => {
@@ -790,14 +809,9 @@ impl<'a> Engine<'a> {
         self.pool.checkout().await
     }
 
-    /// Borrows a backend for the transaction that is starting, and brings it in line with the
-    /// client's session (settings); statements are prepared as they are used.
-    async fn link(&mut self) -> Result<(), TxEnd> {
-        if self.backend.is_some() {
-            return Ok(());
-        }
-        let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
-        let mut be = loop {
+    /// A backend from the tenant's current pool: a replica's for a read, else the primary's.
+    async fn checkout_any(&mut self, read: bool) -> Result<Box<PooledBackend>, TxEnd> {
+        loop {
             if self.pool.is_retired() {
                 // The tenant's entry changed: continue on the pool built from it.
                 self.pool = self.pool.current().ok_or_else(|| {
@@ -811,9 +825,44 @@ impl<'a> Engine<'a> {
             };
             match checkout {
                 Err(PoolError::Retired) => continue,
-                other => break other.map_err(TxEnd::Pool)?,
+                other => return other.map_err(TxEnd::Pool),
             }
-        };
+        }
+    }
+
+    /// Counts the transaction the linked backend served, as it is let go.
+    fn note_release(&mut self) {
+        if let Some(at) = self.linked_at.take() {
+            let stats = self.pool.stats();
+            stats.active.fetch_sub(1, Ordering::Relaxed);
+            stats.transaction(
+                at.elapsed().as_micros() as u64,
+                self.bytes_in - self.counted.0,
+                self.bytes_out - self.counted.1,
+            );
+            self.counted = (self.bytes_in, self.bytes_out);
+        }
+    }
+
+    /// Borrows a backend for the transaction that is starting, and brings it in line with the
+    /// client's session (settings); statements are prepared as they are used.
+    async fn link(&mut self) -> Result<(), TxEnd> {
+        if self.backend.is_some() {
+            return Ok(());
+        }
+        let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
+        let waited = std::time::Instant::now();
+        let stats = self.pool.stats().clone();
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        let got = self.checkout_any(read).await;
+        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut be = got?;
+        let now = std::time::Instant::now();
+        stats
+            .wait_us
+            .fetch_add((now - waited).as_micros() as u64, Ordering::Relaxed);
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        self.linked_at = Some(now);
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
@@ -895,6 +944,7 @@ impl<'a> Engine<'a> {
     async fn recover_from_lost_server(&mut self, client: &mut TcpStream) -> Result<(), ()> {
         if let Some(mut be) = self.backend.take() {
             self.cancel.unlink();
+            self.note_release();
             be.mark_broken();
             let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
             tracing::warn!(tenant = %self.pool.tenant().id, server = %be.server().name, "server connection lost mid-request; the client was told and keeps its connection");
@@ -1258,6 +1308,10 @@ impl TxOutcome {
             TxEnd::ClientError(e) => e.report(),
             TxEnd::Timeout(r) => Some(r.clone()),
             TxEnd::Pool(e) => Some(e.report()),
+            TxEnd::Shutdown => Some(ErrorReport::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: pgtenant is shutting down",
+            )),
             TxEnd::ServerGone if last_server_tag != b'E' => Some(ErrorReport::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 "server closed the connection unexpectedly",

@@ -106,7 +106,7 @@ pub async fn run(pools: &Pools) {
 /// Each server some pool uses, with a way to log in to it.
 fn targets(pools: &Pools) -> HashMap<String, Target> {
     let mut out: HashMap<String, Target> = HashMap::new();
-    for p in pools.snapshot() {
+    for (_, p) in pools.snapshot() {
         let replicas = p.replicas().map(|r| r.pools().to_vec()).unwrap_or_default();
         let all = std::iter::once((p, false)).chain(replicas.into_iter().map(|r| (r, true)));
         for (pool, replica) in all {

@@ -1,15 +1,34 @@
 //! bb8's view of a backend connection.
 
+use std::sync::Arc;
+
+use crate::backend::census::{Census, ConnInfo};
 use crate::backend::{BackendConn, BackendError, ConnectSpec};
 
-#[derive(Debug)]
 pub struct BackendManager {
     spec: ConnectSpec,
+    census: Arc<Census>,
+    /// Whose connections these are, for the census (a row group's: its first tenant's).
+    tenant: Arc<str>,
+    role: Arc<str>,
+}
+
+impl std::fmt::Debug for BackendManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendManager")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
 }
 
 impl BackendManager {
-    pub fn new(spec: ConnectSpec) -> Self {
-        BackendManager { spec }
+    pub fn new(spec: ConnectSpec, census: Arc<Census>, tenant: Arc<str>, role: Arc<str>) -> Self {
+        BackendManager {
+            spec,
+            census,
+            tenant,
+            role,
+        }
     }
 }
 
@@ -22,8 +41,22 @@ impl bb8::ManageConnection for BackendManager {
         let health = &self.spec.health;
         let _turn = health.gate().await;
         match BackendConn::connect(&self.spec).await {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 health.connected();
+                let info = ConnInfo {
+                    id: self.census.next_id(),
+                    tenant: std::sync::Mutex::new(self.tenant.clone()),
+                    role: self.role.clone(),
+                    user: self.spec.credentials.user.clone(),
+                    database: self.spec.database.clone(),
+                    server: self.spec.server.name.clone(),
+                    host: self.spec.server.host.clone(),
+                    port: self.spec.server.port,
+                    pid: conn.pid(),
+                    connected: std::time::SystemTime::now(),
+                    active: Default::default(),
+                };
+                conn.census = Some(self.census.add(Arc::new(info)));
                 Ok(conn)
             }
             Err(e) => {

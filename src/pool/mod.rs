@@ -2,7 +2,9 @@
 
 pub mod health_check;
 mod manager;
+pub mod pause;
 mod replicas;
+pub mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +24,9 @@ use crate::tenancy::row_context::RowBinding;
 use crate::tenancy::{ClientUser, Server, Tenant};
 
 pub use manager::BackendManager;
+use pause::Pauses;
 pub use replicas::{ReadPolicy, Replicas};
+use stats::PoolStats;
 
 /// Whether a checkout waits for an unreachable server to come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +55,8 @@ pub enum PoolError {
     },
     #[error("the tenant's entry changed; its new pool serves this request")]
     Retired,
+    #[error("tenant \"{0}\" is paused by an administrator (PAUSE); timed out waiting for RESUME")]
+    Paused(String),
     #[error("no read replica of tenant \"{tenant}\" is usable (unreachable, or lagging more than replica_max_lag), and {why}")]
     NoReplica { tenant: String, why: &'static str },
 }
@@ -64,7 +70,9 @@ impl PoolError {
             }
             PoolError::Backend(e) => e.report(),
             PoolError::Removed(_) => ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
-            PoolError::Retired => ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()),
+            PoolError::Retired | PoolError::Paused(_) => {
+                ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string())
+            }
             PoolError::Unreachable { .. } => {
                 ErrorReport::fatal(sqlstate::CONNECTION_FAILURE, self.to_string()).with_hint(
                     "the server is down or restarting; pgtenant retries and serves again as soon as it is back",
@@ -131,6 +139,9 @@ pub struct TenantPool {
     spec: ConnectSpec,
     /// A primary's read replicas (one pool each), if the tenant has any.
     replicas: Option<Arc<Replicas>>,
+    /// Counters of (tenant, role), shared with the pools that replace this one.
+    stats: Arc<PoolStats>,
+    pauses: Arc<Pauses>,
 }
 
 impl TenantPool {
@@ -210,6 +221,23 @@ impl TenantPool {
     /// Like `checkout`; with `Patience::FailFast` an unreachable server fails the checkout at
     /// once instead of being waited for (a replica read then goes elsewhere).
     pub async fn checkout_with(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
+        if !self.pauses.wait(&self.tenant.id, self.wait).await {
+            return Err(PoolError::Paused(self.tenant.id.clone()));
+        }
+        let be = self.checkout_shared(patience).await?;
+        if let Some(c) = &be.census {
+            c.info.active.store(true, Ordering::Relaxed);
+            if let (Some(row), Ok(mut t)) = (&self.row, c.info.tenant.lock()) {
+                // A row group's connection serves one tenant after another.
+                if **t != *row.tenant {
+                    *t = row.tenant.clone();
+                }
+            }
+        }
+        Ok(be)
+    }
+
+    async fn checkout_shared(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
         let Some(share) = &self.share else {
             return self.checkout_unlimited(None, patience).await;
         };
@@ -377,6 +405,9 @@ impl TenantPool {
     /// `PARK_MAX_MS` go back to bb8, whose idle timeout and lifetime then apply.
     pub fn park(&self, mut be: Box<PooledBackend>) {
         be.tenant_share = None;
+        if let Some(c) = &be.census {
+            c.info.active.store(false, Ordering::Relaxed);
+        }
         // A retired row tenant's connections still serve the rest of its group.
         if be.is_broken() || (self.is_retired() && !self.shared) {
             self.discard(be);
@@ -489,6 +520,42 @@ impl TenantPool {
         self.replicas.as_deref().map_or(&[], Replicas::pools)
     }
 
+    pub fn stats(&self) -> &Arc<PoolStats> {
+        &self.stats
+    }
+
+    /// Clients of this pool now, and connections (all, idle in bb8, parked here).
+    pub fn load(&self) -> PoolLoad {
+        let state = self.pool.state();
+        let (parked, waiting, oldest_wait_ms) = match self.idle.lock() {
+            Ok(i) => {
+                let live: Vec<&Waiter> = i.waiters.iter().filter(|w| !w.tx.is_closed()).collect();
+                let oldest = live
+                    .iter()
+                    .map(|w| coarse_ms().saturating_sub(w.since_ms))
+                    .max()
+                    .unwrap_or(0);
+                (i.parked.len(), live.len(), oldest)
+            }
+            Err(_) => (0, 0, 0),
+        };
+        PoolLoad {
+            clients: self.clients.load(Ordering::Relaxed),
+            connections: state.connections as usize,
+            idle: state.idle_connections as usize + parked,
+            waiting,
+            oldest_wait_ms,
+        }
+    }
+
+    pub fn max_size(&self) -> u32 {
+        self.max_size
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// The health record of this pool's server.
     pub fn health(&self) -> &Arc<ServerHealth> {
         &self.health
@@ -502,6 +569,16 @@ impl TenantPool {
     pub fn state(&self) -> bb8::State {
         self.pool.state()
     }
+}
+
+/// What SHOW POOLS reports of a pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolLoad {
+    pub clients: usize,
+    pub connections: usize,
+    pub idle: usize,
+    pub waiting: usize,
+    pub oldest_wait_ms: u64,
 }
 
 /// Each with the `coarse_ms` time it was parked.
@@ -667,6 +744,9 @@ pub struct Pools {
     /// Every server's health, shared by all pools on it.
     health: Arc<HealthBook>,
     health_settings: HealthConfig,
+    stats: DashMap<PoolKey, Arc<PoolStats>>,
+    census: Arc<crate::backend::census::Census>,
+    pauses: Arc<Pauses>,
 }
 
 impl Pools {
@@ -679,7 +759,46 @@ impl Pools {
             role_repair: None,
             health: HealthBook::new(),
             health_settings: HealthConfig::default(),
+            stats: DashMap::new(),
+            census: Arc::default(),
+            pauses: Arc::default(),
         }
+    }
+
+    pub fn census(&self) -> &Arc<crate::backend::census::Census> {
+        &self.census
+    }
+
+    pub fn pauses(&self) -> &Arc<Pauses> {
+        &self.pauses
+    }
+
+    /// Counters of every (tenant, role) served since start (or since the tenant came back).
+    pub fn all_stats(&self) -> Vec<(PoolKey, Arc<PoolStats>)> {
+        let mut v: Vec<(PoolKey, Arc<PoolStats>)> = self
+            .stats
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| (&a.0.tenant, &a.0.role).cmp(&(&b.0.tenant, &b.0.role)));
+        v
+    }
+
+    /// Closes a tenant's pools (KILL): idle connections now, busy ones when their clients are
+    /// done; new clients get new pools.
+    pub fn close_tenant(&self, id: &str) -> usize {
+        let keys: Vec<PoolKey> = self
+            .pools
+            .iter()
+            .filter(|p| &*p.key().tenant == id)
+            .map(|p| p.key().clone())
+            .collect();
+        for key in &keys {
+            if let Some((_, old)) = self.pools.remove(key) {
+                old.retire(None);
+            }
+        }
+        keys.len()
     }
 
     pub fn with_health(mut self, settings: HealthConfig) -> Self {
@@ -696,8 +815,11 @@ impl Pools {
     }
 
     /// Every pool now in use (a snapshot), primaries only: replicas hang off them.
-    pub fn snapshot(&self) -> Vec<Arc<TenantPool>> {
-        self.pools.iter().map(|p| p.value().clone()).collect()
+    pub fn snapshot(&self) -> Vec<(PoolKey, Arc<TenantPool>)> {
+        self.pools
+            .iter()
+            .map(|p| (p.key().clone(), p.value().clone()))
+            .collect()
     }
 
     /// With a registry: row-tier logins refused their password have it restored (see
@@ -755,6 +877,8 @@ impl Pools {
                     if let Some((_, old)) = self.pools.remove(&key) {
                         old.retire(None);
                     }
+                    // A tenant or role that is gone takes its counters along.
+                    self.stats.remove(&key);
                 }
             }
         }
@@ -783,6 +907,11 @@ impl Pools {
         server: &Arc<Server>,
     ) -> TenantPool {
         let s = &self.settings;
+        let key = PoolKey {
+            tenant: Arc::from(tenant.id.as_str()),
+            role: Arc::from(user.name.as_str()),
+        };
+        let stats = self.stats.entry(key).or_default().clone();
         let row_tier = tenant.tier == Tier::Row;
         let health = self.health.of(server);
         let spec = ConnectSpec {
@@ -830,6 +959,7 @@ impl Pools {
                     Connections {
                         pool: self.bb8_pool(
                             tenant,
+                            &user.name,
                             s.default_size,
                             None,
                             wait,
@@ -847,6 +977,7 @@ impl Pools {
             Connections {
                 pool: self.bb8_pool(
                     tenant,
+                    &user.name,
                     tenant.pool_size,
                     tenant.min_idle,
                     wait,
@@ -880,12 +1011,16 @@ impl Pools {
             health,
             spec,
             replicas: None,
+            stats,
+            pauses: self.pauses.clone(),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn bb8_pool(
         &self,
         tenant: &Tenant,
+        role: &str,
         size: u32,
         min_idle: Option<u32>,
         wait: Duration,
@@ -908,7 +1043,12 @@ impl Pools {
             .reaper_rate(Duration::from_secs(server_idle.clamp(1, 30)))
             .queue_strategy(bb8::QueueStrategy::Lifo)
             .error_sink(Box::new(FailureSink(failures.clone())))
-            .build_unchecked(BackendManager::new(spec))
+            .build_unchecked(BackendManager::new(
+                spec,
+                self.census.clone(),
+                Arc::from(tenant.id.as_str()),
+                Arc::from(role),
+            ))
     }
 
     /// Drops pools that have had no client and no connection for `idle`, so thousands of

@@ -631,6 +631,9 @@ async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size(
     let first = f.tenant_at(addr, "hooli").await;
     let second = f.tenant_at(addr, "hooli").await;
     let other = f.tenant_at(addr, "piedpiper").await;
+    // Its neighbour has a connection open already (opening one can take longer than the
+    // 1 s wait on a loaded machine).
+    assert_eq!(visible_owners(&other).await, ["Pia", "Pete"]);
     first.batch_execute("BEGIN; SELECT 1").await.unwrap();
     let e = second.batch_execute("SELECT 1").await.unwrap_err();
     assert!(
@@ -640,7 +643,6 @@ async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size(
     );
     assert_eq!(visible_owners(&other).await, ["Pia", "Pete"]);
     first.batch_execute("COMMIT").await.unwrap();
-    // Like PgBouncer's query_wait_timeout, the refusal ended that client's session.
-    let again = f.tenant_at(addr, "hooli").await;
-    assert_eq!(visible_owners(&again).await, ["Hal", "Hana"]);
+    // The refusal failed that request only: the client goes on once a share is free.
+    assert_eq!(visible_owners(&second).await, ["Hal", "Hana"]);
 }

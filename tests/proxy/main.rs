@@ -3,6 +3,7 @@
 mod support;
 
 mod addressing;
+mod admin;
 mod auth;
 mod faults;
 mod isolation;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use tokio_postgres::{Client, NoTls};
 
 pub const PASSWORD: &str = DEMO_PASSWORD;
+/// The admin console's user (password `PASSWORD`).
+pub const ADMIN: &str = "admin";
 
 /// Tests that watch or load the scratch tenant's backends run one at a time.
 pub static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -106,6 +108,10 @@ async fn build() -> Fixture {
         }
     }
     add_auth_method_tenants(&main, &mut config).await;
+    config.admin.users.push(pgtenant::config::AdminUserConfig {
+        name: ADMIN.into(),
+        scram: hash_password(PASSWORD),
+    });
     // pgbench -i creates its tables through the proxy.
     second
         .connect("scratch")
@@ -293,6 +299,17 @@ impl Fixture {
             std::mem::forget(handle);
         });
         rx.await.expect("extra proxy started")
+    }
+
+    /// An admin console connection to the proxy at `addr`.
+    pub async fn admin_at(&self, addr: SocketAddr) -> Client {
+        self.connect_str(&format!(
+            "host={} port={} user={ADMIN} dbname=pgtenant password={PASSWORD}",
+            addr.ip(),
+            addr.port()
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("admin console: {}", pg_error(&e)))
     }
 
     /// Connection string through the proxy at `addr` as `app.<tenant>`.
