@@ -57,6 +57,8 @@ pub struct ProxyContext {
     /// The config file, for RELOAD.
     pub config_path: std::sync::OnceLock<std::path::PathBuf>,
     pub started: std::time::Instant,
+    /// Where the Prometheus endpoint listens, once bound.
+    pub metrics_addr: std::sync::OnceLock<SocketAddr>,
     shutdown: tokio::sync::Notify,
     shutting_down: std::sync::atomic::AtomicBool,
 }
@@ -184,6 +186,8 @@ impl ProxyContext {
 pub struct Proxy {
     ctx: Arc<ProxyContext>,
     listener: TcpListener,
+    /// The Prometheus endpoint's listener, when configured.
+    metrics: Option<TcpListener>,
 }
 
 impl Proxy {
@@ -214,6 +218,14 @@ impl Proxy {
         registry: Arc<dyn TenantRegistry>,
         file_tenants: Option<Arc<StaticRegistry>>,
     ) -> Result<Proxy, ServeError> {
+        let metrics = match config.admin.metrics_listen {
+            Some(addr) => Some(
+                crate::admin::metrics::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -232,7 +244,7 @@ impl Proxy {
             .with_role_repair(repair)
             .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);
-        Ok(Proxy {
+        let proxy = Proxy {
             ctx: Arc::new(ProxyContext {
                 config,
                 registry,
@@ -243,11 +255,19 @@ impl Proxy {
                 file_tenants,
                 config_path: std::sync::OnceLock::new(),
                 started: std::time::Instant::now(),
+                metrics_addr: std::sync::OnceLock::new(),
                 shutdown: tokio::sync::Notify::new(),
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
             listener,
-        })
+            metrics: None,
+        };
+        let mut proxy = proxy;
+        if let Some((l, addr)) = metrics {
+            let _ = proxy.ctx.metrics_addr.set(addr);
+            proxy.metrics = Some(l);
+        }
+        Ok(proxy)
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -265,6 +285,10 @@ impl Proxy {
         let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
         let ctx = self.ctx.clone();
         let checker = tokio::spawn(async move { crate::pool::health_check::run(&ctx.pools).await });
+        let exporter = self.metrics.map(|l| {
+            tracing::info!(addr = ?self.ctx.metrics_addr.get(), "Prometheus endpoint at /metrics");
+            tokio::spawn(crate::admin::metrics::serve(l, self.ctx.clone()))
+        });
         let ctx = self.ctx.clone();
         let stop = async move {
             tokio::select! {
@@ -277,6 +301,9 @@ impl Proxy {
         sweeper.abort();
         follower.abort();
         checker.abort();
+        if let Some(e) = exporter {
+            e.abort();
+        }
     }
 
     /// Serves on a background task.

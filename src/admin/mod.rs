@@ -3,6 +3,7 @@
 //! column names and order where they mean the same, with tenant columns added at the end.
 
 mod command;
+pub mod metrics;
 mod resultset;
 mod show;
 

@@ -176,11 +176,15 @@ pub struct AdminConfig {
     /// Who may use it: `{ name = "admin", scram = "SCRAM-SHA-256$..." }`.
     #[serde(default)]
     pub users: Vec<AdminUserConfig>,
+    /// Address of the Prometheus endpoint (`GET /metrics`); off when unset. Keep it on
+    /// 127.0.0.1 or a private network: it names every tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl AdminConfig {
     fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.users.is_empty() && self.metrics_listen.is_none()
     }
 }
 

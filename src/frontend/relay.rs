@@ -69,7 +69,6 @@ pub async fn relay(
     limits: Option<&str>,
     stats: &crate::pool::stats::PoolStats,
 ) -> RelayOutcome {
-    use std::sync::atomic::Ordering;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
     let mut sscan = Scanner::new(MAX_SERVER_MESSAGE, INSPECT_LIMIT);
@@ -107,7 +106,7 @@ pub async fn relay(
                         return false;
                     }
                     if matches!(tag, b'Q' | b'E') {
-                        stats.queries.fetch_add(1, Ordering::Relaxed);
+                        stats.queries.inc();
                     }
                     if tx_began.is_none() && tag != b'H' {
                         tx_began = Some(std::time::Instant::now());
@@ -160,8 +159,7 @@ pub async fn relay(
                             transaction_ended |= b.first() == Some(&b'I');
                             if b.first() == Some(&b'I') {
                                 if let Some(at) = tx_began.take() {
-                                    stats.xacts.fetch_add(1, Ordering::Relaxed);
-                                    stats.xact_us.fetch_add(at.elapsed().as_micros() as u64, Ordering::Relaxed);
+                                    stats.transaction(at.elapsed().as_secs_f64(), 0, 0);
                                 }
                             }
                             st.pending = st.pending.saturating_sub(1);
@@ -255,8 +253,8 @@ pub async fn relay(
         );
         send_report(client, &report).await;
     }
-    stats.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
-    stats.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+    stats.bytes_in.inc_by(bytes_in);
+    stats.bytes_out.inc_by(bytes_out);
     RelayOutcome {
         end,
         leftover: Leftover {

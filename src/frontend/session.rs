@@ -139,7 +139,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let (how, bytes_in, bytes_out) = match mode {
         PoolMode::Session => Box::pin(async {
             let stats = pool.stats();
-            stats.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.active.inc();
             let outcome = relay(
                 &mut client,
                 &mut backend,
@@ -149,7 +149,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 pool.stats(),
             )
             .await;
-            stats.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            stats.active.dec();
             cancel.unlink();
             farewell(&mut client, &cancel).await;
             drop(client);
@@ -210,10 +210,9 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         })
         .await,
     };
-    pool.stats().client_ms.fetch_add(
-        started.elapsed().as_millis() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    pool.stats()
+        .client_seconds
+        .inc_by(started.elapsed().as_secs_f64());
     info!(
         tenant = %who.tenant,
         role = %who.role,

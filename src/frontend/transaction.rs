@@ -11,7 +11,6 @@
 //! CloseComplete for a client Close) are emitted in order.
 
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +133,8 @@ pub struct Engine<'a> {
     /// When the linked backend was checked out, and the byte counts at the last release.
     linked_at: Option<std::time::Instant>,
     counted: (u64, u64),
+    /// When the oldest client request still waiting for its ReadyForQuery was received.
+    request_at: Option<std::time::Instant>,
     state: &'a mut ClientState,
     cancel: &'a CancelGuard,
     max_message: usize,
@@ -185,6 +186,7 @@ impl<'a> Engine<'a> {
             deferred_error: None,
             linked_at: None,
             counted: (0, 0),
+            request_at: None,
             state,
             cancel,
             max_message,
@@ -478,7 +480,10 @@ impl<'a> Engine<'a> {
             return Ok(());
         }
         if matches!(tag, b'Q' | b'E') {
-            self.pool.stats().queries.fetch_add(1, Ordering::Relaxed);
+            self.pool.stats().queries.inc();
+        }
+        if matches!(tag, b'Q' | b'S' | b'F') && self.request_at.is_none() {
+            self.request_at = Some(std::time::Instant::now());
         }
         match tag {
             b'Q' => {
@@ -767,6 +772,7 @@ impl<'a> Engine<'a> {
         match refusal {
             Ok(()) => Ok(true),
             Err(report) => {
+                self.pool.stats().error(report.code.as_bytes());
                 if matches!(tag, b'Q' | b'F' | b'S') {
                     let mut b = BytesMut::new();
                     report.encode(&mut b);
@@ -834,9 +840,9 @@ impl<'a> Engine<'a> {
     fn note_release(&mut self) {
         if let Some(at) = self.linked_at.take() {
             let stats = self.pool.stats();
-            stats.active.fetch_sub(1, Ordering::Relaxed);
+            stats.active.dec();
             stats.transaction(
-                at.elapsed().as_micros() as u64,
+                at.elapsed().as_secs_f64(),
                 self.bytes_in - self.counted.0,
                 self.bytes_out - self.counted.1,
             );
@@ -853,15 +859,13 @@ impl<'a> Engine<'a> {
         let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
         let waited = std::time::Instant::now();
         let stats = self.pool.stats().clone();
-        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        stats.waiting.inc();
         let got = self.checkout_any(read).await;
-        stats.waiting.fetch_sub(1, Ordering::Relaxed);
+        stats.waiting.dec();
         let mut be = got?;
         let now = std::time::Instant::now();
-        stats
-            .wait_us
-            .fetch_add((now - waited).as_micros() as u64, Ordering::Relaxed);
-        stats.active.fetch_add(1, Ordering::Relaxed);
+        stats.wait_seconds.observe((now - waited).as_secs_f64());
+        stats.active.inc();
         self.linked_at = Some(now);
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
@@ -1142,6 +1146,9 @@ impl<'a> Engine<'a> {
                 }
                 if !proxy {
                     self.tx_failed = true;
+                    if let Some(code) = body.and_then(sqlstate_of) {
+                        self.pool.stats().error(code);
+                    }
                 }
                 // The binding's own messages: the connection stays bound to nobody, and the
                 // client, which did not send them, is not told (its statements fail closed).
@@ -1177,6 +1184,19 @@ impl<'a> Engine<'a> {
                 self.queue.pop_front();
                 self.copy = false;
                 if !proxy {
+                    if let Some(at) = self.request_at.take() {
+                        self.pool
+                            .stats()
+                            .query_seconds
+                            .observe(at.elapsed().as_secs_f64());
+                        let more = self
+                            .queue
+                            .iter()
+                            .any(|i| matches!(i, Item::Client(r) if r.ends_with_ready()));
+                        if more {
+                            self.request_at = Some(std::time::Instant::now());
+                        }
+                    }
                     self.tx_status = status;
                     self.began_in_batch = false;
                     if status == b'I' {
@@ -1429,6 +1449,22 @@ fn abort_statement() -> String {
         "the transaction was aborted when its server connection was lost",
     );
     format!("BEGIN; {}", raise_statement(&report))
+}
+
+/// The SQLSTATE field of an ErrorResponse body.
+fn sqlstate_of(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if field == b'C' {
+            return Some(&tail[..end]);
+        }
+        rest = &tail[end + 1..];
+    }
+    None
 }
 
 /// The error a server sends before closing a connection (FATAL or PANIC), as a report of

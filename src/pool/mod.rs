@@ -745,6 +745,7 @@ pub struct Pools {
     health: Arc<HealthBook>,
     health_settings: HealthConfig,
     stats: DashMap<PoolKey, Arc<PoolStats>>,
+    metrics: Arc<stats::Metrics>,
     census: Arc<crate::backend::census::Census>,
     pauses: Arc<Pauses>,
 }
@@ -760,9 +761,14 @@ impl Pools {
             health: HealthBook::new(),
             health_settings: HealthConfig::default(),
             stats: DashMap::new(),
+            metrics: Arc::default(),
             census: Arc::default(),
             pauses: Arc::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<stats::Metrics> {
+        &self.metrics
     }
 
     pub fn census(&self) -> &Arc<crate::backend::census::Census> {
@@ -877,8 +883,10 @@ impl Pools {
                     if let Some((_, old)) = self.pools.remove(&key) {
                         old.retire(None);
                     }
-                    // A tenant or role that is gone takes its counters along.
-                    self.stats.remove(&key);
+                    // A tenant or role that is gone takes its counters (and series) along.
+                    if let Some((_, st)) = self.stats.remove(&key) {
+                        st.unregister(&self.metrics);
+                    }
                 }
             }
         }
@@ -911,7 +919,11 @@ impl Pools {
             tenant: Arc::from(tenant.id.as_str()),
             role: Arc::from(user.name.as_str()),
         };
-        let stats = self.stats.entry(key).or_default().clone();
+        let stats = self
+            .stats
+            .entry(key)
+            .or_insert_with(|| Arc::new(PoolStats::new(&self.metrics, &tenant.id, &user.name)))
+            .clone();
         let row_tier = tenant.tier == Tier::Row;
         let health = self.health.of(server);
         let spec = ConnectSpec {

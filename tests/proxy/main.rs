@@ -8,6 +8,7 @@ mod auth;
 mod faults;
 mod isolation;
 mod limits;
+mod metrics;
 mod pgbench;
 mod protocol;
 mod session;
