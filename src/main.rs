@@ -257,6 +257,18 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             }
         };
         config.listen = listen;
+        // The admin console and the Prometheus endpoint (9187, PgBouncer exporter's usual
+        // port, unless something holds it).
+        config.admin.users.push(pgtenant::config::AdminUserConfig {
+            name: "admin".into(),
+            scram: hash_password(demo::DEMO_PASSWORD),
+        });
+        let metrics_port = if std::net::TcpListener::bind(("127.0.0.1", 9187)).is_ok() {
+            9187
+        } else {
+            0
+        };
+        config.admin.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)));
         let config_path = cluster.dir().join("proxy.toml");
         if let Err(e) = demo::write_private(&config_path, &config.to_toml()) {
             eprintln!("cannot write {}: {e}", config_path.display());
@@ -270,6 +282,7 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             }
         };
         let addr = proxy.local_addr();
+        let _ = proxy.context().config_path.set(config_path.clone());
         println!();
         println!("pgtenant demo: serving on {addr}");
         println!("PostgreSQL: {}", cluster.conn_string("postgres"));
@@ -280,13 +293,25 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             println!("{:<10} {:<9} {}", t.id, t.tier.as_str(), demo::psql_line(addr, t.id));
         }
         println!();
+        println!(
+            "admin console: PGPASSWORD={} psql -h {} -p {} -U admin pgtenant -c 'SHOW POOLS'",
+            demo::DEMO_PASSWORD,
+            addr.ip(),
+            addr.port()
+        );
+        if let Some(m) = proxy.context().metrics_addr.get() {
+            println!("metrics:       curl -s http://{m}/metrics | grep pgtenant_");
+        }
+        println!();
         println!("Try: SELECT current_database(), current_schemas(true); SELECT * FROM accounts; and, as a row tenant, SELECT pgtenant_rls.tenant();");
         println!(
             "Manage tenants while it runs: pgtenant tenant list --config {}",
             config_path.display()
         );
         println!("Press Ctrl-C to stop and remove everything.");
+        let reloader = tokio::spawn(reload_on_sighup(proxy.context(), config_path.clone()));
         proxy.run(shutdown_signal()).await;
+        reloader.abort();
         ExitCode::SUCCESS
     });
     drop(rt);

@@ -170,11 +170,21 @@ fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
         .unwrap();
     let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
     let (mut urls, mut config_path) = (Vec::new(), None);
+    let (mut serving, mut admin_line, mut metrics_url) = (None, None, None);
     let deadline = Instant::now() + Duration::from_secs(120);
     for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(p) = line.strip_prefix("config: ") {
             config_path = Some(std::path::PathBuf::from(p));
+        }
+        if let Some(a) = line.strip_prefix("pgtenant demo: serving on ") {
+            serving = Some(a.trim().to_string());
+        }
+        if line.starts_with("admin console:") {
+            admin_line = Some(line.clone());
+        }
+        if let Some(m) = line.strip_prefix("metrics:") {
+            metrics_url = m.split_whitespace().nth(2).map(str::to_string);
         }
         if let Some(start) = line.find("psql \"") {
             let url = line[start + 6..].trim_end_matches('"').to_string();
@@ -205,6 +215,36 @@ fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
             "{tier} {url}"
         );
     }
+    // The admin console line and the metrics URL it printed work.
+    let admin_line = admin_line.expect("the demo printed the admin console line");
+    assert!(admin_line.contains("-U admin pgtenant"), "{admin_line}");
+    let serving: std::net::SocketAddr = serving.expect("serving line").parse().expect("addr");
+    let out = Command::new(&psql)
+        .args(["-X", "-At", "-h"])
+        .arg(serving.ip().to_string())
+        .arg("-p")
+        .arg(serving.port().to_string())
+        .args(["-U", "admin", "pgtenant", "-c", "SHOW VERSION"])
+        .env("PGPASSWORD", "demo")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("pgtenant"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = metrics_url.expect("the demo printed the metrics URL");
+    let hostport = url
+        .strip_prefix("http://")
+        .and_then(|u| u.strip_suffix("/metrics"))
+        .expect("metrics URL");
+    let mut http = std::net::TcpStream::connect(hostport).expect("metrics endpoint");
+    std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut scrape = String::new();
+    std::io::Read::read_to_string(&mut http, &mut scrape).unwrap();
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    assert!(scrape.contains("pgtenant_transactions_total"), "{scrape}");
+
     let config_path = config_path.expect("the demo printed its config path");
     assert!(config_path.exists());
     pgtenant::config::Config::load(&config_path).expect("the printed config is valid");
