@@ -357,3 +357,131 @@ async fn shutdown_lets_running_transactions_commit_and_tells_idle_clients() {
         .get(0);
     assert_eq!(n, 1, "the drained transaction committed");
 }
+
+/// `pgtenant serve` as a process, with the fixture's config on a port of its own.
+struct Served {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+fn serve_process() -> Served {
+    let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let mut config = f.config.clone();
+    config.listen = format!("127.0.0.1:{port}").parse().expect("addr");
+    config.shutdown_timeout = 20;
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config.to_toml()).expect("config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn pgtenant serve");
+    let addr = config.listen;
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Served {
+        child,
+        addr,
+        _dir: dir,
+    }
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_and_loses_no_committed_transaction() {
+    let _serial = crate::support::FAULTS.lock().await;
+    let f = fixture();
+    let mut served = serve_process();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for client in 0..20 {
+        let c = f.tenant_at(served.addr, "faulty").await;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut committed, mut failed) = (Vec::new(), Vec::new());
+            let mut seq = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && !c.is_closed() {
+                seq += 1;
+                let tag = format!("drain-{client}-{seq}");
+                let r = async {
+                    c.batch_execute("BEGIN").await?;
+                    for leg in ["a", "b"] {
+                        c.execute(
+                            "INSERT INTO accounts (owner) VALUES ($1)",
+                            &[&format!("{tag}-{leg}")],
+                        )
+                        .await?;
+                    }
+                    c.batch_execute("COMMIT").await
+                }
+                .await;
+                match r {
+                    Ok(()) => committed.push(tag),
+                    Err(_) => {
+                        let _ = c.batch_execute("ROLLBACK").await;
+                        failed.push(tag);
+                    }
+                }
+            }
+            (committed, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let status = tokio::task::spawn_blocking(move || served.child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "pgtenant exits 0 after draining: {status:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let (mut committed, mut failed) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (c, fl) = t.await.expect("client");
+        committed.extend(c);
+        failed.extend(fl);
+    }
+    assert!(
+        !committed.is_empty(),
+        "transactions committed before the drain"
+    );
+    let direct = f.direct(0, "faulty").await;
+    let rows = direct
+        .query(
+            "SELECT left(owner, length(owner) - 2), count(*) FROM accounts
+              WHERE owner LIKE 'drain-%' GROUP BY 1",
+            &[],
+        )
+        .await
+        .expect("ledger");
+    let mut present = std::collections::HashSet::new();
+    for r in rows {
+        let tag: String = r.get(0);
+        assert_eq!(r.get::<_, i64>(1), 2, "{tag} was half-applied");
+        present.insert(tag);
+    }
+    for tag in &committed {
+        assert!(present.contains(tag), "committed {tag} is missing");
+    }
+    for tag in &failed {
+        assert!(!present.contains(tag), "failed {tag} was applied");
+    }
+}
