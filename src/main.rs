@@ -82,6 +82,14 @@ enum Command {
         #[command(flatten)]
         config: cli::ConfigArg,
     },
+    /// Hourly usage per tenant (transactions, queries, server time, bytes, connection time),
+    /// summed over every proxy that flushed to the registry.
+    Usage {
+        #[command(flatten)]
+        args: cli::UsageArgs,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
     /// Apply pending per-tenant migrations to every tenant with auto_update.
     Migrate {
         #[command(flatten)]
@@ -141,6 +149,9 @@ fn main() -> ExitCode {
         }
         Command::RowTierInstall { url, config } => {
             cli::finish(runtime(0).block_on(cli::row_tier_install(&url, &config.config)))
+        }
+        Command::Usage { args, config } => {
+            cli::finish(runtime(0).block_on(cli::usage_cmd(args, &config.config)))
         }
         Command::Migrate { args, config } => {
             cli::finish(runtime(0).block_on(cli::migrate_cmd(args, &config.config)))

@@ -285,6 +285,13 @@ impl Proxy {
         let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
         let ctx = self.ctx.clone();
         let checker = tokio::spawn(async move { crate::pool::health_check::run(&ctx.pools).await });
+        let (usage_stop, usage_stopped) = oneshot::channel::<()>();
+        let usage = self
+            .ctx
+            .config
+            .registry
+            .is_some()
+            .then(|| tokio::spawn(flush_usage(self.ctx.clone(), usage_stopped)));
         let exporter = self.metrics.map(|l| {
             tracing::info!(addr = ?self.ctx.metrics_addr.get(), "Prometheus endpoint at /metrics");
             tokio::spawn(crate::admin::metrics::serve(l, self.ctx.clone()))
@@ -303,6 +310,16 @@ impl Proxy {
         checker.abort();
         if let Some(e) = exporter {
             e.abort();
+        }
+        if let Some(u) = usage {
+            // A last flush, so what the final minute used is not lost.
+            let _ = usage_stop.send(());
+            if tokio::time::timeout(std::time::Duration::from_secs(10), u)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the last usage flush did not finish in time");
+            }
         }
     }
 
@@ -337,6 +354,45 @@ impl ProxyHandle {
             let _ = tx.send(());
         }
         let _ = (&mut self.task).await;
+    }
+}
+
+/// Adds what tenants used to the registry's hourly usage rows every `registry.usage_interval`;
+/// a failed flush keeps its deltas for the next one.
+async fn flush_usage(ctx: Arc<ProxyContext>, mut stop: oneshot::Receiver<()>) {
+    let Some(cfg) = ctx.config.registry.clone() else {
+        return;
+    };
+    let interval = std::time::Duration::from_secs(cfg.usage_interval.max(1));
+    let instance = crate::tenancy::usage::instance_id();
+    let mut flushed = std::collections::BTreeMap::new();
+    let mut store = None;
+    let mut last = false;
+    while !last {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = &mut stop => last = true,
+        }
+        if store.is_none() {
+            match crate::tenancy::store::RegistryStore::open(&cfg).await {
+                Ok(s) => store = Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "usage flush: registry unreachable; will retry");
+                    continue;
+                }
+            }
+        }
+        let Some(s) = &store else {
+            continue;
+        };
+        let now = crate::tenancy::usage::totals(&ctx.pools);
+        match crate::tenancy::usage::flush(s, &instance, &now, &flushed).await {
+            Ok(()) => flushed = now,
+            Err(e) => {
+                tracing::warn!(error = %e, "usage flush failed; will retry");
+                store = None;
+            }
+        }
     }
 }
 

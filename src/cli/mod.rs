@@ -731,6 +731,64 @@ fn show(r: &TenantRows) -> String {
     )
 }
 
+#[derive(Args, Debug)]
+pub struct UsageArgs {
+    /// Hours from this time on (e.g. 2026-11-01, or "2026-11-27 09:00"); default: all.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// One tenant only.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Comma-separated values with a header line, for spreadsheets and billing.
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pgtenant usage`: hourly usage per tenant from the registry, summed over all proxies.
+pub async fn usage_cmd(args: UsageArgs, config: &Path) -> Result<(), Failure> {
+    let (_, store) = open(config).await?;
+    let rows =
+        crate::tenancy::usage::read(&store, args.since.as_deref(), args.tenant.as_deref()).await?;
+    const HEADERS: [&str; 8] = [
+        "tenant",
+        "hour (UTC)",
+        "transactions",
+        "queries",
+        "server_busy_us",
+        "bytes_in",
+        "bytes_out",
+        "client_connection_seconds",
+    ];
+    let cells = |r: &crate::tenancy::usage::UsageRow| {
+        vec![
+            r.tenant.clone(),
+            r.hour.clone(),
+            r.transactions.to_string(),
+            r.queries.to_string(),
+            r.server_busy_us.to_string(),
+            r.bytes_in.to_string(),
+            r.bytes_out.to_string(),
+            r.client_connection_seconds.to_string(),
+        ]
+    };
+    if args.json {
+        println!("{}", output::json(&rows));
+    } else if args.csv {
+        println!("{}", HEADERS.join(",").replace("hour (UTC)", "hour_utc"));
+        for r in &rows {
+            println!("{}", cells(r).join(","));
+        }
+    } else {
+        println!(
+            "{}",
+            output::table(&HEADERS, rows.iter().map(cells).collect())
+        );
+    }
+    Ok(())
+}
+
 pub async fn migrate_cmd(args: MigrateArgs, config: &Path) -> Result<(), Failure> {
     let (_, store) = open(config).await?;
     let migs = migrations(&store)?;

@@ -111,6 +111,9 @@ pub struct RegistryConfig {
     /// Shared database of row-tier tenants on each server.
     #[serde(default = "default_row_database")]
     pub row_database: String,
+    /// Seconds between flushes of usage accounting to `pgtenant.tenant_usage`.
+    #[serde(default = "default_usage_interval")]
+    pub usage_interval: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -422,6 +425,7 @@ impl RegistryConfig {
             migrate_concurrency: default_migrate_concurrency(),
             schema_database: default_schema_database(),
             row_database: default_row_database(),
+            usage_interval: default_usage_interval(),
         }
     }
 
@@ -457,6 +461,9 @@ fn default_health_interval() -> u64 {
 }
 fn default_replica_max_lag() -> u64 {
     10
+}
+fn default_usage_interval() -> u64 {
+    60
 }
 fn default_resync() -> u64 {
     30

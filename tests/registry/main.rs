@@ -8,3 +8,4 @@ mod lifecycle;
 mod migrations;
 mod reload;
 mod replicas;
+mod usage;

@@ -120,4 +120,20 @@ ALTER TABLE pgtenant.client_users ADD COLUMN read_only boolean NOT NULL DEFAULT 
 ALTER TABLE pgtenant.tenants ADD CONSTRAINT row_tier_tenants_read_from_their_primary
     CHECK (tier <> 'row' OR replicas = '{}') NOT VALID;
 "#,
+    // 4: usage per tenant, hourly, one row per proxy instance (summed on read).
+    r#"
+CREATE TABLE pgtenant.tenant_usage (
+    instance                   text NOT NULL,
+    tenant_id                  text NOT NULL,
+    hour                       timestamptz NOT NULL,
+    transactions               bigint NOT NULL DEFAULT 0,
+    queries                    bigint NOT NULL DEFAULT 0,
+    server_busy_us             bigint NOT NULL DEFAULT 0,
+    bytes_in                   bigint NOT NULL DEFAULT 0,
+    bytes_out                  bigint NOT NULL DEFAULT 0,
+    client_connection_seconds  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (instance, tenant_id, hour)
+);
+CREATE INDEX tenant_usage_hour ON pgtenant.tenant_usage (hour, tenant_id);
+"#,
 ];
