@@ -270,6 +270,7 @@ pub async fn provision(
             params: BTreeMap::from([("TimeZone".to_string(), "UTC".to_string())]),
             limits: BTreeMap::new(),
             replicas: None,
+            slow_transaction_ms: None,
             read_write_split: false,
             replica_fallback: true,
             users: vec![UserConfig {

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod logging;
 pub mod pg_error;
 pub mod pool;
 pub mod protocol;

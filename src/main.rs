@@ -12,7 +12,6 @@ use pgtenant::config::Config;
 use pgtenant::demo;
 use pgtenant::frontend::scram::hash_password;
 use pgtenant::server::Proxy;
-use tracing_subscriber::EnvFilter;
 
 /// mimalloc rather than glibc malloc: the per-transaction state of a client (boxed while it is
 /// active, freed while it idles, so idle clients stay small) is larger than glibc's per-thread
@@ -101,13 +100,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Commands other than serve log at the default settings; serve applies its config's.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        pgtenant::logging::init(&pgtenant::config::LogConfig::default());
+    }
     match cli.command {
         Command::HashPassword => hash_password_cmd(),
         Command::CheckConfig { config } => match Config::load(&config) {
@@ -135,6 +131,7 @@ fn main() -> ExitCode {
                 }
             };
             let path = config_path;
+            pgtenant::logging::init(&config.log);
             runtime(config.worker_threads).block_on(serve(config, path))
         }
         Command::Demo { listen } => demo_cmd(listen),

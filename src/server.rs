@@ -163,6 +163,7 @@ impl ProxyContext {
                 old.tenant_separator != config.tenant_separator,
             ),
             ("row_key", old.row_key != config.row_key),
+            ("log.format", old.log.format != config.log.format),
         ];
         for (name, changed) in fixed {
             if changed {
@@ -172,6 +173,7 @@ impl ProxyContext {
                 );
             }
         }
+        crate::logging::set_level(&config.log.level);
         let changed = file.reload(config)?;
         // Applied here too (the change followers will find nothing left to do), so the
         // caller's next request already meets the new pools.

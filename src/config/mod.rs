@@ -73,6 +73,8 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default, skip_serializing_if = "AdminConfig::is_empty")]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub log: LogConfig,
     /// Tenants kept in a PostgreSQL registry database, beside (or instead of) `[[tenants]]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
@@ -170,6 +172,43 @@ impl Default for PoolConfig {
             pool_idle_timeout: default_pool_idle(),
         }
     }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json` (one object per line).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// Filter, e.g. `info` or `info,pgtenant::pool=debug` (`RUST_LOG` wins); reloadable.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Log transactions that take longer than this many ms (0: off); tenants may override.
+    #[serde(default)]
+    pub slow_transaction_ms: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_log_level(),
+            slow_transaction_ms: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }
 
 /// The admin console (database `pgtenant` on the proxy's port).
@@ -332,6 +371,10 @@ pub struct TenantConfig {
     /// Caps on settings a client may not raise beyond its transaction (`tenancy::limits`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub limits: BTreeMap<String, String>,
+    /// Log this tenant's transactions longer than this many ms (overrides
+    /// `log.slow_transaction_ms`; 0: off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_transaction_ms: Option<u64>,
     /// Read replicas of this tenant, replacing its server's list (`[]`: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<Vec<String>>,
@@ -394,6 +437,7 @@ impl Config {
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
             admin: AdminConfig::default(),
+            log: LogConfig::default(),
             registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),

@@ -9,7 +9,7 @@ use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::reset::{self, Leftover};
 use crate::backend::{BackendConn, BackendError};
@@ -92,6 +92,14 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
     drop(std::mem::take(&mut who.settings));
+    // Everything logged for this session from here on names its tenant, role and client.
+    let span = tracing::info_span!(
+        "session",
+        tenant = %who.tenant,
+        role = %who.role,
+        client = %peer,
+        client_id = cancel.key().pid
+    );
     let attached = {
         let session_settings = state.script().to_string();
         let replay = |be: &BackendConn| match mode {
@@ -100,15 +108,10 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         };
         let mut target = pool.clone();
         loop {
-            let r = Box::pin(attach_routed(
-                &mut client,
-                &ctx,
-                &tenant,
-                &target,
-                reads,
-                &replay,
-                &cancel,
-            ))
+            let r = Box::pin(
+                attach_routed(&mut client, &ctx, &tenant, &target, reads, &replay, &cancel)
+                    .instrument(span.clone()),
+            )
             .await;
             // The tenant's entry changed while this client waited (a failover, say): go on
             // with the pool built from the new one.
@@ -162,7 +165,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
-        })
+        }.instrument(span.clone()))
         .await,
         PoolMode::Transaction => Box::pin(async {
             backend.applied_settings = state.script().clone();
@@ -177,6 +180,15 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 max_message,
                 p.max_prepared_statements,
                 p.idle_transaction_timeout,
+            )
+            .with_slow_log(
+                Some(
+                    tenant
+                        .slow_transaction_ms
+                        .unwrap_or(ctx.config.log.slow_transaction_ms),
+                )
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis),
             );
             let outcome = engine.run(&mut client).await;
             farewell(&mut client, &cancel).await;
@@ -207,7 +219,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
-        })
+        }.instrument(span.clone()))
         .await,
     };
     pool.stats()

@@ -135,6 +135,8 @@ pub struct Engine<'a> {
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
     request_at: Option<std::time::Instant>,
+    /// Transactions longer than this are logged.
+    slow: Option<Duration>,
     state: &'a mut ClientState,
     cancel: &'a CancelGuard,
     max_message: usize,
@@ -187,6 +189,7 @@ impl<'a> Engine<'a> {
             linked_at: None,
             counted: (0, 0),
             request_at: None,
+            slow: None,
             state,
             cancel,
             max_message,
@@ -209,6 +212,12 @@ impl<'a> Engine<'a> {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// Logs transactions that take longer than `threshold`.
+    pub fn with_slow_log(mut self, threshold: Option<Duration>) -> Self {
+        self.slow = threshold;
+        self
     }
 
     pub async fn run(mut self, client: &mut TcpStream) -> TxOutcome {
@@ -839,10 +848,20 @@ impl<'a> Engine<'a> {
     /// Counts the transaction the linked backend served, as it is let go.
     fn note_release(&mut self) {
         if let Some(at) = self.linked_at.take() {
+            let took = at.elapsed();
+            if self.slow.is_some_and(|s| took > s) {
+                tracing::warn!(
+                    tenant = %self.pool.tenant().id,
+                    duration_ms = took.as_millis() as u64,
+                    bytes_in = self.bytes_in - self.counted.0,
+                    bytes_out = self.bytes_out - self.counted.1,
+                    "slow transaction"
+                );
+            }
             let stats = self.pool.stats();
             stats.active.dec();
             stats.transaction(
-                at.elapsed().as_secs_f64(),
+                took.as_secs_f64(),
                 self.bytes_in - self.counted.0,
                 self.bytes_out - self.counted.1,
             );

@@ -72,6 +72,8 @@ pub struct Tenant {
     pub read_write_split: bool,
     /// Reads go to the primary when no replica is usable, instead of failing.
     pub replica_fallback: bool,
+    /// This tenant's slow-transaction threshold in ms, over `log.slow_transaction_ms`.
+    pub slow_transaction_ms: Option<u64>,
     pub database: String,
     pub schema: Option<String>,
     pub pool_size: u32,

@@ -218,6 +218,7 @@ impl StaticRegistry {
                         .collect(),
                 },
                 read_write_split: t.read_write_split,
+                slow_transaction_ms: t.slow_transaction_ms,
                 replica_fallback: t.replica_fallback,
                 server,
                 database: t.database.clone(),

@@ -362,10 +362,17 @@ async fn shutdown_lets_running_transactions_commit_and_tells_idle_clients() {
 struct Served {
     child: std::process::Child,
     addr: std::net::SocketAddr,
+    config: pgtenant::config::Config,
+    path: std::path::PathBuf,
+    log: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 fn serve_process() -> Served {
+    serve_process_with(|_| {})
+}
+
+fn serve_process_with(change: impl FnOnce(&mut pgtenant::config::Config)) -> Served {
     let f = fixture();
     let dir = tempfile::tempdir().expect("tempdir");
     let port = {
@@ -375,13 +382,16 @@ fn serve_process() -> Served {
     let mut config = f.config.clone();
     config.listen = format!("127.0.0.1:{port}").parse().expect("addr");
     config.shutdown_timeout = 20;
+    change(&mut config);
     let path = dir.path().join("proxy.toml");
     std::fs::write(&path, config.to_toml()).expect("config");
+    let log = dir.path().join("pgtenant.log");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
         .args(["serve", "--config"])
         .arg(&path)
+        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
         .expect("spawn pgtenant serve");
     let addr = config.listen;
@@ -394,8 +404,70 @@ fn serve_process() -> Served {
     Served {
         child,
         addr,
+        config,
+        path,
+        log,
         _dir: dir,
     }
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_session_and_report_slow_transactions_and_sighup_changes_the_level() {
+    let f = fixture();
+    let mut served = serve_process_with(|c| {
+        c.log.format = pgtenant::config::LogFormat::Json;
+        c.log.slow_transaction_ms = 100;
+    });
+    let c = f.tenant_at(served.addr, "globex").await;
+    c.batch_execute("SELECT pg_sleep(0.3)").await.expect("slow");
+    c.batch_execute("SELECT 1").await.expect("fast");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = std::fs::read_to_string(&served.log).expect("log");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+        .collect();
+    let slow: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "slow transaction")
+        .collect();
+    assert_eq!(slow.len(), 1, "only the slow one: {text}");
+    assert_eq!(slow[0]["fields"]["tenant"], "globex");
+    assert_eq!(
+        slow[0]["span"]["role"], "app",
+        "the session's span: {}",
+        slow[0]
+    );
+    assert!(slow[0]["span"]["client_id"].is_number());
+
+    // The level is reloadable: at warn, session lines (info) stop.
+    served.config.log.level = "warn".into();
+    std::fs::write(&served.path, served.config.to_toml()).expect("rewrite");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .expect("SIGHUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = std::fs::read_to_string(&served.log)
+        .expect("log")
+        .lines()
+        .count();
+    let c = f.tenant_at(served.addr, "globex").await;
+    c.batch_execute("SELECT 1").await.expect("select");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = std::fs::read_to_string(&served.log).expect("log");
+    assert!(
+        !after
+            .lines()
+            .skip(before)
+            .any(|l| l.contains("session opened")),
+        "{after}"
+    );
+    let _ = served.child.kill();
+    let _ = served.child.wait();
 }
 
 #[tokio::test]

@@ -695,6 +695,7 @@ pub fn to_tenant(
                 .collect(),
         },
         read_write_split: t.read_write_split,
+        slow_transaction_ms: None,
         replica_fallback: t.replica_fallback,
         database: t.database.clone(),
         schema: t.schema.clone(),
