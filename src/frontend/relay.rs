@@ -32,6 +32,8 @@ pub enum RelayEnd {
     ClientError(SessionError),
     /// The server closed the connection.
     ServerGone,
+    /// pgtenant is shutting down and the client was between transactions.
+    Shutdown,
 }
 
 pub struct RelayOutcome {
@@ -68,6 +70,7 @@ pub async fn relay(
     row: Option<&RowBinding>,
     limits: Option<&str>,
     stats: &crate::pool::stats::PoolStats,
+    cancel: &super::cancel::CancelGuard,
 ) -> RelayOutcome {
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
@@ -95,7 +98,18 @@ pub async fn relay(
         if conn.read_buf.capacity() - conn.read_buf.len() < 1024 {
             conn.read_buf.reserve(READ_CHUNK);
         }
+        // Nothing of the client's in flight and no transaction open: a shutdown may end it.
+        let idle = st.pending == 0
+            && !st.unsynced
+            && !st.copy_in
+            && st.tx_status == b'I'
+            && cbuf.is_empty()
+            && conn.read_buf.is_empty();
+        if idle && cancel.is_draining() {
+            break RelayEnd::Shutdown;
+        }
         tokio::select! {
+            _ = cancel.drained(), if idle => break RelayEnd::Shutdown,
             r = client.read_buf(&mut cbuf) => {
                 match r {
                     Ok(0) | Err(_) => break RelayEnd::ClientGone,
@@ -245,6 +259,13 @@ pub async fn relay(
                 send_report(client, &report).await;
             }
         }
+    }
+    if matches!(end, RelayEnd::Shutdown) {
+        let report = ErrorReport::fatal(
+            crate::protocol::sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection: pgtenant is shutting down",
+        );
+        send_report(client, &report).await;
     }
     if matches!(end, RelayEnd::ServerGone) && sscan.at_boundary() && last_server_tag != b'E' {
         let report = ErrorReport::fatal(

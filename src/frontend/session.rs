@@ -150,6 +150,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 pool.row(),
                 tenant.enforce_limits.as_deref(),
                 pool.stats(),
+                &cancel,
             )
             .await;
             stats.active.dec();
@@ -256,6 +257,7 @@ fn describe_end(end: &RelayEnd, who: &Addressed, peer: SocketAddr) -> &'static s
             "client protocol error"
         }
         RelayEnd::ServerGone => "server connection lost",
+        RelayEnd::Shutdown => "shutdown",
     }
 }
 

@@ -44,29 +44,55 @@ fn value(row: &HashMap<String, Option<String>>, col: &str) -> String {
         .unwrap_or_else(|| panic!("no {col} in {row:?}"))
 }
 
+/// Runs one console command through psql against the proxy at `addr`.
+fn psql_admin(addr: std::net::SocketAddr, cmd: &str) -> std::process::Output {
+    std::process::Command::new(&fixture().psql)
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(addr.ip().to_string())
+        .arg("-p")
+        .arg(addr.port().to_string())
+        .args(["-U", ADMIN, "-d", "pgtenant", "-c", cmd])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("psql")
+}
+
 #[tokio::test]
-async fn every_show_command_answers_psql() {
+async fn every_admin_command_answers_psql() {
     let f = fixture();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("proxy.toml");
+    let mut config = f.config.clone();
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    std::fs::write(&path, config.to_toml()).expect("config");
+    let loaded = pgtenant::config::Config::load(&path).expect("load");
+    let (addr, ctx) = f.extra_proxy_ctx(move |c| *c = loaded).await;
+    ctx.config_path.set(path).expect("path");
+    let _c = f.tenant_at(addr, "acme").await;
     for item in [
         "HELP", "VERSION", "CONFIG", "TENANTS", "POOLS", "CLIENTS", "SERVERS", "STATS", "USAGE",
         "HEALTH",
     ] {
-        let out = std::process::Command::new(&f.psql)
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-h"])
-            .arg(f.proxy.ip().to_string())
-            .arg("-p")
-            .arg(f.proxy.port().to_string())
-            .args(["-U", ADMIN, "-d", "pgtenant", "-c"])
-            .arg(format!("SHOW {item}"))
-            .env("PGPASSWORD", PASSWORD)
-            .output()
-            .expect("psql");
+        let out = psql_admin(addr, &format!("SHOW {item}"));
         assert!(out.status.success(), "SHOW {item}: {}", stderr(&out));
         assert!(
             stdout(&out).contains("row"),
             "SHOW {item}: {}",
             stdout(&out)
         );
+    }
+    for (cmd, tag) in [
+        ("PAUSE acme", "PAUSE"),
+        ("RESUME acme", "RESUME"),
+        ("PAUSE", "PAUSE"),
+        ("RESUME", "RESUME"),
+        ("RELOAD", "RELOAD"),
+        ("KILL acme", "KILL"),
+        ("SHUTDOWN", "SHUTDOWN"),
+    ] {
+        let out = psql_admin(addr, cmd);
+        assert!(out.status.success(), "{cmd}: {}", stderr(&out));
+        assert_eq!(stdout(&out), tag, "{cmd}");
     }
 }
 
@@ -318,6 +344,35 @@ async fn reload_applies_a_changed_pool_size_to_the_running_proxy() {
         .await
         .expect("the second connection is allowed now");
     holder.batch_execute("COMMIT").await.expect("commit");
+}
+
+#[tokio::test]
+async fn shutdown_tells_an_idle_session_mode_client_at_once() {
+    let f = fixture();
+    let (addr, _ctx) = f
+        .extra_proxy_ctx(|c| {
+            c.shutdown_timeout = 60;
+            for t in c.tenants.iter_mut().filter(|t| t.id == "globex") {
+                t.pool_mode = Some(pgtenant::config::PoolMode::Session);
+            }
+        })
+        .await;
+    let idle = f.tenant_at(addr, "globex").await;
+    idle.batch_execute("SELECT 1").await.expect("select");
+    let admin = f.admin_at(addr).await;
+    let started = std::time::Instant::now();
+    admin.simple_query("SHUTDOWN").await.expect("shutdown");
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !idle.is_closed() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the idle session was ended");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not left for shutdown_timeout"
+    );
 }
 
 #[tokio::test]
