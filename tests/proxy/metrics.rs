@@ -57,7 +57,12 @@ async fn a_scrape_counts_exactly_the_traffic_sent() {
     let l = r#"{role="app",tenant="globex"}"#;
     assert_eq!(
         sample(&body, &format!("pgtenant_transactions_total{l}")),
-        Some(5.0)
+        Some(5.0),
+        "{}",
+        body.lines()
+            .filter(|l| l.contains("globex"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(
         sample(&body, &format!("pgtenant_queries_total{l}")),
