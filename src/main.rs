@@ -81,6 +81,13 @@ enum Command {
         #[command(flatten)]
         config: cli::ConfigArg,
     },
+    /// Admin console users kept in the registry: add, remove, list.
+    Admin {
+        #[command(subcommand)]
+        cmd: cli::AdminCmd,
+        #[command(flatten)]
+        config: cli::ConfigArg,
+    },
     /// Hourly usage per tenant (transactions, queries, server time, bytes, connection time),
     /// summed over every proxy that flushed to the registry.
     Usage {
@@ -146,6 +153,9 @@ fn main() -> ExitCode {
         }
         Command::RowTierInstall { url, config } => {
             cli::finish(runtime(0).block_on(cli::row_tier_install(&url, &config.config)))
+        }
+        Command::Admin { cmd, config } => {
+            cli::finish(runtime(0).block_on(cli::admin_cmd(cmd, &config.config)))
         }
         Command::Usage { args, config } => {
             cli::finish(runtime(0).block_on(cli::usage_cmd(args, &config.config)))

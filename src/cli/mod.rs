@@ -63,6 +63,19 @@ pub enum ServerCmd {
     },
 }
 
+#[derive(Subcommand, Debug)]
+pub enum AdminCmd {
+    /// Add (or change the password of) an admin console user; password from standard input.
+    Add { name: String },
+    /// Remove an admin console user.
+    Remove { name: String },
+    /// List admin console users kept in the registry.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Args, Debug, Default, Clone)]
 pub struct SettingArgs {
     #[arg(long)]
@@ -729,6 +742,50 @@ fn show(r: &TenantRows) -> String {
             .map(|(k, v)| vec![k.to_string(), v])
             .collect(),
     )
+}
+
+/// `pgtenant admin`: admin console users kept in the registry (beside the config's).
+pub async fn admin_cmd(cmd: AdminCmd, config: &Path) -> Result<(), Failure> {
+    let (_, store) = open(config).await?;
+    match cmd {
+        AdminCmd::Add { name } => {
+            if name.is_empty() || name.contains('.') {
+                return Err(ProvisionError::Invalid(
+                    "an admin user name must be non-empty and contain no '.'".into(),
+                )
+                .into());
+            }
+            let pw = read_stdin_line("password")?;
+            store.put_admin_user(&name, &hash_password(&pw)).await?;
+            println!("admin user {name} stored (as a SCRAM verifier)");
+        }
+        AdminCmd::Remove { name } => {
+            if !store.remove_admin_user(&name).await? {
+                return Err(ProvisionError::Invalid(format!("no admin user \"{name}\"")).into());
+            }
+            println!("admin user {name} removed");
+        }
+        AdminCmd::List { json } => {
+            let names: Vec<String> = store
+                .admin_users()
+                .await?
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+            if json {
+                println!("{}", output::json(&names));
+            } else {
+                println!(
+                    "{}",
+                    output::table(
+                        &["admin user"],
+                        names.into_iter().map(|n| vec![n]).collect()
+                    )
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]

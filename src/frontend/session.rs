@@ -330,7 +330,8 @@ async fn admin_login(
         .users
         .iter()
         .find(|a| a.name == user)
-        .and_then(|a| ScramVerifier::parse(&a.scram));
+        .and_then(|a| ScramVerifier::parse(&a.scram))
+        .or_else(|| ctx.registry.admin_verifier(user));
     let tenant_user = user
         .rsplit_once(ctx.config.tenant_separator.as_str())
         .and_then(|(role, t)| ctx.registry.tenant(t)?.user(role).cloned());

@@ -30,6 +30,8 @@ struct Entry {
 
 pub struct PgRegistry {
     snapshot: RwLock<HashMap<String, Entry>>,
+    /// Admin console users: name → SCRAM verifier text.
+    admins: RwLock<HashMap<String, String>>,
     changes: broadcast::Sender<TenantChange>,
     cfg: RegistryConfig,
     pool: PoolConfig,
@@ -50,6 +52,11 @@ impl TenantRegistry for PgRegistry {
     fn changes(&self) -> Option<broadcast::Receiver<TenantChange>> {
         Some(self.changes.subscribe())
     }
+
+    fn admin_verifier(&self, name: &str) -> Option<crate::frontend::scram::ScramVerifier> {
+        let admins = self.admins.read().ok()?;
+        crate::frontend::scram::ScramVerifier::parse(admins.get(name)?)
+    }
 }
 
 impl PgRegistry {
@@ -63,6 +70,7 @@ impl PgRegistry {
         let (changes, _) = broadcast::channel(1024);
         let reg = Arc::new(PgRegistry {
             snapshot: RwLock::new(HashMap::new()),
+            admins: RwLock::new(HashMap::new()),
             changes,
             cfg,
             pool,
@@ -79,6 +87,12 @@ impl PgRegistry {
         only: Option<&BTreeSet<String>>,
     ) -> Result<(), RegistryError> {
         let keys = &store.keys;
+        if only.is_none() {
+            let admins: HashMap<String, String> = store.admin_users().await?.into_iter().collect();
+            if let Ok(mut a) = self.admins.write() {
+                *a = admins;
+            }
+        }
         let servers = store.servers().await?;
         let server_fp: HashMap<&str, String> = servers
             .iter()

@@ -24,6 +24,11 @@ pub trait TenantRegistry: Send + Sync + 'static {
         None
     }
 
+    /// The SCRAM verifier of an admin console user this registry keeps, if any.
+    fn admin_verifier(&self, _name: &str) -> Option<ScramVerifier> {
+        None
+    }
+
     /// Every source of changes (a layered registry has one per layer that changes).
     fn change_streams(&self) -> Vec<tokio::sync::broadcast::Receiver<TenantChange>> {
         self.changes().into_iter().collect()
@@ -62,6 +67,10 @@ impl TenantRegistry for LayeredRegistry {
 
     fn change_streams(&self) -> Vec<tokio::sync::broadcast::Receiver<TenantChange>> {
         self.0.iter().flat_map(|r| r.change_streams()).collect()
+    }
+
+    fn admin_verifier(&self, name: &str) -> Option<ScramVerifier> {
+        self.0.iter().find_map(|r| r.admin_verifier(name))
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin;
 mod encryption;
 mod lifecycle;
 mod migrations;

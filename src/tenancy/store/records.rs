@@ -466,6 +466,40 @@ impl RegistryStore {
         Ok(())
     }
 
+    /// Admin console users: (name, SCRAM verifier).
+    pub async fn admin_users(&self) -> Result<Vec<(String, String)>, RegistryError> {
+        Ok(self
+            .client
+            .query(
+                "SELECT name, scram FROM pgtenant.admin_users ORDER BY name",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
+    pub async fn put_admin_user(&self, name: &str, scram: &str) -> Result<(), RegistryError> {
+        self.client
+            .execute(
+                "INSERT INTO pgtenant.admin_users (name, scram) VALUES ($1, $2)
+                 ON CONFLICT (name) DO UPDATE SET scram = EXCLUDED.scram",
+                &[&name, &scram],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// False when there was no such user.
+    pub async fn remove_admin_user(&self, name: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .client
+            .execute("DELETE FROM pgtenant.admin_users WHERE name = $1", &[&name])
+            .await?
+            > 0)
+    }
+
     pub async fn finish_tenant(&self, id: &str) -> Result<(), RegistryError> {
         self.client
             .execute(

@@ -136,4 +136,31 @@ CREATE TABLE pgtenant.tenant_usage (
 );
 CREATE INDEX tenant_usage_hour ON pgtenant.tenant_usage (hour, tenant_id);
 "#,
+    // 5: admin console users kept in the registry.
+    r#"
+CREATE TABLE pgtenant.admin_users (
+    name        text PRIMARY KEY CHECK (name <> '' AND position('.' IN name) = 0),
+    scram       text NOT NULL CHECK (scram LIKE 'SCRAM-SHA-256$%'),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE OR REPLACE FUNCTION pgtenant.announce() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    r record := COALESCE(NEW, OLD);
+BEGIN
+    IF TG_TABLE_NAME = 'servers' THEN
+        PERFORM pg_notify('pgtenant_registry', 'server:' || r.name);
+    ELSIF TG_TABLE_NAME = 'tenants' THEN
+        PERFORM pg_notify('pgtenant_registry', 'tenant:' || r.id);
+    ELSIF TG_TABLE_NAME = 'admin_users' THEN
+        PERFORM pg_notify('pgtenant_registry', 'admin:' || r.name);
+    ELSE
+        PERFORM pg_notify('pgtenant_registry', 'tenant:' || r.tenant_id);
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.admin_users
+    FOR EACH ROW EXECUTE FUNCTION pgtenant.announce();
+"#,
 ];
