@@ -398,7 +398,8 @@ fn servers(ctx: &ProxyContext) -> ResultSet {
 }
 
 /// PgBouncer's SHOW STATS columns (totals since start; averages per second since start, and
-/// per transaction for times), then tenant.
+/// per transaction or query for times; query time is request to ReadyForQuery, transaction
+/// mode only), then tenant.
 fn stats(ctx: &ProxyContext) -> ResultSet {
     let mut rs = ResultSet::new(&[
         ("database", Text),
@@ -435,15 +436,14 @@ fn stats(ctx: &ProxyContext) -> ResultSet {
             t(s.bytes_in),
             t(s.bytes_out),
             t(s.xact_us),
-            // Query time is not measured apart from transaction time.
-            None,
+            t(s.query_us),
             t(s.wait_us),
             t(s.xacts / uptime),
             t(s.queries / uptime),
             t(s.bytes_in / uptime),
             t(s.bytes_out / uptime),
             t(per_xact(s.xact_us)),
-            None,
+            t(s.query_us.checked_div(s.queries).unwrap_or(0)),
             t(per_xact(s.wait_us)),
             t(&key.tenant),
             t(&key.role),

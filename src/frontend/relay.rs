@@ -71,6 +71,7 @@ pub async fn relay(
     limits: Option<&str>,
     stats: &crate::pool::stats::PoolStats,
     cancel: &super::cancel::CancelGuard,
+    slow: Option<std::time::Duration>,
 ) -> RelayOutcome {
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
@@ -173,7 +174,11 @@ pub async fn relay(
                             transaction_ended |= b.first() == Some(&b'I');
                             if b.first() == Some(&b'I') {
                                 if let Some(at) = tx_began.take() {
-                                    stats.transaction(at.elapsed().as_secs_f64(), 0, 0);
+                                    let took = at.elapsed();
+                                    if slow.is_some_and(|s| took > s) {
+                                        tracing::warn!(duration_ms = took.as_millis() as u64, "slow transaction");
+                                    }
+                                    stats.transaction(took.as_secs_f64(), 0, 0);
                                 }
                             }
                             st.pending = st.pending.saturating_sub(1);

@@ -136,6 +136,13 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
     };
     info!(tenant = %who.tenant, role = %who.role, client = %peer, mode = ?mode, "session opened");
     let reset_timeout = Duration::from_secs(ctx.config.pool.reset_timeout.max(1));
+    let slow = Some(
+        tenant
+            .slow_transaction_ms
+            .unwrap_or(ctx.config.log.slow_transaction_ms),
+    )
+    .filter(|ms| *ms > 0)
+    .map(Duration::from_millis);
     let max_message = ctx.config.max_message_bytes as usize;
 
     // Each mode's state is boxed so an idle client's task stays small.
@@ -151,6 +158,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 tenant.enforce_limits.as_deref(),
                 pool.stats(),
                 &cancel,
+                slow,
             )
             .await;
             stats.active.dec();
@@ -182,15 +190,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 p.max_prepared_statements,
                 p.idle_transaction_timeout,
             )
-            .with_slow_log(
-                Some(
-                    tenant
-                        .slow_transaction_ms
-                        .unwrap_or(ctx.config.log.slow_transaction_ms),
-                )
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis),
-            );
+            .with_slow_log(slow);
             let outcome = engine.run(&mut client).await;
             farewell(&mut client, &cancel).await;
             drop(client);

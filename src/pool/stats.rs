@@ -176,6 +176,8 @@ pub struct StatsSnapshot {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub wait_us: u64,
+    /// Request time (Query or Sync to ReadyForQuery), transaction mode.
+    pub query_us: u64,
     pub waiting: usize,
     pub active: usize,
     pub client_ms: u64,
@@ -210,6 +212,7 @@ impl PoolStats {
             bytes_in: self.bytes_in.get(),
             bytes_out: self.bytes_out.get(),
             wait_us: (self.wait_seconds.get_sample_sum() * 1e6) as u64,
+            query_us: (self.query_seconds.get_sample_sum() * 1e6) as u64,
             waiting: self.waiting.get().max(0) as usize,
             active: self.active.get().max(0) as usize,
             client_ms: (self.client_seconds.get() * 1e3) as u64,
