@@ -59,20 +59,36 @@ fn allowed_client_tag(tag: u8) -> bool {
     )
 }
 
-/// Between the client's requests (nothing in flight), the relay may run statements of its own:
-/// - `row`: the row-tier tenant the session is bound to; a client statement that may have
-///   cleared the context (`RESET`, `DISCARD`, `SET`) is followed by entering it again;
-/// - `limits`: the tenant's caps on settings, applied after every transaction.
+/// What a session-mode relay keeps to besides forwarding bytes.
+pub struct SessionRules<'a> {
+    /// The row-tier tenant the session is bound to: a client statement that may have cleared
+    /// the context (`RESET`, `DISCARD`, `SET`) is followed by entering it again.
+    pub row: Option<&'a RowBinding>,
+    /// The tenant's caps on settings, applied after every transaction.
+    pub limits: Option<&'a str>,
+    /// Counters of the session's (tenant, role).
+    pub stats: &'a crate::pool::stats::PoolStats,
+    /// The client's registration: tells the relay when pgtenant shuts down.
+    pub cancel: &'a super::cancel::CancelGuard,
+    /// Transactions longer than this are logged.
+    pub slow: Option<std::time::Duration>,
+}
+
+/// Between the client's requests (nothing in flight), the relay may run statements of its own
+/// (see `SessionRules`).
 pub async fn relay(
     client: &mut TcpStream,
     conn: &mut BackendConn,
     max_message: usize,
-    row: Option<&RowBinding>,
-    limits: Option<&str>,
-    stats: &crate::pool::stats::PoolStats,
-    cancel: &super::cancel::CancelGuard,
-    slow: Option<std::time::Duration>,
+    rules: SessionRules<'_>,
 ) -> RelayOutcome {
+    let SessionRules {
+        row,
+        limits,
+        stats,
+        cancel,
+        slow,
+    } = rules;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
     let mut sscan = Scanner::new(MAX_SERVER_MESSAGE, INSPECT_LIMIT);

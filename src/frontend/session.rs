@@ -25,7 +25,7 @@ use super::cancel::CancelGuard;
 use super::client_state::ClientState;
 use super::error::SessionError;
 use super::limits::ClientSlot;
-use super::relay::{relay, send_report, RelayEnd};
+use super::relay::{relay, send_report, RelayEnd, SessionRules};
 use super::scram::ScramVerifier;
 use super::transaction::{Engine, TxEnd};
 
@@ -154,11 +154,13 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
                 &mut client,
                 &mut backend,
                 max_message,
-                pool.row(),
-                tenant.enforce_limits.as_deref(),
-                pool.stats(),
-                &cancel,
-                slow,
+                SessionRules {
+                    row: pool.row(),
+                    limits: tenant.enforce_limits.as_deref(),
+                    stats: pool.stats(),
+                    cancel: &cancel,
+                    slow,
+                },
             )
             .await;
             stats.active.dec();
