@@ -288,29 +288,31 @@ fn unix(ts: SystemTime) -> String {
     humantime::format_rfc3339_seconds(ts).to_string()
 }
 
+/// PgBouncer's leading SHOW CLIENTS and SHOW SERVERS columns.
+const CONNECTION_COLUMNS: &[(&str, Kind)] = &[
+    ("type", Text),
+    ("user", Text),
+    ("database", Text),
+    ("state", Text),
+    ("addr", Text),
+    ("port", Int),
+    ("local_addr", Text),
+    ("local_port", Int),
+    ("connect_time", Text),
+    ("request_time", Text),
+    ("wait", Int),
+    ("wait_us", Int),
+    ("close_needed", Int),
+    ("ptr", Text),
+    ("link", Text),
+    ("remote_pid", Int),
+    ("tls", Text),
+    ("application_name", Text),
+];
+
 /// PgBouncer's leading SHOW CLIENTS columns, then tenant.
 fn clients(ctx: &ProxyContext) -> ResultSet {
-    let mut rs = ResultSet::new(&[
-        ("type", Text),
-        ("user", Text),
-        ("database", Text),
-        ("state", Text),
-        ("addr", Text),
-        ("port", Int),
-        ("local_addr", Text),
-        ("local_port", Int),
-        ("connect_time", Text),
-        ("request_time", Text),
-        ("wait", Int),
-        ("wait_us", Int),
-        ("close_needed", Int),
-        ("ptr", Text),
-        ("link", Text),
-        ("remote_pid", Int),
-        ("tls", Text),
-        ("application_name", Text),
-        ("tenant", Text),
-    ]);
+    let mut rs = ResultSet::new(&[CONNECTION_COLUMNS, &[("tenant", Text)]].concat());
     let local = ctx.config.listen;
     for c in ctx.cancels.clients() {
         let Some(info) = &c.info else {
@@ -346,28 +348,8 @@ fn clients(ctx: &ProxyContext) -> ResultSet {
 
 /// PgBouncer's leading SHOW SERVERS columns, then tenant and role.
 fn servers(ctx: &ProxyContext) -> ResultSet {
-    let mut rs = ResultSet::new(&[
-        ("type", Text),
-        ("user", Text),
-        ("database", Text),
-        ("state", Text),
-        ("addr", Text),
-        ("port", Int),
-        ("local_addr", Text),
-        ("local_port", Int),
-        ("connect_time", Text),
-        ("request_time", Text),
-        ("wait", Int),
-        ("wait_us", Int),
-        ("close_needed", Int),
-        ("ptr", Text),
-        ("link", Text),
-        ("remote_pid", Int),
-        ("tls", Text),
-        ("application_name", Text),
-        ("tenant", Text),
-        ("server", Text),
-    ]);
+    let mut rs =
+        ResultSet::new(&[CONNECTION_COLUMNS, &[("tenant", Text), ("server", Text)]].concat());
     for c in ctx.pools.census().all() {
         let active = c.active.load(std::sync::atomic::Ordering::Relaxed);
         let tenant = c.tenant.lock().map(|t| t.to_string()).unwrap_or_default();

@@ -819,15 +819,16 @@ pub async fn usage_cmd(args: UsageArgs, config: &Path) -> Result<(), Failure> {
         "client_connection_seconds",
     ];
     let cells = |r: &crate::tenancy::usage::UsageRow| {
+        let u = &r.usage;
         vec![
             r.tenant.clone(),
             r.hour.clone(),
-            r.transactions.to_string(),
-            r.queries.to_string(),
-            r.server_busy_us.to_string(),
-            r.bytes_in.to_string(),
-            r.bytes_out.to_string(),
-            r.client_connection_seconds.to_string(),
+            u.transactions.to_string(),
+            u.queries.to_string(),
+            u.server_busy_us.to_string(),
+            u.bytes_in.to_string(),
+            u.bytes_out.to_string(),
+            u.client_connection_seconds.to_string(),
         ]
     };
     if args.json {

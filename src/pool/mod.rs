@@ -790,15 +790,19 @@ impl Pools {
         v
     }
 
-    /// Closes a tenant's pools (KILL): idle connections now, busy ones when their clients are
-    /// done; new clients get new pools.
-    pub fn close_tenant(&self, id: &str) -> usize {
-        let keys: Vec<PoolKey> = self
-            .pools
+    /// The keys of a tenant's pools (one per role in use).
+    fn keys_of(&self, id: &str) -> Vec<PoolKey> {
+        self.pools
             .iter()
             .filter(|p| &*p.key().tenant == id)
             .map(|p| p.key().clone())
-            .collect();
+            .collect()
+    }
+
+    /// Closes a tenant's pools (KILL): idle connections now, busy ones when their clients are
+    /// done; new clients get new pools.
+    pub fn close_tenant(&self, id: &str) -> usize {
+        let keys = self.keys_of(id);
         for key in &keys {
             if let Some((_, old)) = self.pools.remove(key) {
                 old.retire(None);
@@ -867,12 +871,7 @@ impl Pools {
     /// Applies a registry change: the tenant's pools are rebuilt from its new entry (clients
     /// move to them at their next transaction), or retired when the tenant or role is gone.
     pub fn refresh(&self, id: &str, now: Option<&Arc<Tenant>>) {
-        let keys: Vec<PoolKey> = self
-            .pools
-            .iter()
-            .filter(|p| &*p.key().tenant == id)
-            .map(|p| p.key().clone())
-            .collect();
+        let keys = self.keys_of(id);
         for key in keys {
             let user = now.and_then(|t| t.user(&key.role).cloned());
             match (now, user) {

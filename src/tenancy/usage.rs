@@ -10,7 +10,7 @@ use crate::pool::Pools;
 use super::store::{RegistryError, RegistryStore};
 
 /// What a tenant used, in the units stored.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
     pub transactions: i64,
     pub queries: i64,
@@ -112,12 +112,8 @@ pub async fn flush(
 pub struct UsageRow {
     pub tenant: String,
     pub hour: String,
-    pub transactions: i64,
-    pub queries: i64,
-    pub server_busy_us: i64,
-    pub bytes_in: i64,
-    pub bytes_out: i64,
-    pub client_connection_seconds: i64,
+    #[serde(flatten)]
+    pub usage: Usage,
 }
 
 /// Hourly usage since `since` (an SQL timestamp or interval expression's value, e.g.
@@ -147,12 +143,14 @@ pub async fn read(
         .map(|r| UsageRow {
             tenant: r.get(0),
             hour: r.get(1),
-            transactions: r.get(2),
-            queries: r.get(3),
-            server_busy_us: r.get(4),
-            bytes_in: r.get(5),
-            bytes_out: r.get(6),
-            client_connection_seconds: r.get(7),
+            usage: Usage {
+                transactions: r.get(2),
+                queries: r.get(3),
+                server_busy_us: r.get(4),
+                bytes_in: r.get(5),
+                bytes_out: r.get(6),
+                client_connection_seconds: r.get(7),
+            },
         })
         .collect())
 }
