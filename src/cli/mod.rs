@@ -110,6 +110,10 @@ pub struct SettingArgs {
     /// Serve reads from the primary when no replica is usable (default true).
     #[arg(long)]
     pub replica_fallback: Option<bool>,
+    /// Log this tenant's transactions slower than this many ms (0: off; default: the
+    /// proxy's log.slow_transaction_ms).
+    #[arg(long)]
+    pub slow_transaction_ms: Option<i32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,6 +333,7 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
         },
         read_write_split: a.read_write_split,
         replica_fallback: a.replica_fallback,
+        slow_transaction_ms: a.slow_transaction_ms,
     })
 }
 
@@ -701,6 +706,7 @@ fn show(r: &TenantRows) -> String {
         ),
         ("read/write split", t.read_write_split.to_string()),
         ("replica fallback", t.replica_fallback.to_string()),
+        ("slow transaction ms", output::opt(&t.slow_transaction_ms)),
         ("status", status_label(r)),
         ("auto update", t.auto_update.to_string()),
         ("pool size", output::opt(&t.pool_size)),

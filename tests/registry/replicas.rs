@@ -35,6 +35,8 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
             "true",
             "--replica-fallback",
             "false",
+            "--slow-transaction-ms",
+            "250",
         ],
         PASSWORD,
     );
@@ -57,6 +59,7 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
     assert_eq!(json["replicas"], serde_json::json!(["copy"]));
     assert_eq!(json["read_write_split"], true);
     assert_eq!(json["replica_fallback"], false);
+    assert_eq!(json["slow_transaction_ms"], 250);
     let reporting = json["users"]
         .as_array()
         .and_then(|u| u.iter().find(|u| u["name"] == "reporting"))

@@ -40,6 +40,7 @@ pub struct TenantRecord {
     pub limits: BTreeMap<String, String>,
     pub read_write_split: bool,
     pub replica_fallback: bool,
+    pub slow_transaction_ms: Option<i32>,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -86,7 +87,7 @@ const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, 
     params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
     max_client_connections, status, provisioned, auto_update, terminate_generation,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
-    limits::text, read_write_split, replica_fallback";
+    limits::text, read_write_split, replica_fallback, slow_transaction_ms";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -102,6 +103,7 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         limits: serde_json::from_str(&r.get::<_, String>(20)).unwrap_or_default(),
         read_write_split: r.get(21),
         replica_fallback: r.get(22),
+        slow_transaction_ms: r.get(23),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -148,6 +150,7 @@ pub struct TenantSettings {
     pub replicas: Option<Vec<String>>,
     pub read_write_split: Option<bool>,
     pub replica_fallback: Option<bool>,
+    pub slow_transaction_ms: Option<i32>,
 }
 
 impl RegistryStore {
@@ -341,9 +344,10 @@ impl RegistryStore {
                 "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
                      server_idle_timeout, max_client_connections, auto_update, limits,
-                     read_write_split, replica_fallback)
+                     read_write_split, replica_fallback, slow_transaction_ms)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
-                     COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true))
+                     COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true),
+                     $19)
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -368,6 +372,7 @@ impl RegistryStore {
                     &limits,
                     &settings.read_write_split,
                     &settings.replica_fallback,
+                    &settings.slow_transaction_ms,
                 ],
             )
             .await?;
@@ -558,7 +563,8 @@ impl RegistryStore {
                      replicas = COALESCE($11, replicas),
                      limits = COALESCE($12::text::jsonb, limits),
                      read_write_split = COALESCE($13, read_write_split),
-                     replica_fallback = COALESCE($14, replica_fallback)
+                     replica_fallback = COALESCE($14, replica_fallback),
+                     slow_transaction_ms = COALESCE($15, slow_transaction_ms)
                  WHERE id = $1",
                 &[
                     &id,
@@ -575,6 +581,7 @@ impl RegistryStore {
                     &limits,
                     &s.read_write_split,
                     &s.replica_fallback,
+                    &s.slow_transaction_ms,
                 ],
             )
             .await?;
@@ -729,7 +736,7 @@ pub fn to_tenant(
                 .collect(),
         },
         read_write_split: t.read_write_split,
-        slow_transaction_ms: None,
+        slow_transaction_ms: t.slow_transaction_ms.map(|n| n.max(0) as u64),
         replica_fallback: t.replica_fallback,
         database: t.database.clone(),
         schema: t.schema.clone(),

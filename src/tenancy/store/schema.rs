@@ -163,4 +163,9 @@ END $$;
 CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.admin_users
     FOR EACH ROW EXECUTE FUNCTION pgtenant.announce();
 "#,
+    // 6: a tenant's own slow-transaction threshold.
+    r#"
+ALTER TABLE pgtenant.tenants ADD COLUMN slow_transaction_ms integer
+    CHECK (slow_transaction_ms >= 0);
+"#,
 ];
