@@ -183,21 +183,29 @@ pub async fn relay(
                 }
                 // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
                 let mut params: Vec<(String, String)> = Vec::new();
-                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S' || (t == b'C' && inspect_command_tags), |tag, body| {
+                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S' || t == b'E' || (t == b'C' && inspect_command_tags), |tag, body| {
                     last_server_tag = tag;
                     match (tag, body) {
+                        (b'E', Some(b)) => {
+                            if let Some(code) = crate::protocol::report::sqlstate_of(b) {
+                                stats.error(code);
+                            }
+                        }
                         (b'Z', Some(b)) => {
                             transaction_ended |= b.first() == Some(&b'I');
+                            st.pending = st.pending.saturating_sub(1);
                             if b.first() == Some(&b'I') {
-                                if let Some(at) = tx_began.take() {
-                                    let took = at.elapsed();
-                                    if slow.is_some_and(|s| took > s) {
-                                        tracing::warn!(duration_ms = took.as_millis() as u64, "slow transaction");
-                                    }
-                                    stats.transaction(took.as_secs_f64(), 0, 0);
+                                // Every ReadyForQuery outside a block ends a transaction; a
+                                // pipelined next one started when this one ended.
+                                let took = tx_began.take().map(|at| at.elapsed()).unwrap_or_default();
+                                if slow.is_some_and(|s| took > s) {
+                                    tracing::warn!(duration_ms = took.as_millis() as u64, "slow transaction");
+                                }
+                                stats.transaction(took.as_secs_f64(), 0, 0);
+                                if st.pending > 0 {
+                                    tx_began = Some(std::time::Instant::now());
                                 }
                             }
-                            st.pending = st.pending.saturating_sub(1);
                             st.copy_in = false;
                             if let Some(&s) = b.first() {
                                 st.tx_status = s;

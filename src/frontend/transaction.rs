@@ -1165,7 +1165,7 @@ impl<'a> Engine<'a> {
                 }
                 if !proxy {
                     self.tx_failed = true;
-                    if let Some(code) = body.and_then(sqlstate_of) {
+                    if let Some(code) = body.and_then(crate::protocol::report::sqlstate_of) {
                         self.pool.stats().error(code);
                     }
                 }
@@ -1468,22 +1468,6 @@ fn abort_statement() -> String {
         "the transaction was aborted when its server connection was lost",
     );
     format!("BEGIN; {}", raise_statement(&report))
-}
-
-/// The SQLSTATE field of an ErrorResponse body.
-fn sqlstate_of(body: &[u8]) -> Option<&[u8]> {
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            return None;
-        }
-        let end = tail.iter().position(|&b| b == 0)?;
-        if field == b'C' {
-            return Some(&tail[..end]);
-        }
-        rest = &tail[end + 1..];
-    }
-    None
 }
 
 /// The error a server sends before closing a connection (FATAL or PANIC), as a report of

@@ -76,3 +76,19 @@ impl ErrorReport {
         let _ = ErrorResponse::new(fields).encode(buf);
     }
 }
+
+/// The SQLSTATE field of an ErrorResponse body.
+pub fn sqlstate_of(body: &[u8]) -> Option<&[u8]> {
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            return None;
+        }
+        let end = tail.iter().position(|&b| b == 0)?;
+        if field == b'C' {
+            return Some(&tail[..end]);
+        }
+        rest = &tail[end + 1..];
+    }
+    None
+}

@@ -184,3 +184,37 @@ async fn a_scrape_of_ten_thousand_tenants_stays_fast() {
     assert!(took < Duration::from_secs(20), "{took:?}");
     drop(stats);
 }
+
+#[tokio::test]
+async fn session_mode_errors_are_counted_by_class_too() {
+    let f = fixture();
+    let (addr, ctx) = f
+        .extra_proxy_ctx(|c| {
+            c.admin.metrics_listen = Some("127.0.0.1:0".parse().expect("addr"));
+            for t in c.tenants.iter_mut().filter(|t| t.id == "umbrella") {
+                t.pool_mode = Some(pgtenant::config::PoolMode::Session);
+            }
+        })
+        .await;
+    let metrics = *ctx.metrics_addr.get().expect("metrics");
+    let c = f.tenant_at(addr, "umbrella").await;
+    c.batch_execute("SELECT 1/0")
+        .await
+        .expect_err("division by zero");
+    c.batch_execute("SELECT 1").await.expect("select");
+    let (_, body) = get(metrics, "/metrics").await;
+    assert_eq!(
+        sample(
+            &body,
+            r#"pgtenant_errors_total{class="22",role="app",tenant="umbrella"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &body,
+            r#"pgtenant_transactions_total{role="app",tenant="umbrella"}"#
+        ),
+        Some(2.0)
+    );
+}
