@@ -445,37 +445,29 @@ fn usage(ctx: &ProxyContext) -> ResultSet {
         ("bytes_out", Int),
         ("client_connection_seconds", Int),
     ]);
-    let mut per: std::collections::BTreeMap<String, [u64; 6]> = Default::default();
-    for (key, s) in ctx.pools.all_stats() {
-        let s = s.snapshot();
-        let e = per.entry(key.tenant.to_string()).or_default();
-        e[0] += s.xacts;
-        e[1] += s.queries;
-        e[2] += s.xact_us;
-        e[3] += s.bytes_in;
-        e[4] += s.bytes_out;
-        e[5] += s.client_ms;
-    }
+    let mut per = crate::tenancy::usage::totals(&ctx.pools);
     // Sessions still open count up to now.
     let now = SystemTime::now();
     for c in ctx.cancels.clients() {
         if let Some(info) = &c.info {
-            let ms = now
+            let secs = now
                 .duration_since(info.connected)
-                .map(|d| d.as_millis() as u64)
+                .map(|d| d.as_secs() as i64)
                 .unwrap_or(0);
-            per.entry(c.tenant.to_string()).or_default()[5] += ms;
+            per.entry(c.tenant.to_string())
+                .or_default()
+                .client_connection_seconds += secs;
         }
     }
-    for (tenant, v) in per {
+    for (tenant, u) in per {
         rs.push(vec![
             t(tenant),
-            t(v[0]),
-            t(v[1]),
-            t(v[2]),
-            t(v[3]),
-            t(v[4]),
-            t(v[5] / 1000),
+            t(u.transactions),
+            t(u.queries),
+            t(u.server_busy_us),
+            t(u.bytes_in),
+            t(u.bytes_out),
+            t(u.client_connection_seconds),
         ]);
     }
     rs

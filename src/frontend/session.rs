@@ -388,10 +388,7 @@ async fn attach_routed(
 ) -> Result<(Box<PooledBackend>, Arc<TenantPool>), SessionError> {
     if reads.all_reads {
         if let Some(replicas) = primary.replicas() {
-            for _ in 0..replicas.pools().len() {
-                let Some(p) = replicas.choose() else {
-                    break;
-                };
+            for p in replicas.candidates() {
                 match attach(client, ctx, tenant, p, Patience::FailFast, setup, cancel).await {
                     Ok(be) => return Ok((be, p.clone())),
                     Err(SessionError::Pool(e)) if e.is_transient() => {
@@ -401,11 +398,8 @@ async fn attach_routed(
                 }
             }
         }
-        if let Some(why) = reads.no_fallback {
-            return Err(SessionError::Pool(PoolError::NoReplica {
-                tenant: tenant.id.clone(),
-                why,
-            }));
+        if let Some(e) = reads.refuse_primary(&tenant.id) {
+            return Err(SessionError::Pool(e));
         }
     }
     let be = attach(

@@ -799,10 +799,7 @@ impl<'a> Engine<'a> {
     /// is passed over at once), else from the primary if the session allows it.
     async fn checkout_read(&mut self) -> Result<Box<PooledBackend>, PoolError> {
         if let Some(replicas) = self.pool.replicas().cloned() {
-            for _ in 0..replicas.pools().len() {
-                let Some(p) = replicas.choose() else {
-                    break;
-                };
+            for p in replicas.candidates() {
                 let p = p.clone();
                 match p.checkout_with(Patience::FailFast).await {
                     Ok(be) => {
@@ -815,11 +812,8 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        if let Some(why) = self.reads.no_fallback {
-            return Err(PoolError::NoReplica {
-                tenant: self.pool.tenant().id.clone(),
-                why,
-            });
+        if let Some(e) = self.reads.refuse_primary(&self.pool.tenant().id) {
+            return Err(e);
         }
         self.pool.checkout().await
     }
@@ -877,9 +871,10 @@ impl<'a> Engine<'a> {
         }
         let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
         let waited = std::time::Instant::now();
-        let stats = self.pool.stats().clone();
-        stats.waiting.inc();
+        // The counters are per (tenant, role), the same whichever pool serves it.
+        self.pool.stats().waiting.inc();
         let got = self.checkout_any(read).await;
+        let stats = self.pool.stats();
         stats.waiting.dec();
         let mut be = got?;
         let now = std::time::Instant::now();
@@ -1474,13 +1469,7 @@ fn abort_statement() -> String {
 /// ERROR severity with the server's code and message.
 fn fatal_report(body: &[u8]) -> Option<ErrorReport> {
     let (mut severity, mut code, mut message) = (None, None, None);
-    let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let end = tail.iter().position(|&b| b == 0)?;
-        let value = &tail[..end];
+    for (field, value) in crate::protocol::report::error_fields(body) {
         match field {
             b'V' => severity = Some(value),
             b'S' if severity.is_none() => severity = Some(value),
@@ -1488,7 +1477,6 @@ fn fatal_report(body: &[u8]) -> Option<ErrorReport> {
             b'M' => message = Some(value),
             _ => {}
         }
-        rest = &tail[end + 1..];
     }
     if !matches!(severity?, b"FATAL" | b"PANIC") {
         return None;

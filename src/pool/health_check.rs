@@ -107,9 +107,7 @@ pub async fn run(pools: &Pools) {
 fn targets(pools: &Pools) -> HashMap<String, Target> {
     let mut out: HashMap<String, Target> = HashMap::new();
     for (_, p) in pools.snapshot() {
-        let replicas = p.replicas().map(|r| r.pools().to_vec()).unwrap_or_default();
-        let all = std::iter::once((p, false)).chain(replicas.into_iter().map(|r| (r, true)));
-        for (pool, replica) in all {
+        for (pool, replica) in p.with_replicas() {
             let addr = pool.health().addr.clone();
             let t = out.entry(addr).or_insert_with(|| {
                 let mut spec = pool.spec().clone();

@@ -221,7 +221,9 @@ impl TenantPool {
     /// Like `checkout`; with `Patience::FailFast` an unreachable server fails the checkout at
     /// once instead of being waited for (a replica read then goes elsewhere).
     pub async fn checkout_with(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
-        if !self.pauses.wait(&self.tenant.id, self.wait).await {
+        // Boxed and only when something is paused: the wait's state (a timer) would
+        // otherwise sit in every checkout's.
+        if self.pauses.any() && !Box::pin(self.pauses.wait(&self.tenant.id, self.wait)).await {
             return Err(PoolError::Paused(self.tenant.id.clone()));
         }
         let be = self.checkout_shared(patience).await?;
@@ -514,6 +516,13 @@ impl TenantPool {
     /// The tenant's read replicas, when it has any (never for the row tier).
     pub fn replicas(&self) -> Option<&Arc<Replicas>> {
         self.replicas.as_ref()
+    }
+
+    /// This pool and its replicas' pools, each with whether it is a replica's.
+    pub fn with_replicas(self: &Arc<Self>) -> Vec<(Arc<TenantPool>, bool)> {
+        std::iter::once((self.clone(), false))
+            .chain(self.replica_pools().iter().map(|r| (r.clone(), true)))
+            .collect()
     }
 
     fn replica_pools(&self) -> &[Arc<TenantPool>] {

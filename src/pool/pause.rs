@@ -53,6 +53,11 @@ impl Pauses {
         self.resumed.notify_waiters();
     }
 
+    /// Whether anything at all is paused (one atomic load).
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
     pub fn is_paused(&self, tenant: &str) -> bool {
         self.any.load(Ordering::Acquire)
             && (self.all.load(Ordering::Acquire)

@@ -46,6 +46,14 @@ impl ReadPolicy {
         }
     }
 
+    /// The refusal of a read no replica can serve, when the primary may not serve it either.
+    pub fn refuse_primary(&self, tenant: &str) -> Option<super::PoolError> {
+        self.no_fallback.map(|why| super::PoolError::NoReplica {
+            tenant: tenant.to_string(),
+            why,
+        })
+    }
+
     /// Sessions that read only are also made read-only, so that one served by the primary (no
     /// replica usable) cannot write either.
     pub fn read_only_session(&self) -> bool {
@@ -79,6 +87,11 @@ impl Replicas {
         (0..n)
             .map(|i| &self.pools[(start + i) % n])
             .find(|p| p.health().usable_for_reads(self.max_lag))
+    }
+
+    /// Usable replicas to try in turn (each picked by `choose`), at most one round.
+    pub fn candidates(&self) -> impl Iterator<Item = &Arc<TenantPool>> {
+        (0..self.pools.len()).map_while(|_| self.choose())
     }
 
     pub fn pools(&self) -> &[Arc<TenantPool>] {

@@ -77,18 +77,22 @@ impl ErrorReport {
     }
 }
 
-/// The SQLSTATE field of an ErrorResponse body.
-pub fn sqlstate_of(body: &[u8]) -> Option<&[u8]> {
+/// The (type, value) fields of an ErrorResponse or NoticeResponse body, up to its terminator
+/// or the first malformed field.
+pub fn error_fields(body: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut rest = body;
-    while let Some((&field, tail)) = rest.split_first() {
+    std::iter::from_fn(move || {
+        let (&field, tail) = rest.split_first()?;
         if field == 0 {
             return None;
         }
         let end = tail.iter().position(|&b| b == 0)?;
-        if field == b'C' {
-            return Some(&tail[..end]);
-        }
         rest = &tail[end + 1..];
-    }
-    None
+        Some((field, &tail[..end]))
+    })
+}
+
+/// The SQLSTATE field of an ErrorResponse body.
+pub fn sqlstate_of(body: &[u8]) -> Option<&[u8]> {
+    error_fields(body).find(|(f, _)| *f == b'C').map(|(_, v)| v)
 }

@@ -39,18 +39,23 @@ impl Usage {
 
 /// Per tenant, everything counted since start (all roles).
 pub fn totals(pools: &Pools) -> BTreeMap<String, Usage> {
-    let mut per: BTreeMap<String, Usage> = BTreeMap::new();
+    let mut per: BTreeMap<String, (Usage, u64)> = BTreeMap::new();
     for (key, stats) in pools.all_stats() {
         let s = stats.snapshot();
-        let u = per.entry(key.tenant.to_string()).or_default();
+        let (u, client_ms) = per.entry(key.tenant.to_string()).or_default();
         u.transactions += s.xacts as i64;
         u.queries += s.queries as i64;
         u.server_busy_us += s.xact_us as i64;
         u.bytes_in += s.bytes_in as i64;
         u.bytes_out += s.bytes_out as i64;
-        u.client_connection_seconds += (s.client_ms / 1000) as i64;
+        *client_ms += s.client_ms;
     }
-    per
+    per.into_iter()
+        .map(|(t, (mut u, ms))| {
+            u.client_connection_seconds = (ms / 1000) as i64;
+            (t, u)
+        })
+        .collect()
 }
 
 /// This process's name in the usage rows: host, process id and a random part.
