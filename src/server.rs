@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
 use crate::frontend::cancel::CancelRegistry;
-use crate::frontend::limits::ClientLimits;
+use crate::frontend::limits::{ClientLimits, PendingLogins};
 use crate::frontend::listener::accept_loop;
 use crate::pool::Pools;
 use crate::tenancy::crypto::{KeySource, MasterKey};
@@ -49,6 +49,8 @@ pub struct ProxyContext {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub limits: Arc<ClientLimits>,
+    /// Connections not yet authenticated (`max_pending_logins`).
+    pub pending: Arc<PendingLogins>,
     /// Key for the mock SCRAM verifiers of unknown users; random per process.
     pub mock_key: [u8; 32],
     /// The config file's tenants, which `reload` replaces (None when the proxy was given its
@@ -246,6 +248,7 @@ impl Proxy {
             .with_role_repair(repair)
             .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);
+        let pending = PendingLogins::new(config.max_pending_logins);
         let proxy = Proxy {
             ctx: Arc::new(ProxyContext {
                 config,
@@ -253,6 +256,7 @@ impl Proxy {
                 pools,
                 cancels: Arc::new(CancelRegistry::default()),
                 limits,
+                pending,
                 mock_key,
                 file_tenants,
                 config_path: std::sync::OnceLock::new(),

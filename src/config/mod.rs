@@ -63,6 +63,10 @@ pub struct Config {
     /// Seconds a client may take to send its startup packet and authenticate.
     #[serde(default = "default_auth_timeout")]
     pub auth_timeout: u64,
+    /// Connections still in startup or authentication, over all tenants; more are refused
+    /// with 53300 at once. Bounds what an unauthenticated flood can hold.
+    #[serde(default = "default_max_pending_logins")]
+    pub max_pending_logins: usize,
     /// Seconds running transactions get to finish when pgtenant shuts down (SIGTERM,
     /// SHUTDOWN); then the remaining sessions are ended.
     #[serde(default = "default_shutdown_timeout")]
@@ -433,6 +437,7 @@ impl Config {
             max_message_bytes: default_max_message(),
             worker_threads: default_workers(),
             auth_timeout: default_auth_timeout(),
+            max_pending_logins: default_max_pending_logins(),
             shutdown_timeout: default_shutdown_timeout(),
             pool: PoolConfig::default(),
             health: HealthConfig::default(),
@@ -541,6 +546,10 @@ fn default_workers() -> usize {
 fn default_shutdown_timeout() -> u64 {
     30
 }
+fn default_max_pending_logins() -> usize {
+    1000
+}
+
 fn default_auth_timeout() -> u64 {
     60
 }

@@ -64,6 +64,48 @@ impl ClientLimits {
     }
 }
 
+/// Connections that have not authenticated yet. Nothing of a tenant's is held for them; this
+/// cap and `auth_timeout` bound what they can hold of the proxy's.
+pub struct PendingLogins {
+    max: usize,
+    now: AtomicUsize,
+}
+
+impl PendingLogins {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(PendingLogins {
+            max,
+            now: AtomicUsize::new(0),
+        })
+    }
+
+    /// A place for one more connection in its login phase, or None when all are taken.
+    pub fn enter(self: &Arc<Self>) -> Option<PendingLogin> {
+        if self.now.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.now.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PendingLogin(self.clone()))
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn count(&self) -> usize {
+        self.now.load(Ordering::Acquire)
+    }
+}
+
+/// A connection in its login phase; dropped when it has authenticated or gone.
+pub struct PendingLogin(Arc<PendingLogins>);
+
+impl Drop for PendingLogin {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One admitted client; dropping it frees the slot.
 pub struct ClientSlot {
     limits: Arc<ClientLimits>,
@@ -103,6 +145,16 @@ mod tests {
         assert!(l.admit("u", Some(1)).is_ok());
         drop(a);
         assert!(l.admit("t", Some(1)).is_ok());
+    }
+
+    #[test]
+    fn pending_logins_are_capped_and_freed_on_drop() {
+        let p = PendingLogins::new(2);
+        let a = p.enter().unwrap();
+        let _b = p.enter().unwrap();
+        assert!(p.enter().is_none());
+        drop(a);
+        assert!(p.enter().is_some());
     }
 
     #[test]

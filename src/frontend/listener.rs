@@ -22,9 +22,14 @@ pub async fn accept_loop(
         tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(session::run(stream, peer, ctx.clone()));
-                }
+                Ok((stream, peer)) => match ctx.pending.enter() {
+                    Some(login) => {
+                        tokio::spawn(session::run(stream, peer, ctx.clone(), login));
+                    }
+                    None => {
+                        tokio::spawn(session::refuse_busy(stream, peer, ctx.pending.max()));
+                    }
+                },
                 Err(e) => {
                     // Typically EMFILE: back off briefly instead of spinning.
                     warn!(error = %e, "accept failed");

@@ -24,7 +24,7 @@ use super::auth::authenticate;
 use super::cancel::CancelGuard;
 use super::client_state::ClientState;
 use super::error::SessionError;
-use super::limits::ClientSlot;
+use super::limits::{ClientSlot, PendingLogin};
 use super::relay::{relay, send_report, RelayEnd, SessionRules};
 use super::scram::ScramVerifier;
 use super::transaction::{Engine, TxEnd};
@@ -32,7 +32,12 @@ use super::transaction::{Engine, TxEnd};
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
 
-pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+pub async fn run(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ProxyContext>,
+    pending: PendingLogin,
+) {
     let _ = client.set_nodelay(true);
     let started = Instant::now();
     let login_timeout = Duration::from_secs(ctx.config.auth_timeout.max(1));
@@ -45,6 +50,7 @@ pub async fn run(mut client: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>
         Ok(r) => r,
         Err(_) => Err(SessionError::LoginTimeout),
     };
+    drop(pending);
     let (mut who, tenant, _slot) = match login {
         Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
         Ok(Login::Cancel) => return,
@@ -289,19 +295,29 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
         return admin_login(client, ctx, &msg).await;
     }
     let who = resolve(&msg, &ctx.config.tenant_separator)?;
-    let tenant = ctx
-        .registry
-        .tenant(&who.tenant)
-        .ok_or_else(|| SessionError::UnknownTenant(who.tenant.clone()))?;
-    let slot = ctx
-        .limits
-        .admit(&tenant.id, tenant.max_client_connections)?;
-    let user = tenant.user(&who.role);
+    // Nothing about the tenant is told or taken before the client proves its password: an
+    // unknown tenant, an unknown user and a wrong password run the same exchange and end in
+    // the same error. Only the log says which it was.
+    let tenant = ctx.registry.tenant(&who.tenant);
+    let user = tenant.as_deref().and_then(|t| t.user(&who.role));
     let verifier = match user {
         Some(u) => u.verifier.clone(),
         None => ScramVerifier::mock(&who.user, &ctx.mock_key),
     };
-    authenticate(client, &who.user, verifier, user.is_some()).await?;
+    if let Err(e) = authenticate(client, &who.user, verifier, user.is_some()).await {
+        if matches!(e, super::auth::AuthError::Failed(_)) {
+            let why = match (&tenant, user) {
+                (None, _) => "no such tenant",
+                (Some(_), None) => "no such user in the tenant",
+                (Some(_), Some(_)) => "wrong password",
+            };
+            info!(tenant = %who.tenant, role = %who.role, reason = why, "authentication failed");
+        }
+        return Err(e.into());
+    }
+    let Some(tenant) = tenant else {
+        return Err(SessionError::UnknownTenant(who.tenant.clone()));
+    };
     // Only an authenticated client learns that the tenant is suspended.
     match tenant.status {
         TenantStatus::Active => {}
@@ -311,6 +327,10 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
     if let Some(why) = &tenant.unavailable {
         return Err(SessionError::Unavailable(tenant.id.clone(), why.clone()));
     }
+    // Counted only now, so unauthenticated connections cannot lock a tenant's clients out.
+    let slot = ctx
+        .limits
+        .admit(&tenant.id, tenant.max_client_connections)?;
     Ok(Login::Session(who, tenant, slot))
 }
 
@@ -509,6 +529,26 @@ async fn attach(
             server: tenant.server.name.clone(),
         },
     ))))
+}
+
+/// Refuses a connection over `max_pending_logins`: the error goes out at once, then the
+/// socket is half-closed and drained briefly so the client reads it instead of a reset.
+pub async fn refuse_busy(mut client: TcpStream, peer: SocketAddr, max: usize) {
+    let report = crate::protocol::ErrorReport::fatal(
+        crate::protocol::sqlstate::TOO_MANY_CONNECTIONS,
+        format!("sorry, too many clients logging in at once (max_pending_logins = {max})"),
+    );
+    debug!(client = %peer, "refused: too many pending logins");
+    let mut out = BytesMut::with_capacity(128);
+    report.encode(&mut out);
+    let linger = async {
+        client.write_all(&out).await?;
+        client.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while tokio::io::AsyncReadExt::read(&mut client, &mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
 }
 
 async fn refuse(client: &mut TcpStream, peer: SocketAddr, e: &SessionError) {

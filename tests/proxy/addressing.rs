@@ -77,10 +77,13 @@ async fn a_connection_naming_no_tenant_is_refused() {
 }
 
 #[tokio::test]
-async fn an_unknown_tenant_is_refused_with_3d000() {
+async fn an_unknown_tenant_is_refused_like_a_wrong_password() {
     let e = tenant_of("app.nosuch", "nosuch", None).await.unwrap_err();
-    assert!(e.starts_with("3D000"), "{e}");
-    assert!(e.contains("tenant \"nosuch\" does not exist"), "{e}");
+    assert!(e.starts_with("28P01"), "{e}");
+    assert!(
+        e.contains("password authentication failed for user \"app.nosuch\""),
+        "{e}"
+    );
 }
 
 #[tokio::test]

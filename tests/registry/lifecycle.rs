@@ -105,8 +105,9 @@ async fn create_connect_delete(tier: &str, id: &str) {
             );
         }
     }
-    let e = refused_within(proxy.addr, id, "3D000", Duration::from_secs(3)).await;
-    assert!(e.contains("does not exist"), "{e}");
+    // A deleted tenant looks like any name that is not a tenant: a failed login.
+    let e = refused_within(proxy.addr, id, "28P01", Duration::from_secs(3)).await;
+    assert!(e.contains("password authentication failed"), "{e}");
 }
 
 #[tokio::test]
@@ -206,7 +207,7 @@ async fn a_create_killed_halfway_completes_when_run_again() {
             stdout(&list)
         );
         let e = connect(proxy.addr, id).await.unwrap_err();
-        assert_eq!(sqlstate(&e).as_deref(), Some("3D000"));
+        assert_eq!(sqlstate(&e).as_deref(), Some("28P01"));
         reg.create(id, "schema");
         let c = connect_within(proxy.addr, id, Duration::from_secs(3))
             .await
