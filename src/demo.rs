@@ -273,6 +273,7 @@ pub async fn provision(
             slow_transaction_ms: None,
             read_write_split: false,
             replica_fallback: true,
+            require_tls: false,
             users: vec![UserConfig {
                 name: DEMO_ROLE.to_string(),
                 scram: verifier.clone(),
@@ -280,6 +281,7 @@ pub async fn provision(
                 backend_password: Some(Secret::new(password)),
                 backend_password_env: None,
                 read_only: false,
+                auth: Default::default(),
             }],
         });
     }

@@ -21,3 +21,4 @@ pub mod protocol;
 pub mod secret;
 pub mod server;
 pub mod tenancy;
+pub mod tls;

@@ -28,6 +28,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("row_key: {0}")]
     RowKey(#[from] crate::tenancy::crypto::CryptoError),
 }
@@ -49,6 +51,8 @@ pub struct ProxyContext {
     pub pools: Pools,
     pub cancels: Arc<CancelRegistry>,
     pub limits: Arc<ClientLimits>,
+    /// Client TLS settings, replaced by RELOAD.
+    pub tls: crate::tls::TlsAcceptorState,
     /// Connections not yet authenticated (`max_pending_logins`).
     pub pending: Arc<PendingLogins>,
     /// Key for the mock SCRAM verifiers of unknown users; random per process.
@@ -135,6 +139,8 @@ impl ProxyContext {
     /// at their next transaction, none is dropped. Settings that only a restart can change
     /// (listen, pool, health, registry, worker_threads) are reported and left as they are.
     pub fn reload(&self, config: &Config) -> Result<usize, ServeError> {
+        // New connections get the new certificates; connected clients keep their sessions.
+        self.tls.reload(&config.tls)?;
         let Some(file) = &self.file_tenants else {
             return Ok(0);
         };
@@ -249,6 +255,7 @@ impl Proxy {
             .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);
         let pending = PendingLogins::new(config.max_pending_logins);
+        let tls = crate::tls::TlsAcceptorState::new(&config.tls)?;
         let proxy = Proxy {
             ctx: Arc::new(ProxyContext {
                 config,
@@ -257,6 +264,7 @@ impl Proxy {
                 cancels: Arc::new(CancelRegistry::default()),
                 limits,
                 pending,
+                tls,
                 mock_key,
                 file_tenants,
                 config_path: std::sync::OnceLock::new(),

@@ -7,11 +7,11 @@ pub mod metrics;
 mod resultset;
 mod show;
 
+use crate::frontend::stream::ClientStream;
 use bytes::BytesMut;
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorReport};
@@ -24,7 +24,7 @@ use resultset::command_complete;
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// Serves one admin session until the client leaves.
-pub async fn serve(client: &mut TcpStream, ctx: &ProxyContext, user: &str) {
+pub async fn serve(client: &mut ClientStream, ctx: &ProxyContext, user: &str) {
     let mut out = BytesMut::new();
     for (k, v) in [
         (

@@ -41,17 +41,17 @@ impl BackendStream {
 
 /// A write that does not wait: what the hot path tries before tokio's `write_all` future.
 pub trait TryWrite {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
 }
 
 impl TryWrite for TcpStream {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)
     }
 }
 
 impl TryWrite for BackendStream {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             BackendStream::Tcp(s) => s.try_write(buf),
             BackendStream::Unix(s) => s.try_write(buf),

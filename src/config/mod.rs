@@ -79,6 +79,9 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// TLS for clients (off without a certificate).
+    #[serde(default, skip_serializing_if = "TlsConfig::is_off")]
+    pub tls: TlsConfig,
     /// Tenants kept in a PostgreSQL registry database, beside (or instead of) `[[tenants]]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistryConfig>,
@@ -175,6 +178,108 @@ impl Default for PoolConfig {
             max_client_connections: default_max_clients(),
             pool_idle_timeout: default_pool_idle(),
         }
+    }
+}
+
+/// Client TLS: `[tls]`. Certificates and keys are PEM files, reloaded by SIGHUP / RELOAD.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The default certificate chain (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// `disable`, `allow` (default with a certificate) or `require`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TlsMode>,
+    /// A client that connects to `<tenant><sni_suffix>` names its tenant by the TLS server name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_suffix: Option<String>,
+    /// Certificates served for particular server names; the default one for any other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<SniCertConfig>,
+    /// CA bundle (PEM) that client certificates must chain to; enables `auth = "cert"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertConfig {
+    /// The server name (SNI) this certificate is for.
+    pub sni: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// SSLRequest is answered `N`.
+    Disable,
+    /// TLS is offered; plaintext clients are served too.
+    Allow,
+    /// Plaintext StartupMessages are refused (28000).
+    Require,
+}
+
+impl TlsConfig {
+    fn is_off(&self) -> bool {
+        *self == TlsConfig::default()
+    }
+
+    /// The mode in force: `allow` when a certificate is set and no mode is given.
+    pub fn effective_mode(&self) -> TlsMode {
+        match (self.mode, &self.cert) {
+            (Some(m), _) => m,
+            (None, Some(_)) => TlsMode::Allow,
+            (None, None) => TlsMode::Disable,
+        }
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        self.cert.iter_mut().for_each(fix);
+        self.key.iter_mut().for_each(fix);
+        self.client_ca.iter_mut().for_each(fix);
+        for c in &mut self.certs {
+            fix(&mut c.cert);
+            fix(&mut c.key);
+        }
+    }
+}
+
+/// How a tenant's client user proves who it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256, with or without channel binding.
+    #[default]
+    #[serde(rename = "scram")]
+    Scram,
+    /// SCRAM-SHA-256-PLUS only: the client must bind the exchange to the TLS channel.
+    #[serde(rename = "scram-plus")]
+    ScramPlus,
+    /// A client certificate whose CN (or a DNS SAN) is the login name `role<sep>tenant`.
+    #[serde(rename = "cert")]
+    Cert,
+    /// Both the certificate and the password.
+    #[serde(rename = "scram+cert")]
+    ScramCert,
+}
+
+impl AuthMethod {
+    pub fn needs_cert(self) -> bool {
+        matches!(self, AuthMethod::Cert | AuthMethod::ScramCert)
+    }
+
+    pub fn needs_password(self) -> bool {
+        !matches!(self, AuthMethod::Cert)
     }
 }
 
@@ -388,6 +493,9 @@ pub struct TenantConfig {
     /// Reads go to the primary when no replica is usable (else they get an error).
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub replica_fallback: bool,
+    /// Clients of this tenant must connect with TLS.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub require_tls: bool,
     #[serde(default)]
     pub users: Vec<UserConfig>,
 }
@@ -410,6 +518,13 @@ pub struct UserConfig {
     /// Every session of this role reads from the tenant's replicas (and is read-only).
     #[serde(default, skip_serializing_if = "is_false")]
     pub read_only: bool,
+    /// `scram` (default), `scram-plus`, `cert` or `scram+cert`.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub auth: AuthMethod,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 impl Config {
@@ -424,6 +539,7 @@ impl Config {
         if let Some(r) = config.registry.as_mut() {
             r.resolve_paths(dir);
         }
+        config.tls.resolve_paths(dir);
         Ok(config)
     }
 
@@ -443,6 +559,7 @@ impl Config {
             health: HealthConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            tls: TlsConfig::default(),
             registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::protocol::framing::cstr;
 use crate::protocol::{messages, sqlstate, ErrorReport};
 
-use super::scram::{ScramError, ScramExchange, ScramVerifier, MECHANISM};
+use super::scram::{ScramError, ScramExchange, ScramVerifier, MECHANISM, MECHANISM_PLUS};
 
 /// SASL messages are a few hundred bytes; anything much larger is not one.
 const MAX_AUTH_MESSAGE: usize = 8192;
@@ -22,8 +22,10 @@ pub enum AuthError {
     Malformed(String),
     #[error("client selected an invalid SASL authentication mechanism")]
     Mechanism,
-    #[error("channel binding is not supported: connect without TLS channel binding")]
+    #[error("channel binding is not supported on a connection without TLS: connect with sslmode=require")]
     ChannelBinding,
+    #[error("SCRAM channel binding negotiation error: the client thinks the server cannot bind the exchange to TLS, and it can")]
+    Downgrade,
     #[error("client went away during authentication")]
     Gone,
 }
@@ -38,27 +40,40 @@ impl AuthError {
             AuthError::ChannelBinding => {
                 ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, self.to_string())
             }
+            AuthError::Downgrade => {
+                ErrorReport::fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
+            }
             _ => ErrorReport::fatal(sqlstate::PROTOCOL_VIOLATION, self.to_string()),
         })
     }
 }
 
-/// Runs the SASL exchange. On success the client has been sent SASLFinal and AuthenticationOk.
+/// Runs the SASL exchange. On success the client has been sent SASLFinal and AuthenticationOk,
+/// and the answer says whether the exchange was bound to the TLS channel. `channel`: the
+/// connection's `tls-server-end-point` data when it is TLS, which offers SCRAM-SHA-256-PLUS.
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     user: &str,
     verifier: ScramVerifier,
     user_exists: bool,
-) -> Result<(), AuthError> {
+    channel: Option<&[u8]>,
+) -> Result<bool, AuthError> {
     let mut out = BytesMut::with_capacity(256);
-    messages::auth_sasl(&mut out);
+    if channel.is_some() {
+        messages::auth_sasl(&mut out, &[MECHANISM_PLUS, MECHANISM]);
+    } else {
+        messages::auth_sasl(&mut out, &[MECHANISM]);
+    }
     stream.write_all(&out).await.map_err(|_| AuthError::Gone)?;
+    stream.flush().await.map_err(|_| AuthError::Gone)?;
 
     let initial = read_password_message(stream).await?;
     let (mechanism, rest) = cstr(&initial).ok_or_else(|| malformed("missing mechanism"))?;
-    if mechanism != MECHANISM.as_bytes() {
-        return Err(AuthError::Mechanism);
-    }
+    let plus = match mechanism {
+        m if m == MECHANISM.as_bytes() => false,
+        m if m == MECHANISM_PLUS.as_bytes() && channel.is_some() => true,
+        _ => return Err(AuthError::Mechanism),
+    };
     if rest.len() < 4 {
         return Err(malformed("missing initial response length"));
     }
@@ -67,11 +82,14 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     if len < 0 || len as usize != data.len() {
         return Err(malformed("initial response length does not match"));
     }
-    let exchange = ScramExchange::start(verifier, data).map_err(scram_error(user))?;
+    let exchange =
+        ScramExchange::start(verifier, data, channel, plus).map_err(scram_error(user))?;
+    let bound = exchange.is_bound();
 
     out.clear();
     messages::auth_sasl_continue(&mut out, exchange.server_first());
     stream.write_all(&out).await.map_err(|_| AuthError::Gone)?;
+    stream.flush().await.map_err(|_| AuthError::Gone)?;
 
     let response = read_password_message(stream).await?;
     let server_final = exchange.finish(&response).map_err(scram_error(user))?;
@@ -82,13 +100,14 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     messages::auth_sasl_final(&mut out, server_final.as_bytes());
     messages::auth_ok(&mut out);
     stream.write_all(&out).await.map_err(|_| AuthError::Gone)?;
-    Ok(())
+    Ok(bound)
 }
 
 fn scram_error(user: &str) -> impl Fn(ScramError) -> AuthError + '_ {
     move |e| match e {
         ScramError::BadProof => AuthError::Failed(user.to_string()),
         ScramError::ChannelBinding => AuthError::ChannelBinding,
+        ScramError::Downgrade => AuthError::Downgrade,
         ScramError::Malformed(m) => AuthError::Malformed(m.to_string()),
     }
 }

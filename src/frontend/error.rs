@@ -40,6 +40,16 @@ pub enum SessionError {
     NotAdmin(String),
     #[error("client connection lost: {0}")]
     ClientIo(#[from] std::io::Error),
+    #[error("this server requires an encrypted connection: connect with sslmode=require")]
+    TlsRequired,
+    #[error("tenant \"{0}\" requires an encrypted connection: connect with sslmode=require")]
+    TenantRequiresTls(String),
+    #[error("user \"{0}\" must authenticate with SCRAM-SHA-256-PLUS: connect with channel_binding=require over TLS")]
+    ChannelBindingRequired(String),
+    #[error("TLS is not enabled on this server")]
+    TlsUnavailable,
+    #[error(transparent)]
+    Tls(#[from] crate::tls::acceptor::HandshakeError),
 }
 
 impl SessionError {
@@ -47,7 +57,14 @@ impl SessionError {
     pub fn report(&self) -> Option<ErrorReport> {
         use SessionError::*;
         Some(match self {
-            Startup(StartupError::Closed | StartupError::Io(_)) | ClientIo(_) => return None,
+            // Nothing can be told over a failed handshake, nor over TLS to a plaintext client.
+            Startup(StartupError::Closed | StartupError::Io(_))
+            | ClientIo(_)
+            | Tls(_)
+            | TlsUnavailable => return None,
+            TlsRequired | TenantRequiresTls(_) | ChannelBindingRequired(_) => {
+                ErrorReport::fatal(sqlstate::INVALID_AUTHORIZATION, self.to_string())
+            }
             Startup(e @ StartupError::UnsupportedVersion { .. }) => {
                 ErrorReport::fatal(sqlstate::FEATURE_NOT_SUPPORTED, e.to_string())
             }

@@ -10,6 +10,7 @@ pub mod listener;
 pub mod relay;
 pub mod scram;
 pub mod session;
+pub mod stream;
 pub mod transaction;
 
 pub use error::SessionError;

@@ -5,9 +5,9 @@
 //! forwarded as they arrive, in whole batches of messages per read, straight from the read
 //! buffer; only the few tags that change state are looked at.
 
+use crate::frontend::stream::ClientStream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::backend::reset::Leftover;
 use crate::backend::BackendConn;
@@ -77,7 +77,7 @@ pub struct SessionRules<'a> {
 /// Between the client's requests (nothing in flight), the relay may run statements of its own
 /// (see `SessionRules`).
 pub async fn relay(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     conn: &mut BackendConn,
     max_message: usize,
     rules: SessionRules<'_>,
@@ -318,8 +318,9 @@ pub async fn relay(
     }
 }
 
-pub async fn send_report(client: &mut TcpStream, report: &ErrorReport) {
+pub async fn send_report(client: &mut ClientStream, report: &ErrorReport) {
     let mut buf = BytesMut::with_capacity(128);
     report.encode(&mut buf);
     let _ = client.write_all(&buf).await;
+    let _ = client.flush().await;
 }

@@ -15,6 +15,9 @@ use subtle::ConstantTimeEq;
 type HmacSha256 = Hmac<Sha256>;
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
+/// SCRAM bound to the TLS channel (`tls-server-end-point`), offered only over TLS.
+pub const MECHANISM_PLUS: &str = "SCRAM-SHA-256-PLUS";
+const CHANNEL_BINDING_TYPE: &str = "tls-server-end-point";
 const NONCE_BYTES: usize = 18;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -23,6 +26,8 @@ pub enum ScramError {
     Malformed(&'static str),
     #[error("channel binding is not supported on this connection")]
     ChannelBinding,
+    #[error("SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, and this server does")]
+    Downgrade,
     #[error("password authentication failed")]
     BadProof,
 }
@@ -80,21 +85,47 @@ impl ScramVerifier {
 /// Server state between the server-first and client-final messages.
 pub struct ScramExchange {
     verifier: ScramVerifier,
-    gs2_header: String,
     client_first_bare: String,
     server_first: String,
     nonce: String,
+    /// What the client-final `c=` attribute must decode to.
+    expected_binding: Vec<u8>,
+    /// Whether the exchange is bound to the TLS channel.
+    bound: bool,
 }
 
 impl ScramExchange {
     /// Handles client-first-message; returns the exchange and the server-first-message.
+    /// `channel`: the connection's `tls-server-end-point` data when it is TLS (PLUS was
+    /// offered); `plus`: the client chose SCRAM-SHA-256-PLUS.
     pub fn start(
         verifier: ScramVerifier,
         client_first: &[u8],
+        channel: Option<&[u8]>,
+        plus: bool,
     ) -> Result<ScramExchange, ScramError> {
         let msg =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (gs2_header, bare) = split_gs2(msg)?;
+        let mut expected_binding = gs2_header.as_bytes().to_vec();
+        let bound = match (gs2_header.as_bytes()[0], channel, plus) {
+            (b'p', Some(data), true) => {
+                let name = gs2_header[2..].split(',').next().unwrap_or_default();
+                if name != CHANNEL_BINDING_TYPE {
+                    return Err(ScramError::Malformed("unsupported channel binding type"));
+                }
+                expected_binding.extend_from_slice(data);
+                true
+            }
+            (b'p', _, _) => return Err(ScramError::ChannelBinding),
+            (_, _, true) => {
+                return Err(ScramError::Malformed(
+                    "SCRAM-SHA-256-PLUS was selected without channel binding",
+                ))
+            }
+            (b'y', Some(_), false) => return Err(ScramError::Downgrade),
+            _ => false,
+        };
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -110,11 +141,17 @@ impl ScramExchange {
         );
         Ok(ScramExchange {
             verifier,
-            gs2_header: gs2_header.to_string(),
             client_first_bare: bare.to_string(),
             server_first,
             nonce,
+            expected_binding,
+            bound,
         })
+    }
+
+    /// Whether the client bound the exchange to the TLS channel.
+    pub fn is_bound(&self) -> bool {
+        self.bound
     }
 
     pub fn server_first(&self) -> &[u8] {
@@ -137,7 +174,10 @@ impl ScramExchange {
             .next()
             .and_then(|a| a.strip_prefix("r="))
             .ok_or(ScramError::Malformed("missing nonce"))?;
-        if B64.decode(binding).ok().as_deref() != Some(self.gs2_header.as_bytes()) {
+        let binding_matches = B64
+            .decode(binding)
+            .is_ok_and(|b| bool::from(b.as_slice().ct_eq(&self.expected_binding)));
+        if !binding_matches {
             return Err(ScramError::Malformed("channel binding does not match"));
         }
         if nonce != self.nonce {
@@ -172,7 +212,7 @@ fn split_gs2(msg: &str) -> Result<(&str, &str), ScramError> {
     let flag = msg.as_bytes().first().copied();
     match flag {
         Some(b'n') | Some(b'y') => {}
-        Some(b'p') => return Err(ScramError::ChannelBinding),
+        Some(b'p') if msg.as_bytes().get(1) == Some(&b'=') => {}
         _ => return Err(ScramError::Malformed("bad gs2 header")),
     }
     let first = msg
@@ -205,7 +245,7 @@ mod tests {
     fn run(verifier: &str, password: &str) -> Result<(), ScramError> {
         let v = ScramVerifier::parse(verifier).unwrap();
         let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-        let ex = ScramExchange::start(v, client.message())?;
+        let ex = ScramExchange::start(v, client.message(), None, false)?;
         client.update(ex.server_first()).unwrap();
         let server_final = ex.finish(client.message())?;
         client
@@ -240,7 +280,7 @@ mod tests {
         let b = ScramVerifier::mock("nobody", &key);
         assert_eq!(a.salt, b.salt);
         let mut client = ScramSha256::new(b"anything", ChannelBinding::unsupported());
-        let ex = ScramExchange::start(a, client.message()).unwrap();
+        let ex = ScramExchange::start(a, client.message(), None, false).unwrap();
         client.update(ex.server_first()).unwrap();
         assert_eq!(ex.finish(client.message()), Err(ScramError::BadProof));
     }
@@ -252,11 +292,58 @@ mod tests {
     }
 
     #[test]
-    fn channel_binding_requests_are_refused() {
+    fn channel_binding_requests_without_tls_are_refused() {
         let v = ScramVerifier::parse(&hash_password("x")).unwrap();
         assert_eq!(
-            ScramExchange::start(v, b"p=tls-server-end-point,,n=,r=abc").err(),
+            ScramExchange::start(v, b"p=tls-server-end-point,,n=,r=abc", None, true).err(),
             Some(ScramError::ChannelBinding)
         );
+    }
+
+    fn run_bound(client_sees: &[u8], server_has: &[u8]) -> Result<(), ScramError> {
+        let v = ScramVerifier::parse(&hash_password("pw")).unwrap();
+        let mut client = ScramSha256::new(
+            b"pw",
+            ChannelBinding::tls_server_end_point(client_sees.to_vec()),
+        );
+        let ex = ScramExchange::start(v, client.message(), Some(server_has), true)?;
+        assert!(ex.is_bound());
+        client.update(ex.server_first()).unwrap();
+        let server_final = ex.finish(client.message())?;
+        client.finish(server_final.as_bytes()).unwrap();
+        Ok(())
+    }
+
+    #[test]
+    fn a_client_bound_to_the_same_certificate_authenticates() {
+        assert_eq!(run_bound(&[7; 32], &[7; 32]), Ok(()));
+    }
+
+    #[test]
+    fn a_client_that_saw_another_certificate_is_refused() {
+        // What a TLS-terminating man in the middle shows the client.
+        assert_eq!(
+            run_bound(&[6; 32], &[7; 32]),
+            Err(ScramError::Malformed("channel binding does not match"))
+        );
+    }
+
+    #[test]
+    fn a_client_that_thinks_the_server_cannot_bind_is_refused_when_it_can() {
+        let v = ScramVerifier::parse(&hash_password("x")).unwrap();
+        assert_eq!(
+            ScramExchange::start(v, b"y,,n=,r=abc", Some(&[1; 32]), false).err(),
+            Some(ScramError::Downgrade)
+        );
+    }
+
+    #[test]
+    fn plain_scram_over_tls_is_still_served() {
+        let v = ScramVerifier::parse(&hash_password("pw")).unwrap();
+        let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        let ex = ScramExchange::start(v, client.message(), Some(&[1; 32]), false).unwrap();
+        assert!(!ex.is_bound());
+        client.update(ex.server_first()).unwrap();
+        assert!(ex.finish(client.message()).is_ok());
     }
 }

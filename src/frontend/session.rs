@@ -13,12 +13,14 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::reset::{self, Leftover};
 use crate::backend::{BackendConn, BackendError};
+use crate::config::TlsMode;
 use crate::config::{PoolMode, TenantStatus};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
 use crate::server::ProxyContext;
 use crate::tenancy::{resolve, Addressed, Tenant};
+use crate::tls::acceptor::TlsSettings;
 
 use super::auth::authenticate;
 use super::cancel::CancelGuard;
@@ -27,23 +29,20 @@ use super::error::SessionError;
 use super::limits::{ClientSlot, PendingLogin};
 use super::relay::{relay, send_report, RelayEnd, SessionRules};
 use super::scram::ScramVerifier;
+use super::stream::ClientStream;
 use super::transaction::{Engine, TxEnd};
 
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
 
-pub async fn run(
-    mut client: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<ProxyContext>,
-    pending: PendingLogin,
-) {
-    let _ = client.set_nodelay(true);
+pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pending: PendingLogin) {
+    let _ = tcp.set_nodelay(true);
+    let mut client = ClientStream::Plain(tcp);
     let started = Instant::now();
     let login_timeout = Duration::from_secs(ctx.config.auth_timeout.max(1));
     let login = match Box::pin(tokio::time::timeout(
         login_timeout,
-        login(&mut client, &ctx),
+        login(&mut client, &ctx, peer),
     ))
     .await
     {
@@ -89,11 +88,9 @@ pub async fn run(
             .unwrap_or_default(),
         connected: std::time::SystemTime::now(),
     };
-    let cancel = ctx.cancels.register_client(
-        &tenant.id,
-        std::os::fd::AsRawFd::as_raw_fd(&client),
-        Some(info),
-    );
+    let cancel = ctx
+        .cancels
+        .register_client(&tenant.id, client.raw_fd(), Some(info));
     let mode = tenant.pool_mode;
     let mut state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
@@ -247,7 +244,7 @@ pub async fn run(
 }
 
 /// Tells a client its session was ended by an operator, and lets go of its socket.
-async fn farewell(client: &mut TcpStream, cancel: &CancelGuard) {
+async fn farewell(client: &mut ClientStream, cancel: &CancelGuard) {
     if let Some(reason) = cancel.termination() {
         let report =
             crate::protocol::ErrorReport::fatal(crate::protocol::sqlstate::ADMIN_SHUTDOWN, reason);
@@ -277,8 +274,13 @@ enum Login {
 }
 
 /// Startup packet, tenant resolution and authentication.
-async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, SessionError> {
-    let msg = match negotiate(client).await? {
+async fn login(
+    client: &mut ClientStream,
+    ctx: &ProxyContext,
+    peer: SocketAddr,
+) -> Result<Login, SessionError> {
+    let tls = ctx.tls.current();
+    let msg = match negotiate(client, &tls, peer).await? {
         First::Startup(m) => m,
         First::Cancel { pid, secret } => {
             let sent = ctx.cancels.cancel(pid, secret).await;
@@ -294,30 +296,61 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
     if msg.param("database") == Some(crate::config::validate::ADMIN_DATABASE) {
         return admin_login(client, ctx, &msg).await;
     }
-    let who = resolve(&msg, &ctx.config.tenant_separator)?;
+    let sni_tenant = client
+        .tls()
+        .and_then(|t| t.server_name.as_deref())
+        .and_then(|n| tls.tenant_from_server_name(n));
+    let who = resolve(&msg, &ctx.config.tenant_separator, sni_tenant)?;
     // Nothing about the tenant is told or taken before the client proves its password: an
     // unknown tenant, an unknown user and a wrong password run the same exchange and end in
     // the same error. Only the log says which it was.
     let tenant = ctx.registry.tenant(&who.tenant);
     let user = tenant.as_deref().and_then(|t| t.user(&who.role));
-    let verifier = match user {
-        Some(u) => u.verifier.clone(),
-        None => ScramVerifier::mock(&who.user, &ctx.mock_key),
-    };
-    if let Err(e) = authenticate(client, &who.user, verifier, user.is_some()).await {
-        if matches!(e, super::auth::AuthError::Failed(_)) {
-            let why = match (&tenant, user) {
-                (None, _) => "no such tenant",
-                (Some(_), None) => "no such user in the tenant",
-                (Some(_), Some(_)) => "wrong password",
-            };
-            info!(tenant = %who.tenant, role = %who.role, reason = why, "authentication failed");
+    let login_name = format!("{}{}{}", who.role, ctx.config.tenant_separator, who.tenant);
+    let cert_ok = client
+        .tls()
+        .is_some_and(|t| t.peer_names.contains(&login_name));
+    let method = user.map(|u| u.auth).unwrap_or_default();
+    // A user the client cannot be (no such user, or a certificate user without its
+    // certificate) runs the exchange against a mock verifier that no password matches.
+    let (verifier, why_not) = match (&tenant, user) {
+        (None, _) => (None, "no such tenant"),
+        (Some(_), None) => (None, "no such user in the tenant"),
+        (Some(_), Some(_)) if method.needs_cert() && !cert_ok => {
+            (None, "no valid client certificate naming the user")
         }
-        return Err(e.into());
-    }
+        (Some(_), Some(u)) => (Some(u.verifier.clone()), "wrong password"),
+    };
+    let bound = if method.needs_password() || verifier.is_none() {
+        let known = verifier.is_some();
+        let verifier = verifier.unwrap_or_else(|| ScramVerifier::mock(&who.user, &ctx.mock_key));
+        let channel = client.tls().map(|t| t.end_point.clone());
+        match authenticate(client, &who.user, verifier, known, channel.as_deref()).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                if matches!(e, super::auth::AuthError::Failed(_)) {
+                    info!(tenant = %who.tenant, role = %who.role, client = %peer, reason = why_not, "authentication failed");
+                }
+                return Err(e.into());
+            }
+        }
+    } else {
+        // `auth = "cert"` with the right certificate: no password exchange.
+        let mut out = BytesMut::with_capacity(16);
+        messages::auth_ok(&mut out);
+        client.write_all(&out).await?;
+        false
+    };
     let Some(tenant) = tenant else {
         return Err(SessionError::UnknownTenant(who.tenant.clone()));
     };
+    // Told only to a client that has proved who it is.
+    if tenant.require_tls && !client.is_tls() {
+        return Err(SessionError::TenantRequiresTls(tenant.id.clone()));
+    }
+    if method == crate::config::AuthMethod::ScramPlus && !bound {
+        return Err(SessionError::ChannelBindingRequired(login_name));
+    }
     // Only an authenticated client learns that the tenant is suspended.
     match tenant.status {
         TenantStatus::Active => {}
@@ -338,7 +371,7 @@ async fn login(client: &mut TcpStream, ctx: &ProxyContext) -> Result<Login, Sess
 /// tenant's user who proves its password learns it is not an admin (42501); anyone else fails
 /// like a wrong password, so the console reveals no user names.
 async fn admin_login(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     ctx: &ProxyContext,
     msg: &StartupMessage,
 ) -> Result<Login, SessionError> {
@@ -362,7 +395,8 @@ async fn admin_login(
         (None, Some(u)) => (u.verifier.clone(), true),
         (None, None) => (ScramVerifier::mock(user, &ctx.mock_key), false),
     };
-    authenticate(client, user, verifier, known).await?;
+    let channel = client.tls().map(|t| t.end_point.clone());
+    authenticate(client, user, verifier, known, channel.as_deref()).await?;
     if admin.is_some() {
         Ok(Login::Admin(user.to_string()))
     } else {
@@ -376,16 +410,46 @@ enum First {
     Cancel { pid: u32, secret: u32 },
 }
 
-async fn negotiate(client: &mut TcpStream) -> Result<First, SessionError> {
+async fn negotiate(
+    client: &mut ClientStream,
+    tls: &TlsSettings,
+    peer: SocketAddr,
+) -> Result<First, SessionError> {
+    // PostgreSQL 17's direct TLS: a ClientHello (record type 22) where a packet length would
+    // be. No packet length starts with 22, since that would be a message of 360 MiB or more.
+    if let ClientStream::Plain(tcp) = client {
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE_RECORD {
+            if !tls.offers_tls() {
+                return Err(SessionError::TlsUnavailable);
+            }
+            upgrade(client, tls, true, peer).await?;
+        }
+    }
     // A client may ask for SSL and then GSSAPI encryption (or the reverse) before giving up.
     for _ in 0..3 {
         match read_startup(client).await? {
+            StartupPacket::SslRequest if client.is_tls() => {
+                return Err(SessionError::Startup(
+                    crate::protocol::startup::StartupError::BadLayout(
+                        "SSLRequest on a connection that is already encrypted",
+                    ),
+                ))
+            }
+            StartupPacket::SslRequest if tls.offers_tls() => {
+                client.write_all(b"S").await?;
+                upgrade(client, tls, false, peer).await?;
+            }
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => {
                 let mut out = BytesMut::with_capacity(1);
                 messages::refuse_encryption(&mut out);
                 client.write_all(&out).await?;
             }
+            // libpq sends cancel requests unencrypted before version 17.
             StartupPacket::Cancel { pid, secret } => return Ok(First::Cancel { pid, secret }),
+            StartupPacket::Startup(_) if tls.mode == TlsMode::Require && !client.is_tls() => {
+                return Err(SessionError::TlsRequired)
+            }
             StartupPacket::Startup(m) => return Ok(First::Startup(m)),
         }
     }
@@ -394,11 +458,34 @@ async fn negotiate(client: &mut TcpStream) -> Result<First, SessionError> {
     ))
 }
 
+/// The first byte of a TLS handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Runs the TLS handshake on the client's socket and goes on over TLS.
+async fn upgrade(
+    client: &mut ClientStream,
+    tls: &TlsSettings,
+    direct: bool,
+    peer: SocketAddr,
+) -> Result<(), SessionError> {
+    let ClientStream::Plain(tcp) = std::mem::replace(client, ClientStream::Closed) else {
+        return Err(SessionError::TlsUnavailable);
+    };
+    match tls.accept(tcp, direct).await {
+        Ok(t) => {
+            debug!(client = %peer, server_name = ?t.server_name, direct, "TLS established");
+            *client = ClientStream::Tls(Box::new(t));
+            Ok(())
+        }
+        Err(e) => Err(SessionError::Tls(e)),
+    }
+}
+
 /// `attach` to the server the session's reads go to: a usable replica when all its
 /// transactions are reads (another one, or the primary if allowed, when that fails), else
 /// the primary. Returns the backend with the pool it came from.
 async fn attach_routed(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     ctx: &ProxyContext,
     tenant: &Tenant,
     primary: &Arc<TenantPool>,
@@ -437,7 +524,7 @@ async fn attach_routed(
 
 /// Checks out a backend, applies the client's settings and tells the client it is ready.
 async fn attach(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     ctx: &ProxyContext,
     tenant: &Tenant,
     pool: &TenantPool,
@@ -551,7 +638,7 @@ pub async fn refuse_busy(mut client: TcpStream, peer: SocketAddr, max: usize) {
     let _ = tokio::time::timeout(Duration::from_secs(1), linger).await;
 }
 
-async fn refuse(client: &mut TcpStream, peer: SocketAddr, e: &SessionError) {
+async fn refuse(client: &mut ClientStream, peer: SocketAddr, e: &SessionError) {
     match e.report() {
         Some(r) => {
             info!(client = %peer, code = r.code, error = %e, "connection refused");

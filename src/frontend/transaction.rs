@@ -14,9 +14,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::frontend::stream::ClientStream;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
@@ -220,7 +220,7 @@ impl<'a> Engine<'a> {
         self
     }
 
-    pub async fn run(mut self, client: &mut TcpStream) -> TxOutcome {
+    pub async fn run(mut self, client: &mut ClientStream) -> TxOutcome {
         let end = loop {
             // Between transactions a client holds no buffers and no transaction state on the
             // stack: thousands of idle clients then cost little more than their sockets.
@@ -253,7 +253,7 @@ impl<'a> Engine<'a> {
 
     /// Serves the client from its first bytes after idling until it is idle again, with no
     /// backend and nothing buffered.
-    async fn active(&mut self, client: &mut TcpStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
+    async fn active(&mut self, client: &mut ClientStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
         if self.out.capacity() == 0 {
             self.out = buffers::take();
         }
@@ -267,7 +267,7 @@ impl<'a> Engine<'a> {
 
     async fn serve_active(
         &mut self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         cbuf: &mut BytesMut,
     ) -> Result<(), TxEnd> {
         self.bytes_in += cbuf.len() as u64;
@@ -335,7 +335,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    async fn finish(mut self, client: &mut TcpStream, end: TxEnd) -> TxOutcome {
+    async fn finish(mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
         self.note_release();
         let backend = self.backend.take().map(|be| {
             let pending = self
@@ -368,7 +368,7 @@ impl<'a> Engine<'a> {
 
     /// Sends what is ready: requests to the backend, responses to the client; then lets the
     /// backend go if the transaction is over.
-    async fn flush(&mut self, client: &mut TcpStream) -> Result<(), TxEnd> {
+    async fn flush(&mut self, client: &mut ClientStream) -> Result<(), TxEnd> {
         if !self.out.is_empty() {
             if let Some(be) = self.backend.as_mut() {
                 if send_all(&mut be.stream, &self.out).await.is_err() {
@@ -959,7 +959,7 @@ impl<'a> Engine<'a> {
     /// server's reason (or 08006); a transaction block the client had open stays open but
     /// aborted, as PostgreSQL leaves a failed one, so its later statements cannot run outside
     /// it. The next transaction gets a fresh connection.
-    async fn recover_from_lost_server(&mut self, client: &mut TcpStream) -> Result<(), ()> {
+    async fn recover_from_lost_server(&mut self, client: &mut ClientStream) -> Result<(), ()> {
         if let Some(mut be) = self.backend.take() {
             self.cancel.unlink();
             self.note_release();
@@ -1334,7 +1334,7 @@ impl TxOutcome {
     /// Tells the client why its session ended, when it can still be told.
     async fn report_to(
         self,
-        client: &mut TcpStream,
+        client: &mut ClientStream,
         at_boundary: bool,
         last_server_tag: u8,
     ) -> TxOutcome {
@@ -1379,7 +1379,7 @@ async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
 /// while waiting (an idle client must not pin a full buffer). The read goes through
 /// `AsyncRead::read`, after which tokio clears its readiness flag on a short read; that saves a
 /// wasted EAGAIN read per transaction.
-async fn wait_for_input(client: &mut TcpStream) -> Result<BytesMut, ()> {
+async fn wait_for_input(client: &mut ClientStream) -> Result<BytesMut, ()> {
     let mut probe = [0u8; 256];
     match client.read(&mut probe).await {
         Ok(0) | Err(_) => Err(()),

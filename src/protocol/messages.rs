@@ -9,8 +9,9 @@ use pgwire::messages::Message;
 
 // Encoding these owned, well-formed messages cannot fail; pgwire only errors on oversize input.
 
-pub fn auth_sasl(buf: &mut BytesMut) {
-    let _ = Authentication::SASL(vec!["SCRAM-SHA-256".to_string()]).encode(buf);
+/// AuthenticationSASL offering `mechanisms`, most preferred first.
+pub fn auth_sasl(buf: &mut BytesMut, mechanisms: &[&str]) {
+    let _ = Authentication::SASL(mechanisms.iter().map(|m| m.to_string()).collect()).encode(buf);
 }
 
 pub fn auth_sasl_continue(buf: &mut BytesMut, data: &[u8]) {

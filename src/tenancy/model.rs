@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{PoolMode, TenantStatus, Tier};
+use crate::config::{AuthMethod, PoolMode, TenantStatus, Tier};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
@@ -29,6 +29,8 @@ pub struct ClientUser {
     pub backend: BackendCredentials,
     /// Every session of this role reads from the tenant's replicas and is read-only.
     pub read_only: bool,
+    /// How the client proves who it is (SCRAM, with channel binding, a certificate).
+    pub auth: AuthMethod,
 }
 
 impl ClientUser {
@@ -46,7 +48,18 @@ impl ClientUser {
                 password,
             },
             read_only: false,
+            auth: AuthMethod::Scram,
         })
+    }
+
+    /// The same user, with another way to authenticate.
+    pub fn with_auth(self: Arc<Self>, auth: AuthMethod) -> Arc<ClientUser> {
+        if self.auth == auth {
+            return self;
+        }
+        let mut u = (*self).clone();
+        u.auth = auth;
+        Arc::new(u)
     }
 
     /// The same user, read-only or not.
@@ -82,6 +95,8 @@ pub struct Tenant {
     pub server_idle_timeout: Option<u64>,
     pub pool_mode: PoolMode,
     pub max_client_connections: Option<usize>,
+    /// Clients must connect with TLS.
+    pub require_tls: bool,
     pub status: TenantStatus,
     /// Session defaults for every backend connection (TimeZone, …), in config order.
     pub params: Vec<(String, String)>,

@@ -183,7 +183,8 @@ impl StaticRegistry {
                 users.insert(
                     u.name.clone(),
                     ClientUser::new(&u.name, verifier, &u.backend_user, password)
-                        .read_only(u.read_only),
+                        .read_only(u.read_only)
+                        .with_auth(u.auth),
                 );
             }
             let fingerprint = {
@@ -238,6 +239,7 @@ impl StaticRegistry {
                 server_idle_timeout: t.server_idle_timeout,
                 pool_mode: t.pool_mode.unwrap_or(config.pool.mode),
                 max_client_connections: t.max_client_connections,
+                require_tls: t.require_tls,
                 status: t.status,
                 params: t
                     .params

@@ -4,7 +4,8 @@
 //! 1. `options`: `-c pgtenant.tenant=ID` (also `-cpgtenant.tenant=ID`, `--pgtenant.tenant=ID`)
 //!    or a bare `tenant=ID` word;
 //! 2. the user name suffix: `role<sep>ID` (split at the last separator);
-//! 3. the database name, unless it is just the user name (libpq's default).
+//! 3. the database name, unless it is just the user name (libpq's default);
+//! 4. the TLS server name (SNI) `tenant<tls.sni_suffix>`, given by the caller.
 //!
 //! Every carrier present must name the same tenant.
 
@@ -84,7 +85,11 @@ pub struct Addressed {
     pub intent: Option<ReadIntent>,
 }
 
-pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, ResolveError> {
+pub fn resolve(
+    msg: &StartupMessage,
+    separator: &str,
+    server_name_tenant: Option<&str>,
+) -> Result<Addressed, ResolveError> {
     let user = msg
         .param("user")
         .filter(|u| !u.is_empty())
@@ -149,6 +154,9 @@ pub fn resolve(msg: &StartupMessage, separator: &str) -> Result<Addressed, Resol
         .filter(|d| !d.is_empty() && *d != user)
     {
         claim(db, "database name")?;
+    }
+    if let Some(t) = server_name_tenant {
+        claim(t, "TLS server name")?;
     }
 
     let (tenant, _) = found.ok_or_else(|| ResolveError::NoTenant {
@@ -239,13 +247,18 @@ mod tests {
 
     #[test]
     fn tenant_from_user_suffix() {
-        let a = resolve(&msg(&[("user", "app.acme"), ("database", "app.acme")]), ".").unwrap();
+        let a = resolve(
+            &msg(&[("user", "app.acme"), ("database", "app.acme")]),
+            ".",
+            None,
+        )
+        .unwrap();
         assert_eq!((a.tenant.as_str(), a.role.as_str()), ("acme", "app"));
     }
 
     #[test]
     fn tenant_from_database_name() {
-        let a = resolve(&msg(&[("user", "app"), ("database", "acme")]), ".").unwrap();
+        let a = resolve(&msg(&[("user", "app"), ("database", "acme")]), ".", None).unwrap();
         assert_eq!((a.tenant.as_str(), a.role.as_str()), ("acme", "app"));
     }
 
@@ -256,7 +269,7 @@ mod tests {
             "--pgtenant.tenant=acme",
             "tenant=acme",
         ] {
-            let a = resolve(&msg(&[("user", "app"), ("options", opt)]), ".").unwrap();
+            let a = resolve(&msg(&[("user", "app"), ("options", opt)]), ".", None).unwrap();
             assert_eq!(a.tenant, "acme", "{opt}");
         }
     }
@@ -268,14 +281,14 @@ mod tests {
             ("database", "acme"),
             ("options", "tenant=acme"),
         ]);
-        assert_eq!(resolve(&m, ".").unwrap().tenant, "acme");
+        assert_eq!(resolve(&m, ".", None).unwrap().tenant, "acme");
     }
 
     #[test]
     fn conflicting_carriers_are_refused() {
         let m = msg(&[("user", "app.acme"), ("database", "globex")]);
         assert!(matches!(
-            resolve(&m, "."),
+            resolve(&m, ".", None),
             Err(ResolveError::Conflict { .. })
         ));
     }
@@ -283,7 +296,7 @@ mod tests {
     #[test]
     fn missing_tenant_is_refused() {
         assert!(matches!(
-            resolve(&msg(&[("user", "app")]), "."),
+            resolve(&msg(&[("user", "app")]), ".", None),
             Err(ResolveError::NoTenant { .. })
         ));
     }
@@ -295,7 +308,7 @@ mod tests {
             ("application_name", "psql"),
             ("options", "-c statement_timeout=5s --lock-timeout=1s"),
         ]);
-        let a = resolve(&m, ".").unwrap();
+        let a = resolve(&m, ".", None).unwrap();
         assert_eq!(
             a.settings,
             vec![
@@ -307,8 +320,31 @@ mod tests {
     }
 
     #[test]
+    fn tenant_from_the_tls_server_name_alone() {
+        let a = resolve(
+            &msg(&[("user", "app"), ("database", "app")]),
+            ".",
+            Some("acme"),
+        )
+        .unwrap();
+        assert_eq!((a.tenant.as_str(), a.role.as_str()), ("acme", "app"));
+    }
+
+    #[test]
+    fn a_tls_server_name_that_disagrees_with_the_user_name_is_refused() {
+        let m = msg(&[("user", "app.globex")]);
+        assert!(matches!(
+            resolve(&m, ".", Some("acme")),
+            Err(ResolveError::Conflict {
+                second_carrier: "TLS server name",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn configurable_separator_splits_at_the_last_occurrence() {
-        let a = resolve(&msg(&[("user", "a@b@acme")]), "@").unwrap();
+        let a = resolve(&msg(&[("user", "a@b@acme")]), "@", None).unwrap();
         assert_eq!((a.tenant.as_str(), a.role.as_str()), ("acme", "a@b"));
     }
 
@@ -318,7 +354,7 @@ mod tests {
             ("target_session_attrs", "read-only"),
             ("options", "-c pgtenant.target_session_attrs=read-only"),
         ] {
-            let a = resolve(&msg(&[("user", "app.acme"), (k, v)]), ".").unwrap();
+            let a = resolve(&msg(&[("user", "app.acme"), (k, v)]), ".", None).unwrap();
             assert_eq!(a.intent, Some(ReadIntent::ReadOnly), "{k}");
             assert!(a.settings.is_empty(), "{k}");
         }
@@ -327,12 +363,18 @@ mod tests {
     #[test]
     fn an_unknown_read_intent_is_refused() {
         let m = msg(&[("user", "app.acme"), ("target_session_attrs", "fastest")]);
-        assert!(matches!(resolve(&m, "."), Err(ResolveError::BadTarget(_))));
+        assert!(matches!(
+            resolve(&m, ".", None),
+            Err(ResolveError::BadTarget(_))
+        ));
     }
 
     #[test]
     fn unknown_option_switches_are_refused() {
         let m = msg(&[("user", "app.acme"), ("options", "-B 100")]);
-        assert!(matches!(resolve(&m, "."), Err(ResolveError::BadOption(_))));
+        assert!(matches!(
+            resolve(&m, ".", None),
+            Err(ResolveError::BadOption(_))
+        ));
     }
 }

@@ -15,5 +15,6 @@ mod protocol;
 mod session;
 mod stress;
 mod tiers;
+mod tls;
 mod transaction;
 mod unix_socket;

@@ -182,6 +182,7 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
                 backend_password: password.map(Secret::new),
                 backend_password_env: None,
                 read_only: false,
+                auth: Default::default(),
             }],
             ..base.clone()
         });

@@ -58,6 +58,7 @@ pub async fn pair(change: impl FnOnce(&mut Config)) -> Pair {
         let reporting = UserConfig {
             name: "reporting".into(),
             read_only: true,
+            auth: Default::default(),
             ..t.users[0].clone()
         };
         t.users.push(reporting);

@@ -749,6 +749,8 @@ pub fn to_tenant(
         server_idle_timeout: t.server_idle_timeout.map(|n| n as u64),
         pool_mode,
         max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
+        // The registry has no TLS requirement column yet: `require_tls` is a config-file setting.
+        require_tls: false,
         status,
         params: t
             .params
