@@ -2,7 +2,7 @@
 //! config, spoken to with plain psql (simple queries). Its SHOW commands keep PgBouncer's
 //! column names and order where they mean the same, with tenant columns added at the end.
 
-mod command;
+pub mod command;
 pub mod metrics;
 mod resultset;
 mod show;

@@ -79,8 +79,10 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
 
 /// Parses a startup packet body (everything after the length).
 pub fn parse_startup(body: &[u8]) -> Result<StartupPacket, StartupError> {
-    let code = u32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-    let rest = &body[4..];
+    let Some((code, rest)) = body.split_first_chunk::<4>() else {
+        return Err(StartupError::BadLength(body.len() as u32 + 4));
+    };
+    let code = u32::from_be_bytes(*code);
     match code {
         SSL_REQUEST_CODE if rest.is_empty() => return Ok(StartupPacket::SslRequest),
         GSSENC_REQUEST_CODE if rest.is_empty() => return Ok(StartupPacket::GssEncRequest),
@@ -147,6 +149,14 @@ mod tests {
         }
         v.push(0);
         v
+    }
+
+    #[test]
+    fn a_body_too_short_for_a_code_is_refused() {
+        assert!(matches!(
+            parse_startup(&[0, 3]),
+            Err(StartupError::BadLength(6))
+        ));
     }
 
     #[test]
