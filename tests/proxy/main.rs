@@ -6,6 +6,7 @@ mod addressing;
 mod admin;
 mod auth;
 mod faults;
+mod flood;
 mod front_door;
 mod isolation;
 mod limits;
