@@ -288,6 +288,29 @@ impl PgCluster {
         }
     }
 
+    /// Turns TLS on with this certificate chain and key (PEM) and restarts the server.
+    pub fn enable_tls(&mut self, cert_pem: &str, key_pem: &str) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        let owner = server_owner()?;
+        let data = self.dir().join("data");
+        for (name, text) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            fs::write(&path, text).map_err(io("writing the TLS files"))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(io("protecting the TLS key"))?;
+            if let Some(u) = &owner {
+                let _ = std::os::unix::fs::chown(&path, Some(u.uid.as_raw()), Some(u.gid.as_raw()));
+            }
+        }
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .map_err(io("opening postgresql.conf"))?;
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n")
+            .map_err(io("writing postgresql.conf"))?;
+        self.restart()
+    }
+
     /// Starts the server again on the same port, with the same data.
     pub fn restart(&mut self) -> Result<(), ClusterError> {
         self.shutdown();

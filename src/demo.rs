@@ -98,12 +98,7 @@ pub async fn provision(
     let mut config = Config::empty();
     config.servers = servers
         .iter()
-        .map(|(name, c)| ServerConfig {
-            name: name.to_string(),
-            host: c.host().to_string(),
-            port: c.port(),
-            replicas: Vec::new(),
-        })
+        .map(|(name, c)| ServerConfig::new(*name, c.host(), c.port()))
         .collect();
     let verifier = hash_password(DEMO_PASSWORD);
     let mut passwords: BTreeMap<(usize, String), String> = BTreeMap::new();
@@ -115,10 +110,12 @@ pub async fn provision(
         server: servers[0].0.to_string(),
         message: format!("cannot write {}: {e}", row_key_path.display()),
     })?;
-    let row_secret = MasterKey::from_text(&row_key_text).ok_or_else(|| ProvisionError::Sql {
-        server: servers[0].0.to_string(),
-        message: "generated row key does not parse".into(),
-    })?;
+    let row_secret = MasterKey::from_text(&row_key_text)
+        .ok_or_else(|| ProvisionError::Sql {
+            server: servers[0].0.to_string(),
+            message: "generated row key does not parse".into(),
+        })?
+        .row_secret();
     config.row_key = Some(format!("file:{}", row_key_path.display()));
 
     for t in tenants {
@@ -360,7 +357,14 @@ pub async fn provision_registry(
         .await
         .map_err(|e| e.to_string())?;
     store
-        .put_server("local", cluster.host(), cluster.port(), "postgres", None)
+        .put_server(
+            "local",
+            cluster.host(),
+            cluster.port(),
+            "postgres",
+            None,
+            &Default::default(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let migs = crate::tenancy::migrate::load_dir(&migrations).map_err(|e| e.to_string())?;

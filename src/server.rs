@@ -13,7 +13,7 @@ use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::limits::{ClientLimits, PendingLogins};
 use crate::frontend::listener::accept_loop;
 use crate::pool::Pools;
-use crate::tenancy::crypto::{KeySource, MasterKey};
+use crate::tenancy::crypto::{KeySource, RowSecret};
 use crate::tenancy::pg_registry::PgRegistry;
 use crate::tenancy::{LayeredRegistry, StaticRegistry, TenantRegistry};
 
@@ -34,14 +34,17 @@ pub enum ServeError {
     RowKey(#[from] crate::tenancy::crypto::CryptoError),
 }
 
-/// The secret row-tier context keys derive from: `row_key`, else the registry's master key.
-pub fn row_secret(config: &Config) -> Result<Option<MasterKey>, ServeError> {
-    let source = match (&config.row_key, &config.registry) {
-        (Some(k), _) => k,
-        (None, Some(r)) => &r.key,
-        (None, None) => return Ok(None),
-    };
-    Ok(Some(KeySource::parse(source)?.load()?))
+/// The secret row-tier context keys derive from: `row_key`, else the one the registry keeps
+/// sealed (it outlives master key rotations).
+pub async fn row_secret(config: &Config) -> Result<Option<RowSecret>, ServeError> {
+    match (&config.row_key, &config.registry) {
+        (Some(k), _) => Ok(Some(KeySource::parse(k)?.load()?.row_secret())),
+        (None, Some(r)) => {
+            let store = crate::tenancy::store::RegistryStore::open(r).await?;
+            Ok(Some(store.row_secret().await?))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// What every session shares.
@@ -250,7 +253,7 @@ impl Proxy {
                 crate::tenancy::role_repair::RegistryRoleRepair::new(r.clone()),
             ))
         });
-        let pools = Pools::new(config.pool.clone(), row_secret(&config)?)
+        let pools = Pools::new(config.pool.clone(), row_secret(&config).await?)
             .with_role_repair(repair)
             .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);

@@ -14,7 +14,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::health::ServerHealth;
-use super::stream::BackendStream;
+use super::stream::{BackendStream, ConnectError};
 
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorReport;
@@ -30,6 +30,8 @@ pub enum BackendError {
     },
     #[error("timed out connecting to server \"{server}\"")]
     ConnectTimeout { server: String },
+    #[error("could not connect to server \"{server}\" over TLS: {reason}")]
+    Tls { server: String, reason: String },
     #[error("server \"{server}\" refused the connection: {message}")]
     Refused {
         server: String,
@@ -390,11 +392,17 @@ impl BackendConn {
         shielded: bool,
     ) -> Result<Option<BackendConn>, BackendError> {
         let server = &spec.server;
-        let stream = BackendStream::connect(&server.host, server.port)
+        let stream = BackendStream::connect_with(&server.host, server.port, &server.tls)
             .await
-            .map_err(|source| BackendError::Connect {
-                server: server.name.clone(),
-                source,
+            .map_err(|e| match e {
+                ConnectError::Io(source) => BackendError::Connect {
+                    server: server.name.clone(),
+                    source,
+                },
+                ConnectError::Tls(reason) => BackendError::Tls {
+                    server: server.name.clone(),
+                    reason,
+                },
             })?;
         let mut conn = BackendConn {
             stream,
@@ -782,6 +790,9 @@ impl BackendConn {
         let fd = match &self.stream {
             BackendStream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),
             BackendStream::Unix(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+            // Post-handshake TLS messages arrive before the startup replies and are read with
+            // them, so a byte waiting on an idle TLS socket is the server's too.
+            BackendStream::Tls(t) => std::os::fd::AsRawFd::as_raw_fd(t.get_ref().0),
         };
         let mut byte = 0u8;
         // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the data where it is.

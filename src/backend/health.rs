@@ -264,6 +264,7 @@ mod tests {
             name: "s".into(),
             host: "127.0.0.1".into(),
             port: 1,
+            tls: Default::default(),
         });
         (book, h)
     }
@@ -275,6 +276,7 @@ mod tests {
             name: "alias".into(),
             host: "127.0.0.1".into(),
             port: 1,
+            tls: Default::default(),
         });
         assert!(Arc::ptr_eq(&h, &other));
     }

@@ -7,13 +7,27 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::tls::BackendTls;
 
 pub enum BackendStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The SSLRequest packet: length 8, code 1234/5679.
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// Whether `host` names a socket directory rather than a network host.
 pub fn is_socket_dir(host: &str) -> bool {
@@ -26,6 +40,7 @@ pub fn socket_path(dir: &str, port: u16) -> String {
 }
 
 impl BackendStream {
+    /// A socket without TLS (cancel requests, which PostgreSQL takes unencrypted).
     pub async fn connect(host: &str, port: u16) -> io::Result<BackendStream> {
         if is_socket_dir(host) {
             return Ok(BackendStream::Unix(
@@ -36,6 +51,53 @@ impl BackendStream {
         // Every message is a complete request or reply: nothing to gain from Nagle.
         let _ = s.set_nodelay(true);
         Ok(BackendStream::Tcp(s))
+    }
+
+    /// A socket to a server under its `sslmode`: SSLRequest, then a handshake when the server
+    /// answers `S`; plaintext when it answers `N` and the mode allows it. Unix sockets never
+    /// use TLS, as in libpq.
+    pub async fn connect_with(
+        host: &str,
+        port: u16,
+        tls: &BackendTls,
+    ) -> Result<BackendStream, ConnectError> {
+        if let Some(e) = tls.setup_error() {
+            return Err(ConnectError::Tls(e.to_string()));
+        }
+        let plain = BackendStream::connect(host, port).await?;
+        let (mut tcp, config) = match (plain, tls.client_config()) {
+            (BackendStream::Tcp(tcp), Some(config)) => (tcp, config),
+            (other, _) => return Ok(other),
+        };
+        tcp.write_all(&SSL_REQUEST).await?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer).await?;
+        match answer[0] {
+            b'S' => {}
+            b'N' if !tls.required() => return Ok(BackendStream::Tcp(tcp)),
+            b'N' => {
+                return Err(ConnectError::Tls(format!(
+                    "the server does not support TLS, and sslmode is {}",
+                    tls.mode.as_str()
+                )))
+            }
+            other => {
+                return Err(ConnectError::Tls(format!(
+                    "unexpected answer {other:#04x} to SSLRequest"
+                )))
+            }
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| ConnectError::Tls(format!("invalid server name {host:?}: {e}")))?;
+        let stream = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| ConnectError::Tls(e.to_string()))?;
+        Ok(BackendStream::Tls(Box::new(stream)))
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, BackendStream::Tls(_))
     }
 }
 
@@ -55,6 +117,10 @@ impl TryWrite for BackendStream {
         match self {
             BackendStream::Tcp(s) => s.try_write(buf),
             BackendStream::Unix(s) => s.try_write(buf),
+            BackendStream::Tls(t) => {
+                let (tcp, conn) = t.get_mut();
+                crate::tls::try_write_now(tcp, conn, buf)
+            }
         }
     }
 }
@@ -68,6 +134,13 @@ impl AsyncRead for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(t) => {
+                // What a write left in rustls's buffer goes out before waiting for a reply.
+                if let Poll::Ready(Err(e)) = Pin::new(&mut **t).poll_flush(cx) {
+                    return Poll::Ready(Err(e));
+                }
+                Pin::new(&mut **t).poll_read(cx, buf)
+            }
         }
     }
 }
@@ -81,6 +154,13 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(t) => {
+                let r = Pin::new(&mut **t).poll_write(cx, buf);
+                if let Poll::Ready(Ok(_)) = r {
+                    let _ = Pin::new(&mut **t).poll_flush(cx);
+                }
+                r
+            }
         }
     }
 
@@ -88,6 +168,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             BackendStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
         }
     }
 
@@ -95,6 +176,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
         }
     }
 }

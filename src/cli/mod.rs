@@ -55,12 +55,28 @@ pub enum ServerCmd {
         /// Read the admin password from standard input (stored encrypted).
         #[arg(long)]
         admin_password_stdin: bool,
+        /// TLS to the server: disable, prefer (default), require, verify-ca, verify-full.
+        #[arg(long, value_parser = parse_sslmode)]
+        sslmode: Option<crate::config::SslMode>,
+        /// CA bundle (PEM) the server's certificate must chain to; a path on the proxies' hosts.
+        #[arg(long)]
+        sslrootcert: Option<std::path::PathBuf>,
+        /// Client certificate (PEM) pgtenant presents, with --sslkey.
+        #[arg(long)]
+        sslcert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        sslkey: Option<std::path::PathBuf>,
     },
     /// List registered servers.
     List {
         #[arg(long)]
         json: bool,
     },
+}
+
+fn parse_sslmode(s: &str) -> Result<crate::config::SslMode, String> {
+    crate::config::SslMode::parse(s)
+        .ok_or_else(|| "use disable, prefer, require, verify-ca or verify-full".to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -232,7 +248,7 @@ pub fn finish(r: Result<(), Failure>) -> ExitCode {
 /// `pgtenant row-tier-install`: the context check and the policies, in one database.
 pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
     let c = load_config(config)?;
-    let secret = crate::server::row_secret(&c)?.ok_or_else(|| {
+    let secret = crate::server::row_secret(&c).await?.ok_or_else(|| {
         Failure(
             format!(
                 "{}: no row_key and no [registry] key to derive the row key from",
@@ -241,7 +257,20 @@ pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
             2,
         )
     })?;
-    let (db, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let mut pg: tokio_postgres::Config = url.parse()?;
+    // The URL's own sslmode (disable, prefer, require) decides, as for any libpq client.
+    let mode = match pg.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => crate::config::SslMode::Disable,
+        tokio_postgres::config::SslMode::Require => crate::config::SslMode::Require,
+        _ => crate::config::SslMode::Prefer,
+    };
+    let tls = crate::tls::BackendTls::build(&crate::config::BackendTlsConfig {
+        sslmode: Some(mode),
+        ..Default::default()
+    })?;
+    let connector = tls.for_tokio_postgres(&mut pg);
+    let (db, conn) = pg
+        .connect(connector)
         .await
         .map_err(|e| Failure(crate::pg_error::describe_pg_error(&e), 1))?;
     tokio::spawn(conn);
@@ -414,14 +443,26 @@ pub async fn server(cmd: ServerCmd, config: &Path) -> Result<(), Failure> {
             port,
             admin_user,
             admin_password_stdin,
+            sslmode,
+            sslrootcert,
+            sslcert,
+            sslkey,
         } => {
             let pw = if admin_password_stdin {
                 Some(read_stdin_line("password")?)
             } else {
                 None
             };
+            let tls = crate::config::BackendTlsConfig {
+                sslmode,
+                sslrootcert,
+                sslcert,
+                sslkey,
+            };
+            // Refuse settings that cannot work here before any proxy tries them.
+            crate::tls::BackendTls::build(&tls).map_err(|e| Failure(e.to_string(), 2))?;
             store
-                .put_server(&name, &host, port, &admin_user, pw.as_deref())
+                .put_server(&name, &host, port, &admin_user, pw.as_deref(), &tls)
                 .await?;
             println!("server {name} registered ({host}:{port}, admin {admin_user})");
         }

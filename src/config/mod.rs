@@ -123,6 +123,19 @@ pub struct RegistryConfig {
     /// Seconds between flushes of usage accounting to `pgtenant.tenant_usage`.
     #[serde(default = "default_usage_interval")]
     pub usage_interval: u64,
+    /// TLS to the registry database: `disable`, `prefer` (default, as libpq), `require`, `verify-ca`
+    /// or `verify-full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// CA bundle (PEM) the server's certificate must chain to (verify-ca, verify-full; with
+    /// `require` it makes the check verify-ca, as libpq does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) pgtenant presents to the server, with `sslkey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -386,6 +399,100 @@ pub struct ServerConfig {
     /// Names of servers that are read replicas of this one; its tenants read from them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<String>,
+    /// TLS to this server: `disable`, `prefer` (default, as libpq), `require`, `verify-ca`
+    /// or `verify-full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<SslMode>,
+    /// CA bundle (PEM) the server's certificate must chain to (verify-ca, verify-full; with
+    /// `require` it makes the check verify-ca, as libpq does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    /// Client certificate (PEM) pgtenant presents to the server, with `sslkey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
+}
+
+impl ServerConfig {
+    /// A server with no replicas and libpq's TLS defaults.
+    pub fn new(name: impl Into<String>, host: impl Into<String>, port: u16) -> ServerConfig {
+        ServerConfig {
+            name: name.into(),
+            host: host.into(),
+            port,
+            replicas: Vec::new(),
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+        }
+    }
+
+    pub fn backend_tls(&self) -> BackendTlsConfig {
+        BackendTlsConfig {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
+        }
+    }
+}
+
+/// How pgtenant connects to a PostgreSQL server, as libpq's settings of the same names.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendTlsConfig {
+    pub sslmode: Option<SslMode>,
+    pub sslrootcert: Option<PathBuf>,
+    pub sslcert: Option<PathBuf>,
+    pub sslkey: Option<PathBuf>,
+}
+
+impl BackendTlsConfig {
+    fn resolve_paths(&mut self, dir: &Path) {
+        for p in [&mut self.sslrootcert, &mut self.sslcert, &mut self.sslkey]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<SslMode> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -540,6 +647,11 @@ impl Config {
             r.resolve_paths(dir);
         }
         config.tls.resolve_paths(dir);
+        for s in &mut config.servers {
+            let mut tls = s.backend_tls();
+            tls.resolve_paths(dir);
+            (s.sslrootcert, s.sslcert, s.sslkey) = (tls.sslrootcert, tls.sslcert, tls.sslkey);
+        }
         Ok(config)
     }
 
@@ -592,6 +704,19 @@ impl RegistryConfig {
             schema_database: default_schema_database(),
             row_database: default_row_database(),
             usage_interval: default_usage_interval(),
+            sslmode: None,
+            sslrootcert: None,
+            sslcert: None,
+            sslkey: None,
+        }
+    }
+
+    pub fn backend_tls(&self) -> BackendTlsConfig {
+        BackendTlsConfig {
+            sslmode: self.sslmode,
+            sslrootcert: self.sslrootcert.clone(),
+            sslcert: self.sslcert.clone(),
+            sslkey: self.sslkey.clone(),
         }
     }
 
@@ -605,6 +730,9 @@ impl RegistryConfig {
         };
         fix(&mut self.key);
         self.old_keys.iter_mut().for_each(fix);
+        let mut tls = self.backend_tls();
+        tls.resolve_paths(dir);
+        (self.sslrootcert, self.sslcert, self.sslkey) = (tls.sslrootcert, tls.sslcert, tls.sslkey);
         if let Some(m) = self.migrations.as_mut() {
             if m.is_relative() {
                 *m = dir.join(&*m);

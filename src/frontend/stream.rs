@@ -49,38 +49,13 @@ fn closed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "client connection is closed")
 }
 
-/// Writes rustls's buffered records to the socket without waiting.
-struct NonBlocking<'a>(&'a TcpStream);
-
-impl io::Write for NonBlocking<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 impl TryWrite for ClientStream {
     fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             ClientStream::Plain(s) => s.try_write(buf),
             ClientStream::Tls(t) => {
                 let (tcp, conn) = t.stream.get_mut();
-                let n = io::Write::write(&mut conn.writer(), buf)?;
-                while conn.wants_write() {
-                    match conn.write_tls(&mut NonBlocking(tcp)) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        // The rest goes out with the next flush.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                if n == 0 && !buf.is_empty() {
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
+                crate::tls::try_write_now(tcp, conn, buf)
             }
             ClientStream::Closed => Err(closed()),
         }

@@ -19,7 +19,7 @@ use crate::backend::health::coarse_ms;
 use crate::backend::{BackendError, ConnectSpec, HealthBook, RoleRepair, ServerHealth};
 use crate::config::{HealthConfig, PoolConfig, Tier};
 use crate::protocol::{sqlstate, ErrorReport};
-use crate::tenancy::crypto::MasterKey;
+use crate::tenancy::crypto::RowSecret;
 use crate::tenancy::row_context::RowBinding;
 use crate::tenancy::{ClientUser, Server, Tenant};
 
@@ -745,7 +745,7 @@ pub struct Pools {
     pools: DashMap<PoolKey, Arc<TenantPool>>,
     settings: PoolConfig,
     /// What row-tier context keys derive from.
-    row_secret: Option<MasterKey>,
+    row_secret: Option<RowSecret>,
     /// Connections shared by row tenants, by server, database, backend role and defaults.
     groups: DashMap<String, Connections>,
     /// Row tier: restores the shared login role's password when a tenant changed it.
@@ -760,7 +760,7 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn new(settings: PoolConfig, row_secret: Option<MasterKey>) -> Self {
+    pub fn new(settings: PoolConfig, row_secret: Option<RowSecret>) -> Self {
         Pools {
             pools: DashMap::new(),
             settings,

@@ -141,9 +141,38 @@ impl MasterKey {
         &self.id
     }
 
+    /// The row-tier secret this key stands for when no other is stored: with `row_key` in the
+    /// config, and as the first value a registry seals (what row databases installed before
+    /// the secret was stored on its own hold).
+    pub fn row_secret(&self) -> RowSecret {
+        RowSecret(self.row_secret)
+    }
+}
+
+/// The secret every row database's context key derives from. In a registry it is stored
+/// sealed under the master key, so rotating the master key re-seals it and never changes it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RowSecret([u8; 32]);
+
+impl std::fmt::Debug for RowSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RowSecret(***)")
+    }
+}
+
+impl RowSecret {
     /// The row-tier context key of `database`.
     pub fn row_key(&self, database: &str) -> RowKey {
-        RowKey::derive(&self.row_secret, database)
+        RowKey::derive(&self.0, database)
+    }
+
+    /// Base64, for sealing.
+    pub fn to_text(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    pub fn from_text(text: &str) -> Option<RowSecret> {
+        Some(RowSecret(B64.decode(text).ok()?.try_into().ok()?))
     }
 }
 
@@ -179,9 +208,9 @@ impl Keyring {
         Ok(Keyring::new(cur, old))
     }
 
-    /// The row-tier context key of `database`, under the current master key.
-    pub fn row_key(&self, database: &str) -> RowKey {
-        self.current.row_key(database)
+    /// The row secret the current key stands for (see `MasterKey::row_secret`).
+    pub fn current_row_secret(&self) -> RowSecret {
+        self.current.row_secret()
     }
 
     pub fn current_id(&self) -> &str {
@@ -269,6 +298,11 @@ pub fn role_owner(tenant: &str, role: &str) -> String {
 /// Associated data for a server's admin password.
 pub fn server_owner(server: &str) -> String {
     format!("server {server}")
+}
+
+/// Associated data for a secret of the deployment (`pgtenant.secrets`).
+pub fn secret_owner(name: &str) -> String {
+    format!("secret {name}")
 }
 
 #[cfg(test)]

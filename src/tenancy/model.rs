@@ -12,6 +12,8 @@ pub struct Server {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// How pgtenant's connections to it use TLS (`sslmode` and its files).
+    pub tls: crate::tls::BackendTls,
 }
 
 #[derive(Debug, Clone)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{broadcast, mpsc};
-use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres::{AsyncMessage, Client};
 
 use crate::config::{PoolConfig, RegistryConfig};
 use crate::pg_error::describe_pg_error;
@@ -209,9 +209,10 @@ async fn follow(reg: std::sync::Weak<PgRegistry>) {
 async fn listen(
     cfg: &RegistryConfig,
 ) -> Result<(Client, mpsc::UnboundedReceiver<String>), RegistryError> {
-    let pg = store::pg_config(cfg)?;
+    let mut pg = store::pg_config(cfg)?;
+    let connector = store::registry_tls(cfg, &mut pg)?;
     let (client, mut conn) = pg
-        .connect(NoTls)
+        .connect(connector)
         .await
         .map_err(|e| RegistryError::Connect(describe_pg_error(&e)))?;
     let (tx, rx) = mpsc::unbounded_channel();

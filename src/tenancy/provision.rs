@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use rand::distributions::Alphanumeric;
 use rand::Rng;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::{validate, TenantStatus, Tier};
 use crate::pg_error::describe_pg_error;
@@ -103,8 +103,13 @@ pub async fn admin_client(
     if let Some(p) = &password {
         pg.password(p.expose());
     }
+    let tls = crate::tls::BackendTls::build(&s.tls).map_err(|e| ProvisionError::Server {
+        server: server.to_string(),
+        message: e.to_string(),
+    })?;
+    let connector = tls.for_tokio_postgres(&mut pg);
     let (client, conn) = pg
-        .connect(NoTls)
+        .connect(connector)
         .await
         .map_err(|e| ProvisionError::Server {
             server: server.to_string(),
@@ -371,7 +376,8 @@ pub async fn migrate_one(
     let result = async {
         let applied = migrate::apply(db, &place, migrations).await?;
         if tier == Tier::Row {
-            row_context::install(&*db, &store.keys.row_key(&t.database))
+            let secret = store.row_secret().await?;
+            row_context::install(&*db, &secret.row_key(&t.database))
                 .await
                 .map_err(&err)?;
             enforce_row_policies(db).await.map_err(&err)?;

@@ -143,20 +143,20 @@ impl StaticRegistry {
             .iter()
             .map(|s| (s.name.as_str(), s))
             .collect();
-        let servers: HashMap<&str, Arc<Server>> = config
-            .servers
-            .iter()
-            .map(|s| {
-                (
-                    s.name.as_str(),
-                    Arc::new(Server {
-                        name: s.name.clone(),
-                        host: s.host.clone(),
-                        port: s.port,
-                    }),
-                )
-            })
-            .collect();
+        let mut servers: HashMap<&str, Arc<Server>> = HashMap::new();
+        for (i, s) in config.servers.iter().enumerate() {
+            let tls = crate::tls::BackendTls::build(&s.backend_tls())
+                .map_err(|e| ConfigError::invalid(format!("servers[{i}]"), e.to_string()))?;
+            servers.insert(
+                s.name.as_str(),
+                Arc::new(Server {
+                    name: s.name.clone(),
+                    host: s.host.clone(),
+                    port: s.port,
+                    tls,
+                }),
+            );
+        }
         let mut tenants = HashMap::new();
         for (i, t) in config.tenants.iter().enumerate() {
             let server = servers.get(t.server.as_str()).cloned().ok_or_else(|| {

@@ -2,6 +2,7 @@
 //! binding data a TLS connection carries.
 
 pub mod acceptor;
+pub mod connector;
 pub mod identity;
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
 pub use acceptor::{ClientTls, TlsAcceptorState};
+pub use connector::BackendTls;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -67,6 +69,41 @@ pub fn end_point_hash(cert: &CertificateDer<'_>) -> Vec<u8> {
         }
         _ => Sha256::digest(cert.as_ref()).to_vec(),
     }
+}
+
+/// Writes rustls's records to a socket without waiting.
+struct NonBlocking<'a>(&'a tokio::net::TcpStream);
+
+impl std::io::Write for NonBlocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The hot path's write over TLS: the plaintext goes into rustls, the records to the socket as
+/// far as it takes them now; the rest is sent by the stream's next flush (its reads flush
+/// first), so nothing waits here.
+pub fn try_write_now<D>(
+    tcp: &tokio::net::TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+    buf: &[u8],
+) -> std::io::Result<usize> {
+    let n = std::io::Write::write(&mut conn.writer(), buf)?;
+    while conn.wants_write() {
+        match conn.write_tls(&mut NonBlocking(tcp)) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if n == 0 && !buf.is_empty() {
+        return Err(std::io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
 }
 
 /// The crypto provider every TLS context of pgtenant uses: ring. rustls deprecates it only for

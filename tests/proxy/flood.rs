@@ -38,9 +38,7 @@ async fn hostile(addr: SocketAddr, seed: u64) {
         let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
         if rng.gen_bool(0.5) {
             // Keep a plausible tag so the junk reaches a message parser.
-            junk[0] = *b"QPBEDCSHFdcf"
-                .get(rng.gen_range(0..12))
-                .unwrap_or(&b'Q');
+            junk[0] = *b"QPBEDCSHFdcf".get(rng.gen_range(0..12)).unwrap_or(&b'Q');
         }
         let _ = c.stream.write_all(&junk).await;
         drain(&mut c.stream).await;
@@ -124,7 +122,13 @@ async fn a_thousand_hostile_connections_do_not_disturb_twenty_real_clients() {
             .expect("worker task")
             .unwrap_or_else(|e| panic!("a real client got an error: {}", pg_error(&e)));
     }
-    assert!(done.load(Ordering::Relaxed) > 0, "real clients made progress");
+    assert!(
+        done.load(Ordering::Relaxed) > 0,
+        "real clients made progress"
+    );
     let fresh = f.tenant_at(addr, "crowd").await;
-    assert_eq!(text(&fresh, "SELECT 'still serving'").await, "still serving");
+    assert_eq!(
+        text(&fresh, "SELECT 'still serving'").await,
+        "still serving"
+    );
 }

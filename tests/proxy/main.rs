@@ -5,6 +5,7 @@ mod support;
 mod addressing;
 mod admin;
 mod auth;
+mod backend_tls;
 mod faults;
 mod flood;
 mod front_door;
@@ -12,6 +13,8 @@ mod isolation;
 mod limits;
 mod metrics;
 mod pgbench;
+#[path = "../common/pki.rs"]
+mod pki;
 mod protocol;
 mod session;
 mod stress;

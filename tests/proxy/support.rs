@@ -188,12 +188,11 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
         });
     }
     // A tenant whose server is down.
-    config.servers.push(pgtenant::config::ServerConfig {
-        name: "ghost".into(),
-        host: "127.0.0.1".into(),
-        port: closed_port(),
-        replicas: Vec::new(),
-    });
+    config.servers.push(pgtenant::config::ServerConfig::new(
+        "ghost",
+        "127.0.0.1",
+        closed_port(),
+    ));
     config.tenants.push(TenantConfig {
         id: "ghostco".into(),
         server: "ghost".into(),
@@ -540,4 +539,73 @@ pub fn cancel_packet(pid: u32, secret: u32) -> Vec<u8> {
     pkt.extend_from_slice(&pid.to_be_bytes());
     pkt.extend_from_slice(&secret.to_be_bytes());
     pkt
+}
+
+/// A PostgreSQL server with TLS on (certificate for `localhost` only, from `ca`), holding
+/// database `vault` with login role `vault_app` (password `PASSWORD`).
+pub struct TlsServer {
+    pub port: u16,
+    pub ca: std::path::PathBuf,
+    _pki: crate::pki::Pki,
+}
+
+static TLS_SERVER: OnceLock<TlsServer> = OnceLock::new();
+
+pub fn tls_server() -> &'static TlsServer {
+    TLS_SERVER.get_or_init(|| {
+        keeper::on_keeper_thread(|| async {
+            let pki = crate::pki::Pki::new();
+            let (cert, key) = pki.issue_pem("pg", &["localhost"]);
+            let mut pg = PgCluster::start().expect("start TLS cluster");
+            pg.enable_tls(&cert, &key).expect("TLS on");
+            let admin = pg.connect("postgres").await.expect("connect");
+            for sql in [
+                format!("CREATE ROLE vault_app LOGIN PASSWORD '{PASSWORD}'"),
+                "CREATE DATABASE vault OWNER vault_app".to_string(),
+            ] {
+                admin.batch_execute(&sql).await.expect("vault");
+            }
+            let server = TlsServer {
+                port: pg.port(),
+                ca: pki.ca_file(),
+                _pki: pki,
+            };
+            keeper::keep(pg);
+            server
+        })
+        .0
+    })
+}
+
+impl TlsServer {
+    /// Adds server `secure` (at `host`, with these TLS settings) and tenant `vault` on it.
+    pub fn add_to(&self, c: &mut Config, host: &str, tls: pgtenant::config::BackendTlsConfig) {
+        let mut s = pgtenant::config::ServerConfig::new("secure", host, self.port);
+        (s.sslmode, s.sslrootcert, s.sslcert, s.sslkey) =
+            (tls.sslmode, tls.sslrootcert, tls.sslcert, tls.sslkey);
+        c.servers.push(s);
+        let base = c
+            .tenants
+            .iter()
+            .find(|t| t.id == "acme")
+            .cloned()
+            .expect("acme");
+        c.tenants.push(TenantConfig {
+            id: "vault".into(),
+            tier: Tier::Database,
+            server: "secure".into(),
+            database: "vault".into(),
+            schema: None,
+            users: vec![UserConfig {
+                name: DEMO_ROLE.into(),
+                scram: hash_password(PASSWORD),
+                backend_user: "vault_app".into(),
+                backend_password: Some(Secret::new(PASSWORD.to_string())),
+                backend_password_env: None,
+                read_only: false,
+                auth: Default::default(),
+            }],
+            ..base
+        });
+    }
 }

@@ -2,88 +2,14 @@
 //! direct negotiation. Certificates come from a CA each test makes.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use pgtenant::config::{AuthMethod, Config, SniCertConfig, TlsConfig, TlsMode};
-use pgtenant::demo::DEMO_ROLE;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
-};
-
+use crate::pki::Pki;
 use crate::support::*;
-
-/// A CA and files signed by it, in a temporary directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: rcgen::Certificate,
-    ca_key: KeyPair,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca_key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        // Each CA its own name, so a client looks for the right issuer.
-        let name = format!("pgtenant test CA {}", dir.path().display());
-        p.distinguished_name.push(DnType::CommonName, name);
-        let ca = p.self_signed(&ca_key).expect("CA");
-        std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
-        Pki { dir, ca, ca_key }
-    }
-
-    fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    /// Writes `<name>.pem` and `<name>.key` for a certificate with common name `cn` and DNS
-    /// names `dns`; returns the two paths.
-    fn issue(&self, name: &str, cn: &str, dns: &[&str], client: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let mut p = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>())
-            .expect("params");
-        p.distinguished_name.push(DnType::CommonName, cn);
-        if !client {
-            p.subject_alt_names
-                .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-        }
-        p.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let cert = p.signed_by(&key, &self.ca, &self.ca_key).expect("sign");
-        let (c, k) = (
-            self.dir.path().join(format!("{name}.pem")),
-            self.dir.path().join(format!("{name}.key")),
-        );
-        write_private(&c, &cert.pem());
-        write_private(&k, &key.serialize_pem());
-        (c, k)
-    }
-
-    /// `[tls]` with a server certificate for localhost and `*.db.test`.
-    fn server_tls(&self, mode: TlsMode) -> TlsConfig {
-        let (cert, key) = self.issue("server", "localhost", &["localhost", "*.db.test"], false);
-        TlsConfig {
-            cert: Some(cert),
-            key: Some(key),
-            mode: Some(mode),
-            sni_suffix: Some(".db.test".into()),
-            client_ca: Some(self.ca_file()),
-            ..TlsConfig::default()
-        }
-    }
-}
-
-fn write_private(path: &Path, text: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).expect("write");
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-}
+use pgtenant::config::{AuthMethod, Config, SniCertConfig, TlsMode};
+use pgtenant::demo::DEMO_ROLE;
 
 /// Adds users to tenant acme: `clerk` (client certificate only), `binder` (SCRAM with
 /// channel binding only), `both` (certificate and password).

@@ -9,4 +9,5 @@ mod lifecycle;
 mod migrations;
 mod reload;
 mod replicas;
+mod tls;
 mod usage;

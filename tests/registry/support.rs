@@ -7,6 +7,8 @@
 
 #[path = "../common/keeper.rs"]
 mod keeper;
+#[path = "../common/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -31,6 +33,10 @@ pub struct Fixture {
     /// The cluster's server log.
     pub server_log: PathBuf,
     pub dir: tempfile::TempDir,
+    /// The CA that signed the cluster's TLS certificate (for 127.0.0.1 and localhost): every
+    /// registry, provisioning and tenant connection checks it (sslmode verify-full).
+    pub ca: PathBuf,
+    _pki: pki::Pki,
     rt: Option<tokio::runtime::Handle>,
 }
 
@@ -40,13 +46,18 @@ static NEXT: AtomicUsize = AtomicUsize::new(0);
 pub fn fixture() -> &'static Fixture {
     FIXTURE.get_or_init(|| {
         let (mut f, rt) = keeper::on_keeper_thread(|| async {
-            let cluster = PgCluster::start().expect("start cluster");
+            let mut cluster = PgCluster::start().expect("start cluster");
+            let pki = pki::Pki::new();
+            let (cert, key) = pki.issue_pem("pg", &["localhost", "127.0.0.1"]);
+            cluster.enable_tls(&cert, &key).expect("TLS on");
             let f = Fixture {
                 host: cluster.host().to_string(),
                 port: cluster.port(),
                 bindir: cluster.bindir().to_path_buf(),
                 server_log: cluster.dir().join("postgres.log"),
                 dir: tempfile::tempdir().expect("tempdir"),
+                ca: pki.ca_file(),
+                _pki: pki,
                 rt: None,
             };
             keeper::keep(cluster);
@@ -123,6 +134,11 @@ impl Fixture {
         r.schema_database = format!("schemas_{name}");
         r.row_database = format!("rows_{name}");
         r.resync_interval = 30;
+        let on_fixture = host == self.host && port == self.port;
+        if on_fixture {
+            r.sslmode = Some(pgtenant::config::SslMode::VerifyFull);
+            r.sslrootcert = Some(self.ca.clone());
+        }
         config.registry = Some(r);
         let config_path = dir.join("proxy.toml");
         std::fs::write(&config_path, config.to_toml()).unwrap();
@@ -132,6 +148,7 @@ impl Fixture {
             config: Config::load(&config_path).unwrap(),
             config_path,
         };
+        let ca = self.ca.display().to_string();
         let out = reg.cli(&[
             "server",
             "add",
@@ -140,6 +157,10 @@ impl Fixture {
             &self.host,
             "--port",
             &self.port.to_string(),
+            "--sslmode",
+            "verify-full",
+            "--sslrootcert",
+            &ca,
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
         reg

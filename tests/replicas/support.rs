@@ -48,12 +48,9 @@ pub async fn pair(change: impl FnOnce(&mut Config)) -> Pair {
         .expect("ledger table");
     let standby = blocking(|| PgCluster::start_standby(&primary)).expect("start standby");
     config.servers[0].replicas = vec!["standby".into()];
-    config.servers.push(ServerConfig {
-        name: "standby".into(),
-        host: standby.host().into(),
-        port: standby.port(),
-        replicas: Vec::new(),
-    });
+    config
+        .servers
+        .push(ServerConfig::new("standby", standby.host(), standby.port()));
     for t in config.tenants.iter_mut() {
         let reporting = UserConfig {
             name: "reporting".into(),

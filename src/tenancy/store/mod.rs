@@ -8,7 +8,7 @@ pub mod schema;
 
 use std::str::FromStr;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::RegistryConfig;
 use crate::pg_error::describe_pg_error;
@@ -148,11 +148,31 @@ impl RegistryStore {
     }
 }
 
+/// The registry's TLS policy: `[registry] sslmode` and its files, else the URL's sslmode.
+pub fn registry_tls(
+    cfg: &RegistryConfig,
+    pg: &mut tokio_postgres::Config,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, RegistryError> {
+    let mut tls = cfg.backend_tls();
+    if tls.sslmode.is_none() {
+        use tokio_postgres::config::SslMode as PgMode;
+        tls.sslmode = Some(match pg.get_ssl_mode() {
+            PgMode::Disable => crate::config::SslMode::Disable,
+            PgMode::Require => crate::config::SslMode::Require,
+            _ => crate::config::SslMode::Prefer,
+        });
+    }
+    let tls = crate::tls::BackendTls::build(&tls)
+        .map_err(|e| RegistryError::Connect(format!("registry: {e}")))?;
+    Ok(tls.for_tokio_postgres(pg))
+}
+
 /// A plain client; the connection runs on a background task.
 pub async fn connect(cfg: &RegistryConfig) -> Result<Client, RegistryError> {
-    let pg = pg_config(cfg)?;
+    let mut pg = pg_config(cfg)?;
+    let connector = registry_tls(cfg, &mut pg)?;
     let (client, conn) = pg
-        .connect(NoTls)
+        .connect(connector)
         .await
         .map_err(|e| RegistryError::Connect(describe_pg_error(&e)))?;
     tokio::spawn(async move {

@@ -9,7 +9,7 @@ use tokio_postgres::Row;
 
 use crate::config::{PoolConfig, PoolMode, TenantStatus, Tier};
 use crate::frontend::scram::ScramVerifier;
-use crate::tenancy::crypto::{role_owner, server_owner, Keyring};
+use crate::tenancy::crypto::{role_owner, secret_owner, server_owner, Keyring};
 use crate::tenancy::model::{ClientUser, Server, Tenant};
 
 use super::{RegistryError, RegistryStore};
@@ -23,6 +23,8 @@ pub struct ServerRecord {
     /// Sealed; never clear text.
     #[serde(skip)]
     pub admin_password: Option<String>,
+    /// libpq's sslmode and files for every connection to the server.
+    pub tls: crate::config::BackendTlsConfig,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -128,11 +130,18 @@ fn server_from_row(r: &Row) -> ServerRecord {
         admin_password: r.get(4),
         created_at: r.get(5),
         updated_at: r.get(6),
+        tls: crate::config::BackendTlsConfig {
+            sslmode: crate::config::SslMode::parse(r.get(7)),
+            sslrootcert: r.get::<_, Option<String>>(8).map(Into::into),
+            sslcert: r.get::<_, Option<String>>(9).map(Into::into),
+            sslkey: r.get::<_, Option<String>>(10).map(Into::into),
+        },
     }
 }
 
 const SERVER_COLUMNS: &str = "name, host, port, admin_user, admin_password,
-    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF')";
+    to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
+    sslmode, sslrootcert, sslcert, sslkey";
 
 /// New values for a tenant's pool and limits; None leaves a field as it is.
 #[derive(Debug, Default, Clone)]
@@ -188,15 +197,30 @@ impl RegistryStore {
         port: u16,
         admin_user: &str,
         admin_password: Option<&str>,
+        tls: &crate::config::BackendTlsConfig,
     ) -> Result<(), RegistryError> {
         let sealed = admin_password.map(|p| self.keys.seal(&server_owner(name), p));
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
         self.client
             .execute(
-                "INSERT INTO pgtenant.servers (name, host, port, admin_user, admin_password)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO pgtenant.servers (name, host, port, admin_user, admin_password,
+                     sslmode, sslrootcert, sslcert, sslkey)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                  ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port,
-                     admin_user = EXCLUDED.admin_user, admin_password = EXCLUDED.admin_password",
-                &[&name, &host, &(port as i32), &admin_user, &sealed],
+                     admin_user = EXCLUDED.admin_user, admin_password = EXCLUDED.admin_password,
+                     sslmode = EXCLUDED.sslmode, sslrootcert = EXCLUDED.sslrootcert,
+                     sslcert = EXCLUDED.sslcert, sslkey = EXCLUDED.sslkey",
+                &[
+                    &name,
+                    &host,
+                    &(port as i32),
+                    &admin_user,
+                    &sealed,
+                    &tls.sslmode.unwrap_or_default().as_str(),
+                    &path(&tls.sslrootcert),
+                    &path(&tls.sslcert),
+                    &path(&tls.sslkey),
+                ],
             )
             .await?;
         Ok(())
@@ -644,7 +668,57 @@ impl RegistryStore {
                 .await?;
             n += 1;
         }
+        let secrets = self
+            .client
+            .query("SELECT name, value FROM pgtenant.secrets", &[])
+            .await?;
+        for r in &secrets {
+            let (name, sealed): (&str, &str) = (r.get(0), r.get(1));
+            if Keyring::key_id_of(sealed) == Some(current.as_str()) {
+                continue;
+            }
+            let owner = secret_owner(name);
+            let plain = self.keys.open(&owner, sealed)?;
+            let resealed = self.keys.seal(&owner, plain.expose());
+            self.client
+                .execute(
+                    "UPDATE pgtenant.secrets SET value = $2 WHERE name = $1 AND value = $3",
+                    &[&name, &resealed, &sealed],
+                )
+                .await?;
+            n += 1;
+        }
         Ok(n)
+    }
+
+    /// The row tier's secret. The first call seals the one the current master key stands for,
+    /// which is what row databases set up before it was stored hold; after that it never
+    /// changes, whatever key seals it.
+    pub async fn row_secret(&self) -> Result<crate::tenancy::crypto::RowSecret, RegistryError> {
+        const NAME: &str = "row_secret";
+        let owner = secret_owner(NAME);
+        let initial = self
+            .keys
+            .seal(&owner, &self.keys.current_row_secret().to_text());
+        self.client
+            .execute(
+                "INSERT INTO pgtenant.secrets (name, value) VALUES ($1, $2)
+                 ON CONFLICT (name) DO NOTHING",
+                &[&NAME, &initial],
+            )
+            .await?;
+        let sealed: String = self
+            .client
+            .query_one(
+                "SELECT value FROM pgtenant.secrets WHERE name = $1",
+                &[&NAME],
+            )
+            .await?
+            .get(0);
+        let text = self.keys.open(&owner, &sealed)?;
+        crate::tenancy::crypto::RowSecret::from_text(text.expose()).ok_or_else(|| {
+            RegistryError::Invalid("the stored row secret is not 32 bytes of base64".into())
+        })
     }
 
     /// Stored values not yet under the current key.
@@ -655,7 +729,9 @@ impl RegistryStore {
                 "SELECT (SELECT count(*) FROM pgtenant.backend_roles
                          WHERE split_part(password, '$', 2) <> $1)
                       + (SELECT count(*) FROM pgtenant.servers
-                         WHERE admin_password IS NOT NULL AND split_part(admin_password, '$', 2) <> $1)",
+                         WHERE admin_password IS NOT NULL AND split_part(admin_password, '$', 2) <> $1)
+                      + (SELECT count(*) FROM pgtenant.secrets
+                         WHERE split_part(value, '$', 2) <> $1)",
                 &[&self.keys.current_id()],
             )
             .await?;
@@ -763,6 +839,16 @@ pub fn to_tenant(
     }))
 }
 
+/// A registry server's TLS policy; settings this proxy cannot use (an unreadable file) make
+/// every connection to it fail with the reason, and are logged.
+fn tls_of(s: &ServerRecord) -> crate::tls::BackendTls {
+    let tls = crate::tls::BackendTls::build_or_refuse(&s.tls);
+    if let Some(e) = tls.setup_error() {
+        tracing::error!(server = %s.name, error = %e, "the server's TLS settings cannot be used; its tenants cannot connect");
+    }
+    tls
+}
+
 /// Servers by name, as the tenants refer to them.
 pub fn server_map(servers: &[ServerRecord]) -> HashMap<String, Arc<Server>> {
     servers
@@ -774,6 +860,7 @@ pub fn server_map(servers: &[ServerRecord]) -> HashMap<String, Arc<Server>> {
                     name: s.name.clone(),
                     host: s.host.clone(),
                     port: s.port,
+                    tls: tls_of(s),
                 }),
             )
         })

@@ -168,4 +168,21 @@ CREATE TRIGGER announce AFTER INSERT OR UPDATE OR DELETE ON pgtenant.admin_users
 ALTER TABLE pgtenant.tenants ADD COLUMN slow_transaction_ms integer
     CHECK (slow_transaction_ms >= 0);
 "#,
+    // 7: TLS to each server, as libpq's sslmode; the files are paths on the proxies' hosts.
+    r#"
+ALTER TABLE pgtenant.servers
+    ADD COLUMN sslmode text NOT NULL DEFAULT 'prefer'
+        CHECK (sslmode IN ('disable', 'prefer', 'require', 'verify-ca', 'verify-full')),
+    ADD COLUMN sslrootcert text,
+    ADD COLUMN sslcert text,
+    ADD COLUMN sslkey text;
+"#,
+    // 8: secrets of the deployment itself, sealed like every other; the row tier's secret is
+    // kept here so that rotating the master key does not change it.
+    r#"
+CREATE TABLE pgtenant.secrets (
+    name    text PRIMARY KEY,
+    value   text NOT NULL CHECK (value LIKE 'pgt1$%')
+);
+"#,
 ];
