@@ -8,6 +8,16 @@ if [[ ! -s $KEY ]]; then
   umask 077
   pgtenant registry gen-key > "$KEY"
 fi
+# Client TLS: the certificate mounted at /etc/pgtenant/certs (server.crt, server.key), else a
+# self-signed one made once, for trying it out.
+TLS=/var/lib/pgtenant/tls
+mkdir -p "$TLS"
+if [[ -s /etc/pgtenant/certs/server.crt && -s /etc/pgtenant/certs/server.key ]]; then
+  install -m 0644 /etc/pgtenant/certs/server.crt "$TLS/server.crt"
+  install -m 0600 /etc/pgtenant/certs/server.key "$TLS/server.key"
+elif [[ ! -s $TLS/server.crt ]]; then
+  pgtenant self-signed-cert --dir "$TLS" --name localhost --name 127.0.0.1 >/dev/null
+fi
 for _ in $(seq 1 60); do
   pgtenant registry init --config "$CONFIG" && break
   echo "waiting for the registry database..." >&2

@@ -293,13 +293,26 @@ fn random_password() -> String {
         .collect()
 }
 
-/// The psql command line that connects to `tenant` through a proxy on `addr`.
+/// The psql command line that connects to `tenant` through a proxy on `addr`, over TLS.
 pub fn psql_line(addr: std::net::SocketAddr, tenant: &str) -> String {
     format!(
-        "psql \"postgresql://{DEMO_ROLE}.{tenant}:{DEMO_PASSWORD}@{}:{}/{tenant}\"",
+        "psql \"postgresql://{DEMO_ROLE}.{tenant}:{DEMO_PASSWORD}@{}:{}/{tenant}?sslmode=require\"",
         addr.ip(),
         addr.port()
     )
+}
+
+/// A self-signed certificate for localhost and 127.0.0.1, written to `dir` (the key readable
+/// by its owner only), and the `[tls]` section that serves it: TLS offered, plaintext allowed.
+pub fn self_signed_tls(dir: &std::path::Path) -> Result<crate::config::TlsConfig, String> {
+    let (cert_path, key_path) =
+        crate::tls::write_self_signed(dir, &["localhost".into(), "127.0.0.1".into()])?;
+    Ok(crate::config::TlsConfig {
+        cert: Some(cert_path),
+        key: Some(key_path),
+        mode: Some(crate::config::TlsMode::Allow),
+        ..Default::default()
+    })
 }
 
 /// The demo's one migration, applied to every tenant in its tier's place.

@@ -44,6 +44,15 @@ enum Command {
     },
     /// Print a SCRAM-SHA-256 verifier for the password read from standard input.
     HashPassword,
+    /// Write a self-signed certificate and key (server.crt, server.key) for trying TLS out.
+    SelfSignedCert {
+        /// Directory to write them to.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Host names or IP addresses the certificate is for (repeat for more).
+        #[arg(long = "name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        names: Vec<String>,
+    },
     /// Validate a config file and report the first problem.
     CheckConfig {
         #[arg(long, short, default_value = "proxy.toml")]
@@ -113,7 +122,24 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::HashPassword => hash_password_cmd(),
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::SelfSignedCert { dir, names } => {
+            match pgtenant::tls::write_self_signed(&dir, &names) {
+                Ok((cert, key)) => {
+                    println!("{}\n{}", cert.display(), key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig { config } => match Config::load(&config).and_then(|c| {
+            // Certificates and keys are read as the proxy would read them.
+            pgtenant::tls::check_files(&c)
+                .map(|()| c)
+                .map_err(|e| pgtenant::config::ConfigError::invalid("tls", e.to_string()))
+        }) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} servers, {} tenants)",
@@ -287,6 +313,13 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             0
         };
         config.admin.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], metrics_port)));
+        config.tls = match demo::self_signed_tls(cluster.dir()) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let config_path = cluster.dir().join("proxy.toml");
         if let Err(e) = demo::write_private(&config_path, &config.to_toml()) {
             eprintln!("cannot write {}: {e}", config_path.display());
@@ -312,13 +345,19 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
         }
         println!();
         println!(
-            "admin console: PGPASSWORD={} psql -h {} -p {} -U admin pgtenant -c 'SHOW POOLS'",
+            "admin console: PGSSLMODE=require PGPASSWORD={} psql -h {} -p {} -U admin pgtenant -c 'SHOW POOLS'",
             demo::DEMO_PASSWORD,
             addr.ip(),
             addr.port()
         );
         if let Some(m) = proxy.context().metrics_addr.get() {
             println!("metrics:       curl -s http://{m}/metrics | grep pgtenant_");
+        }
+        if let Some(cert) = &config.tls.cert {
+            println!(
+                "TLS:           a self-signed certificate ({}); plaintext is served too",
+                cert.display()
+            );
         }
         println!();
         println!("Try: SELECT current_database(), current_schemas(true); SELECT * FROM accounts; and, as a row tenant, SELECT pgtenant_rls.tenant();");

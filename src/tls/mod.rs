@@ -71,6 +71,33 @@ pub fn end_point_hash(cert: &CertificateDer<'_>) -> Vec<u8> {
     }
 }
 
+/// Reads every certificate and key a config names (client TLS, servers, registry), so that
+/// `check-config` finds a bad file before a proxy does.
+pub fn check_files(config: &crate::config::Config) -> Result<(), TlsError> {
+    acceptor::TlsSettings::build(&config.tls)?;
+    for s in &config.servers {
+        BackendTls::build(&s.backend_tls())?;
+    }
+    if let Some(r) = &config.registry {
+        BackendTls::build(&r.backend_tls())?;
+    }
+    Ok(())
+}
+
+/// Makes a self-signed certificate for `names` (host names or IP addresses) and writes
+/// `server.crt` and `server.key` (readable by its owner only) to `dir`; returns their paths.
+/// For trying TLS out; production certificates come from a CA.
+pub fn write_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, PathBuf), String> {
+    let cert = rcgen::generate_simple_self_signed(names.to_vec())
+        .map_err(|e| format!("cannot make a certificate: {e}"))?;
+    let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert.cert.pem())
+        .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
+    crate::demo::write_private(&key_path, &cert.key_pair.serialize_pem())
+        .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
+    Ok((cert_path, key_path))
+}
+
 /// Writes rustls's records to a socket without waiting.
 struct NonBlocking<'a>(&'a tokio::net::TcpStream);
 
