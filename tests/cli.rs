@@ -200,7 +200,10 @@ fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
         assert_eq!(urls.iter().filter(|(t, _)| t == tier).count(), 2, "{tier}");
     }
     for (tier, url) in &urls {
-        assert!(url.ends_with("sslmode=require"), "the demo's lines use TLS: {url}");
+        assert!(
+            url.ends_with("sslmode=require"),
+            "the demo's lines use TLS: {url}"
+        );
         let out = Command::new(&psql)
             .args(["-X", "-At", url, "-c", "SELECT count(*) FROM accounts"])
             .output()

@@ -338,7 +338,7 @@ fn clients(ctx: &ProxyContext) -> ResultSet {
             t(format!("{:x}", c.pid)),
             None,
             t(c.pid),
-            None,
+            t(info.tls.as_deref().unwrap_or("")),
             t(&info.application_name),
             t(&c.tenant),
         ]);
@@ -370,7 +370,7 @@ fn servers(ctx: &ProxyContext) -> ResultSet {
             t(format!("{:x}", c.id)),
             None,
             t(c.pid),
-            None,
+            t(c.tls.as_deref().unwrap_or("")),
             t(""),
             t(tenant),
             t(&c.server),

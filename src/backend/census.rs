@@ -22,6 +22,8 @@ pub struct ConnInfo {
     pub pid: u32,
     pub connected: SystemTime,
     pub active: AtomicBool,
+    /// Protocol and cipher suite when the connection uses TLS.
+    pub tls: Option<String>,
 }
 
 #[derive(Default)]

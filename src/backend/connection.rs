@@ -760,6 +760,11 @@ impl BackendConn {
     }
 
     /// The server's process id for this connection.
+    /// Protocol and cipher suite when the connection uses TLS (SHOW SERVERS).
+    pub fn tls_description(&self) -> Option<String> {
+        self.stream.tls_description()
+    }
+
     pub fn pid(&self) -> u32 {
         self.cancel.pid
     }

@@ -96,8 +96,12 @@ impl BackendStream {
         Ok(BackendStream::Tls(Box::new(stream)))
     }
 
-    pub fn is_tls(&self) -> bool {
-        matches!(self, BackendStream::Tls(_))
+    /// The `tls` column of SHOW SERVERS; None without TLS.
+    pub fn tls_description(&self) -> Option<String> {
+        match self {
+            BackendStream::Tls(t) => Some(crate::tls::describe(t.get_ref().1)),
+            _ => None,
+        }
     }
 }
 

@@ -74,6 +74,11 @@ pub enum ServerCmd {
     },
 }
 
+fn parse_auth(s: &str) -> Result<crate::config::AuthMethod, String> {
+    crate::config::AuthMethod::parse(s)
+        .ok_or_else(|| "use scram, scram-plus, cert or scram+cert".to_string())
+}
+
 fn parse_sslmode(s: &str) -> Result<crate::config::SslMode, String> {
     crate::config::SslMode::parse(s)
         .ok_or_else(|| "use disable, prefer, require, verify-ca or verify-full".to_string())
@@ -130,6 +135,9 @@ pub struct SettingArgs {
     /// proxy's log.slow_transaction_ms).
     #[arg(long)]
     pub slow_transaction_ms: Option<i32>,
+    /// Its clients must connect with TLS (told after a correct password).
+    #[arg(long)]
+    pub require_tls: Option<bool>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -176,6 +184,10 @@ pub enum TenantCmd {
         /// With --user: the user reads from the tenant's replicas and cannot write.
         #[arg(long, requires = "user")]
         read_only: bool,
+        /// With --user: scram (default), scram-plus (channel binding required), cert (a client
+        /// certificate naming role.tenant, no password read) or scram+cert.
+        #[arg(long, requires = "user", value_parser = parse_auth)]
+        auth: Option<crate::config::AuthMethod>,
         #[arg(long)]
         json: bool,
     },
@@ -363,6 +375,7 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
         read_write_split: a.read_write_split,
         replica_fallback: a.replica_fallback,
         slow_transaction_ms: a.slow_transaction_ms,
+        require_tls: a.require_tls,
     })
 }
 
@@ -635,6 +648,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             rotate_password,
             user,
             read_only,
+            auth,
             json,
         } => {
             let s = settings(&s)?;
@@ -643,7 +657,13 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 provision::rotate_role_password(&store, &id).await?;
             }
             if let Some(u) = user {
-                let pw = read_stdin_line("password")?;
+                let auth = auth.unwrap_or_default();
+                // A certificate-only user has no password: its verifier is of a random one.
+                let pw = if auth.needs_password() {
+                    read_stdin_line("password")?
+                } else {
+                    provision::random_password()
+                };
                 store
                     .put_user(
                         &id,
@@ -651,6 +671,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                         &hash_password(&pw),
                         &provision::role_of(&store, &id).await?,
                         read_only,
+                        auth,
                     )
                     .await?;
             }
@@ -748,6 +769,7 @@ fn show(r: &TenantRows) -> String {
         ("read/write split", t.read_write_split.to_string()),
         ("replica fallback", t.replica_fallback.to_string()),
         ("slow transaction ms", output::opt(&t.slow_transaction_ms)),
+        ("require TLS", t.require_tls.to_string()),
         ("status", status_label(r)),
         ("auto update", t.auto_update.to_string()),
         ("pool size", output::opt(&t.pool_size)),
@@ -775,7 +797,12 @@ fn show(r: &TenantRows) -> String {
                 .iter()
                 .map(|u| {
                     let ro = if u.read_only { " (read-only)" } else { "" };
-                    format!("{} → {}{ro}", u.name, u.backend_role)
+                    let auth = if u.auth == "scram" {
+                        String::new()
+                    } else {
+                        format!(" (auth {})", u.auth)
+                    };
+                    format!("{} → {}{ro}{auth}", u.name, u.backend_role)
                 })
                 .collect::<Vec<_>>()
                 .join(", "),

@@ -287,6 +287,25 @@ pub enum AuthMethod {
 }
 
 impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Scram => "scram",
+            AuthMethod::ScramPlus => "scram-plus",
+            AuthMethod::Cert => "cert",
+            AuthMethod::ScramCert => "scram+cert",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AuthMethod> {
+        Some(match s {
+            "scram" => AuthMethod::Scram,
+            "scram-plus" => AuthMethod::ScramPlus,
+            "cert" => AuthMethod::Cert,
+            "scram+cert" => AuthMethod::ScramCert,
+            _ => return None,
+        })
+    }
+
     pub fn needs_cert(self) -> bool {
         matches!(self, AuthMethod::Cert | AuthMethod::ScramCert)
     }

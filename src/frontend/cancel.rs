@@ -27,6 +27,8 @@ pub struct ClientInfo {
     pub addr: std::net::SocketAddr,
     pub application_name: String,
     pub connected: std::time::SystemTime,
+    /// Protocol and cipher suite when the client uses TLS.
+    pub tls: Option<String>,
 }
 
 /// One client as SHOW CLIENTS lists it.

@@ -87,6 +87,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
             .map(|(_, v)| v.clone())
             .unwrap_or_default(),
         connected: std::time::SystemTime::now(),
+        tls: client.tls_description(),
     };
     let cancel = ctx
         .cancels

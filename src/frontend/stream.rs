@@ -27,6 +27,12 @@ impl ClientStream {
         matches!(self, ClientStream::Tls(_))
     }
 
+    /// The `tls` column of SHOW CLIENTS; None without TLS.
+    pub fn tls_description(&self) -> Option<String> {
+        self.tls()
+            .map(|t| crate::tls::describe(t.stream.get_ref().1))
+    }
+
     pub fn tls(&self) -> Option<&ClientTls> {
         match self {
             ClientStream::Tls(t) => Some(t),

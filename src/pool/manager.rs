@@ -55,6 +55,7 @@ impl bb8::ManageConnection for BackendManager {
                     pid: conn.pid(),
                     connected: std::time::SystemTime::now(),
                     active: Default::default(),
+                    tls: conn.tls_description(),
                 };
                 conn.census = Some(self.census.add(Arc::new(info)));
                 Ok(conn)

@@ -258,7 +258,9 @@ pub async fn create(
     crash_point("migrated");
 
     for (name, verifier) in &req.users {
-        store.put_user(id, name, verifier, &role, false).await?;
+        store
+            .put_user(id, name, verifier, &role, false, Default::default())
+            .await?;
     }
     store.finish_tenant(id).await?;
     Ok(store.tenant(id).await?)

@@ -98,6 +98,20 @@ pub fn write_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, PathB
     Ok((cert_path, key_path))
 }
 
+/// Protocol version and cipher suite of an established TLS connection, as the admin console's
+/// `tls` column shows them (PgBouncer's form): `TLSv1.3/TLS13_AES_256_GCM_SHA384`.
+pub fn describe<D>(conn: &rustls::ConnectionCommon<D>) -> String {
+    let version = conn
+        .protocol_version()
+        .map(|v| format!("{v:?}").replace('_', "."))
+        .unwrap_or_default();
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
+    format!("{version}/{suite}")
+}
+
 /// Writes rustls's records to a socket without waiting.
 struct NonBlocking<'a>(&'a tokio::net::TcpStream);
 

@@ -130,3 +130,33 @@ async fn a_session_over_backend_tls_runs_transactions_and_prepared_statements() 
         .get(0);
     assert_eq!(big.len(), 1_000_000);
 }
+
+#[tokio::test]
+async fn show_servers_names_the_tls_protocol_of_a_tls_server_connection() {
+    let f = fixture();
+    let server = tls_server();
+    let ca = server.ca.clone();
+    let addr = f
+        .extra_proxy(move |c| server.add_to(c, "localhost", mode(SslMode::VerifyFull, Some(&ca))))
+        .await;
+    let c = f.tenant_at(addr, "vault").await;
+    c.simple_query("SELECT 1").await.expect("query");
+    let admin = f.admin_at(addr).await;
+    let rows = admin
+        .simple_query("SHOW SERVERS")
+        .await
+        .expect("SHOW SERVERS");
+    let tls: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("server") == Some("secure") => {
+                r.get("tls").map(str::to_string)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !tls.is_empty() && tls.iter().all(|t| t.starts_with("TLSv1.")),
+        "tls column: {tls:?}"
+    );
+}

@@ -442,6 +442,7 @@ async fn a_row_tenant_created_with_a_role_of_its_own_keeps_it_through_migrate() 
             &pgtenant::frontend::scram::hash_password(PASSWORD),
             "legacy-a_app",
             false,
+            Default::default(),
         )
         .await
         .unwrap();

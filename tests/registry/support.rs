@@ -36,7 +36,7 @@ pub struct Fixture {
     /// The CA that signed the cluster's TLS certificate (for 127.0.0.1 and localhost): every
     /// registry, provisioning and tenant connection checks it (sslmode verify-full).
     pub ca: PathBuf,
-    _pki: pki::Pki,
+    pub pki: pki::Pki,
     rt: Option<tokio::runtime::Handle>,
 }
 
@@ -57,7 +57,7 @@ pub fn fixture() -> &'static Fixture {
                 server_log: cluster.dir().join("postgres.log"),
                 dir: tempfile::tempdir().expect("tempdir"),
                 ca: pki.ca_file(),
-                _pki: pki,
+                pki,
                 rt: None,
             };
             keeper::keep(cluster);

@@ -74,3 +74,68 @@ async fn a_server_registered_with_an_unreadable_root_certificate_is_refused_at_o
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn a_registry_tenant_requiring_tls_refuses_plaintext_after_authentication() {
+    let f = fixture();
+    let reg = f.registry("tlsreq").await;
+    reg.create("tlsreq-a", "database");
+    let out = reg.cli(&["tenant", "update", "tlsreq-a", "--require-tls", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut config = reg.config.clone();
+    config.tls = f.pki.server_tls(pgtenant::config::TlsMode::Allow);
+    let proxy = f.proxy(config);
+    let e = connect(proxy.addr, "tlsreq-a").await.map(drop).unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"));
+    let ok = psql_over_tls(
+        proxy.addr,
+        &format!("user=app.tlsreq-a dbname=tlsreq-a password={PASSWORD}"),
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+#[tokio::test]
+async fn a_registry_user_with_auth_cert_logs_in_with_its_certificate() {
+    let f = fixture();
+    let reg = f.registry("tlscert").await;
+    reg.create("tlscert-a", "database");
+    let out = reg.cli(&[
+        "tenant",
+        "update",
+        "tlscert-a",
+        "--user",
+        "clerk",
+        "--auth",
+        "cert",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let show = reg.cli(&["tenant", "show", "tlscert-a"]);
+    assert!(stdout(&show).contains("(auth cert)"), "{}", stdout(&show));
+    let mut config = reg.config.clone();
+    config.tls = f.pki.server_tls(pgtenant::config::TlsMode::Allow);
+    let proxy = f.proxy(config);
+    let (cert, key) = f.pki.issue("clerk", "clerk.tlscert-a", &[], true);
+    let o = psql_over_tls(
+        proxy.addr,
+        &format!(
+            "user=clerk.tlscert-a dbname=tlscert-a sslcert={} sslkey={} password=unused",
+            cert.display(),
+            key.display()
+        ),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// psql over TLS (`sslmode=require`) to the proxy at `addr`, running `SELECT 1`.
+fn psql_over_tls(addr: std::net::SocketAddr, conninfo: &str) -> std::process::Output {
+    std::process::Command::new(fixture().bindir.join("psql"))
+        .args(["-X", "-At", "-c", "SELECT 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} sslmode=require {conninfo}",
+            addr.port()
+        ))
+        .env_remove("PGPASSWORD")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql")
+}

@@ -43,6 +43,8 @@ pub struct TenantRecord {
     pub read_write_split: bool,
     pub replica_fallback: bool,
     pub slow_transaction_ms: Option<i32>,
+    /// Its clients must connect with TLS.
+    pub require_tls: bool,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -74,6 +76,8 @@ pub struct UserRecord {
     pub backend_role: String,
     /// Its sessions read from the tenant's replicas and are read-only.
     pub read_only: bool,
+    /// `scram`, `scram-plus`, `cert` or `scram+cert`.
+    pub auth: String,
 }
 
 /// A tenant row with its roles and users.
@@ -89,7 +93,7 @@ const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, 
     params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
     max_client_connections, status, provisioned, auto_update, terminate_generation,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
-    limits::text, read_write_split, replica_fallback, slow_transaction_ms";
+    limits::text, read_write_split, replica_fallback, slow_transaction_ms, require_tls";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -106,6 +110,7 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         read_write_split: r.get(21),
         replica_fallback: r.get(22),
         slow_transaction_ms: r.get(23),
+        require_tls: r.get(24),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -160,6 +165,7 @@ pub struct TenantSettings {
     pub read_write_split: Option<bool>,
     pub replica_fallback: Option<bool>,
     pub slow_transaction_ms: Option<i32>,
+    pub require_tls: Option<bool>,
 }
 
 impl RegistryStore {
@@ -283,7 +289,7 @@ impl RegistryStore {
         let users = self
             .client
             .query(
-                "SELECT tenant_id, name, scram, backend_role, read_only FROM pgtenant.client_users
+                "SELECT tenant_id, name, scram, backend_role, read_only, auth FROM pgtenant.client_users
                  WHERE $1::text[] IS NULL OR tenant_id = ANY($1) ORDER BY tenant_id, name",
                 &[&only],
             )
@@ -317,6 +323,7 @@ impl RegistryStore {
                     scram: r.get(2),
                     backend_role: r.get(3),
                     read_only: r.get(4),
+                    auth: r.get(5),
                 });
             }
         }
@@ -368,10 +375,10 @@ impl RegistryStore {
                 "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
                      server_idle_timeout, max_client_connections, auto_update, limits,
-                     read_write_split, replica_fallback, slow_transaction_ms)
+                     read_write_split, replica_fallback, slow_transaction_ms, require_tls)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
                      COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true),
-                     $19)
+                     $19, COALESCE($20, false))
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -397,6 +404,7 @@ impl RegistryStore {
                     &settings.read_write_split,
                     &settings.replica_fallback,
                     &settings.slow_transaction_ms,
+                    &settings.require_tls,
                 ],
             )
             .await?;
@@ -481,15 +489,16 @@ impl RegistryStore {
         scram: &str,
         backend_role: &str,
         read_only: bool,
+        auth: crate::config::AuthMethod,
     ) -> Result<(), RegistryError> {
         self.client
             .execute(
-                "INSERT INTO pgtenant.client_users (tenant_id, name, scram, backend_role, read_only)
-                 VALUES ($1, $2, $3, $4, $5)
+                "INSERT INTO pgtenant.client_users (tenant_id, name, scram, backend_role, read_only, auth)
+                 VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (tenant_id, name) DO UPDATE
                      SET scram = EXCLUDED.scram, backend_role = EXCLUDED.backend_role,
-                         read_only = EXCLUDED.read_only",
-                &[&tenant, &name, &scram, &backend_role, &read_only],
+                         read_only = EXCLUDED.read_only, auth = EXCLUDED.auth",
+                &[&tenant, &name, &scram, &backend_role, &read_only, &auth.as_str()],
             )
             .await?;
         Ok(())
@@ -588,7 +597,8 @@ impl RegistryStore {
                      limits = COALESCE($12::text::jsonb, limits),
                      read_write_split = COALESCE($13, read_write_split),
                      replica_fallback = COALESCE($14, replica_fallback),
-                     slow_transaction_ms = COALESCE($15, slow_transaction_ms)
+                     slow_transaction_ms = COALESCE($15, slow_transaction_ms),
+                     require_tls = COALESCE($16, require_tls)
                  WHERE id = $1",
                 &[
                     &id,
@@ -606,6 +616,7 @@ impl RegistryStore {
                     &s.read_write_split,
                     &s.replica_fallback,
                     &s.slow_transaction_ms,
+                    &s.require_tls,
                 ],
             )
             .await?;
@@ -789,7 +800,9 @@ pub fn to_tenant(
         let password = passwords.get(&u.backend_role).cloned();
         users.insert(
             u.name.clone(),
-            ClientUser::new(&u.name, verifier, &u.backend_role, password).read_only(u.read_only),
+            ClientUser::new(&u.name, verifier, &u.backend_role, password)
+                .read_only(u.read_only)
+                .with_auth(crate::config::AuthMethod::parse(&u.auth).unwrap_or_default()),
         );
     }
     let pool_mode = match t.pool_mode.as_deref() {
@@ -825,8 +838,7 @@ pub fn to_tenant(
         server_idle_timeout: t.server_idle_timeout.map(|n| n as u64),
         pool_mode,
         max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
-        // The registry has no TLS requirement column yet: `require_tls` is a config-file setting.
-        require_tls: false,
+        require_tls: t.require_tls,
         status,
         params: t
             .params

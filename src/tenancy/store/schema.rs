@@ -185,4 +185,10 @@ CREATE TABLE pgtenant.secrets (
     value   text NOT NULL CHECK (value LIKE 'pgt1$%')
 );
 "#,
+    // 9: front-door rules: a tenant may require TLS; a client user's way to authenticate.
+    r#"
+ALTER TABLE pgtenant.tenants ADD COLUMN require_tls boolean NOT NULL DEFAULT false;
+ALTER TABLE pgtenant.client_users ADD COLUMN auth text NOT NULL DEFAULT 'scram'
+    CHECK (auth IN ('scram', 'scram-plus', 'cert', 'scram+cert'));
+"#,
 ];
