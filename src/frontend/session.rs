@@ -645,6 +645,10 @@ async fn refuse(client: &mut ClientStream, peer: SocketAddr, e: &SessionError) {
             info!(client = %peer, code = r.code, error = %e, "connection refused");
             send_report(client, &r).await;
         }
+        // Nothing can be said over a failed handshake; the log says why.
+        None if matches!(e, SessionError::Tls(_) | SessionError::TlsUnavailable) => {
+            info!(client = %peer, error = %e, "TLS handshake refused")
+        }
         None => debug!(client = %peer, error = %e, "client left during login"),
     }
 }
