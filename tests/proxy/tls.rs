@@ -615,3 +615,70 @@ async fn show_clients_names_the_tls_protocol_of_a_tls_client() {
         "tls column: {tls:?}"
     );
 }
+
+/// A Python with psycopg (binary: it bundles a libpq of its own, 17 or later), in a venv under
+/// the target directory, made on first use. Err says why there is none.
+fn psycopg_python() -> Result<std::path::PathBuf, String> {
+    let venv = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pyvenv");
+    let python = venv.join("bin/python");
+    let has_psycopg = |p: &Path| {
+        Command::new(p)
+            .args(["-c", "import psycopg"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !has_psycopg(&python) {
+        let run = |cmd: &mut Command| -> Result<(), String> {
+            let o = cmd.output().map_err(|e| e.to_string())?;
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        };
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "psycopg[binary]",
+        ]))?;
+    }
+    Ok(python)
+}
+
+#[tokio::test]
+async fn a_libpq_17_client_connects_with_direct_tls_negotiation() {
+    let python = match psycopg_python() {
+        Ok(p) => p,
+        Err(why) => {
+            // The raw rustls client test above covers direct negotiation without it.
+            eprintln!("psycopg could not be installed here ({why}); skipped");
+            return;
+        }
+    };
+    let pki = Pki::new();
+    let (addr, _) = tls_proxy(&pki, TlsMode::Require).await;
+    let script = format!(
+        "import psycopg\n\
+         assert psycopg.pq.version() >= 170000, psycopg.pq.version()\n\
+         c = psycopg.connect('host=127.0.0.1 port={} user=app.acme dbname=acme password={PASSWORD} \
+         sslmode=require sslnegotiation=direct connect_timeout=10')\n\
+         print(c.execute('SELECT current_database()').fetchone()[0])\n",
+        addr.port()
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(python)
+            .args(["-c", &script])
+            .output()
+            .expect("python")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "acme");
+}
