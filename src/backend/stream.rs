@@ -138,13 +138,7 @@ impl AsyncRead for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
-            BackendStream::Tls(t) => {
-                // What a write left in rustls's buffer goes out before waiting for a reply.
-                if let Poll::Ready(Err(e)) = Pin::new(&mut **t).poll_flush(cx) {
-                    return Poll::Ready(Err(e));
-                }
-                Pin::new(&mut **t).poll_read(cx, buf)
-            }
+            BackendStream::Tls(t) => crate::tls::poll_read_flushing(Pin::new(&mut **t), cx, buf),
         }
     }
 }
@@ -158,13 +152,7 @@ impl AsyncWrite for BackendStream {
         match self.get_mut() {
             BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
-            BackendStream::Tls(t) => {
-                let r = Pin::new(&mut **t).poll_write(cx, buf);
-                if let Poll::Ready(Ok(_)) = r {
-                    let _ = Pin::new(&mut **t).poll_flush(cx);
-                }
-                r
-            }
+            BackendStream::Tls(t) => crate::tls::poll_write_flushing(Pin::new(&mut **t), cx, buf),
         }
     }
 

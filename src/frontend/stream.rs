@@ -77,10 +77,7 @@ impl AsyncRead for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(t) => {
-                if let Poll::Ready(Err(e)) = Pin::new(&mut t.stream).poll_flush(cx) {
-                    return Poll::Ready(Err(e));
-                }
-                Pin::new(&mut t.stream).poll_read(cx, buf)
+                crate::tls::poll_read_flushing(Pin::new(&mut t.stream), cx, buf)
             }
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }
@@ -96,12 +93,7 @@ impl AsyncWrite for ClientStream {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(t) => {
-                let r = Pin::new(&mut t.stream).poll_write(cx, buf);
-                if let Poll::Ready(Ok(_)) = r {
-                    // Whatever the socket does not take now goes with the next read.
-                    let _ = Pin::new(&mut t.stream).poll_flush(cx);
-                }
-                r
+                crate::tls::poll_write_flushing(Pin::new(&mut t.stream), cx, buf)
             }
             ClientStream::Closed => Poll::Ready(Err(closed())),
         }

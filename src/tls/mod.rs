@@ -112,6 +112,33 @@ pub fn describe<D>(conn: &rustls::ConnectionCommon<D>) -> String {
     format!("{version}/{suite}")
 }
 
+/// A TLS stream's read that first sends what earlier writes left in rustls's buffer, so a
+/// request is never held back while its sender waits for the answer.
+pub fn poll_read_flushing<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut s: std::pin::Pin<&mut S>,
+    cx: &mut std::task::Context<'_>,
+    buf: &mut tokio::io::ReadBuf<'_>,
+) -> std::task::Poll<std::io::Result<()>> {
+    if let std::task::Poll::Ready(Err(e)) = s.as_mut().poll_flush(cx) {
+        return std::task::Poll::Ready(Err(e));
+    }
+    s.poll_read(cx, buf)
+}
+
+/// A TLS stream's write that sends its records as far as the socket takes them now; the rest
+/// goes with the next flush or read.
+pub fn poll_write_flushing<S: tokio::io::AsyncWrite + Unpin>(
+    mut s: std::pin::Pin<&mut S>,
+    cx: &mut std::task::Context<'_>,
+    buf: &[u8],
+) -> std::task::Poll<std::io::Result<usize>> {
+    let r = s.as_mut().poll_write(cx, buf);
+    if let std::task::Poll::Ready(Ok(_)) = r {
+        let _ = s.poll_flush(cx);
+    }
+    r
+}
+
 /// Writes rustls's records to a socket without waiting.
 struct NonBlocking<'a>(&'a tokio::net::TcpStream);
 

@@ -416,26 +416,7 @@ impl RawClient {
 
     /// Next message as (tag, body), or None when the proxy closed the connection.
     pub async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
-        use tokio::io::AsyncReadExt;
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() > len {
-                    let msg = self.buf.split_to(len + 1);
-                    return Some((msg[0], msg[5..].to_vec()));
-                }
-            }
-            let read = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                self.stream.read_buf(&mut self.buf),
-            )
-            .await;
-            match read {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return None,
-            }
-        }
+        read_message_from(&mut self.stream, &mut self.buf).await
     }
 
     /// Reads until an ErrorResponse and returns its SQLSTATE and message.
@@ -510,6 +491,30 @@ impl RawClient {
             }
         }
         got
+    }
+}
+
+/// Next message from `stream` as (tag, body), `buf` holding what was read past it; None when
+/// the other side closed the connection or sent nothing for 10 s.
+pub async fn read_message_from<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut bytes::BytesMut,
+) -> Option<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() > len {
+                let msg = buf.split_to(len + 1);
+                return Some((msg[0], msg[5..].to_vec()));
+            }
+        }
+        let read =
+            tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_buf(buf)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return None,
+        }
     }
 }
 

@@ -56,6 +56,26 @@ fn psql(addr: SocketAddr, conninfo: &str, sql: &str) -> Output {
         .expect("run psql")
 }
 
+/// psql with `sslmode=verify-full` against `ca`, to `host` (which resolves to the proxy).
+fn psql_verified(
+    addr: SocketAddr,
+    host: &str,
+    ca: &Path,
+    user_db: (&str, &str),
+    sql: &str,
+) -> Output {
+    psql(
+        addr,
+        &format!(
+            "host={host} hostaddr=127.0.0.1 user={} dbname={} sslmode=verify-full sslrootcert={}",
+            user_db.0,
+            user_db.1,
+            ca.display()
+        ),
+        sql,
+    )
+}
+
 fn ok(o: &Output) -> String {
     assert!(o.status.success(), "psql failed: {}", stderr(o));
     stdout(o).trim().to_string()
@@ -83,12 +103,11 @@ async fn psql_with_sslmode_require_is_served_over_tls() {
 async fn psql_verify_full_accepts_the_proxy_certificate_signed_by_its_ca() {
     let pki = Pki::new();
     let (addr, _) = tls_proxy(&pki, TlsMode::Allow).await;
-    let o = psql(
+    let o = psql_verified(
         addr,
-        &format!(
-            "host=localhost hostaddr=127.0.0.1 user=app.acme dbname=acme sslmode=verify-full sslrootcert={}",
-            pki.ca_file().display()
-        ),
+        "localhost",
+        &pki.ca_file(),
+        ("app.acme", "acme"),
         "SELECT 'verified'",
     );
     assert_eq!(ok(&o), "verified");
@@ -99,12 +118,11 @@ async fn verify_full_against_another_ca_is_refused_by_the_client() {
     let pki = Pki::new();
     let other = Pki::new();
     let (addr, _) = tls_proxy(&pki, TlsMode::Allow).await;
-    let o = psql(
+    let o = psql_verified(
         addr,
-        &format!(
-            "host=localhost hostaddr=127.0.0.1 user=app.acme dbname=acme sslmode=verify-full sslrootcert={}",
-            other.ca_file().display()
-        ),
+        "localhost",
+        &other.ca_file(),
+        ("app.acme", "acme"),
         "SELECT 1",
     );
     assert!(!o.status.success());
@@ -192,12 +210,11 @@ async fn a_require_tls_tenant_refuses_plaintext_after_authentication() {
 async fn the_tls_server_name_names_the_tenant() {
     let pki = Pki::new();
     let (addr, _) = tls_proxy(&pki, TlsMode::Allow).await;
-    let o = psql(
+    let o = psql_verified(
         addr,
-        &format!(
-            "host=acme.db.test hostaddr=127.0.0.1 user={DEMO_ROLE} dbname={DEMO_ROLE} sslmode=verify-full sslrootcert={}",
-            pki.ca_file().display()
-        ),
+        "acme.db.test",
+        &pki.ca_file(),
+        (DEMO_ROLE, DEMO_ROLE),
         "SELECT current_database()",
     );
     assert_eq!(ok(&o), "acme");
@@ -229,12 +246,11 @@ async fn a_server_name_with_its_own_certificate_is_served_that_certificate() {
     });
     let addr = fixture().extra_proxy(move |c| c.tls = tls).await;
     let verify = |ca: &Path, host: &str| {
-        psql(
+        psql_verified(
             addr,
-            &format!(
-                "host={host} hostaddr=127.0.0.1 user={DEMO_ROLE} dbname={DEMO_ROLE} sslmode=verify-full sslrootcert={}",
-                ca.display()
-            ),
+            host,
+            ca,
+            (DEMO_ROLE, DEMO_ROLE),
             "SELECT current_database()",
         )
     };
@@ -341,16 +357,8 @@ async fn scram_plus_cert_needs_both_the_certificate_and_the_password() {
 async fn new_certificates_are_served_after_reload_and_connected_clients_stay() {
     let pki = Pki::new();
     let (addr, ctx) = tls_proxy(&pki, TlsMode::Allow).await;
-    let verify = |ca: &Path| {
-        psql(
-            addr,
-            &format!(
-                "host=localhost hostaddr=127.0.0.1 user=app.acme dbname=acme sslmode=verify-full sslrootcert={}",
-                ca.display()
-            ),
-            "SELECT 'ok'",
-        )
-    };
+    let verify =
+        |ca: &Path| psql_verified(addr, "localhost", ca, ("app.acme", "acme"), "SELECT 'ok'");
     let mut before = RawTls::login(addr, "app.acme", "acme").await;
     assert_eq!(ok(&verify(&pki.ca_file())), "ok");
     let next = Pki::new();
@@ -548,26 +556,7 @@ impl RawTls {
     }
 
     async fn read_message(&mut self) -> Option<(u8, Vec<u8>)> {
-        use tokio::io::AsyncReadExt;
-        loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() > len {
-                    let msg = self.buf.split_to(len + 1);
-                    return Some((msg[0], msg[5..].to_vec()));
-                }
-            }
-            match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                self.stream.read_buf(&mut self.buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return None,
-            }
-        }
+        read_message_from(&mut self.stream, &mut self.buf).await
     }
 
     /// The first column of the first row of a simple query.
