@@ -174,6 +174,14 @@ impl ProxyContext {
                 old.tenant_separator != config.tenant_separator,
             ),
             ("row_key", old.row_key != config.row_key),
+            (
+                "peer_id/peers",
+                old.peer_id != config.peer_id || old.peers != config.peers,
+            ),
+            (
+                "max_pending_logins",
+                old.max_pending_logins != config.max_pending_logins,
+            ),
             ("log.format", old.log.format != config.log.format),
         ];
         for (name, changed) in fixed {
@@ -257,6 +265,18 @@ impl Proxy {
             .with_role_repair(repair)
             .with_health(config.health.clone());
         let limits = ClientLimits::new(config.pool.max_client_connections);
+        let peers = config
+            .peers
+            .iter()
+            .map(|p| {
+                let peer = crate::frontend::cancel::Peer {
+                    host: p.host.clone(),
+                    port: p.port,
+                };
+                (p.id, peer)
+            })
+            .collect();
+        let cancels = Arc::new(CancelRegistry::with_peers(config.peer_id, peers));
         let pending = PendingLogins::new(config.max_pending_logins);
         let tls = crate::tls::TlsAcceptorState::new(&config.tls)?;
         let proxy = Proxy {
@@ -264,7 +284,7 @@ impl Proxy {
                 config,
                 registry,
                 pools,
-                cancels: Arc::new(CancelRegistry::default()),
+                cancels,
                 limits,
                 pending,
                 tls,

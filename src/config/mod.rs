@@ -79,6 +79,13 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// This instance's number among proxies behind one address (1-2047; 0: alone). Cancel keys
+    /// carry it, so a CancelRequest that reaches another instance is forwarded here.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub peer_id: u16,
+    /// The other instances: `{ id, host, port }`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
     /// TLS for clients (off without a certificate).
     #[serde(default, skip_serializing_if = "TlsConfig::is_off")]
     pub tls: TlsConfig,
@@ -649,6 +656,20 @@ pub struct UserConfig {
     pub auth: AuthMethod,
 }
 
+fn is_zero(v: &u16) -> bool {
+    *v == 0
+}
+
+/// Another pgtenant instance serving the same clients (`[[peers]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Its `peer_id`.
+    pub id: u16,
+    pub host: String,
+    pub port: u16,
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -691,6 +712,8 @@ impl Config {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             tls: TlsConfig::default(),
+            peer_id: 0,
+            peers: Vec::new(),
             registry: None,
             servers: Vec::new(),
             tenants: Vec::new(),

@@ -36,6 +36,36 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             "must be at least 1024",
         ));
     }
+    if config.peer_id > crate::frontend::cancel::MAX_PEER_ID {
+        return Err(ConfigError::invalid(
+            "peer_id",
+            format!(
+                "must be 0 (alone) or 1 to {}",
+                crate::frontend::cancel::MAX_PEER_ID
+            ),
+        ));
+    }
+    let mut peer_ids = HashSet::new();
+    for (i, p) in config.peers.iter().enumerate() {
+        if p.id == 0 || p.id > crate::frontend::cancel::MAX_PEER_ID {
+            return Err(ConfigError::invalid(
+                format!("peers[{i}].id"),
+                format!("must be 1 to {}", crate::frontend::cancel::MAX_PEER_ID),
+            ));
+        }
+        if p.id == config.peer_id || !peer_ids.insert(p.id) {
+            return Err(ConfigError::invalid(
+                format!("peers[{i}].id"),
+                "must differ from peer_id and from every other peer's",
+            ));
+        }
+    }
+    if !config.peers.is_empty() && config.peer_id == 0 {
+        return Err(ConfigError::invalid(
+            "peer_id",
+            "must be set (1 or more) when peers are listed",
+        ));
+    }
     if config.pool.default_size == 0 {
         return Err(ConfigError::invalid(
             "pool.default_size",
@@ -354,4 +384,42 @@ pub fn is_tier_owned_setting(name: &str, row_setting: &str) -> bool {
     name.eq_ignore_ascii_case("search_path")
         || name.eq_ignore_ascii_case(row_setting)
         || crate::tenancy::row_context::is_reserved_setting(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PeerConfig;
+
+    fn with_peers(peer_id: u16, ids: &[u16]) -> Config {
+        let mut c = Config::empty();
+        c.peer_id = peer_id;
+        c.peers = ids
+            .iter()
+            .map(|&id| PeerConfig {
+                id,
+                host: "127.0.0.1".into(),
+                port: 6432,
+            })
+            .collect();
+        c
+    }
+
+    #[test]
+    fn peers_with_distinct_ids_are_accepted() {
+        assert!(validate(&with_peers(1, &[2, 3])).is_ok());
+    }
+
+    #[test]
+    fn a_peer_with_this_instances_id_or_a_repeated_one_is_refused() {
+        assert!(validate(&with_peers(1, &[1])).is_err());
+        assert!(validate(&with_peers(1, &[2, 2])).is_err());
+    }
+
+    #[test]
+    fn peers_need_a_peer_id_and_ids_fit_the_cancel_key() {
+        assert!(validate(&with_peers(0, &[2])).is_err());
+        assert!(validate(&with_peers(2048, &[])).is_err());
+        assert!(validate(&with_peers(1, &[2048])).is_err());
+    }
 }

@@ -3,6 +3,10 @@
 //! A client never sees a backend's real key: its BackendKeyData carries a random (pid, secret)
 //! minted here, and a CancelRequest is forwarded only if the secret matches (compared in
 //! constant time) and the client is currently linked to a backend.
+//!
+//! Behind one address, several instances share the clients: a key's process id carries its
+//! instance's `peer_id` in its top bits (as PgBouncer's peers do), and a CancelRequest for
+//! another instance's key is sent on to that instance, which checks it as its own.
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -12,6 +16,23 @@ use rand::Rng;
 use subtle::ConstantTimeEq;
 
 use crate::backend::connection::CancelTarget;
+
+/// Largest `peer_id`: 11 bits above the 20 random bits of a process id, which stays positive.
+pub const MAX_PEER_ID: u16 = (1 << PEER_BITS) - 1;
+const PEER_BITS: u32 = 11;
+const LOCAL_BITS: u32 = 20;
+
+/// The instance a key's process id was minted by (0: an instance without peers).
+pub fn peer_of(pid: u32) -> u16 {
+    (pid >> LOCAL_BITS) as u16 & MAX_PEER_ID
+}
+
+/// Where another instance takes cancel requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub host: String,
+    pub port: u16,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CancelKey {
@@ -59,12 +80,24 @@ struct Entry {
 #[derive(Default)]
 pub struct CancelRegistry {
     entries: DashMap<u32, Arc<Entry>>,
+    /// This instance's `peer_id` (0: no peers) and the other instances by theirs.
+    peer_id: u16,
+    peers: std::collections::HashMap<u16, Peer>,
     /// Shutting down: sessions end once their client is between transactions.
     draining: std::sync::atomic::AtomicBool,
     drain: tokio::sync::Notify,
 }
 
 impl CancelRegistry {
+    /// A registry for instance `peer_id` among `peers`.
+    pub fn with_peers(peer_id: u16, peers: std::collections::HashMap<u16, Peer>) -> Self {
+        CancelRegistry {
+            peer_id,
+            peers,
+            ..CancelRegistry::default()
+        }
+    }
+
     /// Mints a key for a new client. The guard removes it when the client goes away.
     pub fn register(self: &Arc<Self>, tenant: &str, socket: RawFd) -> CancelGuard {
         self.register_client(tenant, socket, None)
@@ -79,7 +112,11 @@ impl CancelRegistry {
     ) -> CancelGuard {
         let mut rng = rand::thread_rng();
         loop {
-            let pid = rng.gen_range(1..=i32::MAX as u32);
+            let pid = if self.peer_id == 0 {
+                rng.gen_range(1..=i32::MAX as u32)
+            } else {
+                (u32::from(self.peer_id) << LOCAL_BITS) | rng.gen_range(0..1u32 << LOCAL_BITS)
+            };
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.entries.entry(pid) {
                 let entry = Arc::new(Entry {
@@ -100,8 +137,16 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel to the backend linked to `key`; true if one was sent.
+    /// Forwards a cancel to the backend linked to `key`, or, for a key another instance
+    /// minted, to that instance; true if one was sent.
     pub async fn cancel(&self, pid: u32, secret: u32) -> bool {
+        let owner = peer_of(pid);
+        if self.peer_id != 0 && owner != self.peer_id {
+            return match self.peers.get(&owner) {
+                Some(peer) => forward(peer, pid, secret).await.is_ok(),
+                None => false,
+            };
+        }
         let entry = self.entries.get(&pid).map(|e| e.clone());
         let target = match entry {
             Some(e) if bool::from(e.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) => {
@@ -113,6 +158,10 @@ impl CancelRegistry {
             Some(t) => t.send().await.is_ok(),
             None => false,
         }
+    }
+
+    pub fn peer_id(&self) -> u16 {
+        self.peer_id
     }
 
     /// Ends every session of `tenant`: each one's client socket stops reading, so the session
@@ -189,6 +238,27 @@ impl CancelRegistry {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Sends a CancelRequest to another instance; it checks the key as its own. Unencrypted, like
+/// every CancelRequest, and bounded in time.
+async fn forward(peer: &Peer, pid: u32, secret: u32) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let send = async {
+        let mut s = tokio::net::TcpStream::connect((peer.host.as_str(), peer.port)).await?;
+        let mut pkt = [0u8; 16];
+        pkt[..8].copy_from_slice(&[0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e]);
+        pkt[8..12].copy_from_slice(&pid.to_be_bytes());
+        pkt[12..].copy_from_slice(&secret.to_be_bytes());
+        s.write_all(&pkt).await?;
+        // The peer closes once it has acted on it.
+        let mut sink = [0u8; 1];
+        let _ = s.read(&mut sink).await;
+        Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), send)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 pub struct CancelGuard {
@@ -279,6 +349,22 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let g = reg.register("t", -1);
         assert!(!reg.cancel(g.key().pid, g.key().secret).await);
+    }
+
+    #[test]
+    fn keys_of_an_instance_with_peers_carry_its_peer_id() {
+        let reg = Arc::new(CancelRegistry::with_peers(1234, Default::default()));
+        for _ in 0..100 {
+            let g = reg.register("t", -1);
+            assert_eq!(peer_of(g.key().pid), 1234);
+            assert!(g.key().pid <= i32::MAX as u32, "a positive process id");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_of_an_unknown_peer_cancels_nothing() {
+        let reg = Arc::new(CancelRegistry::with_peers(1, Default::default()));
+        assert!(!reg.cancel(2 << LOCAL_BITS | 5, 7).await);
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod front_door;
 mod isolation;
 mod limits;
 mod metrics;
+mod peers;
 mod pgbench;
 #[path = "../common/pki.rs"]
 mod pki;
