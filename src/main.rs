@@ -28,15 +28,21 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Config file: before or after the subcommand, or from PGTENANT_CONFIG.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PGTENANT_CONFIG",
+        default_value = "proxy.toml"
+    )]
+    config: PathBuf,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Serve clients with the tenants of a config file.
-    Serve {
-        #[arg(long, short, default_value = "proxy.toml")]
-        config: PathBuf,
-    },
+    Serve,
     /// Start a throwaway PostgreSQL with sample tenants of every tier and serve them.
     Demo {
         #[arg(long, default_value = "127.0.0.1:6432")]
@@ -54,30 +60,21 @@ enum Command {
         names: Vec<String>,
     },
     /// Validate a config file and report the first problem.
-    CheckConfig {
-        #[arg(long, short, default_value = "proxy.toml")]
-        config: PathBuf,
-    },
+    CheckConfig,
     /// The registry database: create it, rotate its master key, show its state.
     Registry {
         #[command(subcommand)]
         cmd: cli::RegistryCmd,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// PostgreSQL servers tenants are provisioned on.
     Server {
         #[command(subcommand)]
         cmd: cli::ServerCmd,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// Tenant lifecycle: create, list, show, update, suspend, resume, delete, dump.
     Tenant {
         #[command(subcommand)]
         cmd: cli::TenantCmd,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// Install the row tier's tenant-context check (schema pgtenant_rls, keyed by this config's
     /// row key) and RLS policies on the public tables with a tenant_id column, in the database
@@ -87,39 +84,32 @@ enum Command {
         /// Connection string of the shared row-tier database (libpq key=value or URL).
         #[arg(long)]
         url: String,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// Admin console users kept in the registry: add, remove, list.
     Admin {
         #[command(subcommand)]
         cmd: cli::AdminCmd,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// Hourly usage per tenant (transactions, queries, server time, bytes, connection time),
     /// summed over every proxy that flushed to the registry.
     Usage {
         #[command(flatten)]
         args: cli::UsageArgs,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
     /// Apply pending per-tenant migrations to every tenant with auto_update.
     Migrate {
         #[command(flatten)]
         args: cli::MigrateArgs,
-        #[command(flatten)]
-        config: cli::ConfigArg,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands other than serve log at the default settings; serve applies its config's.
-    if !matches!(cli.command, Command::Serve { .. }) {
+    if !matches!(cli.command, Command::Serve) {
         pgtenant::logging::init(&pgtenant::config::LogConfig::default());
     }
+    let config = cli.config;
     match cli.command {
         Command::HashPassword => hash_password_cmd(),
         Command::SelfSignedCert { dir, names } => {
@@ -134,7 +124,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig { config } => match Config::load(&config).and_then(|c| {
+        Command::CheckConfig => match Config::load(&config).and_then(|c| {
             // Certificates and keys are read as the proxy would read them.
             pgtenant::tls::check_files(&c)
                 .map(|()| c)
@@ -154,7 +144,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Serve { config } => {
+        Command::Serve => {
             let config_path = config.clone();
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -168,26 +158,16 @@ fn main() -> ExitCode {
             runtime(config.worker_threads).block_on(serve(config, path))
         }
         Command::Demo { listen } => demo_cmd(listen),
-        Command::Registry { cmd, config } => {
-            cli::finish(runtime(0).block_on(cli::registry(cmd, &config.config)))
+        Command::Registry { cmd } => cli::finish(runtime(0).block_on(cli::registry(cmd, &config))),
+        Command::Server { cmd } => cli::finish(runtime(0).block_on(cli::server(cmd, &config))),
+        Command::Tenant { cmd } => cli::finish(runtime(0).block_on(cli::tenant(cmd, &config))),
+        Command::RowTierInstall { url } => {
+            cli::finish(runtime(0).block_on(cli::row_tier_install(&url, &config)))
         }
-        Command::Server { cmd, config } => {
-            cli::finish(runtime(0).block_on(cli::server(cmd, &config.config)))
-        }
-        Command::Tenant { cmd, config } => {
-            cli::finish(runtime(0).block_on(cli::tenant(cmd, &config.config)))
-        }
-        Command::RowTierInstall { url, config } => {
-            cli::finish(runtime(0).block_on(cli::row_tier_install(&url, &config.config)))
-        }
-        Command::Admin { cmd, config } => {
-            cli::finish(runtime(0).block_on(cli::admin_cmd(cmd, &config.config)))
-        }
-        Command::Usage { args, config } => {
-            cli::finish(runtime(0).block_on(cli::usage_cmd(args, &config.config)))
-        }
-        Command::Migrate { args, config } => {
-            cli::finish(runtime(0).block_on(cli::migrate_cmd(args, &config.config)))
+        Command::Admin { cmd } => cli::finish(runtime(0).block_on(cli::admin_cmd(cmd, &config))),
+        Command::Usage { args } => cli::finish(runtime(0).block_on(cli::usage_cmd(args, &config))),
+        Command::Migrate { args } => {
+            cli::finish(runtime(0).block_on(cli::migrate_cmd(args, &config)))
         }
     }
 }

@@ -275,3 +275,51 @@ fn demo_serves_every_tier_and_cleans_up_on_sigterm() {
     assert!(status.success(), "{status:?}");
     assert!(!config_path.exists(), "the demo removed its files");
 }
+
+#[test]
+fn the_config_may_be_named_before_the_subcommand() {
+    let out = Command::new(BIN)
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+            "check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_config_may_come_from_pgtenant_config() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env(
+            "PGTENANT_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        )
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_config_flag_wins_over_pgtenant_config() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", "/nonexistent/proxy.toml"])
+        .env(
+            "PGTENANT_CONFIG",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

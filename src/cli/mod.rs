@@ -17,13 +17,6 @@ use crate::tenancy::migrate::{load_dir, Migration};
 use crate::tenancy::provision::{self, CreateRequest, ProvisionError};
 use crate::tenancy::store::{RegistryStore, TenantRows, TenantSettings};
 
-#[derive(Args, Debug, Clone)]
-pub struct ConfigArg {
-    /// Config file with the `[registry]` section.
-    #[arg(long, short, global = true, default_value = "proxy.toml")]
-    pub config: PathBuf,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum RegistryCmd {
     /// Create the registry schema, or upgrade it.
