@@ -5,6 +5,7 @@
 
 mod support;
 
+mod dashboard;
 mod failover;
 mod faults;
 mod routing;
