@@ -26,8 +26,8 @@ use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::report::Severity;
 use crate::protocol::sql::{
-    classify, may_change_settings_unseen, may_matter, opens_read_only_transaction, statements,
-    Statement,
+    classify, deallocated_name, may_change_settings_unseen, may_matter,
+    opens_read_only_transaction, statements, Statement,
 };
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
 use crate::tenancy::row_context;
@@ -496,6 +496,9 @@ impl<'a> Engine<'a> {
         }
         match tag {
             b'Q' => {
+                if self.deallocated_locally(body) {
+                    return Ok(());
+                }
                 let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
                 let (ops, refusal) = inspect_sql(text);
                 if let Some(what) = refusal {
@@ -737,6 +740,47 @@ impl<'a> Engine<'a> {
         self.queue
             .push_back(Item::Proxy(Resp::Parse(Some(stmt.global.clone()))));
         self.evict(&stmt.global.clone());
+    }
+
+    /// SQL `DEALLOCATE name` of a statement the client prepared at protocol level: its name
+    /// exists only here (backends know it by a shared name), so it is closed as a protocol
+    /// Close would be and answered here. Only when every earlier response is known, so the
+    /// ReadyForQuery status is right; true if answered.
+    fn deallocated_locally(&mut self, body: &[u8]) -> bool {
+        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+        // One comparison for every other query.
+        let head = text.trim_ascii_start();
+        if !head
+            .get(..10)
+            .is_some_and(|h| h.eq_ignore_ascii_case(b"DEALLOCATE"))
+        {
+            return false;
+        }
+        let Some(name) = std::str::from_utf8(text).ok().and_then(deallocated_name) else {
+            return false;
+        };
+        let pending = self
+            .queue
+            .iter()
+            .any(|i| matches!(i, Item::Client(_) | Item::Proxy(_)));
+        if pending || !self.state.statements.contains_key(name.as_bytes()) {
+            return false;
+        }
+        let mut b = BytesMut::with_capacity(64);
+        if self.tx_status == b'E' {
+            ErrorReport::error(
+                sqlstate::IN_FAILED_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            )
+            .encode(&mut b);
+        } else {
+            self.state.statements.remove(name.as_bytes());
+            put_message(&mut b, b'C', &[b"DEALLOCATE\0"]);
+        }
+        ready_for_query(&mut b, self.tx_status);
+        self.queue.push_back(Item::Synthetic(b.freeze()));
+        self.request_at = None;
+        true
     }
 
     /// Closes the least recently used statements beyond the per-backend limit.

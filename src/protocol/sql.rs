@@ -288,6 +288,53 @@ pub fn opens_read_only_transaction(sql: &[u8]) -> bool {
     }
 }
 
+/// The statement name of `DEALLOCATE [PREPARE] name` when that is all `sql` holds, as
+/// PostgreSQL folds it: an unquoted name lower-cased, a quoted one as written (`""` is `"`).
+/// `DEALLOCATE ALL` and anything else give None.
+pub fn deallocated_name(sql: &str) -> Option<String> {
+    let stmts = statements(sql);
+    let [stmt] = stmts.as_slice() else {
+        return None;
+    };
+    let keyword = |s: &str, k: &str| -> Option<usize> {
+        let head = s.get(..k.len())?;
+        let boundary = s[k.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| c.is_whitespace() || c == '"');
+        (head.eq_ignore_ascii_case(k) && boundary).then_some(k.len())
+    };
+    let mut rest = stmt[keyword(stmt, "DEALLOCATE")?..].trim_start();
+    if let Some(n) = keyword(rest, "PREPARE") {
+        let after = rest[n..].trim_start();
+        if !after.is_empty() {
+            rest = after;
+        }
+    }
+    let (name, tail) = if let Some(quoted) = rest.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = quoted.char_indices();
+        loop {
+            match chars.next() {
+                Some((i, '"')) if quoted[i + 1..].starts_with('"') => {
+                    name.push('"');
+                    chars.next();
+                }
+                Some((i, '"')) => break (name, &quoted[i + 1..]),
+                Some((_, c)) => name.push(c),
+                None => return None,
+            }
+        }
+    } else {
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(rest.len());
+        (rest[..end].to_ascii_lowercase(), &rest[end..])
+    };
+    let all = name == "all" && !rest.starts_with('"');
+    (!name.is_empty() && !all && tail.trim().is_empty()).then_some(name)
+}
+
 pub fn classify(stmt: &str) -> Statement<'_> {
     let w = words(stmt);
     let at = |i: usize| w.get(i).map(String::as_str).unwrap_or("");
@@ -506,5 +553,36 @@ mod tests {
         ] {
             assert!(!opens_read_only_transaction(sql.as_bytes()), "{sql}");
         }
+    }
+
+    #[test]
+    fn deallocate_of_one_name_gives_the_name_as_postgresql_folds_it() {
+        assert_eq!(
+            deallocated_name("DEALLOCATE _pg3_0").as_deref(),
+            Some("_pg3_0")
+        );
+        assert_eq!(
+            deallocated_name("deallocate prepare Stmt1;").as_deref(),
+            Some("stmt1")
+        );
+        assert_eq!(
+            deallocated_name("DEALLOCATE \"A\"\"b\"").as_deref(),
+            Some("A\"b")
+        );
+        assert_eq!(
+            deallocated_name("DEALLOCATE prepare").as_deref(),
+            Some("prepare")
+        );
+    }
+
+    #[test]
+    fn deallocate_all_and_anything_more_is_not_one_name() {
+        assert_eq!(deallocated_name("DEALLOCATE ALL"), None);
+        assert_eq!(deallocated_name("DEALLOCATE PREPARE ALL"), None);
+        assert_eq!(deallocated_name("DEALLOCATE a; SELECT 1"), None);
+        assert_eq!(deallocated_name("DEALLOCATE a b"), None);
+        assert_eq!(deallocated_name("DEALLOCATEX a"), None);
+        assert_eq!(deallocated_name("SELECT 1"), None);
+        assert_eq!(deallocated_name("DEALLOCATE \"open"), None);
     }
 }
