@@ -76,9 +76,11 @@ async fn reset_inner(conn: &mut BackendConn, mut left: Leftover) -> Result<(), B
         conn.execute("ROLLBACK").await?;
     }
     conn.execute(RESET_QUERY).await?;
-    // DISCARD ALL dropped every prepared statement and setting.
+    // DISCARD ALL dropped every prepared statement and setting, and with the sequences the
+    // row tier's context: the connection is bound to no tenant until it is entered again.
     conn.prepared.clear();
     conn.applied_settings = std::sync::Arc::from("");
+    conn.bound = None;
     Ok(())
 }
 

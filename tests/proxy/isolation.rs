@@ -646,3 +646,31 @@ async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size(
     // The refusal failed that request only: the client goes on once a share is free.
     assert_eq!(visible_owners(&second).await, ["Hal", "Hana"]);
 }
+
+#[tokio::test]
+async fn a_row_connection_reset_after_a_client_left_mid_transaction_is_entered_again() {
+    let f = fixture();
+    // One server connection for the row group, so the next client gets the reset one.
+    let addr = f
+        .extra_proxy(|c| {
+            for t in c.tenants.iter_mut() {
+                t.pool_size = Some(1);
+            }
+        })
+        .await;
+    {
+        let left = f.tenant_at(addr, "hooli").await;
+        left.batch_execute("BEGIN; SELECT 1").await.expect("begin");
+        // Dropped inside its transaction: the proxy rolls back and resets the connection.
+    }
+    let next = f.tenant_at(addr, "hooli").await;
+    let tenant: String = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        next.query_one("SELECT pgtenant_rls.tenant()", &[]),
+    )
+    .await
+    .expect("in time")
+    .expect("the context is entered again after the reset")
+    .get(0);
+    assert_eq!(tenant, "hooli");
+}
