@@ -271,6 +271,7 @@ pub async fn provision(
             read_write_split: false,
             replica_fallback: true,
             require_tls: false,
+            session_features: None,
             users: vec![UserConfig {
                 name: DEMO_ROLE.to_string(),
                 scram: verifier.clone(),

@@ -245,6 +245,7 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
         ("tier", Text),
         ("server", Text),
         ("replica", Text),
+        ("cl_pinned", Int),
     ]);
     let mut all = ctx.pools.snapshot();
     all.sort_by(|a, b| (&a.0.tenant, &a.0.role).cmp(&(&b.0.tenant, &b.0.role)));
@@ -278,6 +279,7 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
                 t(tn.tier.as_str()),
                 t(&pool.health().name),
                 t(if replica { "yes" } else { "no" }),
+                t(pool.stats().pinned.get()),
             ]);
         }
     }

@@ -181,6 +181,10 @@ pub struct PoolConfig {
     /// Seconds after which a pool with no connections and no clients is dropped.
     #[serde(default = "default_pool_idle")]
     pub pool_idle_timeout: u64,
+    /// Transaction mode, a statement whose effect outlives its transaction: `pin` (default)
+    /// keeps the client on its server connection, `refuse` fails it with 0A000.
+    #[serde(default)]
+    pub session_features: SessionFeatures,
 }
 
 impl Default for PoolConfig {
@@ -197,6 +201,7 @@ impl Default for PoolConfig {
             idle_transaction_timeout: 0,
             max_client_connections: default_max_clients(),
             pool_idle_timeout: default_pool_idle(),
+            session_features: SessionFeatures::default(),
         }
     }
 }
@@ -273,6 +278,19 @@ impl TlsConfig {
             fix(&mut c.key);
         }
     }
+}
+
+/// What transaction mode does with a statement whose effect outlives its transaction (a temp
+/// table, a `WITH HOLD` cursor, a session advisory lock, SQL `PREPARE`, `LISTEN`, `LOAD`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionFeatures {
+    /// The client keeps its server connection from then until it disconnects or runs
+    /// `DISCARD ALL`, and everything works as in session mode.
+    #[default]
+    Pin,
+    /// The statement fails with 0A000; the connection stays shared.
+    Refuse,
 }
 
 /// How a tenant's client user proves who it is.
@@ -629,6 +647,9 @@ pub struct TenantConfig {
     /// Clients of this tenant must connect with TLS.
     #[serde(default, skip_serializing_if = "is_false")]
     pub require_tls: bool,
+    /// Overrides `pool.session_features` for this tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_features: Option<SessionFeatures>,
     #[serde(default)]
     pub users: Vec<UserConfig>,
 }

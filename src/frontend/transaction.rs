@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::backend::BackendError;
-use crate::config::Tier;
+use crate::config::{SessionFeatures, Tier};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::report::Severity;
@@ -137,6 +137,10 @@ pub struct Engine<'a> {
     request_at: Option<std::time::Instant>,
     /// Transactions longer than this are logged.
     slow: Option<Duration>,
+    /// The session feature that pinned this client to its server connection
+    /// (`session_features = pin`), and whether a DISCARD ALL asked to let it go.
+    pinned: Option<&'static str>,
+    unpin_requested: bool,
     state: &'a mut ClientState,
     cancel: &'a CancelGuard,
     max_message: usize,
@@ -190,6 +194,8 @@ impl<'a> Engine<'a> {
             counted: (0, 0),
             request_at: None,
             slow: None,
+            pinned: None,
+            unpin_requested: false,
             state,
             cancel,
             max_message,
@@ -336,6 +342,7 @@ impl<'a> Engine<'a> {
     }
 
     async fn finish(mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
+        self.unpin();
         self.note_release();
         let backend = self.backend.take().map(|be| {
             let pending = self
@@ -391,7 +398,8 @@ impl<'a> Engine<'a> {
     }
 
     fn maybe_release(&mut self) {
-        let done = self.queue.is_empty()
+        let done = self.pinned.is_none()
+            && self.queue.is_empty()
             && self.tx_status == b'I'
             && !self.unsynced
             && !self.copy
@@ -500,7 +508,8 @@ impl<'a> Engine<'a> {
                     return Ok(());
                 }
                 let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
-                let (ops, refusal) = inspect_sql(text);
+                let (ops, found) = inspect_sql(text);
+                let (pin, refusal) = self.pin_or_refuse(found);
                 if let Some(what) = refusal {
                     let report = refusal_report(what);
                     if self.backend.is_none() {
@@ -524,17 +533,23 @@ impl<'a> Engine<'a> {
                 self.pending_ops.extend(ops);
                 self.unseen_changes |=
                     self.watches_unseen_changes() && may_change_settings_unseen(text);
+                self.note_pinning(pin, text);
                 self.out.extend_from_slice(msg);
                 self.queue.push_back(Item::Client(Resp::Query));
             }
             b'P' => {
                 let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
                 let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
-                let (ops, refusal) = inspect_sql(query);
+                let (ops, found) = inspect_sql(query);
+                let (pin, refusal) = self.pin_or_refuse(found);
                 if let Some(what) = refusal {
                     self.refuse_extended(refusal_report(what));
                     return Ok(());
                 }
+                if pin.is_some() && !self.link_or_refuse(tag).await? {
+                    return Ok(());
+                }
+                self.note_pinning(pin, query);
                 if self.backend.is_none() {
                     self.read_hint = self.reads.split && opens_read_only_transaction(query);
                 }
@@ -791,6 +806,47 @@ impl<'a> Engine<'a> {
         for name in be.prepared.overflow(self.max_prepared, &[keep]) {
             put_message(&mut self.out, b'C', &[b"S", name.as_bytes(), b"\0"]);
             self.queue.push_back(Item::Proxy(Resp::Close(Some(name))));
+        }
+    }
+
+    /// Splits what a statement uses that outlives its transaction into what pins the client
+    /// (the tenant pins) and what is refused (it refuses).
+    fn pin_or_refuse(
+        &self,
+        found: Option<&'static str>,
+    ) -> (Option<&'static str>, Option<&'static str>) {
+        match self.pool.tenant().session_features {
+            SessionFeatures::Pin => (found, None),
+            SessionFeatures::Refuse => (None, found),
+        }
+    }
+
+    /// A statement with a session feature (`pin`) keeps the client on its server connection;
+    /// a DISCARD ALL of a pinned client lets it go once it has run.
+    fn note_pinning(&mut self, pin: Option<&'static str>, sql: &[u8]) {
+        if let (Some(what), None) = (pin, self.pinned) {
+            self.pinned = Some(what);
+            self.pool.stats().pinned.inc();
+            let shown = String::from_utf8_lossy(&sql[..sql.len().min(200)]);
+            tracing::info!(
+                tenant = %self.pool.tenant().id,
+                feature = what,
+                statement = %shown,
+                "client pinned to its server connection until it disconnects or runs DISCARD ALL"
+            );
+        }
+        if self.pinned.is_some() {
+            let text = String::from_utf8_lossy(sql);
+            self.unpin_requested |= statements(&text)
+                .into_iter()
+                .any(|s| matches!(classify(s), Statement::DiscardAll));
+        }
+    }
+
+    fn unpin(&mut self) {
+        self.unpin_requested = false;
+        if self.pinned.take().is_some() {
+            self.pool.stats().pinned.dec();
         }
     }
 
@@ -1282,6 +1338,10 @@ impl<'a> Engine<'a> {
                             be.applied_settings = Arc::from(PIN_CHANGED);
                         }
                         self.tx_failed = false;
+                        if self.unpin_requested && self.queue.is_empty() {
+                            tracing::info!(tenant = %self.pool.tenant().id, "client unpinned by DISCARD ALL");
+                            self.unpin();
+                        }
                     }
                 }
                 return !proxy;

@@ -156,6 +156,8 @@ pub struct PoolStats {
     /// Clients waiting for a server connection now, and holding one.
     pub waiting: IntGauge,
     pub active: IntGauge,
+    /// Transaction-mode clients pinned to their server connection (`session_features = pin`).
+    pub pinned: IntGauge,
     errors: IntCounterVec,
     /// SQLSTATE classes counted, so their series go with the tenant.
     classes: Mutex<Vec<String>>,
@@ -180,6 +182,7 @@ pub struct StatsSnapshot {
     pub query_us: u64,
     pub waiting: usize,
     pub active: usize,
+    pub pinned: usize,
     pub client_ms: u64,
 }
 
@@ -199,6 +202,7 @@ impl PoolStats {
             client_seconds: m.client_seconds.with_label_values(&l),
             waiting: m.clients.with_label_values(&[tenant, role, "waiting"]),
             active: m.clients.with_label_values(&[tenant, role, "active"]),
+            pinned: m.clients.with_label_values(&[tenant, role, "pinned"]),
             errors: m.errors.clone(),
             classes: Mutex::new(Vec::new()),
         }
@@ -215,6 +219,7 @@ impl PoolStats {
             query_us: (self.query_seconds.get_sample_sum() * 1e6) as u64,
             waiting: self.waiting.get().max(0) as usize,
             active: self.active.get().max(0) as usize,
+            pinned: self.pinned.get().max(0) as usize,
             client_ms: (self.client_seconds.get() * 1e3) as u64,
         }
     }
@@ -251,7 +256,7 @@ impl PoolStats {
         let _ = m.query_seconds.remove_label_values(&l);
         let _ = m.wait_seconds.remove_label_values(&l);
         let _ = m.client_seconds.remove_label_values(&l);
-        for state in ["active", "waiting", "idle"] {
+        for state in ["active", "waiting", "idle", "pinned"] {
             let _ = m.clients.remove_label_values(&[l[0], l[1], state]);
         }
         for state in ["active", "idle"] {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::config::{AuthMethod, PoolMode, TenantStatus, Tier};
+use crate::config::{AuthMethod, PoolMode, SessionFeatures, TenantStatus, Tier};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
@@ -99,6 +99,8 @@ pub struct Tenant {
     pub max_client_connections: Option<usize>,
     /// Clients must connect with TLS.
     pub require_tls: bool,
+    /// Transaction mode: pin a client that uses a session feature, or refuse the statement.
+    pub session_features: SessionFeatures,
     pub status: TenantStatus,
     /// Session defaults for every backend connection (TimeZone, …), in config order.
     pub params: Vec<(String, String)>,

@@ -240,6 +240,7 @@ impl StaticRegistry {
                 pool_mode: t.pool_mode.unwrap_or(config.pool.mode),
                 max_client_connections: t.max_client_connections,
                 require_tls: t.require_tls,
+                session_features: t.session_features.unwrap_or(config.pool.session_features),
                 status: t.status,
                 params: t
                     .params

@@ -123,7 +123,7 @@ async fn show_pools_keeps_pgbouncers_columns_in_order_and_adds_tenant_columns() 
     assert_eq!(&columns[..pgbouncer.len()], pgbouncer);
     assert_eq!(
         &columns[pgbouncer.len()..],
-        ["tenant", "tier", "server", "replica"]
+        ["tenant", "tier", "server", "replica", "cl_pinned"]
     );
     let acme = rows
         .iter()

@@ -15,6 +15,7 @@ mod limits;
 mod metrics;
 mod peers;
 mod pgbench;
+mod pinning;
 #[path = "../common/pki.rs"]
 mod pki;
 mod protocol;

@@ -122,6 +122,9 @@ async fn build() -> Fixture {
         .expect("grant create");
     config.listen = "127.0.0.1:0".parse().expect("addr");
     config.pool.query_wait_timeout = 30;
+    // The shared proxy refuses session features in transaction mode (the refusal tests);
+    // tests of pinning, the default, start a proxy of their own.
+    config.pool.session_features = pgtenant::config::SessionFeatures::Refuse;
     let servers = vec![
         (main.host().to_string(), main.port()),
         (second.host().to_string(), second.port()),

@@ -839,6 +839,8 @@ pub fn to_tenant(
         pool_mode,
         max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
         require_tls: t.require_tls,
+        // Not in the registry yet: the proxy's [pool] default.
+        session_features: pool.session_features,
         status,
         params: t
             .params

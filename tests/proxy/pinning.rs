@@ -1,0 +1,161 @@
+//! `session_features = "pin"` (the default): a transaction-mode client that uses something
+//! outliving its transaction keeps its server connection until it disconnects or runs
+//! DISCARD ALL, and everything works as in session mode.
+
+use std::net::SocketAddr;
+
+use pgtenant::config::SessionFeatures;
+use tokio_postgres::Client;
+
+use crate::support::*;
+
+/// A proxy with `pin` and a pool of `size` per tenant.
+async fn pinning_proxy(size: u32) -> SocketAddr {
+    fixture()
+        .extra_proxy(move |c| {
+            c.pool.session_features = SessionFeatures::Pin;
+            for t in c.tenants.iter_mut() {
+                t.pool_size = Some(size);
+            }
+        })
+        .await
+}
+
+async fn backend_pid(c: &Client) -> i32 {
+    c.query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0)
+}
+
+async fn show_pinned(addr: SocketAddr, tenant: &str) -> i64 {
+    let admin = fixture().admin_at(addr).await;
+    let rows = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("tenant") == Some(tenant) => {
+                r.get("cl_pinned").and_then(|v| v.parse::<i64>().ok())
+            }
+            _ => None,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_temp_table_outliving_its_transaction_pins_the_client_and_stays_usable() {
+    let f = fixture();
+    let addr = pinning_proxy(2).await;
+    let c = f.tenant_at(addr, "acme").await;
+    c.batch_execute("CREATE TEMP TABLE scratch (x int)")
+        .await
+        .expect("pinned, not refused");
+    let pid = backend_pid(&c).await;
+    for n in 0..5 {
+        c.execute("INSERT INTO scratch VALUES ($1)", &[&n])
+            .await
+            .expect("the temp table is there in later transactions");
+        assert_eq!(backend_pid(&c).await, pid, "the same server connection");
+    }
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM scratch", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 5);
+    assert_eq!(show_pinned(addr, "acme").await, 1);
+}
+
+#[tokio::test]
+async fn sql_prepare_and_a_with_hold_cursor_work_when_pinned() {
+    let f = fixture();
+    let addr = pinning_proxy(2).await;
+    let c = f.tenant_at(addr, "acme").await;
+    c.batch_execute("PREPARE p AS SELECT (40 + $1::int)::text")
+        .await
+        .expect("prepare");
+    c.batch_execute("DECLARE cur CURSOR WITH HOLD FOR SELECT generate_series(1, 3)::text")
+        .await
+        .expect("cursor");
+    assert_eq!(text(&c, "EXECUTE p(2)").await, "42");
+    assert_eq!(text(&c, "FETCH cur").await, "1");
+    assert_eq!(text(&c, "FETCH cur").await, "2");
+}
+
+#[tokio::test]
+async fn discard_all_unpins_and_the_connection_serves_others_again() {
+    let f = fixture();
+    let addr = pinning_proxy(1).await;
+    let pinned = f.tenant_at(addr, "acme").await;
+    pinned
+        .batch_execute("SELECT pg_advisory_lock(777)")
+        .await
+        .expect("session lock");
+    assert_eq!(show_pinned(addr, "acme").await, 1);
+    pinned.batch_execute("DISCARD ALL").await.expect("discard");
+    assert_eq!(show_pinned(addr, "acme").await, 0);
+    // The pool's only connection is free again, with the lock released.
+    let other = f.tenant_at(addr, "acme").await;
+    let got: bool = other
+        .query_one("SELECT pg_try_advisory_lock(777)", &[])
+        .await
+        .expect("lock")
+        .get(0);
+    assert!(got, "DISCARD ALL released the advisory lock");
+    other
+        .batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .expect("unlock");
+}
+
+#[tokio::test]
+async fn a_pinned_client_that_leaves_frees_its_connection_cleaned() {
+    let f = fixture();
+    let addr = pinning_proxy(1).await;
+    {
+        let pinned = f.tenant_at(addr, "acme").await;
+        pinned
+            .batch_execute("CREATE TEMP TABLE leftover (x int)")
+            .await
+            .expect("temp");
+    }
+    let next = f.tenant_at(addr, "acme").await;
+    let n: i64 = next
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'leftover' AND relpersistence = 't'",
+            &[],
+        )
+        .await
+        .expect("catalog")
+        .get(0);
+    assert_eq!(n, 0, "the next client finds no temp table of the last one");
+}
+
+#[tokio::test]
+async fn listen_works_when_pinned_and_notifications_arrive() {
+    use futures_util::StreamExt;
+    let f = fixture();
+    let addr = pinning_proxy(2).await;
+    let url = f.url_at(addr, "acme");
+    let (listener, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN jobs").await.expect("listen");
+    let sender = f.tenant_at(addr, "acme").await;
+    sender
+        .batch_execute("NOTIFY jobs, 'run-42'")
+        .await
+        .expect("notify");
+    let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a notification in time");
+    assert_eq!(got.as_deref(), Some("run-42"));
+}
