@@ -245,8 +245,10 @@ impl<'a> Engine<'a> {
             // Boxed: this state lives only while the client is active.
             match Box::pin(self.active(client, first)).await {
                 Ok(()) => {}
-                // Lost at a message boundary: the client is told, and keeps its connection.
-                Err(TxEnd::ServerGone) if self.srv_remaining == 0 => {
+                // Lost at a message boundary: the client is told, and keeps its connection;
+                // unless it was pinned, for then its session state went with the server
+                // connection, and its session ends as a session-mode one would.
+                Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
                     if self.recover_from_lost_server(client).await.is_err() {
                         break TxEnd::ClientGone;
                     }

@@ -159,3 +159,27 @@ async fn listen_works_when_pinned_and_notifications_arrive() {
         .expect("a notification in time");
     assert_eq!(got.as_deref(), Some("run-42"));
 }
+
+#[tokio::test]
+async fn a_pinned_clients_session_ends_when_its_server_connection_dies() {
+    let f = fixture();
+    let addr = pinning_proxy(2).await;
+    let c = f.tenant_at(addr, "acme").await;
+    c.batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .expect("pinned");
+    let pid = backend_pid(&c).await;
+    f.direct(0, "acme")
+        .await
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .expect("terminate");
+    // Its temp table went with the server connection: the session ends, as a direct one would.
+    let e = c
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("the session is over");
+    assert!(e.is_closed() || e.as_db_error().is_some(), "{e}");
+    let fresh = f.tenant_at(addr, "acme").await;
+    assert_eq!(text(&fresh, "SELECT 'others go on'").await, "others go on");
+}
