@@ -131,7 +131,8 @@ impl CancelRegistry {
                 return CancelGuard {
                     registry: self.clone(),
                     entry,
-                    key: CancelKey { pid, secret },
+                    pid: std::sync::atomic::AtomicU32::new(pid),
+                    secret,
                 };
             }
         }
@@ -264,12 +265,40 @@ async fn forward(peer: &Peer, pid: u32, secret: u32) -> std::io::Result<()> {
 pub struct CancelGuard {
     registry: Arc<CancelRegistry>,
     entry: Arc<Entry>,
-    key: CancelKey,
+    /// The key's process id: minted, or the server process's own (`adopt_server_pid`).
+    pid: std::sync::atomic::AtomicU32,
+    secret: u32,
 }
 
 impl CancelGuard {
     pub fn key(&self) -> CancelKey {
-        self.key
+        CancelKey {
+            pid: self.pid.load(std::sync::atomic::Ordering::Relaxed),
+            secret: self.secret,
+        }
+    }
+
+    /// Session mode: the client's key takes its server process's real id, so
+    /// `pg_backend_pid()`, notification pids and `pg_terminate_backend` agree with what the
+    /// client was told, as on a direct connection; the secret stays pgtenant's own, so a
+    /// cancel still goes through pgtenant's check. Keeps the minted id (and says false) when
+    /// this instance has peers (their keys carry the instance) or another client already holds
+    /// that id (the same pid on another server).
+    pub fn adopt_server_pid(&self, server_pid: u32) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let old = self.pid.load(Relaxed);
+        if self.registry.peer_id != 0 || server_pid == 0 || server_pid == old {
+            return server_pid == old;
+        }
+        match self.registry.entries.entry(server_pid) {
+            dashmap::Entry::Occupied(_) => false,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(self.entry.clone());
+                self.pid.store(server_pid, Relaxed);
+                self.registry.entries.remove(&old);
+                true
+            }
+        }
     }
 
     pub fn link(&self, target: Arc<CancelTarget>) {
@@ -318,13 +347,39 @@ impl CancelGuard {
 impl Drop for CancelGuard {
     fn drop(&mut self) {
         self.detach_socket();
-        self.registry.entries.remove(&self.key.pid);
+        let entry = &self.entry;
+        self.registry
+            .entries
+            .remove_if(&self.key().pid, |_, e| Arc::ptr_eq(e, entry));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_takes_the_server_pid_unless_another_client_holds_it() {
+        let reg = Arc::new(CancelRegistry::default());
+        let a = reg.register("t", -1);
+        let b = reg.register("t", -1);
+        assert!(a.adopt_server_pid(4242));
+        assert_eq!(a.key().pid, 4242);
+        let minted = b.key().pid;
+        assert!(!b.adopt_server_pid(4242), "another client holds 4242");
+        assert_eq!(b.key().pid, minted);
+        assert_eq!(reg.len(), 2);
+        drop(a);
+        assert_eq!(reg.len(), 1);
+    }
+
+    #[test]
+    fn an_instance_with_peers_keeps_its_minted_keys() {
+        let reg = Arc::new(CancelRegistry::with_peers(3, Default::default()));
+        let a = reg.register("t", -1);
+        assert!(!a.adopt_server_pid(4242));
+        assert_eq!(peer_of(a.key().pid), 3);
+    }
 
     #[tokio::test]
     async fn a_wrong_secret_cancels_nothing() {

@@ -578,6 +578,11 @@ async fn attach(
         match setup_done {
             Ok(()) => {
                 cancel.link(backend.cancel_target().clone());
+                if tenant.pool_mode == PoolMode::Session {
+                    // The client's one server process for the whole session: it is told its
+                    // real id, as a direct client is.
+                    cancel.adopt_server_pid(backend.pid());
+                }
                 let mut out = BytesMut::with_capacity(512);
                 for (k, v) in backend.params() {
                     let _ = ParameterStatus::new(k.clone(), v.clone()).encode(&mut out);

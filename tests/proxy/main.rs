@@ -24,4 +24,5 @@ mod stress;
 mod tiers;
 mod tls;
 mod transaction;
+mod transparent;
 mod unix_socket;
