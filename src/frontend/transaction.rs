@@ -130,8 +130,11 @@ pub struct Engine<'a> {
     /// The server connection of a client idle in its transaction was lost: the answer to the
     /// client's next request.
     deferred_error: Option<ErrorReport>,
-    /// When the linked backend was checked out, and the byte counts at the last release.
+    /// When the linked backend was checked out; when the transaction not yet counted began
+    /// (None between transactions of a link that outlives them: pipelined or pinned); and the
+    /// byte counts at the last counted transaction.
     linked_at: Option<std::time::Instant>,
+    tx_began: Option<std::time::Instant>,
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
     request_at: Option<std::time::Instant>,
@@ -191,6 +194,7 @@ impl<'a> Engine<'a> {
             began_in_batch: false,
             deferred_error: None,
             linked_at: None,
+            tx_began: None,
             counted: (0, 0),
             request_at: None,
             slow: None,
@@ -497,6 +501,10 @@ impl<'a> Engine<'a> {
         }
         if self.skipping && tag != b'S' {
             return Ok(());
+        }
+        if self.backend.is_some() && self.tx_began.is_none() {
+            // The next transaction on a link that outlived the last one.
+            self.tx_began = Some(std::time::Instant::now());
         }
         if matches!(tag, b'Q' | b'E') {
             self.pool.stats().queries.inc();
@@ -943,7 +951,15 @@ impl<'a> Engine<'a> {
 
     /// Counts the transaction the linked backend served, as it is let go.
     fn note_release(&mut self) {
-        if let Some(at) = self.linked_at.take() {
+        self.count_transaction();
+        if self.linked_at.take().is_some() {
+            self.pool.stats().active.dec();
+        }
+    }
+
+    /// Counts the transaction that just ended (or the open one, on release).
+    fn count_transaction(&mut self) {
+        if let Some(at) = self.tx_began.take() {
             let took = at.elapsed();
             if self.slow.is_some_and(|s| took > s) {
                 tracing::warn!(
@@ -955,7 +971,6 @@ impl<'a> Engine<'a> {
                 );
             }
             let stats = self.pool.stats();
-            stats.active.dec();
             stats.transaction(
                 took.as_secs_f64(),
                 self.bytes_in - self.counted.0,
@@ -983,6 +998,7 @@ impl<'a> Engine<'a> {
         stats.wait_seconds.observe((now - waited).as_secs_f64());
         stats.active.inc();
         self.linked_at = Some(now);
+        self.tx_began = Some(now);
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
@@ -1316,6 +1332,15 @@ impl<'a> Engine<'a> {
                     self.tx_status = status;
                     self.began_in_batch = false;
                     if status == b'I' {
+                        // A transaction ended while the link goes on (more requests pipelined
+                        // behind it, or a pinned client): counted now, one by one.
+                        let more = self.queue.iter().any(|i| matches!(i, Item::Client(_)));
+                        if more || self.pinned.is_some() {
+                            self.count_transaction();
+                            if more {
+                                self.tx_began = Some(std::time::Instant::now());
+                            }
+                        }
                         let mut ops = std::mem::take(&mut self.pending_ops);
                         if !self.tx_failed && !ops.is_empty() {
                             // The tier's own setting is the tenant's, not the client's: a change

@@ -183,3 +183,53 @@ async fn a_pinned_clients_session_ends_when_its_server_connection_dies() {
     let fresh = f.tenant_at(addr, "acme").await;
     assert_eq!(text(&fresh, "SELECT 'others go on'").await, "others go on");
 }
+
+/// SHOW STATS' transaction count of `tenant` on the proxy at `addr`.
+async fn xact_count(addr: SocketAddr, tenant: &str) -> i64 {
+    let admin = fixture().admin_at(addr).await;
+    let rows = admin.simple_query("SHOW STATS").await.expect("SHOW STATS");
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("tenant") == Some(tenant) => r
+                .get("total_xact_count")
+                .and_then(|v| v.parse::<i64>().ok()),
+            _ => None,
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_pinned_clients_transactions_are_counted_one_by_one() {
+    let f = fixture();
+    let addr = pinning_proxy(2).await;
+    let c = f.tenant_at(addr, "acme").await;
+    c.batch_execute("CREATE TEMP TABLE counted (x int)")
+        .await
+        .expect("pinned");
+    for _ in 0..3 {
+        c.batch_execute("SELECT 1").await.expect("select");
+    }
+    assert_eq!(
+        xact_count(addr, "acme").await,
+        4,
+        "counted while still pinned"
+    );
+}
+
+#[tokio::test]
+async fn pipelined_queries_served_on_one_link_are_counted_as_separate_transactions() {
+    let addr = pinning_proxy(2).await;
+    let mut c = RawClient::login(addr, "app.acme", "acme").await;
+    let mut both = bytes::BytesMut::new();
+    postgres_protocol::message::frontend::query("SELECT 1", &mut both).expect("encode");
+    postgres_protocol::message::frontend::query("SELECT 2", &mut both).expect("encode");
+    c.send(&both).await;
+    let mut ready = 0;
+    while ready < 2 {
+        let (tag, _) = c.read_message().await.expect("answers");
+        if tag == b'Z' {
+            ready += 1;
+        }
+    }
+    assert_eq!(xact_count(addr, "acme").await, 2);
+}
