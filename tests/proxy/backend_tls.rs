@@ -141,20 +141,7 @@ async fn show_servers_names_the_tls_protocol_of_a_tls_server_connection() {
         .await;
     let c = f.tenant_at(addr, "vault").await;
     c.simple_query("SELECT 1").await.expect("query");
-    let admin = f.admin_at(addr).await;
-    let rows = admin
-        .simple_query("SHOW SERVERS")
-        .await
-        .expect("SHOW SERVERS");
-    let tls: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("server") == Some("secure") => {
-                r.get("tls").map(str::to_string)
-            }
-            _ => None,
-        })
-        .collect();
+    let tls = admin_column(addr, "SHOW SERVERS", ("server", "secure"), "tls").await;
     assert!(
         !tls.is_empty() && tls.iter().all(|t| t.starts_with("TLSv1.")),
         "tls column: {tls:?}"

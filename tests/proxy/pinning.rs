@@ -29,15 +29,10 @@ async fn backend_pid(c: &Client) -> i32 {
 }
 
 async fn show_pinned(addr: SocketAddr, tenant: &str) -> i64 {
-    let admin = fixture().admin_at(addr).await;
-    let rows = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
-    rows.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("tenant") == Some(tenant) => {
-                r.get("cl_pinned").and_then(|v| v.parse::<i64>().ok())
-            }
-            _ => None,
-        })
+    admin_column(addr, "SHOW POOLS", ("tenant", tenant), "cl_pinned")
+        .await
+        .iter()
+        .filter_map(|v| v.parse::<i64>().ok())
         .sum()
 }
 
@@ -186,15 +181,10 @@ async fn a_pinned_clients_session_ends_when_its_server_connection_dies() {
 
 /// SHOW STATS' transaction count of `tenant` on the proxy at `addr`.
 async fn xact_count(addr: SocketAddr, tenant: &str) -> i64 {
-    let admin = fixture().admin_at(addr).await;
-    let rows = admin.simple_query("SHOW STATS").await.expect("SHOW STATS");
-    rows.iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("tenant") == Some(tenant) => r
-                .get("total_xact_count")
-                .and_then(|v| v.parse::<i64>().ok()),
-            _ => None,
-        })
+    admin_column(addr, "SHOW STATS", ("tenant", tenant), "total_xact_count")
+        .await
+        .iter()
+        .filter_map(|v| v.parse::<i64>().ok())
         .sum()
 }
 

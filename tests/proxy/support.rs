@@ -325,6 +325,26 @@ impl Fixture {
     }
 }
 
+/// Column `column` of the rows of admin command `command` (on the proxy at `addr`) whose
+/// column `key` is `value`.
+pub async fn admin_column(
+    addr: SocketAddr,
+    command: &str,
+    (key, value): (&str, &str),
+    column: &str,
+) -> Vec<String> {
+    let admin = fixture().admin_at(addr).await;
+    let rows = admin.simple_query(command).await.expect("admin command");
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get(key) == Some(value) => {
+                r.get(column).map(str::to_string)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The single text value a query returns.
 /// Runs `pg_sleep(30)` on `c`, cancels it after half a second and checks it stopped with 57014.
 pub async fn assert_cancel_stops_pg_sleep(c: Client) {

@@ -585,20 +585,7 @@ async fn show_clients_names_the_tls_protocol_of_a_tls_client() {
     let pki = Pki::new();
     let (addr, _) = tls_proxy(&pki, TlsMode::Allow).await;
     let _tls_client = RawTls::login(addr, "app.acme", "acme").await;
-    let admin = fixture().admin_at(addr).await;
-    let rows = admin
-        .simple_query("SHOW CLIENTS")
-        .await
-        .expect("SHOW CLIENTS");
-    let tls: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("user") == Some("app.acme") => {
-                r.get("tls").map(str::to_string)
-            }
-            _ => None,
-        })
-        .collect();
+    let tls = admin_column(addr, "SHOW CLIENTS", ("user", "app.acme"), "tls").await;
     assert!(
         tls.iter().any(|t| t.starts_with("TLSv1.3/")),
         "tls column: {tls:?}"
