@@ -67,6 +67,14 @@ pub enum ServerCmd {
     },
 }
 
+fn parse_session_features(s: &str) -> Result<crate::config::SessionFeatures, String> {
+    match s {
+        "pin" => Ok(crate::config::SessionFeatures::Pin),
+        "refuse" => Ok(crate::config::SessionFeatures::Refuse),
+        _ => Err("use pin or refuse".into()),
+    }
+}
+
 fn parse_auth(s: &str) -> Result<crate::config::AuthMethod, String> {
     crate::config::AuthMethod::parse(s)
         .ok_or_else(|| "use scram, scram-plus, cert or scram+cert".to_string())
@@ -131,6 +139,10 @@ pub struct SettingArgs {
     /// Its clients must connect with TLS (told after a correct password).
     #[arg(long)]
     pub require_tls: Option<bool>,
+    /// Transaction mode, a statement whose effect outlives its transaction: pin (keep the
+    /// client on its server connection) or refuse (0A000). Default: the proxy's [pool] setting.
+    #[arg(long, value_parser = parse_session_features)]
+    pub session_features: Option<crate::config::SessionFeatures>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -369,6 +381,7 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
         replica_fallback: a.replica_fallback,
         slow_transaction_ms: a.slow_transaction_ms,
         require_tls: a.require_tls,
+        session_features: a.session_features,
     })
 }
 
@@ -763,6 +776,12 @@ fn show(r: &TenantRows) -> String {
         ("replica fallback", t.replica_fallback.to_string()),
         ("slow transaction ms", output::opt(&t.slow_transaction_ms)),
         ("require TLS", t.require_tls.to_string()),
+        (
+            "session features",
+            t.session_features
+                .clone()
+                .unwrap_or_else(|| "(proxy default)".into()),
+        ),
         ("status", status_label(r)),
         ("auto update", t.auto_update.to_string()),
         ("pool size", output::opt(&t.pool_size)),

@@ -9,5 +9,6 @@ mod lifecycle;
 mod migrations;
 mod reload;
 mod replicas;
+mod session_features;
 mod tls;
 mod usage;

@@ -45,6 +45,8 @@ pub struct TenantRecord {
     pub slow_transaction_ms: Option<i32>,
     /// Its clients must connect with TLS.
     pub require_tls: bool,
+    /// `pin` or `refuse`; None: the proxy's `[pool] session_features`.
+    pub session_features: Option<String>,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -93,7 +95,8 @@ const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, 
     params::text, pool_size, pool_min_idle, pool_mode, query_wait_timeout, server_idle_timeout,
     max_client_connections, status, provisioned, auto_update, terminate_generation,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
-    limits::text, read_write_split, replica_fallback, slow_transaction_ms, require_tls";
+    limits::text, read_write_split, replica_fallback, slow_transaction_ms, require_tls,
+    session_features";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -111,6 +114,7 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         replica_fallback: r.get(22),
         slow_transaction_ms: r.get(23),
         require_tls: r.get(24),
+        session_features: r.get(25),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -166,6 +170,7 @@ pub struct TenantSettings {
     pub replica_fallback: Option<bool>,
     pub slow_transaction_ms: Option<i32>,
     pub require_tls: Option<bool>,
+    pub session_features: Option<crate::config::SessionFeatures>,
 }
 
 impl RegistryStore {
@@ -375,10 +380,11 @@ impl RegistryStore {
                 "INSERT INTO pgtenant.tenants (id, display_name, tier, server, database, schema,
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
                      server_idle_timeout, max_client_connections, auto_update, limits,
-                     read_write_split, replica_fallback, slow_transaction_ms, require_tls)
+                     read_write_split, replica_fallback, slow_transaction_ms, require_tls,
+                     session_features)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
                      COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true),
-                     $19, COALESCE($20, false))
+                     $19, COALESCE($20, false), $21)
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -405,6 +411,7 @@ impl RegistryStore {
                     &settings.replica_fallback,
                     &settings.slow_transaction_ms,
                     &settings.require_tls,
+                    &settings.session_features.map(session_features_str),
                 ],
             )
             .await?;
@@ -598,7 +605,8 @@ impl RegistryStore {
                      read_write_split = COALESCE($13, read_write_split),
                      replica_fallback = COALESCE($14, replica_fallback),
                      slow_transaction_ms = COALESCE($15, slow_transaction_ms),
-                     require_tls = COALESCE($16, require_tls)
+                     require_tls = COALESCE($16, require_tls),
+                     session_features = COALESCE($17, session_features)
                  WHERE id = $1",
                 &[
                     &id,
@@ -617,6 +625,7 @@ impl RegistryStore {
                     &s.replica_fallback,
                     &s.slow_transaction_ms,
                     &s.require_tls,
+                    &s.session_features.map(session_features_str),
                 ],
             )
             .await?;
@@ -750,6 +759,13 @@ impl RegistryStore {
     }
 }
 
+pub fn session_features_str(f: crate::config::SessionFeatures) -> &'static str {
+    match f {
+        crate::config::SessionFeatures::Pin => "pin",
+        crate::config::SessionFeatures::Refuse => "refuse",
+    }
+}
+
 pub fn pool_mode_str(m: PoolMode) -> &'static str {
     match m {
         PoolMode::Session => "session",
@@ -839,8 +855,11 @@ pub fn to_tenant(
         pool_mode,
         max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
         require_tls: t.require_tls,
-        // Not in the registry yet: the proxy's [pool] default.
-        session_features: pool.session_features,
+        session_features: match t.session_features.as_deref() {
+            Some("pin") => crate::config::SessionFeatures::Pin,
+            Some("refuse") => crate::config::SessionFeatures::Refuse,
+            _ => pool.session_features,
+        },
         status,
         params: t
             .params

@@ -191,4 +191,9 @@ ALTER TABLE pgtenant.tenants ADD COLUMN require_tls boolean NOT NULL DEFAULT fal
 ALTER TABLE pgtenant.client_users ADD COLUMN auth text NOT NULL DEFAULT 'scram'
     CHECK (auth IN ('scram', 'scram-plus', 'cert', 'scram+cert'));
 "#,
+    // 10: transaction mode's answer to session features, per tenant (NULL: the proxy's [pool]).
+    r#"
+ALTER TABLE pgtenant.tenants ADD COLUMN session_features text
+    CHECK (session_features IN ('pin', 'refuse'));
+"#,
 ];
