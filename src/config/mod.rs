@@ -265,18 +265,16 @@ impl TlsConfig {
     }
 
     fn resolve_paths(&mut self, dir: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        };
-        self.cert.iter_mut().for_each(fix);
-        self.key.iter_mut().for_each(fix);
-        self.client_ca.iter_mut().for_each(fix);
-        for c in &mut self.certs {
-            fix(&mut c.cert);
-            fix(&mut c.key);
-        }
+        let files = [
+            self.cert.as_mut(),
+            self.key.as_mut(),
+            self.client_ca.as_mut(),
+        ];
+        let named = self
+            .certs
+            .iter_mut()
+            .flat_map(|c| [&mut c.cert, &mut c.key]);
+        relative_to(dir, files.into_iter().flatten().chain(named));
     }
 }
 
@@ -474,12 +472,10 @@ impl ServerConfig {
     }
 
     pub fn backend_tls(&self) -> BackendTlsConfig {
-        BackendTlsConfig {
-            sslmode: self.sslmode,
-            sslrootcert: self.sslrootcert.clone(),
-            sslcert: self.sslcert.clone(),
-            sslkey: self.sslkey.clone(),
-        }
+        BackendTlsConfig::of(
+            self.sslmode,
+            [&self.sslrootcert, &self.sslcert, &self.sslkey],
+        )
     }
 }
 
@@ -493,14 +489,23 @@ pub struct BackendTlsConfig {
 }
 
 impl BackendTlsConfig {
-    fn resolve_paths(&mut self, dir: &Path) {
-        for p in [&mut self.sslrootcert, &mut self.sslcert, &mut self.sslkey]
-            .into_iter()
-            .flatten()
-        {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
+    /// The settings of a `[[servers]]` entry or of `[registry]`: sslmode, then the
+    /// sslrootcert, sslcert and sslkey files.
+    fn of(sslmode: Option<SslMode>, [root, cert, key]: [&Option<PathBuf>; 3]) -> Self {
+        BackendTlsConfig {
+            sslmode,
+            sslrootcert: root.clone(),
+            sslcert: cert.clone(),
+            sslkey: key.clone(),
+        }
+    }
+}
+
+/// Makes relative file paths relative to the config file's directory.
+fn relative_to<'a>(dir: &Path, paths: impl IntoIterator<Item = &'a mut PathBuf>) {
+    for p in paths {
+        if p.is_relative() {
+            *p = dir.join(&*p);
         }
     }
 }
@@ -709,9 +714,12 @@ impl Config {
         }
         config.tls.resolve_paths(dir);
         for s in &mut config.servers {
-            let mut tls = s.backend_tls();
-            tls.resolve_paths(dir);
-            (s.sslrootcert, s.sslcert, s.sslkey) = (tls.sslrootcert, tls.sslcert, tls.sslkey);
+            relative_to(
+                dir,
+                [&mut s.sslrootcert, &mut s.sslcert, &mut s.sslkey]
+                    .into_iter()
+                    .flatten(),
+            );
         }
         Ok(config)
     }
@@ -775,12 +783,10 @@ impl RegistryConfig {
     }
 
     pub fn backend_tls(&self) -> BackendTlsConfig {
-        BackendTlsConfig {
-            sslmode: self.sslmode,
-            sslrootcert: self.sslrootcert.clone(),
-            sslcert: self.sslcert.clone(),
-            sslkey: self.sslkey.clone(),
-        }
+        BackendTlsConfig::of(
+            self.sslmode,
+            [&self.sslrootcert, &self.sslcert, &self.sslkey],
+        )
     }
 
     fn resolve_paths(&mut self, dir: &Path) {
@@ -793,14 +799,11 @@ impl RegistryConfig {
         };
         fix(&mut self.key);
         self.old_keys.iter_mut().for_each(fix);
-        let mut tls = self.backend_tls();
-        tls.resolve_paths(dir);
-        (self.sslrootcert, self.sslcert, self.sslkey) = (tls.sslrootcert, tls.sslcert, tls.sslkey);
-        if let Some(m) = self.migrations.as_mut() {
-            if m.is_relative() {
-                *m = dir.join(&*m);
-            }
-        }
+        let files = [&mut self.sslrootcert, &mut self.sslcert, &mut self.sslkey];
+        relative_to(
+            dir,
+            files.into_iter().flatten().chain(self.migrations.as_mut()),
+        );
     }
 }
 
@@ -887,4 +890,37 @@ fn default_max_clients() -> usize {
 }
 fn default_pool_idle() -> u64 {
     300
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_paths_in_a_config_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &path,
+            r#"
+[tls]
+cert = "server.crt"
+key = "/abs/server.key"
+certs = [{ sni = "a.test", cert = "a.crt", key = "a.key" }]
+
+[[servers]]
+name = "s"
+host = "127.0.0.1"
+port = 5432
+sslrootcert = "ca.pem"
+"#,
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        let d = dir.path();
+        assert_eq!(c.tls.cert, Some(d.join("server.crt")));
+        assert_eq!(c.tls.key, Some(PathBuf::from("/abs/server.key")));
+        assert_eq!(c.tls.certs[0].cert, d.join("a.crt"));
+        assert_eq!(c.servers[0].sslrootcert, Some(d.join("ca.pem")));
+    }
 }
