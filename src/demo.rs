@@ -259,6 +259,7 @@ pub async fn provision(
             schema: (t.tier == Tier::Schema).then(|| t.id.to_string()),
             pool_size: Some(5),
             min_idle: None,
+            weight: None,
             query_wait_timeout: None,
             server_idle_timeout: None,
             pool_mode: None,

@@ -319,6 +319,7 @@ impl Proxy {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tracing::info!(addr = %self.local_addr(), "pgtenant listening");
         let sweeper = tokio::spawn(sweep_idle_pools(self.ctx.clone()));
+        let maintainer = tokio::spawn(maintain_pools(self.ctx.clone()));
         let follower = tokio::spawn(apply_registry_changes(self.ctx.clone()));
         let ctx = self.ctx.clone();
         let checker = tokio::spawn(async move { crate::pool::health_check::run(&ctx.pools).await });
@@ -343,6 +344,7 @@ impl Proxy {
         accept_loop(self.listener, self.ctx.clone(), stop).await;
         self.ctx.drain().await;
         sweeper.abort();
+        maintainer.abort();
         follower.abort();
         checker.abort();
         if let Some(e) = exporter {
@@ -430,6 +432,17 @@ async fn flush_usage(ctx: Arc<ProxyContext>, mut stop: oneshot::Receiver<()>) {
                 store = None;
             }
         }
+    }
+}
+
+/// Once a second: idle connections past their time close, minimums refill, pool targets
+/// follow demand (see `pool::autoscale`).
+async fn maintain_pools(ctx: Arc<ProxyContext>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        ctx.pools.maintain();
     }
 }
 

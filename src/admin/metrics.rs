@@ -120,6 +120,18 @@ fn refresh_gauges(ctx: &ProxyContext) {
         m.servers.with_label_values(&[&t, &r, "active"]).set(active);
         m.servers.with_label_values(&[&t, &r, "idle"]).set(idle);
     }
+    for (addr, b) in ctx.pools.budgets() {
+        let v = b.view();
+        let limit = v.limit.map_or(-1, |n| n as i64);
+        for (state, n) in [
+            ("limit", limit),
+            ("used", v.used as i64),
+            ("peak", v.peak as i64),
+            ("waiting", v.waiting as i64),
+        ] {
+            m.budget.with_label_values(&[&b.name, &addr, state]).set(n);
+        }
+    }
     for v in ctx.pools.health().views() {
         m.server_up
             .with_label_values(&[&v.name, &v.addr])

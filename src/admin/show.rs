@@ -246,6 +246,11 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
         ("server", Text),
         ("replica", Text),
         ("cl_pinned", Int),
+        ("sv_target", Int),
+        ("target_reason", Text),
+        ("server_budget", Int),
+        ("budget_used", Int),
+        ("budget_waiting", Int),
     ]);
     let mut all = ctx.pools.snapshot();
     all.sort_by(|a, b| (&a.0.tenant, &a.0.role).cmp(&(&b.0.tenant, &b.0.role)));
@@ -280,6 +285,11 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
                 t(&pool.health().name),
                 t(if replica { "yes" } else { "no" }),
                 t(pool.stats().pinned.get()),
+                t(pool.target().0),
+                t(pool.target().1),
+                t(pool.budget().view().limit.map_or(-1, |n| n as i64)),
+                t(pool.budget().view().used),
+                t(pool.budget().view().waiting),
             ]);
         }
     }

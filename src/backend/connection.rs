@@ -241,6 +241,9 @@ pub struct BackendConn {
     pub(crate) tenant_share: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Its entry in the census of open connections (SHOW SERVERS), while a pool owns it.
     pub census: Option<super::census::CensusEntry>,
+    /// Its place in its pool and in its server's connection budget, given back when it
+    /// closes (last: after the socket).
+    pub(crate) lease: Option<crate::pool::Lease>,
 }
 
 /// The global statement names prepared on one backend, least recently used first out.
@@ -424,6 +427,7 @@ impl BackendConn {
             bound: None,
             tenant_share: None,
             census: None,
+            lease: None,
         };
         let mut out = BytesMut::with_capacity(256);
         let mut startup: Vec<(&str, &str)> = vec![

@@ -265,6 +265,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 1,
             tls: Default::default(),
+            max_connections: None,
         });
         (book, h)
     }
@@ -277,6 +278,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 1,
             tls: Default::default(),
+            max_connections: None,
         });
         assert!(Arc::ptr_eq(&h, &other));
     }

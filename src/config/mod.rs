@@ -185,6 +185,15 @@ pub struct PoolConfig {
     /// keeps the client on its server connection, `refuse` fails it with 0A000.
     #[serde(default)]
     pub session_features: SessionFeatures,
+    /// Connections of each server left out of its budget when the budget is read from the
+    /// server's own `max_connections`: room for pgtenant's control plane (health checks,
+    /// provisioning, migrations, usage flush) and for operators' sessions.
+    #[serde(default = "default_server_reserve")]
+    pub server_reserve: u32,
+    /// Connections a pool opens as soon as it is made (a tenant's first login), so its first
+    /// transactions do not wait for a connect; within its `pool_size`.
+    #[serde(default)]
+    pub prewarm: u32,
 }
 
 impl Default for PoolConfig {
@@ -202,6 +211,8 @@ impl Default for PoolConfig {
             max_client_connections: default_max_clients(),
             pool_idle_timeout: default_pool_idle(),
             session_features: SessionFeatures::default(),
+            server_reserve: default_server_reserve(),
+            prewarm: 0,
         }
     }
 }
@@ -454,6 +465,10 @@ pub struct ServerConfig {
     pub sslcert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sslkey: Option<PathBuf>,
+    /// Connections all pools together may hold to this server (its budget). Default: the
+    /// server's own `max_connections` minus its reserved ones minus `pool.server_reserve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
 }
 
 impl ServerConfig {
@@ -468,6 +483,7 @@ impl ServerConfig {
             sslrootcert: None,
             sslcert: None,
             sslkey: None,
+            max_connections: None,
         }
     }
 
@@ -611,11 +627,20 @@ pub struct TenantConfig {
     /// Schema tier only: the tenant's schema.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub schema: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The most backend connections each of its roles' pools holds (alias `max_connections`).
+    #[serde(alias = "max_connections", skip_serializing_if = "Option::is_none")]
     pub pool_size: Option<u32>,
-    /// Backend connections kept open even when idle.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Backend connections kept open even when idle, and reserved for it in its server's
+    /// budget (alias `min_connections`).
+    #[serde(
+        alias = "min_connections",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub min_idle: Option<u32>,
+    /// Its share of a full server budget relative to other tenants' (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
     /// Overrides `pool.query_wait_timeout` for this tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub query_wait_timeout: Option<u64>,
@@ -890,6 +915,10 @@ fn default_max_clients() -> usize {
 }
 fn default_pool_idle() -> u64 {
     300
+}
+
+fn default_server_reserve() -> u32 {
+    5
 }
 
 #[cfg(test)]

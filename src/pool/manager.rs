@@ -1,4 +1,4 @@
-//! bb8's view of a backend connection.
+//! Opens a pool's backend connections and enters them in the census.
 
 use std::sync::Arc;
 
@@ -32,12 +32,9 @@ impl BackendManager {
     }
 }
 
-impl bb8::ManageConnection for BackendManager {
-    type Connection = BackendConn;
-    type Error = BackendError;
-
+impl BackendManager {
     /// Through the server's backoff gate: a dead server gets one attempt at a time.
-    async fn connect(&self) -> Result<BackendConn, BackendError> {
+    pub async fn connect(&self) -> Result<BackendConn, BackendError> {
         let health = &self.spec.health;
         let _turn = health.gate().await;
         match BackendConn::connect(&self.spec).await {
@@ -67,15 +64,5 @@ impl bb8::ManageConnection for BackendManager {
                 Err(e)
             }
         }
-    }
-
-    /// Not called: pools run with test_on_check_out(false), because every session already
-    /// starts with the reset's round trip proving the connection works.
-    async fn is_valid(&self, conn: &mut BackendConn) -> Result<(), BackendError> {
-        conn.execute("").await
-    }
-
-    fn has_broken(&self, conn: &mut BackendConn) -> bool {
-        conn.is_broken()
     }
 }

@@ -1,5 +1,8 @@
 //! Backend connection pools, one per (tenant, client role), created on first use.
 
+mod autoscale;
+pub mod budget;
+mod core;
 pub mod health_check;
 mod manager;
 pub mod pause;
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use dashmap::DashMap;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 use crate::backend::health::coarse_ms;
 use crate::backend::{BackendError, ConnectSpec, HealthBook, RoleRepair, ServerHealth};
@@ -23,6 +26,10 @@ use crate::tenancy::crypto::RowSecret;
 use crate::tenancy::row_context::RowBinding;
 use crate::tenancy::{ClientUser, Server, Tenant};
 
+pub use self::core::Lease;
+use self::core::{Core, CoreSettings, Handoff, OpenError, Waiter};
+pub use autoscale::Reason as ResizeReason;
+use budget::ServerBudget;
 pub use manager::BackendManager;
 use pause::Pauses;
 pub use replicas::{ReadPolicy, Replicas};
@@ -37,7 +44,8 @@ pub enum Patience {
     FailFast,
 }
 
-pub type PooledBackend = bb8::PooledConnection<'static, BackendManager>;
+/// A server connection checked out of a pool; dropping it closes it.
+pub type PooledBackend = crate::backend::BackendConn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -52,6 +60,12 @@ pub enum PoolError {
         wait: Duration,
         server: String,
         error: String,
+    },
+    #[error("no server connection within {wait:?}: server \"{server}\" has all {limit} connections of its budget in use by other tenants")]
+    Budget {
+        wait: Duration,
+        server: String,
+        limit: usize,
     },
     #[error("the tenant's entry changed; its new pool serves this request")]
     Retired,
@@ -69,6 +83,11 @@ impl PoolError {
                     .with_hint("the tenant's pool is busy; raise pool_size or query_wait_timeout")
             }
             PoolError::Backend(e) => e.report(),
+            PoolError::Budget { .. } => {
+                ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string()).with_hint(
+                    "the server's connection budget is shared fairly by weight; raise the server's max_connections or this tenant's weight, or retry",
+                )
+            }
             PoolError::Removed(_) => ErrorReport::fatal(sqlstate::ADMIN_SHUTDOWN, self.to_string()),
             PoolError::Retired | PoolError::Paused(_) => {
                 ErrorReport::fatal(sqlstate::CANNOT_CONNECT_NOW, self.to_string())
@@ -102,26 +121,20 @@ pub struct PoolKey {
 static NEXT_STATEMENT: AtomicU64 = AtomicU64::new(1);
 /// Distinct statements remembered per pool; beyond this, new ones still get fresh names.
 const MAX_STATEMENT_NAMES: usize = 10_000;
-/// How long (ms) a connection stays parked in the fast path before it goes back to bb8.
-const PARK_MAX_MS: u64 = 1000;
-
-/// One bb8 pool plus the last connect error, which bb8 itself only hands to its error sink.
+/// A (tenant, role)'s pool: its connections (its own, or its row group's), its statement
+/// names, and where it stands in the registry.
 pub struct TenantPool {
     /// The registry entry this pool was built from; a changed entry gets a new pool.
     tenant: Arc<Tenant>,
     /// Set when the entry changed or went away; `successor` serves the tenant from then on.
     retired: AtomicBool,
     successor: std::sync::Mutex<Option<Arc<TenantPool>>>,
-    pool: bb8::Pool<BackendManager>,
-    max_size: u32,
-    failures: Arc<ConnectFailures>,
+    core: Arc<Core>,
     wait: Duration,
     /// (query text + parameter types) → global statement name, shared by the pool's clients.
     names: DashMap<Bytes, Arc<str>>,
     /// Global names that some backend has parsed successfully: valid SQL for this pool.
     parsed: DashMap<Arc<str>, ()>,
-    /// Connections between transactions and clients waiting for one (shared by a row group).
-    idle: Arc<std::sync::Mutex<Idle>>,
     /// Row tier: the binding this pool's sessions need on a connection.
     row: Option<RowBinding>,
     /// Row tier: connections, parked ones and waiting clients are shared with the other row
@@ -193,11 +206,11 @@ impl TenantPool {
     fn idle_for(&self) -> Duration {
         let busy = self.clients.load(Ordering::Relaxed) > 0
             // A row group's connections outlive the pools of its tenants.
-            || (!self.shared && self.pool.state().connections > 0)
+            || (!self.shared && self.core.open_count() > 0)
             || self
                 .replica_pools()
                 .iter()
-                .any(|p| p.pool.state().connections > 0);
+                .any(|p| p.core.open_count() > 0);
         if busy {
             return Duration::ZERO;
         }
@@ -207,11 +220,11 @@ impl TenantPool {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// A connection: a parked one if any (the hot path: a lock and a pop, no timer), else one
-    /// from bb8 while it may open more, else the next one a finishing transaction hands over
-    /// (first come, first served, as PgBouncer queues its clients). Fails as soon as a connect
-    /// attempt fails (bb8 alone would keep retrying until the wait timeout and then report only
-    /// the timeout), or after `query_wait_timeout`. A row tenant whose `pool_size` is below its
+    /// A connection: a parked one if any (the hot path: a lock and a pop, no timer), else a new
+    /// one while the pool may open more and the server's budget grants a slot, else the next
+    /// one a finishing transaction hands over (first come, first served, as PgBouncer queues
+    /// its clients). Fails as soon as a connect attempt is refused, or after
+    /// `query_wait_timeout`. A row tenant whose `pool_size` is below its
     /// group's first waits for a share of its own, so no tenant can take its neighbours'
     /// connections.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
@@ -266,6 +279,7 @@ impl TenantPool {
     ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
             let parked = self
+                .core
                 .idle
                 .lock()
                 .ok()
@@ -294,16 +308,20 @@ impl TenantPool {
         deadline: tokio::time::Instant,
         patience: Patience,
     ) -> Result<Box<PooledBackend>, PoolError> {
+        let core = &self.core;
         loop {
             // A changed tenant entry: its waiters move to the new pool (which may name another
             // server, after a failover) rather than wait for this one.
             if self.is_retired() && !self.shared {
                 return Err(PoolError::Retired);
             }
-            // In the queue for a handover in every case: while bb8 opens a connection for
-            // us, one parked meanwhile by a finishing transaction must not pass us by.
-            let (rx, bb8_can_serve) = {
-                let Ok(mut idle) = self.idle.lock() else {
+            if patience == Patience::FailFast && self.health.is_down() {
+                return Err(self.timeout_error());
+            }
+            // In the queue for a handover in every case: while a connection is being opened
+            // for us, one parked meanwhile by a finishing transaction must not pass us by.
+            let rx = {
+                let Ok(mut idle) = core.idle.lock() else {
                     return Err(PoolError::Timeout(self.wait));
                 };
                 if let Some(be) = idle.take(self.row.as_ref()) {
@@ -321,51 +339,57 @@ impl TenantPool {
                     tenant: self.row.as_ref().map(|r| r.tenant.clone()),
                     since_ms: coarse_ms(),
                 });
-                let state = self.pool.state();
-                (
-                    rx,
-                    state.idle_connections > 0 || state.connections < self.max_size,
-                )
+                rx
             };
-            if patience == Patience::FailFast && self.health.is_down() {
-                return Err(self.timeout_error());
-            }
-            let failed = self.failures.notify.notified();
-            tokio::pin!(failed);
-            failed.as_mut().enable();
-            if bb8_can_serve {
-                tokio::select! {
-                    got = tokio::time::timeout_at(deadline, self.pool.get_owned()) => {
-                        return match got {
-                            Ok(Ok(be)) => Ok(Box::new(be)),
-                            Ok(Err(bb8::RunError::User(e))) => Err(PoolError::Backend(e)),
-                            Ok(Err(bb8::RunError::TimedOut)) | Err(_) => Err(self.timeout_error()),
-                        };
-                    }
-                    got = rx => match got {
-                        Ok(Handoff::Conn(be)) => return Ok(be),
-                        Ok(Handoff::Retry) | Err(_) => continue,
-                    },
-                    _ = failed => match self.after_failure(patience, deadline) {
+            if core.may_open() {
+                match self.open_or_handoff(rx, deadline).await {
+                    Got::Conn(be) => return Ok(be),
+                    Got::Again => continue,
+                    Got::Budget => return Err(self.budget_error()),
+                    Got::Failed(e) => match self.after_failure(e, patience, deadline) {
                         Some(e) => return Err(e),
                         None => continue,
                     },
                 }
             }
-            // Every connection exists and is busy. A connection dropped rather than parked
-            // frees a slot without a handover, so look again now and then.
+            // Every connection exists and is busy. Closing one wakes a waiter, but look again
+            // now and then in any case.
             let wake = (tokio::time::Instant::now() + RECHECK).min(deadline);
+            match tokio::time::timeout_at(wake, rx).await {
+                Ok(Ok(Handoff::Conn(be))) => return Ok(be),
+                Ok(Ok(Handoff::Retry)) | Ok(Err(_)) => continue,
+                Err(_) if wake >= deadline => return Err(self.timeout_error()),
+                Err(_) => continue,
+            }
+        }
+    }
+
+    /// Opens a connection, unless a finishing transaction hands one over first.
+    async fn open_or_handoff(
+        &self,
+        rx: oneshot::Receiver<Handoff>,
+        deadline: tokio::time::Instant,
+    ) -> Got {
+        let open = self.core.open_new(deadline);
+        tokio::pin!(open);
+        let mut rx = Some(rx);
+        loop {
             tokio::select! {
-                got = tokio::time::timeout_at(wake, rx) => match got {
-                    Ok(Ok(Handoff::Conn(be))) => return Ok(be),
-                    Ok(Ok(Handoff::Retry)) | Ok(Err(_)) => continue,
-                    Err(_) if wake >= deadline => return Err(self.timeout_error()),
-                    Err(_) => continue,
+                opened = &mut open => return match opened {
+                    None => Got::Again,
+                    Some(Ok(be)) => Got::Conn(be),
+                    Some(Err(OpenError::Budget)) => Got::Budget,
+                    Some(Err(OpenError::Backend(e))) => Got::Failed(e),
                 },
-                _ = failed => match self.after_failure(patience, deadline) {
-                    Some(e) => return Err(e),
-                    None => continue,
-                },
+                got = async { rx.as_mut().expect("guarded").await }, if rx.is_some() => {
+                    rx = None;
+                    match got {
+                        Ok(Handoff::Conn(be)) => return Got::Conn(be),
+                        // A slot came free while we open one: it is someone else's.
+                        Ok(Handoff::Retry) => self.core.wake_one(),
+                        Err(_) => {}
+                    }
+                }
             }
         }
     }
@@ -375,15 +399,23 @@ impl TenantPool {
     /// server's gate spaces out the attempts; unless the caller cannot wait.
     fn after_failure(
         &self,
+        e: BackendError,
         patience: Patience,
         deadline: tokio::time::Instant,
     ) -> Option<PoolError> {
-        match self.failures.take() {
-            Some(e) if !e.is_unreachable() || patience == Patience::FailFast => {
-                Some(PoolError::Backend(e))
-            }
-            _ if tokio::time::Instant::now() >= deadline => Some(self.timeout_error()),
-            _ => None,
+        if !e.is_unreachable() || patience == Patience::FailFast {
+            return Some(PoolError::Backend(e));
+        }
+        (tokio::time::Instant::now() >= deadline).then(|| self.timeout_error())
+    }
+
+    /// What a client that waited for its server's budget in vain is told.
+    fn budget_error(&self) -> PoolError {
+        let v = self.core.budget().view();
+        PoolError::Budget {
+            wait: self.wait,
+            server: self.health.name.clone(),
+            limit: v.limit.unwrap_or(1),
         }
     }
 
@@ -403,8 +435,9 @@ impl TenantPool {
     }
 
     /// Keeps a clean, idle connection for the pool's next transaction: handed straight to the
-    /// longest-waiting client if there is one, else parked. Connections parked for longer than
-    /// `PARK_MAX_MS` go back to bb8, whose idle timeout and lifetime then apply.
+    /// longest-waiting client if there is one, else parked. Closed instead when it outlived
+    /// `server_lifetime`, or when another tenant waiting for the server's budget should have
+    /// the slot (see `budget`).
     pub fn park(&self, mut be: Box<PooledBackend>) {
         be.tenant_share = None;
         if let Some(c) = &be.census {
@@ -415,38 +448,22 @@ impl TenantPool {
             self.discard(be);
             return;
         }
-        let now = coarse_ms();
-        let stale = match self.idle.lock() {
-            Ok(mut idle) => {
-                while let Some(w) = idle.next_waiter(be.bound_tenant()) {
-                    match w.send(Handoff::Conn(be)) {
-                        Ok(()) => return,
-                        // That client gave up waiting.
-                        Err(Handoff::Conn(back)) => be = back,
-                        Err(Handoff::Retry) => return,
-                    }
-                }
-                let stale = take_stale(&mut idle.parked, now);
-                idle.parked.push((be, now));
-                stale
-            }
-            Err(_) => Vec::new(),
-        };
-        drop(stale);
+        let own_waiters = || self.core.idle.lock().is_ok_and(|mut i| i.has_waiters());
+        if self
+            .core
+            .should_close(&be, self.core.budget().has_waiters() && own_waiters())
+        {
+            self.discard(be);
+            return;
+        }
+        self.core.park_idle(be, self.row.as_ref());
     }
 
-    /// Closes a connection that must not be reused, and lets a waiting client open another in
-    /// its place.
+    /// Closes a connection that must not be reused; its slot goes to a waiting client of this
+    /// pool, or of the server's budget.
     pub fn discard(&self, mut be: Box<PooledBackend>) {
         be.tenant_share = None;
         drop(be);
-        if let Ok(mut idle) = self.idle.lock() {
-            while let Some(w) = idle.waiters.pop_front() {
-                if w.tx.send(Handoff::Retry).is_ok() {
-                    break;
-                }
-            }
-        }
     }
 
     pub fn is_retired(&self) -> bool {
@@ -476,20 +493,9 @@ impl TenantPool {
             // The parked connections and waiting clients belong to the whole row group.
             return;
         }
-        // Idle connections close now; busy ones close when their clients are done.
-        let (parked, waiters) = match self.idle.lock() {
-            Ok(mut i) => (
-                std::mem::take(&mut i.parked),
-                std::mem::take(&mut i.waiters),
-            ),
-            Err(_) => return,
-        };
-        drop(parked);
-        // Waiting clients go on to the successor at their next transaction, or open a
-        // connection here for this one.
-        for w in waiters {
-            let _ = w.tx.send(Handoff::Retry);
-        }
+        // Idle connections close now; busy ones close when their clients are done. Waiting
+        // clients go on to the successor.
+        self.core.drain();
     }
 
     pub fn tenant(&self) -> &Arc<Tenant> {
@@ -501,15 +507,29 @@ impl TenantPool {
         self.row.as_ref()
     }
 
-    /// Returns connections parked longer than `PARK_MAX_MS` to bb8.
-    fn release_stale(&self) {
-        let stale = match self.idle.lock() {
-            Ok(mut i) => take_stale(&mut i.parked, coarse_ms()),
-            Err(_) => Vec::new(),
-        };
-        drop(stale);
+    /// Closes idle connections past their time (see `Core::close_idle`), and runs one tick
+    /// of the demand-following loop of this pool and its replicas'.
+    fn maintain(&self, now_ms: u64) {
+        if !self.shared {
+            self.core.close_idle();
+            let waiting = self.load().waiting as u32;
+            if let Some(r) = self.core.autoscale(now_ms, waiting) {
+                self.stats.note_resize(r.to);
+                tracing::info!(
+                    tenant = %self.tenant.id,
+                    server = %self.health.name,
+                    from = r.from,
+                    to = r.to,
+                    reason = r.reason.as_str(),
+                    "pool target resized"
+                );
+            }
+            if !self.is_retired() {
+                self.core.fill(self.core.min, None);
+            }
+        }
         for p in self.replica_pools() {
-            p.release_stale();
+            p.maintain(now_ms);
         }
     }
 
@@ -533,10 +553,9 @@ impl TenantPool {
         &self.stats
     }
 
-    /// Clients of this pool now, and connections (all, idle in bb8, parked here).
+    /// Clients of this pool now, and connections (all, idle).
     pub fn load(&self) -> PoolLoad {
-        let state = self.pool.state();
-        let (parked, waiting, oldest_wait_ms) = match self.idle.lock() {
+        let (parked, waiting, oldest_wait_ms) = match self.core.idle.lock() {
             Ok(i) => {
                 let live: Vec<&Waiter> = i.waiters.iter().filter(|w| !w.tx.is_closed()).collect();
                 let oldest = live
@@ -550,15 +569,29 @@ impl TenantPool {
         };
         PoolLoad {
             clients: self.clients.load(Ordering::Relaxed),
-            connections: state.connections as usize,
-            idle: state.idle_connections as usize + parked,
+            connections: self.core.open_count() as usize,
+            idle: parked,
             waiting,
             oldest_wait_ms,
         }
     }
 
     pub fn max_size(&self) -> u32 {
-        self.max_size
+        self.core.max_size
+    }
+
+    /// How many connections the demand-following loop keeps, and why.
+    pub fn target(&self) -> (u32, &'static str) {
+        let reason = self
+            .core
+            .scaler()
+            .map_or("minimum", |s| s.reason().as_str());
+        (self.core.target(), reason)
+    }
+
+    /// The connection budget of this pool's server.
+    pub fn budget(&self) -> &Arc<ServerBudget> {
+        self.core.budget()
     }
 
     pub fn is_shared(&self) -> bool {
@@ -574,10 +607,6 @@ impl TenantPool {
     pub fn spec(&self) -> &ConnectSpec {
         &self.spec
     }
-
-    pub fn state(&self) -> bb8::State {
-        self.pool.state()
-    }
 }
 
 /// What SHOW POOLS reports of a pool.
@@ -590,107 +619,17 @@ pub struct PoolLoad {
     pub oldest_wait_ms: u64,
 }
 
-/// Each with the `coarse_ms` time it was parked.
-type Parked = Vec<(Box<PooledBackend>, u64)>;
-
-/// What a finishing transaction hands a waiting client.
-enum Handoff {
+/// What opening a connection (or a handover meanwhile) came to.
+enum Got {
     Conn(Box<PooledBackend>),
-    /// A slot was freed (a connection closed): try bb8 again.
-    Retry,
-}
-
-#[derive(Default)]
-struct Idle {
-    /// Most recently used last.
-    parked: Parked,
-    /// Clients waiting for a connection, longest-waiting first.
-    waiters: std::collections::VecDeque<Waiter>,
-}
-
-struct Waiter {
-    tx: oneshot::Sender<Handoff>,
-    /// Row tier: the tenant the client needs the connection bound to.
-    tenant: Option<Arc<str>>,
-    /// When it started waiting (`coarse_ms`).
-    since_ms: u64,
-}
-
-/// Row tier: among this many longest-waiting clients, one of the tenant a freed connection is
-/// bound to is served first (no switch needed)...
-const AFFINITY_WAITERS: usize = 16;
-/// ...unless the longest-waiting client has waited this long (ms): no tenant starves, and a
-/// switch costs about as much as a few transactions.
-const MAX_AFFINITY_WAIT_MS: u64 = 5;
-
-/// How many of the most recently parked connections a row tenant looks through for one
-/// already bound to it (string compares under the idle lock: well under a microsecond).
-const AFFINITY_SCAN: usize = 256;
-
-impl Idle {
-    /// The client to hand a freed connection bound to `bound` to: the longest-waiting one, or
-    /// for a row group a client of the tenant the connection is bound to, if one is among the
-    /// first few and the longest-waiting client has not waited long.
-    fn next_waiter(&mut self, bound: Option<&str>) -> Option<oneshot::Sender<Handoff>> {
-        while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
-            self.waiters.pop_front();
-        }
-        let front = self.waiters.front()?;
-        if let Some(bound) = bound {
-            let patient = coarse_ms().saturating_sub(front.since_ms) < MAX_AFFINITY_WAIT_MS;
-            if patient && front.tenant.as_deref() != Some(bound) {
-                let mine = self
-                    .waiters
-                    .iter()
-                    .take(AFFINITY_WAITERS)
-                    .position(|w| w.tenant.as_deref() == Some(bound) && !w.tx.is_closed());
-                if let Some(i) = mine {
-                    return self.waiters.remove(i).map(|w| w.tx);
-                }
-            }
-        }
-        self.waiters.pop_front().map(|w| w.tx)
-    }
-
-    /// The most recently parked connection (so surplus ones grow idle and close); for a row
-    /// tenant one already bound to it (no switch needed), else the one parked longest, whose
-    /// tenant is the least likely to want it back soon.
-    fn take(&mut self, row: Option<&RowBinding>) -> Option<Box<PooledBackend>> {
-        if let Some(row) = row {
-            let n = self.parked.len();
-            let mine = (n.saturating_sub(AFFINITY_SCAN)..n)
-                .rev()
-                .find(|&i| self.parked[i].0.bound_tenant() == Some(&*row.tenant));
-            if let Some(i) = mine.or((n > 0).then_some(0)) {
-                return Some(self.parked.remove(i).0);
-            }
-        }
-        self.parked.pop().map(|(be, _)| be)
-    }
-}
-
-/// A pool's connections and its waiting room: a tenant's own, or shared by the row tenants of
-/// one group.
-#[derive(Clone)]
-struct Connections {
-    pool: bb8::Pool<BackendManager>,
-    failures: Arc<ConnectFailures>,
-    idle: Arc<std::sync::Mutex<Idle>>,
-    max_size: u32,
+    /// The pool filled up meanwhile: queue for a handover.
+    Again,
+    Budget,
+    Failed(BackendError),
 }
 
 /// How often a waiting client looks at the pool again in case a slot was freed silently.
 const RECHECK: Duration = Duration::from_secs(1);
-
-/// Removes the connections parked longer than `PARK_MAX_MS` (the oldest come first); the
-/// caller drops them outside the lock, which hands them back to bb8.
-fn take_stale(parked: &mut Parked, now: u64) -> Parked {
-    let n = parked
-        .iter()
-        .take_while(|(_, t)| now.saturating_sub(*t) > PARK_MAX_MS)
-        .count();
-    parked.drain(..n).collect()
-}
 
 pub struct PoolClientGuard(Arc<TenantPool>);
 
@@ -701,45 +640,6 @@ impl Drop for PoolClientGuard {
     }
 }
 
-#[derive(Default)]
-struct ConnectFailures {
-    last: std::sync::Mutex<Option<BackendError>>,
-    notify: Notify,
-}
-
-impl ConnectFailures {
-    fn record(&self, e: BackendError) {
-        if let Ok(mut last) = self.last.lock() {
-            *last = Some(e);
-        }
-        self.notify.notify_waiters();
-    }
-
-    fn take(&self) -> Option<BackendError> {
-        self.last.lock().ok().and_then(|mut l| l.take())
-    }
-}
-
-#[derive(Clone)]
-struct FailureSink(Arc<ConnectFailures>);
-
-impl std::fmt::Debug for FailureSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FailureSink")
-    }
-}
-
-impl bb8::ErrorSink<BackendError> for FailureSink {
-    fn sink(&self, e: BackendError) {
-        tracing::warn!(error = %e, "backend connect failed");
-        self.0.record(e);
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
-        Box::new(self.clone())
-    }
-}
-
 /// All pools of this proxy.
 pub struct Pools {
     pools: DashMap<PoolKey, Arc<TenantPool>>,
@@ -747,7 +647,9 @@ pub struct Pools {
     /// What row-tier context keys derive from.
     row_secret: Option<RowSecret>,
     /// Connections shared by row tenants, by server, database, backend role and defaults.
-    groups: DashMap<String, Connections>,
+    groups: DashMap<String, Arc<Core>>,
+    /// Every server's connection budget, by address, shared by all pools on it.
+    budgets: DashMap<String, Arc<ServerBudget>>,
     /// Row tier: restores the shared login role's password when a tenant changed it.
     role_repair: Option<RoleRepair>,
     /// Every server's health, shared by all pools on it.
@@ -766,6 +668,7 @@ impl Pools {
             settings,
             row_secret,
             groups: DashMap::new(),
+            budgets: DashMap::new(),
             role_repair: None,
             health: HealthBook::new(),
             health_settings: HealthConfig::default(),
@@ -954,7 +857,28 @@ impl Pools {
                 .unwrap_or(s.query_wait_timeout)
                 .max(1),
         );
-        let group = if row_tier {
+        let budget = self.budget_of(server);
+        let core_settings = |max_size: u32, min: u32, weight: u32| CoreSettings {
+            max_size,
+            min,
+            weight,
+            idle_timeout: Duration::from_secs(
+                tenant
+                    .server_idle_timeout
+                    .unwrap_or(s.server_idle_timeout)
+                    .max(1),
+            ),
+            lifetime: Duration::from_secs(s.server_lifetime.max(1)),
+        };
+        let manager = |spec: ConnectSpec| {
+            BackendManager::new(
+                spec,
+                self.census.clone(),
+                Arc::from(tenant.id.as_str()),
+                Arc::from(user.name.as_str()),
+            )
+        };
+        let core = if row_tier {
             // The password only as a hash: a rotated one makes a new group.
             let password = spec.credentials.password.as_ref().map(|p| {
                 use std::hash::{BuildHasher, Hasher};
@@ -973,53 +897,43 @@ impl Pools {
                 spec.params
             );
             self.groups
-                .entry(key)
+                .entry(key.clone())
                 .or_insert_with(|| {
-                    let failures = Arc::new(ConnectFailures::default());
-                    Connections {
-                        pool: self.bb8_pool(
-                            tenant,
-                            &user.name,
-                            s.default_size,
-                            None,
-                            wait,
-                            &failures,
-                            spec.clone(),
-                        ),
-                        failures,
-                        idle: Arc::default(),
-                        max_size: s.default_size,
-                    }
+                    Core::new(
+                        manager(spec.clone()),
+                        budget.clone(),
+                        Arc::from(format!(
+                            "row group {}/{}",
+                            spec.database, spec.credentials.user
+                        )),
+                        core_settings(s.default_size, 0, tenant.weight),
+                    )
                 })
                 .clone()
         } else {
-            let failures = Arc::new(ConnectFailures::default());
-            Connections {
-                pool: self.bb8_pool(
-                    tenant,
-                    &user.name,
+            Core::new(
+                manager(spec.clone()),
+                budget,
+                Arc::from(tenant.id.as_str()),
+                core_settings(
                     tenant.pool_size,
-                    tenant.min_idle,
-                    wait,
-                    &failures,
-                    spec.clone(),
+                    tenant.min_idle.unwrap_or(0),
+                    tenant.weight,
                 ),
-                failures,
-                idle: Arc::default(),
-                max_size: tenant.pool_size,
-            }
+            )
         };
+        if !row_tier {
+            // A tenant coming back after an idle spell finds its minimum open.
+            core.fill(core.min.max(s.prewarm.min(tenant.pool_size)), None);
+        }
         TenantPool {
             tenant: tenant.clone(),
             retired: AtomicBool::new(false),
             successor: std::sync::Mutex::new(None),
-            pool: group.pool,
-            max_size: group.max_size,
-            failures: group.failures,
+            core,
             wait,
             names: DashMap::new(),
             parsed: DashMap::new(),
-            idle: group.idle,
             row: row_tier.then(|| RowBinding {
                 tenant: Arc::from(tenant.id.as_str()),
             }),
@@ -1036,53 +950,72 @@ impl Pools {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn bb8_pool(
-        &self,
-        tenant: &Tenant,
-        role: &str,
-        size: u32,
-        min_idle: Option<u32>,
-        wait: Duration,
-        failures: &Arc<ConnectFailures>,
-        spec: ConnectSpec,
-    ) -> bb8::Pool<BackendManager> {
-        let s = &self.settings;
-        let server_idle = tenant
-            .server_idle_timeout
-            .unwrap_or(s.server_idle_timeout)
-            .max(1);
-        bb8::Pool::builder()
-            .max_size(size)
-            .min_idle(min_idle.map(|n| n.min(size)))
-            .test_on_check_out(false)
-            .retry_connection(false)
-            .connection_timeout(wait)
-            .idle_timeout(Some(Duration::from_secs(server_idle)))
-            .max_lifetime(Some(Duration::from_secs(s.server_lifetime.max(1))))
-            .reaper_rate(Duration::from_secs(server_idle.clamp(1, 30)))
-            .queue_strategy(bb8::QueueStrategy::Lifo)
-            .error_sink(Box::new(FailureSink(failures.clone())))
-            .build_unchecked(BackendManager::new(
-                spec,
-                self.census.clone(),
-                Arc::from(tenant.id.as_str()),
-                Arc::from(role),
-            ))
+    /// The connection budget of `server`, made on first use; a changed configured limit
+    /// applies to the existing one.
+    fn budget_of(&self, server: &Server) -> Arc<ServerBudget> {
+        let addr = format!("{}:{}", server.host, server.port);
+        let configured = server.max_connections.map(|n| n as usize);
+        if let Some(b) = self.budgets.get(&addr) {
+            if let Some(n) = configured {
+                if b.view().limit != Some(n) {
+                    b.set_configured(n);
+                }
+            }
+            return b.clone();
+        }
+        self.budgets
+            .entry(addr)
+            .or_insert_with(|| {
+                Arc::new(ServerBudget::new(
+                    server.name.clone(),
+                    configured,
+                    self.settings.server_reserve as usize,
+                ))
+            })
+            .clone()
+    }
+
+    /// Every server's budget, by address.
+    pub fn budgets(&self) -> Vec<(String, Arc<ServerBudget>)> {
+        let mut v: Vec<_> = self
+            .budgets
+            .iter()
+            .map(|e| (e.key().clone(), e.value().clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Drops pools that have had no client and no connection for `idle`, so thousands of
     /// quiet tenants cost nothing. Returns how many were dropped.
     pub fn sweep(&self, idle: Duration) -> usize {
         let before = self.pools.len();
-        for p in self.pools.iter() {
-            p.release_stale();
-        }
         self.pools.retain(|_, p| p.idle_for() < idle);
         // A row group no pool uses any more, with no connection left.
         self.groups
-            .retain(|_, g| Arc::strong_count(&g.idle) > 1 || g.pool.state().connections > 0);
+            .retain(|_, g| Arc::strong_count(g) > 1 || g.open_count() > 0);
         before - self.pools.len()
+    }
+
+    /// Once a second: idle connections past their time close, minimums are refilled, and
+    /// each pool's target follows its demand.
+    pub fn maintain(&self) {
+        let now = coarse_ms();
+        for p in self.pools.iter() {
+            p.maintain(now);
+        }
+        // Row groups: idle connections close, the weight is their tenants' together, and a
+        // group no pool uses any more, with no connection left, goes.
+        let mut weights: std::collections::HashMap<*const Core, u32> = Default::default();
+        for p in self.pools.iter().filter(|p| p.shared) {
+            *weights.entry(Arc::as_ptr(&p.core)).or_default() += p.tenant.weight.max(1);
+        }
+        for g in self.groups.iter() {
+            g.close_idle();
+            if let Some(w) = weights.get(&Arc::as_ptr(g.value())) {
+                g.set_weight(*w);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -1096,6 +1029,7 @@ impl Pools {
 
 #[cfg(test)]
 mod tests {
+    use super::core::{Idle, MAX_AFFINITY_WAIT_MS};
     use super::*;
 
     /// A waiting client of `tenant` that started waiting `ago_ms` ago; its receiver tells

@@ -34,6 +34,11 @@ pub struct Metrics {
     pub server_up: IntGaugeVec,
     /// Per standby: replay lag at the last check.
     pub replay_lag: prometheus::GaugeVec,
+    /// Connections each pool keeps, as its demand-following loop decided.
+    target: IntGaugeVec,
+    resizes: IntCounterVec,
+    /// Per server: its connection budget, the slots in use, and the requests waiting.
+    pub budget: IntGaugeVec,
 }
 
 const TR: &[&str] = &["tenant", "role"];
@@ -128,6 +133,20 @@ impl Metrics {
                 "1 when the server passed its last health check and takes connections",
                 &["server", "addr"],
             ),
+            target: gauge(
+                "pgtenant_pool_target_connections",
+                "Server connections a pool keeps, as its demand-following loop decided",
+                TR,
+            ),
+            resizes: counter(
+                "pgtenant_pool_resizes_total",
+                "Changes of a pool's target size",
+            ),
+            budget: gauge(
+                "pgtenant_server_budget",
+                "A server's connection budget (state=limit), the slots in use (used, peak) and the connection requests waiting for one (waiting)",
+                &["server", "addr", "state"],
+            ),
             client_seconds,
             errors,
             replay_lag,
@@ -158,6 +177,8 @@ pub struct PoolStats {
     pub active: IntGauge,
     /// Transaction-mode clients pinned to their server connection (`session_features = pin`).
     pub pinned: IntGauge,
+    target: IntGauge,
+    resizes: IntCounter,
     errors: IntCounterVec,
     /// SQLSTATE classes counted, so their series go with the tenant.
     classes: Mutex<Vec<String>>,
@@ -203,6 +224,8 @@ impl PoolStats {
             waiting: m.clients.with_label_values(&[tenant, role, "waiting"]),
             active: m.clients.with_label_values(&[tenant, role, "active"]),
             pinned: m.clients.with_label_values(&[tenant, role, "pinned"]),
+            target: m.target.with_label_values(&l),
+            resizes: m.resizes.with_label_values(&l),
             errors: m.errors.clone(),
             classes: Mutex::new(Vec::new()),
         }
@@ -232,6 +255,12 @@ impl PoolStats {
         self.bytes_out.inc_by(bytes_out);
     }
 
+    /// The pool's demand-following loop set a new target.
+    pub fn note_resize(&self, target: u32) {
+        self.target.set(i64::from(target));
+        self.resizes.inc();
+    }
+
     /// An error the client got, by its SQLSTATE's class.
     pub fn error(&self, sqlstate: &[u8]) {
         let class = String::from_utf8_lossy(sqlstate.get(..2).unwrap_or(b"XX")).into_owned();
@@ -256,6 +285,8 @@ impl PoolStats {
         let _ = m.query_seconds.remove_label_values(&l);
         let _ = m.wait_seconds.remove_label_values(&l);
         let _ = m.client_seconds.remove_label_values(&l);
+        let _ = m.target.remove_label_values(&l);
+        let _ = m.resizes.remove_label_values(&l);
         for state in ["active", "waiting", "idle", "pinned"] {
             let _ = m.clients.remove_label_values(&[l[0], l[1], state]);
         }

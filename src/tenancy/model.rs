@@ -14,6 +14,8 @@ pub struct Server {
     pub port: u16,
     /// How pgtenant's connections to it use TLS (`sslmode` and its files).
     pub tls: crate::tls::BackendTls,
+    /// Its connection budget when configured (else read from the server).
+    pub max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +95,8 @@ pub struct Tenant {
     pub schema: Option<String>,
     pub pool_size: u32,
     pub min_idle: Option<u32>,
+    /// Its share of a full server budget relative to other tenants'.
+    pub weight: u32,
     pub query_wait_timeout: Option<u64>,
     pub server_idle_timeout: Option<u64>,
     pub pool_mode: PoolMode,

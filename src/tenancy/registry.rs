@@ -154,6 +154,7 @@ impl StaticRegistry {
                     host: s.host.clone(),
                     port: s.port,
                     tls,
+                    max_connections: s.max_connections,
                 }),
             );
         }
@@ -235,6 +236,7 @@ impl StaticRegistry {
                 schema: t.schema.clone(),
                 pool_size: t.pool_size.unwrap_or(config.pool.default_size),
                 min_idle: t.min_idle,
+                weight: t.weight.unwrap_or(1).max(1),
                 query_wait_timeout: t.query_wait_timeout,
                 server_idle_timeout: t.server_idle_timeout,
                 pool_mode: t.pool_mode.unwrap_or(config.pool.mode),

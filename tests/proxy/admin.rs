@@ -123,7 +123,18 @@ async fn show_pools_keeps_pgbouncers_columns_in_order_and_adds_tenant_columns() 
     assert_eq!(&columns[..pgbouncer.len()], pgbouncer);
     assert_eq!(
         &columns[pgbouncer.len()..],
-        ["tenant", "tier", "server", "replica", "cl_pinned"]
+        [
+            "tenant",
+            "tier",
+            "server",
+            "replica",
+            "cl_pinned",
+            "sv_target",
+            "target_reason",
+            "server_budget",
+            "budget_used",
+            "budget_waiting"
+        ]
     );
     let acme = rows
         .iter()

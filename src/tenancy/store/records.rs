@@ -850,6 +850,7 @@ pub fn to_tenant(
             .map(|n| n.max(1) as u32)
             .unwrap_or(pool.default_size),
         min_idle: t.pool_min_idle.map(|n| n.max(0) as u32),
+        weight: 1,
         query_wait_timeout: t.query_wait_timeout.map(|n| n as u64),
         server_idle_timeout: t.server_idle_timeout.map(|n| n as u64),
         pool_mode,
@@ -894,6 +895,7 @@ pub fn server_map(servers: &[ServerRecord]) -> HashMap<String, Arc<Server>> {
                     host: s.host.clone(),
                     port: s.port,
                     tls: tls_of(s),
+                    max_connections: None,
                 }),
             )
         })

@@ -1,0 +1,437 @@
+//! A pool's connections: how many are open, the idle ones, and the clients waiting for one.
+//!
+//! Hand-written rather than bb8: the server budget has to close a particular idle connection
+//! of another tenant's pool, count every pool's connections against one limit before they are
+//! opened, and let a pool give a connection back instead of reusing it, none of which bb8's
+//! per-pool API offers. What bb8 did here (a size cap, an idle timeout, a lifetime, a minimum
+//! kept open) is a few lines each below.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::autoscale::{Autoscaler, Resize, Sample, SURPLUS_IDLE_MS};
+use super::budget::{BudgetSlot, Claim, Evict, ServerBudget};
+use super::manager::BackendManager;
+use crate::backend::health::coarse_ms;
+use crate::backend::{BackendConn, BackendError};
+use crate::tenancy::row_context::RowBinding;
+
+/// What the server allows pgtenant, read once per server over its first connection.
+const LIMIT_SQL: &str = "SELECT current_setting('max_connections')::int \
+     - current_setting('superuser_reserved_connections')::int \
+     - COALESCE(current_setting('reserved_connections', true)::int, 0)";
+
+/// Why opening a connection failed.
+pub enum OpenError {
+    /// The server's budget stayed full until the deadline.
+    Budget,
+    Backend(BackendError),
+}
+
+pub struct Core {
+    pub(super) idle: Mutex<Idle>,
+    /// Connections open or being opened.
+    open: AtomicU32,
+    pub(super) max_size: u32,
+    pub(super) min: u32,
+    manager: BackendManager,
+    budget: Arc<ServerBudget>,
+    /// Whose slots these are in the budget: a tenant, or a row group.
+    account: Arc<str>,
+    weight: AtomicU32,
+    idle_timeout_ms: u64,
+    lifetime: Duration,
+    scaler: Mutex<Autoscaler>,
+    target: AtomicU32,
+}
+
+/// A connection's place in its pool and its server budget.
+pub struct Lease {
+    core: Weak<Core>,
+    _slot: BudgetSlot,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lease")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(core) = self.core.upgrade() {
+            core.open.fetch_sub(1, Ordering::AcqRel);
+            core.wake_one();
+        }
+    }
+}
+
+/// A counted connection not yet opened; dropping it uncounts it.
+struct Reservation<'a> {
+    core: &'a Arc<Core>,
+    armed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.core.open.fetch_sub(1, Ordering::AcqRel);
+            self.core.wake_one();
+        }
+    }
+}
+
+pub struct CoreSettings {
+    pub max_size: u32,
+    pub min: u32,
+    pub weight: u32,
+    pub idle_timeout: Duration,
+    pub lifetime: Duration,
+}
+
+impl Core {
+    pub fn new(
+        manager: BackendManager,
+        budget: Arc<ServerBudget>,
+        account: Arc<str>,
+        s: CoreSettings,
+    ) -> Arc<Core> {
+        let min = s.min.min(s.max_size);
+        let core = Arc::new(Core {
+            idle: Mutex::default(),
+            open: AtomicU32::new(0),
+            max_size: s.max_size,
+            min,
+            manager,
+            budget: budget.clone(),
+            account,
+            weight: AtomicU32::new(s.weight.max(1)),
+            idle_timeout_ms: s.idle_timeout.as_millis() as u64,
+            lifetime: s.lifetime,
+            scaler: Mutex::new(Autoscaler::new(min, s.max_size)),
+            target: AtomicU32::new(min),
+        });
+        let weak: Weak<Core> = Arc::downgrade(&core);
+        budget.register(weak);
+        core
+    }
+
+    pub fn open_count(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn budget(&self) -> &Arc<ServerBudget> {
+        &self.budget
+    }
+
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w.max(1), Ordering::Relaxed);
+    }
+
+    pub fn target(&self) -> u32 {
+        self.target.load(Ordering::Relaxed)
+    }
+
+    pub fn scaler(&self) -> Option<Autoscaler> {
+        self.scaler.lock().ok().map(|s| s.clone())
+    }
+
+    /// Counts one more connection if the pool may have it.
+    fn try_reserve(self: &Arc<Self>) -> Option<Reservation<'_>> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_size).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Reservation {
+                core: self,
+                armed: true,
+            })
+    }
+
+    /// Whether the pool may open another connection now.
+    pub fn may_open(&self) -> bool {
+        self.open_count() < self.max_size
+    }
+
+    /// Tells one waiting client that a slot came free (it opens a connection itself).
+    pub fn wake_one(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            while let Some(w) = idle.waiters.pop_front() {
+                if w.tx.send(Handoff::Retry).is_ok() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Reserves and opens a connection: a slot of the pool, then of the server's budget
+    /// (waiting in its fair queue until `deadline`), then the login. None when the pool is
+    /// at its maximum.
+    pub(super) async fn open_new(
+        self: &Arc<Self>,
+        deadline: tokio::time::Instant,
+    ) -> Option<Result<Box<BackendConn>, OpenError>> {
+        let mut reservation = self.try_reserve()?;
+        let claim = Claim {
+            account: self.account.clone(),
+            weight: self.weight.load(Ordering::Relaxed),
+            min: self.min,
+        };
+        let Some(slot) = self.budget.acquire(&claim, deadline).await else {
+            return Some(Err(OpenError::Budget));
+        };
+        let mut conn = match self.manager.connect().await {
+            Ok(c) => c,
+            Err(e) => return Some(Err(OpenError::Backend(e))),
+        };
+        if self.budget.needs_limit() {
+            match conn.query_value(LIMIT_SQL).await {
+                Ok(Some(v)) => match v.parse::<usize>() {
+                    Ok(n) => self.budget.learn_limit(n),
+                    Err(_) => {
+                        tracing::warn!(server = %self.budget.name, value = %v, "could not read the server's max_connections")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(server = %self.budget.name, error = %e, "could not read the server's max_connections");
+                    if conn.is_broken() {
+                        return Some(Err(OpenError::Backend(e)));
+                    }
+                }
+            }
+        }
+        reservation.armed = false;
+        conn.lease = Some(Lease {
+            core: Arc::downgrade(self),
+            _slot: slot,
+        });
+        Some(Ok(Box::new(conn)))
+    }
+
+    /// Keeps `min` connections open, in the background: opened ones are parked.
+    pub fn fill(self: &Arc<Self>, want: u32, row: Option<RowBinding>) {
+        let want = want.min(self.max_size);
+        let short = want.saturating_sub(self.open_count());
+        for _ in 0..short {
+            let core = self.clone();
+            let row = row.clone();
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                if core.open_count() >= want {
+                    return;
+                }
+                if let Some(Ok(be)) = core.open_new(deadline).await {
+                    core.park_idle(be, row.as_ref());
+                }
+            });
+        }
+    }
+
+    /// Parks an idle connection, or hands it to a waiting client.
+    pub(super) fn park_idle(&self, be: Box<BackendConn>, _row: Option<&RowBinding>) {
+        let stale = match self.idle.lock() {
+            Ok(mut idle) => {
+                let mut be = be;
+                while let Some(w) = idle.next_waiter(be.bound_tenant()) {
+                    match w.send(Handoff::Conn(be)) {
+                        Ok(()) => return,
+                        Err(Handoff::Conn(back)) => be = back,
+                        Err(Handoff::Retry) => return,
+                    }
+                }
+                idle.parked.push((be, coarse_ms()));
+                None::<Box<BackendConn>>
+            }
+            Err(_) => Some(be),
+        };
+        drop(stale);
+    }
+
+    /// What a connection at the end of a transaction should do instead of serving the pool's
+    /// next one: close, because it outlived `server_lifetime`, or because a tenant waiting for
+    /// the server's budget deserves the slot more (over its fair share, or nobody here waits
+    /// for it), keeping the pool's minimum.
+    pub(super) fn should_close(&self, be: &BackendConn, own_waiters: bool) -> bool {
+        if be.age() >= self.lifetime {
+            return true;
+        }
+        if !self.budget.has_waiters() || self.open_count() <= self.min {
+            return false;
+        }
+        !own_waiters || self.budget.should_yield(&self.account)
+    }
+
+    /// Closes connections idle longer than the idle timeout, or than `SURPLUS_IDLE_MS` beyond
+    /// the target, or past their lifetime; keeps the minimum.
+    pub fn close_idle(&self) {
+        let now = coarse_ms();
+        let target = self.target().max(self.min);
+        let closing: Vec<Box<BackendConn>> = match self.idle.lock() {
+            Ok(mut idle) => {
+                let mut out = Vec::new();
+                let mut open = self.open_count();
+                let mut i = 0;
+                while i < idle.parked.len() {
+                    let (be, at) = &idle.parked[i];
+                    let idle_ms = now.saturating_sub(*at);
+                    let expired = be.age() >= self.lifetime;
+                    let timed_out = idle_ms >= self.idle_timeout_ms && open > self.min;
+                    let surplus = idle_ms >= SURPLUS_IDLE_MS && open > target;
+                    if expired || timed_out || surplus {
+                        out.push(idle.parked.remove(i).0);
+                        open = open.saturating_sub(1);
+                    } else {
+                        i += 1;
+                    }
+                }
+                out
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(closing);
+    }
+
+    /// One tick of the demand-following loop.
+    pub fn autoscale(&self, now_ms: u64, waiting: u32) -> Option<Resize> {
+        let parked = self.idle.lock().map_or(0, |i| i.parked.len() as u32);
+        let busy = self.open_count().saturating_sub(parked);
+        let mut s = self.scaler.lock().ok()?;
+        let r = s.observe(Sample {
+            now_ms,
+            busy,
+            waiting,
+        });
+        self.target.store(s.target(), Ordering::Relaxed);
+        r
+    }
+
+    /// Drops every parked connection and tells waiting clients to look again (retired pool).
+    pub fn drain(&self) {
+        let (parked, waiters) = match self.idle.lock() {
+            Ok(mut i) => (
+                std::mem::take(&mut i.parked),
+                std::mem::take(&mut i.waiters),
+            ),
+            Err(_) => return,
+        };
+        drop(parked);
+        for w in waiters {
+            let _ = w.tx.send(Handoff::Retry);
+        }
+    }
+}
+
+impl Evict for Core {
+    fn oldest_idle(&self) -> Option<u64> {
+        if self.open_count() <= self.min {
+            return None;
+        }
+        self.idle
+            .lock()
+            .ok()
+            .and_then(|i| i.parked.first().map(|(_, t)| *t))
+    }
+
+    fn evict_oldest(&self) -> bool {
+        if self.open_count() <= self.min {
+            return false;
+        }
+        let be = match self.idle.lock() {
+            Ok(mut i) if !i.parked.is_empty() => Some(i.parked.remove(0).0),
+            _ => None,
+        };
+        be.is_some()
+    }
+}
+
+/// Each with the `coarse_ms` time it was parked.
+pub(super) type Parked = Vec<(Box<BackendConn>, u64)>;
+
+/// What a finishing transaction hands a waiting client.
+pub(super) enum Handoff {
+    Conn(Box<BackendConn>),
+    /// A slot was freed (a connection closed): try to open one.
+    Retry,
+}
+
+#[derive(Default)]
+pub(super) struct Idle {
+    /// Most recently used last.
+    pub(super) parked: Parked,
+    /// Clients waiting for a connection, longest-waiting first.
+    pub(super) waiters: std::collections::VecDeque<Waiter>,
+}
+
+pub(super) struct Waiter {
+    pub(super) tx: oneshot::Sender<Handoff>,
+    /// Row tier: the tenant the client needs the connection bound to.
+    pub(super) tenant: Option<Arc<str>>,
+    /// When it started waiting (`coarse_ms`).
+    pub(super) since_ms: u64,
+}
+
+/// Row tier: among this many longest-waiting clients, one of the tenant a freed connection is
+/// bound to is served first (no switch needed)...
+const AFFINITY_WAITERS: usize = 16;
+/// ...unless the longest-waiting client has waited this long (ms): no tenant starves, and a
+/// switch costs about as much as a few transactions.
+pub(super) const MAX_AFFINITY_WAIT_MS: u64 = 5;
+
+/// How many of the most recently parked connections a row tenant looks through for one
+/// already bound to it (string compares under the idle lock: well under a microsecond).
+const AFFINITY_SCAN: usize = 256;
+
+impl Idle {
+    /// The client to hand a freed connection bound to `bound` to: the longest-waiting one, or
+    /// for a row group a client of the tenant the connection is bound to, if one is among the
+    /// first few and the longest-waiting client has not waited long.
+    pub(super) fn next_waiter(&mut self, bound: Option<&str>) -> Option<oneshot::Sender<Handoff>> {
+        while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            self.waiters.pop_front();
+        }
+        let front = self.waiters.front()?;
+        if let Some(bound) = bound {
+            let patient = coarse_ms().saturating_sub(front.since_ms) < MAX_AFFINITY_WAIT_MS;
+            if patient && front.tenant.as_deref() != Some(bound) {
+                let mine = self
+                    .waiters
+                    .iter()
+                    .take(AFFINITY_WAITERS)
+                    .position(|w| w.tenant.as_deref() == Some(bound) && !w.tx.is_closed());
+                if let Some(i) = mine {
+                    return self.waiters.remove(i).map(|w| w.tx);
+                }
+            }
+        }
+        self.waiters.pop_front().map(|w| w.tx)
+    }
+
+    /// Whether a live client waits.
+    pub(super) fn has_waiters(&mut self) -> bool {
+        while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
+            self.waiters.pop_front();
+        }
+        !self.waiters.is_empty()
+    }
+
+    /// The most recently parked connection (so surplus ones grow idle and close); for a row
+    /// tenant one already bound to it (no switch needed), else the one parked longest, whose
+    /// tenant is the least likely to want it back soon.
+    pub(super) fn take(&mut self, row: Option<&RowBinding>) -> Option<Box<BackendConn>> {
+        if let Some(row) = row {
+            let n = self.parked.len();
+            let mine = (n.saturating_sub(AFFINITY_SCAN)..n)
+                .rev()
+                .find(|&i| self.parked[i].0.bound_tenant() == Some(&*row.tenant));
+            if let Some(i) = mine.or((n > 0).then_some(0)) {
+                return Some(self.parked.remove(i).0);
+            }
+        }
+        self.parked.pop().map(|(be, _)| be)
+    }
+}
