@@ -309,6 +309,37 @@ impl PreparedSet {
     }
 }
 
+/// How long a closing connection waits for the server to end its session.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// A pooled connection closes in the background: Terminate, then the server's end of the
+/// socket, and only then is its budget slot given back. The server counts a backend against
+/// `max_connections` until its process has exited, so giving the slot back at our close
+/// would let a burst of reconnects overshoot the budget.
+impl Drop for BackendConn {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut stream = std::mem::replace(&mut self.stream, BackendStream::Closed);
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_WAIT, async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                stream.write_all(&[b'X', 0, 0, 0, 4]).await?;
+                let mut sink = [0u8; 512];
+                while stream.read(&mut sink).await? > 0 {}
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            drop(stream);
+            drop(lease);
+        });
+    }
+}
+
 impl std::fmt::Debug for BackendConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BackendConn")
@@ -802,6 +833,7 @@ impl BackendConn {
             // Post-handshake TLS messages arrive before the startup replies and are read with
             // them, so a byte waiting on an idle TLS socket is the server's too.
             BackendStream::Tls(t) => std::os::fd::AsRawFd::as_raw_fd(t.get_ref().0),
+            BackendStream::Closed => return true,
         };
         let mut byte = 0u8;
         // SAFETY: a one-byte buffer we own; MSG_PEEK leaves the data where it is.

@@ -16,6 +16,12 @@ pub enum BackendStream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Handed to the task that closes the connection (see `BackendConn`'s Drop).
+    Closed,
+}
+
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "server connection closed")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +131,7 @@ impl TryWrite for BackendStream {
                 let (tcp, conn) = t.get_mut();
                 crate::tls::try_write_now(tcp, conn, buf)
             }
+            BackendStream::Closed => Err(closed()),
         }
     }
 }
@@ -139,6 +146,7 @@ impl AsyncRead for BackendStream {
             BackendStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             BackendStream::Tls(t) => crate::tls::poll_read_flushing(Pin::new(&mut **t), cx, buf),
+            BackendStream::Closed => Poll::Ready(Err(closed())),
         }
     }
 }
@@ -153,6 +161,7 @@ impl AsyncWrite for BackendStream {
             BackendStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             BackendStream::Tls(t) => crate::tls::poll_write_flushing(Pin::new(&mut **t), cx, buf),
+            BackendStream::Closed => Poll::Ready(Err(closed())),
         }
     }
 
@@ -161,6 +170,7 @@ impl AsyncWrite for BackendStream {
             BackendStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             BackendStream::Unix(s) => Pin::new(s).poll_flush(cx),
             BackendStream::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
+            BackendStream::Closed => Poll::Ready(Ok(())),
         }
     }
 
@@ -169,6 +179,7 @@ impl AsyncWrite for BackendStream {
             BackendStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             BackendStream::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
+            BackendStream::Closed => Poll::Ready(Ok(())),
         }
     }
 }

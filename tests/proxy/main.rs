@@ -6,6 +6,7 @@ mod addressing;
 mod admin;
 mod auth;
 mod backend_tls;
+mod budget;
 mod deallocate;
 mod faults;
 mod flood;
