@@ -35,32 +35,40 @@ use super::transaction::{Engine, TxEnd};
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
 
-pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pending: PendingLogin) {
+pub async fn run(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ProxyContext>,
+    pending: PendingLogin,
+) {
     let _ = tcp.set_nodelay(true);
     let mut client = ClientStream::Plain(tcp);
     let started = Instant::now();
     let login_timeout = Duration::from_secs(ctx.config.auth_timeout.max(1));
-    let login = match Box::pin(tokio::time::timeout(
-        login_timeout,
-        login(&mut client, &ctx, peer),
-    ))
-    .await
-    {
-        Ok(r) => r,
-        Err(_) => Err(SessionError::LoginTimeout),
-    };
-    drop(pending);
-    let (mut who, tenant, _slot) = match login {
-        Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
-        Ok(Login::Cancel) => return,
-        Ok(Login::Admin(user)) => {
-            info!(user = %user, client = %peer, "admin console session opened");
-            crate::admin::serve(&mut client, &ctx, &user).await;
-            return;
-        }
-        Err(e) => {
-            refuse(&mut client, peer, &e).await;
-            return;
+    // In a block of its own, so the login's result takes no room in the session's state.
+    let (mut who, tenant, _slot) = {
+        let login = match Box::pin(tokio::time::timeout(
+            login_timeout,
+            login(&mut client, &ctx, peer),
+        ))
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(SessionError::LoginTimeout),
+        };
+        drop(pending);
+        match login {
+            Ok(Login::Session(who, tenant, slot)) => (who, tenant, slot),
+            Ok(Login::Cancel) => return,
+            Ok(Login::Admin(user)) => {
+                info!(user = %user, client = %peer, "admin console session opened");
+                Box::pin(crate::admin::serve(&mut client, &ctx, &user)).await;
+                return;
+            }
+            Err(e) => {
+                Box::pin(refuse(&mut client, peer, &e)).await;
+                return;
+            }
         }
     };
 
@@ -104,38 +112,40 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
         client = %peer,
         client_id = cancel.key().pid
     );
-    let attached = {
-        let session_settings = state.script().to_string();
-        let replay = |be: &BackendConn| match mode {
-            PoolMode::Session => session_settings.clone(),
-            PoolMode::Transaction => state.replay_for(&be.applied_settings).unwrap_or_default(),
-        };
-        let mut target = pool.clone();
-        loop {
-            let r = Box::pin(
-                attach_routed(&mut client, &ctx, &tenant, &target, reads, &replay, &cancel)
-                    .instrument(span.clone()),
-            )
-            .await;
-            // The tenant's entry changed while this client waited (a failover, say): go on
-            // with the pool built from the new one.
-            match (r, target.current()) {
-                (Err(SessionError::Pool(PoolError::Retired)), Some(next)) => target = next,
-                (Err(SessionError::Pool(PoolError::Retired)), None) => {
-                    break Err(SessionError::Pool(PoolError::Removed(tenant.id.clone())))
+    let (mut backend, login_pool) = {
+        let attached = {
+            let session_settings = state.script().to_string();
+            let replay = |be: &BackendConn| match mode {
+                PoolMode::Session => session_settings.clone(),
+                PoolMode::Transaction => state.replay_for(&be.applied_settings).unwrap_or_default(),
+            };
+            let mut target = pool.clone();
+            loop {
+                let r = Box::pin(
+                    attach_routed(&mut client, &ctx, &tenant, &target, reads, &replay, &cancel)
+                        .instrument(span.clone()),
+                )
+                .await;
+                // The tenant's entry changed while this client waited (a failover, say): go on
+                // with the pool built from the new one.
+                match (r, target.current()) {
+                    (Err(SessionError::Pool(PoolError::Retired)), Some(next)) => target = next,
+                    (Err(SessionError::Pool(PoolError::Retired)), None) => {
+                        break Err(SessionError::Pool(PoolError::Removed(tenant.id.clone())))
+                    }
+                    (r, _) => break r,
                 }
-                (r, _) => break r,
             }
-        }
-    };
-    let (mut backend, login_pool) = match attached {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(tenant = %who.tenant, role = %who.role, client = %peer, error = %e, "session refused");
-            if let Some(r) = e.report() {
-                send_report(&mut client, &r).await;
+        };
+        match attached {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(tenant = %who.tenant, role = %who.role, client = %peer, error = %e, "session refused");
+                if let Some(r) = e.report() {
+                    Box::pin(send_report(&mut client, &r)).await;
+                }
+                return;
             }
-            return;
         }
     };
     info!(tenant = %who.tenant, role = %who.role, client = %peer, mode = ?mode, "session opened");
@@ -182,12 +192,14 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
             (how, outcome.bytes_in, outcome.bytes_out)
         }.instrument(span.clone()))
         .await,
-        PoolMode::Transaction => Box::pin(async {
+        // Not boxed: this is where an idle client waits, and one allocation is smaller than
+        // two.
+        PoolMode::Transaction => async {
             backend.applied_settings = state.script().clone();
             cancel.unlink();
             login_pool.park(backend);
             let p = &ctx.config.pool;
-            let engine = Engine::new(
+            let mut engine = Engine::new(
                 pool.clone(),
                 reads,
                 &mut state,
@@ -226,7 +238,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
                 }
             }
             (how, outcome.bytes_in, outcome.bytes_out)
-        }.instrument(span.clone()))
+        }.instrument(span.clone())
         .await,
     };
     pool.stats()

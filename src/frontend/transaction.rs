@@ -121,7 +121,7 @@ pub struct Engine<'a> {
     serving: Option<Arc<TenantPool>>,
     /// A FATAL the server sent before closing the linked connection, told to the client as an
     /// ERROR (its own connection stays usable).
-    server_fatal: Option<ErrorReport>,
+    server_fatal: Option<Box<ErrorReport>>,
     /// The client's explicit transaction died with its server connection: the next one starts
     /// aborted, so the client must end it (ROLLBACK) as with any failed transaction.
     aborted_block: bool,
@@ -129,7 +129,7 @@ pub struct Engine<'a> {
     began_in_batch: bool,
     /// The server connection of a client idle in its transaction was lost: the answer to the
     /// client's next request.
-    deferred_error: Option<ErrorReport>,
+    deferred_error: Option<Box<ErrorReport>>,
     /// When the linked backend was checked out; when the transaction not yet counted began
     /// (None between transactions of a link that outlives them: pipelined or pinned); and the
     /// byte counts at the last counted transaction.
@@ -230,7 +230,9 @@ impl<'a> Engine<'a> {
         self
     }
 
-    pub async fn run(mut self, client: &mut ClientStream) -> TxOutcome {
+    /// By reference: the engine lives in the session's state, not a second time in this
+    /// future's.
+    pub async fn run(&mut self, client: &mut ClientStream) -> TxOutcome {
         let end = loop {
             // Between transactions a client holds no buffers and no transaction state on the
             // stack: thousands of idle clients then cost little more than their sockets.
@@ -253,7 +255,10 @@ impl<'a> Engine<'a> {
                 // unless it was pinned, for then its session state went with the server
                 // connection, and its session ends as a session-mode one would.
                 Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
-                    if self.recover_from_lost_server(client).await.is_err() {
+                    if Box::pin(self.recover_from_lost_server(client))
+                        .await
+                        .is_err()
+                    {
                         break TxEnd::ClientGone;
                     }
                 }
@@ -347,7 +352,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    async fn finish(mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
+    async fn finish(&mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
         self.unpin();
         self.note_release();
         let backend = self.backend.take().map(|be| {
@@ -876,7 +881,7 @@ impl<'a> Engine<'a> {
     /// would tell it of a failed statement, and may try again. False when refused so.
     async fn link_or_refuse(&mut self, tag: u8) -> Result<bool, TxEnd> {
         let refusal = match self.deferred_error.take() {
-            Some(report) => Err(report),
+            Some(report) => Err(*report),
             None => match self.link().await {
                 Ok(()) => Ok(()),
                 Err(TxEnd::Pool(e)) if e.is_transient() => {
@@ -1087,7 +1092,7 @@ impl<'a> Engine<'a> {
             pool.health().wake_checker();
             pool.discard(be);
         }
-        let report = self.server_fatal.take().unwrap_or_else(|| {
+        let report = self.server_fatal.take().map(|r| *r).unwrap_or_else(|| {
             ErrorReport::error(
                 sqlstate::CONNECTION_FAILURE,
                 "server connection lost: the server closed the connection unexpectedly",
@@ -1121,7 +1126,7 @@ impl<'a> Engine<'a> {
             // Idle in its transaction: told with its next request (an ErrorResponse now would
             // answer nothing it asked).
             self.queue.clear();
-            self.deferred_error = Some(report);
+            self.deferred_error = Some(Box::new(report));
         }
         self.out.clear();
         self.unsynced = false;
@@ -1243,7 +1248,7 @@ impl<'a> Engine<'a> {
                 // The server is closing this connection; the client is told when it does, as
                 // an ERROR, for its own connection stays.
                 be.mark_broken();
-                self.server_fatal = Some(report);
+                self.server_fatal = Some(Box::new(report));
                 return false;
             }
         }
@@ -1511,15 +1516,25 @@ async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
 /// `AsyncRead::read`, after which tokio clears its readiness flag on a short read; that saves a
 /// wasted EAGAIN read per transaction.
 async fn wait_for_input(client: &mut ClientStream) -> Result<BytesMut, ()> {
-    let mut probe = [0u8; 256];
-    match client.read(&mut probe).await {
-        Ok(0) | Err(_) => Err(()),
-        Ok(n) => {
-            let mut buf = buffers::take();
-            buf.extend_from_slice(&probe[..n]);
-            Ok(buf)
+    // The probe lives only inside a poll, not in the waiting future: an idle client's task
+    // holds a few pointers here, not a buffer.
+    std::future::poll_fn(|cx| {
+        let mut probe = [0u8; 256];
+        let mut rb = tokio::io::ReadBuf::new(&mut probe);
+        match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *client), cx, &mut rb) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(())),
+            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                std::task::Poll::Ready(Err(()))
+            }
+            std::task::Poll::Ready(Ok(())) => {
+                let mut buf = buffers::take();
+                buf.extend_from_slice(rb.filled());
+                std::task::Poll::Ready(Ok(buf))
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Setting changes a query makes, and the first thing in it transaction pooling cannot serve.
