@@ -318,9 +318,10 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// would let a burst of reconnects overshoot the budget.
 impl Drop for BackendConn {
     fn drop(&mut self) {
-        let Some(lease) = self.lease.take() else {
+        let Some(mut lease) = self.lease.take() else {
             return;
         };
+        lease.closing();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -35,12 +35,7 @@ use super::transaction::{Engine, TxEnd};
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
 
-pub async fn run(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    ctx: Arc<ProxyContext>,
-    pending: PendingLogin,
-) {
+pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pending: PendingLogin) {
     let _ = tcp.set_nodelay(true);
     let mut client = ClientStream::Plain(tcp);
     let started = Instant::now();

@@ -3,8 +3,9 @@
 //! Every tick (one a second) the pool reports how many of its connections are busy and how
 //! many clients wait. Demand is `busy + waiting`, smoothed by an exponentially weighted moving
 //! average with a 10 s time constant. The target:
-//! - grows at once when clients wait (to what is busy plus what waits), or when the smoothed
-//!   demand with 25 % headroom rises above it;
+//! - grows when the smoothed demand with 25 % headroom rises above it, and by one
+//!   connection a tick while clients wait (additive increase: a momentary queue, say behind
+//!   one slow login, does not make a pool claim connections it will not use);
 //! - shrinks only after the smoothed demand has stayed below it for `SHRINK_AFTER_MS`
 //!   (hysteresis, so a pool does not close connections it will want back a second later),
 //!   then to the smoothed demand with headroom, but not below the peak demand (with headroom)
@@ -23,7 +24,7 @@ const HEADROOM: f64 = 1.25;
 /// How long demand must stay below the target before it shrinks.
 pub const SHRINK_AFTER_MS: u64 = 30_000;
 /// How long a connection beyond the target may sit idle before it is closed.
-pub const SURPLUS_IDLE_MS: u64 = 5_000;
+pub const SURPLUS_IDLE_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sample {
@@ -114,13 +115,13 @@ impl Autoscaler {
         self.last_ms = Some(s.now_ms);
         let wanted = self.clamp((self.ewma * HEADROOM).ceil() as u32);
         let from = self.target;
-        if s.waiting > 0 && s.busy + s.waiting > self.target {
-            self.reset_window();
-            return self.set(self.clamp(s.busy + s.waiting), Reason::Waiting, from);
-        }
         if wanted > self.target {
             self.reset_window();
             return self.set(wanted, Reason::Demand, from);
+        }
+        if s.waiting > 0 && s.busy + s.waiting > self.target {
+            self.reset_window();
+            return self.set(self.clamp(self.target + 1), Reason::Waiting, from);
         }
         if wanted < self.target && s.busy < self.target {
             let since = *self.below_since_ms.get_or_insert(s.now_ms);
@@ -197,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn waiting_clients_grow_the_target_at_once() {
+    fn demand_grows_the_target_at_once() {
         let mut a = Autoscaler::new(0, 10);
         let r = a.observe(Sample {
             now_ms: 0,
@@ -208,10 +209,36 @@ mod tests {
             r,
             Some(Resize {
                 from: 0,
-                to: 7,
-                reason: Reason::Waiting
+                to: 9,
+                reason: Reason::Demand
             })
         );
+    }
+
+    #[test]
+    fn a_momentary_queue_grows_the_target_a_step_not_to_the_queue() {
+        let mut a = Autoscaler::new(0, 20);
+        run(&mut a, 0, 120, 2, 0);
+        let t = a.target();
+        let r = a
+            .observe(Sample {
+                now_ms: 120_000,
+                busy: t,
+                waiting: 8,
+            })
+            .expect("a resize");
+        assert!(r.to > t && r.to <= t + 2, "{t} -> {}", r.to);
+    }
+
+    #[test]
+    fn clients_waiting_at_a_steady_demand_add_one_connection_a_tick() {
+        let mut a = Autoscaler::new(0, 20);
+        run(&mut a, 0, 120, 4, 0);
+        let t = a.target();
+        // Demand steady at the target, yet a client waits each tick.
+        let grown = run(&mut a, 120_000, 3, t, 1);
+        assert!(grown.iter().all(|r| r.to == r.from + 1), "{grown:?}");
+        assert!(!grown.is_empty());
     }
 
     #[test]

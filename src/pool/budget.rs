@@ -190,9 +190,12 @@ impl<W> Ledger<W> {
     }
 
     /// Whether `account` should give a connection back rather than keep it for its own next
-    /// transaction: another account waits and would hold fewer slots per weight after the
-    /// swap than this one does now (strictly, so two accounts never trade back and forth),
-    /// or waits below its reserved minimum. An account never yields below its own minimum.
+    /// transaction: another account waits below its reserved minimum, or would hold, after
+    /// the swap, at most half the slots per weight this one holds now. The factor of two
+    /// keeps tenants with similar shares from trading connections back and forth (each trade
+    /// costs a server login); it is gross unfairness, a noisy tenant holding the budget while
+    /// others wait with nothing, that this corrects. Freed slots go to the fairest waiter in
+    /// any case. An account never yields below its own minimum.
     pub fn should_yield(&self, account: &str) -> bool {
         if self.waiting == 0 {
             return false;
@@ -208,16 +211,17 @@ impl<W> Ledger<W> {
             .filter(|(k, a)| &***k != account && !a.queue.is_empty())
             .any(|(_, o)| {
                 o.held < o.min as usize
-                    || (o.held as u64 + 1) * u64::from(me.weight)
-                        < me.held as u64 * u64::from(o.weight)
+                    || 2 * (o.held as u64 + 1) * u64::from(me.weight)
+                        <= me.held as u64 * u64::from(o.weight)
             })
     }
 }
 
 /// Something holding idle connections on a server that the budget may close to make room.
 pub trait Evict: Send + Sync {
-    /// When its longest-idle connection that may be closed was parked (`coarse_ms`), if any.
-    fn oldest_idle(&self) -> Option<u64>;
+    /// How many connections it holds beyond its target, and when its longest-idle connection
+    /// that may be closed was parked (`coarse_ms`); None without one.
+    fn oldest_idle(&self) -> Option<(u32, u64)>;
     /// Closes that connection; true if one was closed.
     fn evict_oldest(&self) -> bool;
 }
@@ -228,6 +232,9 @@ pub struct ServerBudget {
     ledger: Mutex<Ledger<oneshot::Sender<()>>>,
     /// Mirrors the ledger's queue length: the end of every transaction looks at it, lock-free.
     waiting: AtomicUsize,
+    /// Slots whose connections are closing (waiting for the server to end the session): room
+    /// already on its way, so no further connection is closed for the same waiter.
+    freeing: AtomicUsize,
     /// Configured limit (`servers.max_connections`); None: read the server's own.
     configured: Option<usize>,
     /// Subtracted from the server's own limit when it is read.
@@ -258,10 +265,14 @@ pub struct BudgetView {
 pub struct BudgetSlot {
     budget: Arc<ServerBudget>,
     account: Arc<str>,
+    closing: bool,
 }
 
 impl Drop for BudgetSlot {
     fn drop(&mut self) {
+        if self.closing {
+            self.budget.freeing.fetch_sub(1, Ordering::AcqRel);
+        }
         self.budget.release(&self.account);
     }
 }
@@ -269,6 +280,14 @@ impl Drop for BudgetSlot {
 impl BudgetSlot {
     pub fn budget(&self) -> &Arc<ServerBudget> {
         &self.budget
+    }
+
+    /// Its connection is closing: the slot comes back soon.
+    pub fn closing(&mut self) {
+        if !self.closing {
+            self.closing = true;
+            self.budget.freeing.fetch_add(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -278,6 +297,7 @@ impl ServerBudget {
             name,
             ledger: Mutex::new(Ledger::new(configured.map(|n| n.max(1)))),
             waiting: AtomicUsize::new(0),
+            freeing: AtomicUsize::new(0),
             configured,
             reserve,
             peak: AtomicUsize::new(0),
@@ -352,6 +372,7 @@ impl ServerBudget {
             return Some(BudgetSlot {
                 budget: self.clone(),
                 account: claim.account.clone(),
+                closing: false,
             });
         };
         let mut pending = Pending {
@@ -368,6 +389,7 @@ impl ServerBudget {
             Ok(Ok(())) => Some(BudgetSlot {
                 budget: self.clone(),
                 account: claim.account.clone(),
+                closing: false,
             }),
             _ => {
                 pending.done = false;
@@ -376,18 +398,23 @@ impl ServerBudget {
         }
     }
 
-    /// Closes the longest-idle connection on this server that may be closed, if any; its
-    /// slot goes to the fairest waiter.
-    fn make_room(&self) {
+    /// Closes an idle connection on this server that may be closed, if any: of the pool most
+    /// over its target, the longest idle. Its slot goes to the fairest waiter.
+    pub fn make_room(&self) {
+        if !self.needs_room() {
+            return;
+        }
         let pools: Vec<Arc<dyn Evict>> = match self.evictors.lock() {
             Ok(e) => e.iter().filter_map(Weak::upgrade).collect(),
             Err(_) => return,
         };
-        let oldest = pools
+        // From the pool furthest over its target (a busy tenant's connections left over from
+        // a burst) before the longest idle: a quiet tenant's only connection stays.
+        let victim = pools
             .iter()
-            .filter_map(|p| p.oldest_idle().map(|t| (t, p)))
-            .min_by_key(|(t, _)| *t);
-        if let Some((_, p)) = oldest {
+            .filter_map(|p| p.oldest_idle().map(|(surplus, t)| ((surplus, t), p)))
+            .min_by_key(|((surplus, t), _)| (std::cmp::Reverse(*surplus), *t));
+        if let Some((_, p)) = victim {
             if p.evict_oldest() {
                 tracing::debug!(server = %self.name, "closed an idle server connection to make room for a waiting tenant");
             }
@@ -403,9 +430,14 @@ impl ServerBudget {
         self.ledger.lock().is_ok_and(|l| l.should_yield(account))
     }
 
-    /// Whether anyone waits for a slot (an idle connection then goes rather than parks).
+    /// Whether anyone waits for a slot.
     pub fn has_waiters(&self) -> bool {
         self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether more requests wait than closing connections will make room for.
+    pub fn needs_room(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > self.freeing.load(Ordering::Relaxed)
     }
 
     fn release(&self, account: &str) {

@@ -24,17 +24,15 @@ const LIMIT_SQL: &str = "SELECT current_setting('max_connections')::int \
      - current_setting('superuser_reserved_connections')::int \
      - COALESCE(current_setting('reserved_connections', true)::int, 0)";
 
-/// Why opening a connection failed.
-pub enum OpenError {
-    /// The server's budget stayed full until the deadline.
-    Budget,
-    Backend(BackendError),
-}
-
 pub struct Core {
     pub(super) idle: Mutex<Idle>,
     /// Connections open or being opened.
     open: AtomicU32,
+    /// Connections being opened: at most one at a time, as PgBouncer does. A burst of clients
+    /// is served by the connections that finish their transactions meanwhile rather than by
+    /// as many new server processes, each costing a login (and under a full budget, another
+    /// pool's connection).
+    opening: AtomicU32,
     pub(super) max_size: u32,
     pub(super) min: u32,
     manager: BackendManager,
@@ -51,7 +49,14 @@ pub struct Core {
 /// A connection's place in its pool and its server budget.
 pub struct Lease {
     core: Weak<Core>,
-    _slot: BudgetSlot,
+    slot: BudgetSlot,
+}
+
+impl Lease {
+    /// The connection is closing; its slot comes back when the server has ended it.
+    pub fn closing(&mut self) {
+        self.slot.closing();
+    }
 }
 
 impl std::fmt::Debug for Lease {
@@ -70,17 +75,19 @@ impl Drop for Lease {
 }
 
 /// A counted connection not yet opened; dropping it uncounts it.
-struct Reservation<'a> {
-    core: &'a Arc<Core>,
+pub(super) struct Reservation {
+    core: Arc<Core>,
     armed: bool,
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         if self.armed {
             self.core.open.fetch_sub(1, Ordering::AcqRel);
-            self.core.wake_one();
         }
+        self.core.opening.fetch_sub(1, Ordering::AcqRel);
+        // The next waiting client may open the next connection, if it still needs one.
+        self.core.wake_one();
     }
 }
 
@@ -103,6 +110,7 @@ impl Core {
         let core = Arc::new(Core {
             idle: Mutex::default(),
             open: AtomicU32::new(0),
+            opening: AtomicU32::new(0),
             max_size: s.max_size,
             min,
             manager,
@@ -139,22 +147,39 @@ impl Core {
         self.scaler.lock().ok().map(|s| s.clone())
     }
 
-    /// Counts one more connection if the pool may have it.
-    fn try_reserve(self: &Arc<Self>) -> Option<Reservation<'_>> {
-        self.open
+    /// Counts one more connection if the pool may have it and opens no other now.
+    pub(super) fn try_reserve(self: &Arc<Self>) -> Option<Reservation> {
+        self.opening
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        let counted = self
+            .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < self.max_size).then_some(n + 1)
             })
-            .ok()
-            .map(|_| Reservation {
-                core: self,
-                armed: true,
-            })
+            .is_ok();
+        if !counted {
+            self.opening.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Reservation {
+            core: self.clone(),
+            armed: true,
+        })
+    }
+
+    /// What this pool asks the server's budget for.
+    pub(super) fn claim(&self) -> Claim {
+        Claim {
+            account: self.account.clone(),
+            weight: self.weight.load(Ordering::Relaxed),
+            min: self.min,
+        }
     }
 
     /// Whether the pool may open another connection now.
     pub fn may_open(&self) -> bool {
-        self.open_count() < self.max_size
+        self.open_count() < self.max_size && self.opening.load(Ordering::Acquire) == 0
     }
 
     /// Tells one waiting client that a slot came free (it opens a connection itself).
@@ -168,26 +193,27 @@ impl Core {
         }
     }
 
-    /// Reserves and opens a connection: a slot of the pool, then of the server's budget
-    /// (waiting in its fair queue until `deadline`), then the login. None when the pool is
-    /// at its maximum.
-    pub(super) async fn open_new(
+    /// Reserves and opens a connection: a place in the pool, then a slot of the server's
+    /// budget (waiting in its fair queue until `deadline`), then the login. None when the
+    /// pool is full, the budget stayed full or the login failed (the next try will tell).
+    async fn open_new(
         self: &Arc<Self>,
         deadline: tokio::time::Instant,
-    ) -> Option<Result<Box<BackendConn>, OpenError>> {
-        let mut reservation = self.try_reserve()?;
-        let claim = Claim {
-            account: self.account.clone(),
-            weight: self.weight.load(Ordering::Relaxed),
-            min: self.min,
-        };
-        let Some(slot) = self.budget.acquire(&claim, deadline).await else {
-            return Some(Err(OpenError::Budget));
-        };
-        let mut conn = match self.manager.connect().await {
-            Ok(c) => c,
-            Err(e) => return Some(Err(OpenError::Backend(e))),
-        };
+    ) -> Option<Box<BackendConn>> {
+        let reservation = self.try_reserve()?;
+        let slot = self.budget.acquire(&self.claim(), deadline).await?;
+        self.clone().connect_reserved(reservation, slot).await.ok()
+    }
+
+    /// Logs in on a reserved place with a budget slot. Owns what it needs, so a caller that
+    /// no longer wants the connection can let it finish in the background (and park it)
+    /// rather than waste the server's login.
+    pub(super) async fn connect_reserved(
+        self: Arc<Self>,
+        mut reservation: Reservation,
+        slot: BudgetSlot,
+    ) -> Result<Box<BackendConn>, BackendError> {
+        let mut conn = self.manager.connect().await?;
         if self.budget.needs_limit() {
             match conn.query_value(LIMIT_SQL).await {
                 Ok(Some(v)) => match v.parse::<usize>() {
@@ -200,36 +226,37 @@ impl Core {
                 Err(e) => {
                     tracing::warn!(server = %self.budget.name, error = %e, "could not read the server's max_connections");
                     if conn.is_broken() {
-                        return Some(Err(OpenError::Backend(e)));
+                        return Err(e);
                     }
                 }
             }
         }
         reservation.armed = false;
         conn.lease = Some(Lease {
-            core: Arc::downgrade(self),
-            _slot: slot,
+            core: Arc::downgrade(&self),
+            slot,
         });
-        Some(Ok(Box::new(conn)))
+        Ok(Box::new(conn))
     }
 
     /// Keeps `min` connections open, in the background: opened ones are parked.
     pub fn fill(self: &Arc<Self>, want: u32, row: Option<RowBinding>) {
         let want = want.min(self.max_size);
-        let short = want.saturating_sub(self.open_count());
-        for _ in 0..short {
-            let core = self.clone();
-            let row = row.clone();
-            tokio::spawn(async move {
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                if core.open_count() >= want {
-                    return;
-                }
-                if let Some(Ok(be)) = core.open_new(deadline).await {
-                    core.park_idle(be, row.as_ref());
-                }
-            });
+        if self.open_count() >= want || self.opening.load(Ordering::Acquire) > 0 {
+            return;
         }
+        let core = self.clone();
+        tokio::spawn(async move {
+            // One at a time, like every other opening; stops at the first failure (the next
+            // tick tries again).
+            while core.open_count() < want {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                match core.open_new(deadline).await {
+                    Some(be) => core.park_idle(be, row.as_ref()),
+                    None => break,
+                }
+            }
+        });
     }
 
     /// Parks an idle connection, or hands it to a waiting client.
@@ -252,18 +279,17 @@ impl Core {
         drop(stale);
     }
 
-    /// What a connection at the end of a transaction should do instead of serving the pool's
-    /// next one: close, because it outlived `server_lifetime`, or because a tenant waiting for
-    /// the server's budget deserves the slot more (over its fair share, or nobody here waits
-    /// for it), keeping the pool's minimum.
-    pub(super) fn should_close(&self, be: &BackendConn, own_waiters: bool) -> bool {
+    /// Whether a connection at the end of a transaction should close instead of serving the
+    /// pool's next one: it outlived `server_lifetime`, or a tenant waiting for the server's
+    /// budget holds far less than this pool's tenant (see `Ledger::should_yield`); the pool's
+    /// minimum stays.
+    pub(super) fn should_close(&self, be: &BackendConn) -> bool {
         if be.age() >= self.lifetime {
             return true;
         }
-        if !self.budget.has_waiters() || self.open_count() <= self.min {
-            return false;
-        }
-        !own_waiters || self.budget.should_yield(&self.account)
+        self.budget.has_waiters()
+            && self.open_count() > self.min
+            && self.budget.should_yield(&self.account)
     }
 
     /// Closes connections idle longer than the idle timeout, or than `SURPLUS_IDLE_MS` beyond
@@ -299,7 +325,8 @@ impl Core {
     /// One tick of the demand-following loop.
     pub fn autoscale(&self, now_ms: u64, waiting: u32) -> Option<Resize> {
         let parked = self.idle.lock().map_or(0, |i| i.parked.len() as u32);
-        let busy = self.open_count().saturating_sub(parked);
+        let opening = self.opening.load(Ordering::Acquire);
+        let busy = self.open_count().saturating_sub(parked + opening);
         let mut s = self.scaler.lock().ok()?;
         let r = s.observe(Sample {
             now_ms,
@@ -327,14 +354,16 @@ impl Core {
 }
 
 impl Evict for Core {
-    fn oldest_idle(&self) -> Option<u64> {
-        if self.open_count() <= self.min {
+    fn oldest_idle(&self) -> Option<(u32, u64)> {
+        let open = self.open_count();
+        if open <= self.min {
             return None;
         }
+        let surplus = open.saturating_sub(self.target().max(self.min));
         self.idle
             .lock()
             .ok()
-            .and_then(|i| i.parked.first().map(|(_, t)| *t))
+            .and_then(|i| i.parked.first().map(|(_, t)| (surplus, *t)))
     }
 
     fn evict_oldest(&self) -> bool {
@@ -409,14 +438,6 @@ impl Idle {
             }
         }
         self.waiters.pop_front().map(|w| w.tx)
-    }
-
-    /// Whether a live client waits.
-    pub(super) fn has_waiters(&mut self) -> bool {
-        while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
-            self.waiters.pop_front();
-        }
-        !self.waiters.is_empty()
     }
 
     /// The most recently parked connection (so surplus ones grow idle and close); for a row

@@ -114,6 +114,11 @@ fn targets(pools: &Pools) -> HashMap<String, Target> {
                 // A plain login: the check needs no row context.
                 spec.row_key = None;
                 spec.repair = None;
+                // Told apart from the pools' connections in pg_stat_activity: it is outside
+                // the server's budget (in pool.server_reserve).
+                spec.params.retain(|(k, _)| k != "application_name");
+                spec.params
+                    .push(("application_name".into(), "pgtenant health check".into()));
                 Target {
                     health: pool.health().clone(),
                     spec,

@@ -27,7 +27,7 @@ use crate::tenancy::row_context::RowBinding;
 use crate::tenancy::{ClientUser, Server, Tenant};
 
 pub use self::core::Lease;
-use self::core::{Core, CoreSettings, Handoff, OpenError, Waiter};
+use self::core::{Core, CoreSettings, Handoff, Waiter};
 pub use autoscale::Reason as ResizeReason;
 use budget::ServerBudget;
 pub use manager::BackendManager;
@@ -370,22 +370,61 @@ impl TenantPool {
         rx: oneshot::Receiver<Handoff>,
         deadline: tokio::time::Instant,
     ) -> Got {
-        let open = self.core.open_new(deadline);
-        tokio::pin!(open);
+        let Some(reservation) = self.core.try_reserve() else {
+            return Got::Again;
+        };
         let mut rx = Some(rx);
-        loop {
+        // A slot of the server's budget first: given up if a connection is handed over
+        // meanwhile.
+        let claim = self.core.claim();
+        let acquire = self.core.budget().acquire(&claim, deadline);
+        tokio::pin!(acquire);
+        let slot = loop {
             tokio::select! {
-                opened = &mut open => return match opened {
-                    None => Got::Again,
-                    Some(Ok(be)) => Got::Conn(be),
-                    Some(Err(OpenError::Budget)) => Got::Budget,
-                    Some(Err(OpenError::Backend(e))) => Got::Failed(e),
-                },
+                slot = &mut acquire => break slot,
                 got = async { rx.as_mut().expect("guarded").await }, if rx.is_some() => {
                     rx = None;
                     match got {
                         Ok(Handoff::Conn(be)) => return Got::Conn(be),
-                        // A slot came free while we open one: it is someone else's.
+                        // A place came free while we wait for a slot: it is someone else's.
+                        Ok(Handoff::Retry) => self.core.wake_one(),
+                        Err(_) => {}
+                    }
+                }
+            }
+        };
+        let Some(slot) = slot else {
+            return Got::Budget;
+        };
+        // Then the login. A connection handed over meanwhile is taken, and the login goes on
+        // in the background and parks its connection: the server has started a process for
+        // it, and throwing that away would only make the pool ask again.
+        let mut connect = Box::pin(self.core.clone().connect_reserved(reservation, slot));
+        loop {
+            tokio::select! {
+                opened = &mut connect => {
+                    // The login's end woke the first waiting client, perhaps this one: with
+                    // its place given up, the next one is told to open another if it still
+                    // needs one.
+                    drop(rx.take());
+                    self.core.wake_one();
+                    return match opened {
+                        Ok(be) => Got::Conn(be),
+                        Err(e) => Got::Failed(e),
+                    };
+                }
+                got = async { rx.as_mut().expect("guarded").await }, if rx.is_some() => {
+                    rx = None;
+                    match got {
+                        Ok(Handoff::Conn(be)) => {
+                            let core = self.core.clone();
+                            tokio::spawn(async move {
+                                if let Ok(be) = connect.await {
+                                    core.park_idle(be, None);
+                                }
+                            });
+                            return Got::Conn(be);
+                        }
                         Ok(Handoff::Retry) => self.core.wake_one(),
                         Err(_) => {}
                     }
@@ -448,15 +487,14 @@ impl TenantPool {
             self.discard(be);
             return;
         }
-        let own_waiters = || self.core.idle.lock().is_ok_and(|mut i| i.has_waiters());
-        if self
-            .core
-            .should_close(&be, self.core.budget().has_waiters() && own_waiters())
-        {
+        if self.core.should_close(&be) {
             self.discard(be);
             return;
         }
         self.core.park_idle(be, self.row.as_ref());
+        // A tenant waits for the server's budget: the longest-idle connection on the server
+        // (perhaps this one, if nobody here wanted it) makes room.
+        self.core.budget().make_room();
     }
 
     /// Closes a connection that must not be reused; its slot goes to a waiting client of this
