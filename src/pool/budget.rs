@@ -33,6 +33,9 @@ pub struct Ledger<W> {
     accounts: HashMap<Arc<str>, Account<W>>,
     waiting: usize,
     seq: u64,
+    /// The fairest waiting account, found once per change of the ledger (connections open
+    /// and close far less often than transactions end and ask `should_yield`).
+    fairest: Option<Option<Arc<str>>>,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,7 @@ impl<W> Ledger<W> {
             accounts: HashMap::new(),
             waiting: 0,
             seq: 0,
+            fairest: None,
         }
     }
 
@@ -84,6 +88,7 @@ impl<W> Ledger<W> {
     }
 
     fn account(&mut self, c: &Claim) -> &mut Account<W> {
+        self.fairest = None;
         let a = self.accounts.entry(c.account.clone()).or_insert(Account {
             held: 0,
             weight: 1,
@@ -119,6 +124,7 @@ impl<W> Ledger<W> {
             return false;
         };
         a.queue.remove(i);
+        self.fairest = None;
         self.waiting -= 1;
         self.forget_if_empty(account);
         true
@@ -126,6 +132,7 @@ impl<W> Ledger<W> {
 
     /// A slot of `account` is free again (its connection closed, or never opened).
     pub fn release(&mut self, account: &str) {
+        self.fairest = None;
         if let Some(a) = self.accounts.get_mut(account) {
             a.held = a.held.saturating_sub(1);
             self.used = self.used.saturating_sub(1);
@@ -153,6 +160,7 @@ impl<W> Ledger<W> {
     pub fn grant(&mut self) -> Vec<(Arc<str>, W)> {
         let mut out = Vec::new();
         while self.used < self.capacity() && self.waiting > 0 {
+            self.fairest = None;
             let Some(next) = self.fairest_waiting() else {
                 break;
             };
@@ -167,6 +175,7 @@ impl<W> Ledger<W> {
             self.waiting -= 1;
             out.push((next, w));
         }
+        self.fairest = None;
         out
     }
 
@@ -196,7 +205,10 @@ impl<W> Ledger<W> {
     /// costs a server login); it is gross unfairness, a noisy tenant holding the budget while
     /// others wait with nothing, that this corrects. Freed slots go to the fairest waiter in
     /// any case. An account never yields below its own minimum.
-    pub fn should_yield(&self, account: &str) -> bool {
+    /// Only the fairest waiting account is looked at (the one a freed slot would go to): if
+    /// it does not qualify, no other does. Cached, so this is O(1) per transaction however
+    /// many tenants there are.
+    pub fn should_yield(&mut self, account: &str) -> bool {
         if self.waiting == 0 {
             return false;
         }
@@ -206,14 +218,22 @@ impl<W> Ledger<W> {
         if me.held <= me.min as usize {
             return false;
         }
-        self.accounts
-            .iter()
-            .filter(|(k, a)| &***k != account && !a.queue.is_empty())
-            .any(|(_, o)| {
-                o.held < o.min as usize
-                    || 2 * (o.held as u64 + 1) * u64::from(me.weight)
-                        <= me.held as u64 * u64::from(o.weight)
-            })
+        let (held, weight) = (me.held as u64, u64::from(me.weight));
+        let fairest = match &self.fairest {
+            Some(f) => f.clone(),
+            None => {
+                let f = self.fairest_waiting();
+                self.fairest = Some(f.clone());
+                f
+            }
+        };
+        let Some(o) = fairest.filter(|f| &**f != account) else {
+            return false;
+        };
+        self.accounts.get(&o).is_some_and(|o| {
+            o.held < o.min as usize
+                || 2 * (o.held as u64 + 1) * weight <= held * u64::from(o.weight)
+        })
     }
 }
 
@@ -427,7 +447,9 @@ impl ServerBudget {
         if self.waiting.load(Ordering::Relaxed) == 0 {
             return false;
         }
-        self.ledger.lock().is_ok_and(|l| l.should_yield(account))
+        self.ledger
+            .lock()
+            .is_ok_and(|mut l| l.should_yield(account))
     }
 
     /// Whether anyone waits for a slot.
