@@ -372,14 +372,15 @@ pub async fn provision_registry(
         .await
         .map_err(|e| e.to_string())?;
     store
-        .put_server(
-            "local",
-            cluster.host(),
-            cluster.port(),
-            "postgres",
-            None,
-            &Default::default(),
-        )
+        .put_server(&crate::tenancy::store::NewServer {
+            name: "local",
+            host: cluster.host(),
+            port: cluster.port(),
+            admin_user: "postgres",
+            admin_password: None,
+            tls: &Default::default(),
+            max_connections: None,
+        })
         .await
         .map_err(|e| e.to_string())?;
     let migs = crate::tenancy::migrate::load_dir(&migrations).map_err(|e| e.to_string())?;

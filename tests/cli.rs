@@ -323,3 +323,15 @@ fn a_config_flag_wins_over_pgtenant_config() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn check_config_refuses_a_zero_budget_or_weight() {
+    let server = "[[servers]]\nname = \"s\"\nhost = \"127.0.0.1\"\nport = 5432\n";
+    let (code, err) = check(&format!("{server}max_connections = 0\n"));
+    assert_eq!(code, 2);
+    assert!(err.contains("servers[0].max_connections"), "{err}");
+    let tenant = "[[tenants]]\nid = \"t\"\ntier = \"database\"\nserver = \"s\"\ndatabase = \"t\"\nweight = 0\n";
+    let (code, err) = check(&format!("{server}{tenant}"));
+    assert_eq!(code, 2);
+    assert!(err.contains("tenants[0].weight"), "{err}");
+}

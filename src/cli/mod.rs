@@ -59,6 +59,10 @@ pub enum ServerCmd {
         sslcert: Option<std::path::PathBuf>,
         #[arg(long)]
         sslkey: Option<std::path::PathBuf>,
+        /// Connections all pools together may hold to the server (its budget). Default: the
+        /// server's max_connections minus its reserved ones minus pool.server_reserve.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        max_connections: Option<i32>,
     },
     /// List registered servers.
     List {
@@ -143,6 +147,9 @@ pub struct SettingArgs {
     /// client on its server connection) or refuse (0A000). Default: the proxy's [pool] setting.
     #[arg(long, value_parser = parse_session_features)]
     pub session_features: Option<crate::config::SessionFeatures>,
+    /// Its share of a full server budget relative to other tenants' (default 1).
+    #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+    pub weight: Option<i32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -382,6 +389,7 @@ fn settings(a: &SettingArgs) -> Result<TenantSettings, ProvisionError> {
         slow_transaction_ms: a.slow_transaction_ms,
         require_tls: a.require_tls,
         session_features: a.session_features,
+        weight: a.weight,
     })
 }
 
@@ -466,6 +474,7 @@ pub async fn server(cmd: ServerCmd, config: &Path) -> Result<(), Failure> {
             sslrootcert,
             sslcert,
             sslkey,
+            max_connections,
         } => {
             let pw = if admin_password_stdin {
                 Some(read_stdin_line("password")?)
@@ -481,7 +490,15 @@ pub async fn server(cmd: ServerCmd, config: &Path) -> Result<(), Failure> {
             // Refuse settings that cannot work here before any proxy tries them.
             crate::tls::BackendTls::build(&tls).map_err(|e| Failure(e.to_string(), 2))?;
             store
-                .put_server(&name, &host, port, &admin_user, pw.as_deref(), &tls)
+                .put_server(&crate::tenancy::store::NewServer {
+                    name: &name,
+                    host: &host,
+                    port,
+                    admin_user: &admin_user,
+                    admin_password: pw.as_deref(),
+                    tls: &tls,
+                    max_connections,
+                })
                 .await?;
             println!("server {name} registered ({host}:{port}, admin {admin_user})");
         }
@@ -776,6 +793,7 @@ fn show(r: &TenantRows) -> String {
         ("replica fallback", t.replica_fallback.to_string()),
         ("slow transaction ms", output::opt(&t.slow_transaction_ms)),
         ("require TLS", t.require_tls.to_string()),
+        ("weight", t.weight.unwrap_or(1).to_string()),
         (
             "session features",
             t.session_features

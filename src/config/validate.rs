@@ -130,6 +130,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
     let mut servers = HashSet::new();
     for (i, s) in config.servers.iter().enumerate() {
         let field = format!("servers[{i}]");
+        if s.max_connections == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{field}.max_connections"),
+                "must be at least 1",
+            ));
+        }
         if s.name.is_empty() {
             return Err(ConfigError::invalid(
                 format!("{field}.name"),
@@ -254,6 +260,12 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         if t.pool_size == Some(0) {
             return Err(ConfigError::invalid(
                 format!("{field}.pool_size"),
+                "must be at least 1",
+            ));
+        }
+        if t.weight == Some(0) {
+            return Err(ConfigError::invalid(
+                format!("{field}.weight"),
                 "must be at least 1",
             ));
         }

@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod budget;
 mod encryption;
 mod lifecycle;
 mod migrations;

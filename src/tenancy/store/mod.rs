@@ -15,8 +15,8 @@ use crate::pg_error::describe_pg_error;
 use crate::tenancy::crypto::{CryptoError, KeySource, Keyring};
 
 pub use records::{
-    pool_mode_str, server_map, to_tenant, RoleRecord, ServerRecord, TenantRecord, TenantRows,
-    TenantSettings, UserRecord,
+    pool_mode_str, server_map, to_tenant, NewServer, RoleRecord, ServerRecord, TenantRecord,
+    TenantRows, TenantSettings, UserRecord,
 };
 
 #[derive(Debug, thiserror::Error)]

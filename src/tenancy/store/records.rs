@@ -25,6 +25,8 @@ pub struct ServerRecord {
     pub admin_password: Option<String>,
     /// libpq's sslmode and files for every connection to the server.
     pub tls: crate::config::BackendTlsConfig,
+    /// Its connection budget; None: read from the server.
+    pub max_connections: Option<i32>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -47,6 +49,8 @@ pub struct TenantRecord {
     pub require_tls: bool,
     /// `pin` or `refuse`; None: the proxy's `[pool] session_features`.
     pub session_features: Option<String>,
+    /// Its share of a full server budget (None: 1).
+    pub weight: Option<i32>,
     pub pool_size: Option<i32>,
     pub pool_min_idle: Option<i32>,
     pub pool_mode: Option<String>,
@@ -96,7 +100,7 @@ const TENANT_COLUMNS: &str = "id, display_name, tier, server, database, schema, 
     max_client_connections, status, provisioned, auto_update, terminate_generation,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
     limits::text, read_write_split, replica_fallback, slow_transaction_ms, require_tls,
-    session_features";
+    session_features, weight";
 
 fn tenant_from_row(r: &Row) -> TenantRecord {
     let params: String = r.get(7);
@@ -115,6 +119,7 @@ fn tenant_from_row(r: &Row) -> TenantRecord {
         slow_transaction_ms: r.get(23),
         require_tls: r.get(24),
         session_features: r.get(25),
+        weight: r.get(26),
         pool_size: r.get(8),
         pool_min_idle: r.get(9),
         pool_mode: r.get(10),
@@ -139,6 +144,7 @@ fn server_from_row(r: &Row) -> ServerRecord {
         admin_password: r.get(4),
         created_at: r.get(5),
         updated_at: r.get(6),
+        max_connections: r.get(11),
         tls: crate::config::BackendTlsConfig {
             sslmode: crate::config::SslMode::parse(r.get(7)),
             sslrootcert: r.get::<_, Option<String>>(8).map(Into::into),
@@ -150,7 +156,20 @@ fn server_from_row(r: &Row) -> ServerRecord {
 
 const SERVER_COLUMNS: &str = "name, host, port, admin_user, admin_password,
     to_char(created_at, 'YYYY-MM-DD HH24:MI:SSOF'), to_char(updated_at, 'YYYY-MM-DD HH24:MI:SSOF'),
-    sslmode, sslrootcert, sslcert, sslkey";
+    sslmode, sslrootcert, sslcert, sslkey, max_connections";
+
+/// A server to register (`put_server`).
+#[derive(Debug, Clone, Copy)]
+pub struct NewServer<'a> {
+    pub name: &'a str,
+    pub host: &'a str,
+    pub port: u16,
+    pub admin_user: &'a str,
+    pub admin_password: Option<&'a str>,
+    pub tls: &'a crate::config::BackendTlsConfig,
+    /// Its connection budget; None: read from the server.
+    pub max_connections: Option<i32>,
+}
 
 /// New values for a tenant's pool and limits; None leaves a field as it is.
 #[derive(Debug, Default, Clone)]
@@ -171,6 +190,7 @@ pub struct TenantSettings {
     pub slow_transaction_ms: Option<i32>,
     pub require_tls: Option<bool>,
     pub session_features: Option<crate::config::SessionFeatures>,
+    pub weight: Option<i32>,
 }
 
 impl RegistryStore {
@@ -201,26 +221,28 @@ impl RegistryStore {
     }
 
     /// Adds or updates a server; its admin password is sealed before it leaves this process.
-    pub async fn put_server(
-        &self,
-        name: &str,
-        host: &str,
-        port: u16,
-        admin_user: &str,
-        admin_password: Option<&str>,
-        tls: &crate::config::BackendTlsConfig,
-    ) -> Result<(), RegistryError> {
+    pub async fn put_server(&self, s: &NewServer<'_>) -> Result<(), RegistryError> {
+        let NewServer {
+            name,
+            host,
+            port,
+            admin_user,
+            admin_password,
+            tls,
+            max_connections,
+        } = *s;
         let sealed = admin_password.map(|p| self.keys.seal(&server_owner(name), p));
         let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
         self.client
             .execute(
                 "INSERT INTO pgtenant.servers (name, host, port, admin_user, admin_password,
-                     sslmode, sslrootcert, sslcert, sslkey)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                     sslmode, sslrootcert, sslcert, sslkey, max_connections)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, port = EXCLUDED.port,
                      admin_user = EXCLUDED.admin_user, admin_password = EXCLUDED.admin_password,
                      sslmode = EXCLUDED.sslmode, sslrootcert = EXCLUDED.sslrootcert,
-                     sslcert = EXCLUDED.sslcert, sslkey = EXCLUDED.sslkey",
+                     sslcert = EXCLUDED.sslcert, sslkey = EXCLUDED.sslkey,
+                     max_connections = EXCLUDED.max_connections",
                 &[
                     &name,
                     &host,
@@ -231,6 +253,7 @@ impl RegistryStore {
                     &path(&tls.sslrootcert),
                     &path(&tls.sslcert),
                     &path(&tls.sslkey),
+                    &max_connections,
                 ],
             )
             .await?;
@@ -381,10 +404,10 @@ impl RegistryStore {
                      params, replicas, pool_size, pool_min_idle, pool_mode, query_wait_timeout,
                      server_idle_timeout, max_client_connections, auto_update, limits,
                      read_write_split, replica_fallback, slow_transaction_ms, require_tls,
-                     session_features)
+                     session_features, weight)
                  VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, $9, $10, $11, $12, $13, $14,
                      COALESCE($15, true), $16::text::jsonb, COALESCE($17, false), COALESCE($18, true),
-                     $19, COALESCE($20, false), $21)
+                     $19, COALESCE($20, false), $21, $22)
                  ON CONFLICT (id) DO UPDATE SET id = EXCLUDED.id
                      WHERE NOT pgtenant.tenants.provisioned
                        AND pgtenant.tenants.tier = EXCLUDED.tier
@@ -412,6 +435,7 @@ impl RegistryStore {
                     &settings.slow_transaction_ms,
                     &settings.require_tls,
                     &settings.session_features.map(session_features_str),
+                    &settings.weight,
                 ],
             )
             .await?;
@@ -606,7 +630,8 @@ impl RegistryStore {
                      replica_fallback = COALESCE($14, replica_fallback),
                      slow_transaction_ms = COALESCE($15, slow_transaction_ms),
                      require_tls = COALESCE($16, require_tls),
-                     session_features = COALESCE($17, session_features)
+                     session_features = COALESCE($17, session_features),
+                     weight = COALESCE($18, weight)
                  WHERE id = $1",
                 &[
                     &id,
@@ -626,6 +651,7 @@ impl RegistryStore {
                     &s.slow_transaction_ms,
                     &s.require_tls,
                     &s.session_features.map(session_features_str),
+                    &s.weight,
                 ],
             )
             .await?;
@@ -850,7 +876,7 @@ pub fn to_tenant(
             .map(|n| n.max(1) as u32)
             .unwrap_or(pool.default_size),
         min_idle: t.pool_min_idle.map(|n| n.max(0) as u32),
-        weight: 1,
+        weight: t.weight.map_or(1, |w| w.max(1) as u32),
         query_wait_timeout: t.query_wait_timeout.map(|n| n as u64),
         server_idle_timeout: t.server_idle_timeout.map(|n| n as u64),
         pool_mode,
@@ -895,7 +921,7 @@ pub fn server_map(servers: &[ServerRecord]) -> HashMap<String, Arc<Server>> {
                     host: s.host.clone(),
                     port: s.port,
                     tls: tls_of(s),
-                    max_connections: None,
+                    max_connections: s.max_connections.map(|n| n.max(1) as u32),
                 }),
             )
         })

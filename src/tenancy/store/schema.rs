@@ -196,4 +196,10 @@ ALTER TABLE pgtenant.client_users ADD COLUMN auth text NOT NULL DEFAULT 'scram'
 ALTER TABLE pgtenant.tenants ADD COLUMN session_features text
     CHECK (session_features IN ('pin', 'refuse'));
 "#,
+    // 11: many tenants on few servers: a tenant's weight in its server's budget, and a
+    // server's budget (NULL: read from the server).
+    r#"
+ALTER TABLE pgtenant.tenants ADD COLUMN weight integer CHECK (weight > 0);
+ALTER TABLE pgtenant.servers ADD COLUMN max_connections integer CHECK (max_connections > 0);
+"#,
 ];
