@@ -995,7 +995,35 @@ impl<'a> Engine<'a> {
         let waited = std::time::Instant::now();
         // The counters are per (tenant, role), the same whichever pool serves it.
         self.pool.stats().waiting.inc();
-        let got = self.checkout_any(read).await;
+        // A client that has to wait for a connection (a busy pool, a full server budget) holds
+        // no empty buffers meanwhile: thousands may wait at once.
+        let mut out = std::mem::take(&mut self.out);
+        let mut obuf = std::mem::take(&mut self.obuf);
+        let got = {
+            let mut checkout = std::pin::pin!(self.checkout_any(read));
+            match futures_util::poll!(checkout.as_mut()) {
+                std::task::Poll::Ready(r) => r,
+                std::task::Poll::Pending => {
+                    if out.is_empty() {
+                        buffers::give(&mut out);
+                    }
+                    if obuf.is_empty() {
+                        buffers::give(&mut obuf);
+                    }
+                    checkout.await
+                }
+            }
+        };
+        self.out = if out.capacity() == 0 {
+            buffers::take()
+        } else {
+            out
+        };
+        self.obuf = if obuf.capacity() == 0 {
+            buffers::take()
+        } else {
+            obuf
+        };
         let stats = self.pool.stats();
         stats.waiting.dec();
         let mut be = got?;
