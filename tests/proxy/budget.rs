@@ -55,6 +55,29 @@ async fn connect(addr: SocketAddr, tenant: &str) -> Client {
         .unwrap_or_else(|e| panic!("{tenant}: {}", pg_error(&e)))
 }
 
+/// `n` clients of `tenant`, each running `sql` in a loop until `stop`; any error fails the test.
+fn busy_clients(
+    addr: SocketAddr,
+    tenant: &'static str,
+    n: usize,
+    sql: &'static str,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let c = connect(addr, tenant).await;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Err(e) = c.simple_query(sql).await {
+                        panic!("{tenant}: {}", pg_error(&e));
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 /// Column `column` of SHOW POOLS for `tenant`'s primary pool.
 async fn pool_column(addr: SocketAddr, tenant: &str, column: &str) -> String {
     admin_column(addr, "SHOW POOLS", ("tenant", tenant), column)
@@ -126,18 +149,7 @@ async fn a_noisy_tenant_cannot_starve_quiet_ones() {
     // The noisy tenant alone could hold the whole budget (its pool_size is 10).
     let addr = budget_proxy("nsy", 21, 10, |_| {}).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut noisy = Vec::new();
-    for _ in 0..100 {
-        let stop = stop.clone();
-        noisy.push(tokio::spawn(async move {
-            let c = connect(addr, "nsy00").await;
-            while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = c.simple_query("SELECT pg_sleep(0.05)").await {
-                    panic!("noisy: {}", pg_error(&e));
-                }
-            }
-        }));
-    }
+    let noisy = busy_clients(addr, "nsy00", 100, "SELECT pg_sleep(0.05)", &stop);
     // Let the noisy tenant take everything first.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut quiet = Vec::new();
@@ -235,16 +247,7 @@ async fn a_pool_keeps_its_min_connections_open_and_reserved() {
 async fn show_pools_reports_a_target_that_follows_demand() {
     let addr = budget_proxy("tgt", 1, 50, |_| {}).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let mut load = Vec::new();
-    for _ in 0..5 {
-        let stop = stop.clone();
-        load.push(tokio::spawn(async move {
-            let c = connect(addr, "tgt00").await;
-            while !stop.load(Ordering::Relaxed) {
-                c.simple_query("SELECT pg_sleep(0.1)").await.expect("load");
-            }
-        }));
-    }
+    let load = busy_clients(addr, "tgt00", 5, "SELECT pg_sleep(0.1)", &stop);
     let mut target = 0;
     let mut reason = String::new();
     // The loop ticks once a second.
