@@ -259,10 +259,14 @@ impl Core {
         });
     }
 
-    /// Parks an idle connection, or hands it to a waiting client.
-    pub(super) fn park_idle(&self, be: Box<BackendConn>, _row: Option<&RowBinding>) {
+    /// Parks an idle connection, or hands it to a waiting client. `row`: the row tenant that
+    /// was using it (None for a connection nobody used yet).
+    pub(super) fn park_idle(&self, be: Box<BackendConn>, row: Option<&RowBinding>) {
         let stale = match self.idle.lock() {
             Ok(mut idle) => {
+                if let Some(row) = row {
+                    idle.gave_back(&row.tenant);
+                }
                 let mut be = be;
                 while let Some(w) = idle.next_waiter(be.bound_tenant()) {
                     match w.send(Handoff::Conn(be)) {
@@ -394,21 +398,27 @@ pub(super) struct Idle {
     pub(super) parked: Parked,
     /// Clients waiting for a connection, longest-waiting first.
     pub(super) waiters: std::collections::VecDeque<Waiter>,
+    /// Row group: connections each tenant is using now, for fairness between its tenants.
+    in_use: std::collections::HashMap<Arc<str>, u32>,
 }
 
 pub(super) struct Waiter {
     pub(super) tx: oneshot::Sender<Handoff>,
     /// Row tier: the tenant the client needs the connection bound to.
     pub(super) tenant: Option<Arc<str>>,
+    /// Row tier: the tenant's weight.
+    pub(super) weight: u32,
     /// When it started waiting (`coarse_ms`).
     pub(super) since_ms: u64,
 }
 
-/// Row tier: among this many longest-waiting clients, one of the tenant a freed connection is
-/// bound to is served first (no switch needed)...
-const AFFINITY_WAITERS: usize = 16;
-/// ...unless the longest-waiting client has waited this long (ms): no tenant starves, and a
-/// switch costs about as much as a few transactions.
+/// Row group: how many of the longest-waiting clients a freed connection's next user is
+/// chosen among (by fairness between tenants); bounds the work under the lock.
+const FAIR_SCAN: usize = 64;
+
+/// Row tier: a waiting client of the tenant a freed connection is bound to is served first
+/// (no switch needed), among those fairness allows, unless the longest-waiting client has
+/// waited this long (ms): a switch costs about as much as a few transactions.
 pub(super) const MAX_AFFINITY_WAIT_MS: u64 = 5;
 
 /// How many of the most recently parked connections a row tenant looks through for one
@@ -416,28 +426,63 @@ pub(super) const MAX_AFFINITY_WAIT_MS: u64 = 5;
 const AFFINITY_SCAN: usize = 256;
 
 impl Idle {
-    /// The client to hand a freed connection bound to `bound` to: the longest-waiting one, or
-    /// for a row group a client of the tenant the connection is bound to, if one is among the
-    /// first few and the longest-waiting client has not waited long.
+    /// A row tenant's client took one of the group's connections.
+    pub(super) fn took(&mut self, tenant: &Arc<str>) {
+        *self.in_use.entry(tenant.clone()).or_default() += 1;
+    }
+
+    /// A row tenant gave one back.
+    pub(super) fn gave_back(&mut self, tenant: &str) {
+        if let Some(n) = self.in_use.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_use.remove(tenant);
+            }
+        }
+    }
+
+    /// The client to hand a freed connection bound to `bound` to. Outside row groups: the
+    /// longest-waiting one. In a row group, among the first `FAIR_SCAN`: the one whose tenant
+    /// uses the fewest of the group's connections per unit of weight (a tenant with a hundred
+    /// busy clients does not make the others queue behind them); among those, one of the
+    /// tenant the connection is bound to (no switch needed) unless the longest-waiting has
+    /// waited `MAX_AFFINITY_WAIT_MS`; then the longest-waiting.
     pub(super) fn next_waiter(&mut self, bound: Option<&str>) -> Option<oneshot::Sender<Handoff>> {
         while self.waiters.front().is_some_and(|w| w.tx.is_closed()) {
             self.waiters.pop_front();
         }
         let front = self.waiters.front()?;
-        if let Some(bound) = bound {
-            let patient = coarse_ms().saturating_sub(front.since_ms) < MAX_AFFINITY_WAIT_MS;
-            if patient && front.tenant.as_deref() != Some(bound) {
-                let mine = self
-                    .waiters
-                    .iter()
-                    .take(AFFINITY_WAITERS)
-                    .position(|w| w.tenant.as_deref() == Some(bound) && !w.tx.is_closed());
-                if let Some(i) = mine {
-                    return self.waiters.remove(i).map(|w| w.tx);
+        if front.tenant.is_none() {
+            return self.waiters.pop_front().map(|w| w.tx);
+        }
+        let patient = coarse_ms().saturating_sub(front.since_ms) < MAX_AFFINITY_WAIT_MS;
+        let in_use = |w: &Waiter| {
+            w.tenant
+                .as_ref()
+                .and_then(|t| self.in_use.get(t))
+                .copied()
+                .unwrap_or(0) as u64
+        };
+        let mut best: Option<(usize, u64, u64, bool)> = None;
+        for (i, w) in self.waiters.iter().take(FAIR_SCAN).enumerate() {
+            if w.tx.is_closed() {
+                continue;
+            }
+            let (used, weight) = (in_use(w), u64::from(w.weight.max(1)));
+            let mine = patient && bound.is_some() && w.tenant.as_deref() == bound;
+            let better = match best {
+                None => true,
+                Some((_, bu, bw, bmine)) => {
+                    let (a, b) = (used * bw, bu * weight);
+                    a < b || (a == b && mine && !bmine)
                 }
+            };
+            if better {
+                best = Some((i, used, weight, mine));
             }
         }
-        self.waiters.pop_front().map(|w| w.tx)
+        let i = best.map_or(0, |b| b.0);
+        self.waiters.remove(i).map(|w| w.tx)
     }
 
     /// The most recently parked connection (so surplus ones grow idle and close); for a row

@@ -240,6 +240,9 @@ impl TenantPool {
             return Err(PoolError::Paused(self.tenant.id.clone()));
         }
         let be = self.checkout_shared(patience).await?;
+        if let (Some(row), Ok(mut idle)) = (&self.row, self.core.idle.lock()) {
+            idle.took(&row.tenant);
+        }
         if let Some(c) = &be.census {
             c.info.active.store(true, Ordering::Relaxed);
             if let (Some(row), Ok(mut t)) = (&self.row, c.info.tenant.lock()) {
@@ -299,7 +302,9 @@ impl TenantPool {
             tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");
             self.health.wake_checker();
             be.mark_broken();
-            self.discard(be);
+            // Not yet counted as this tenant's (see `checkout_with`): closed as it is.
+            be.tenant_share = None;
+            drop(be);
         }
     }
 
@@ -337,6 +342,7 @@ impl TenantPool {
                 idle.waiters.push_back(Waiter {
                     tx,
                     tenant: self.row.as_ref().map(|r| r.tenant.clone()),
+                    weight: self.tenant.weight,
                     since_ms: coarse_ms(),
                 });
                 rx
@@ -501,6 +507,9 @@ impl TenantPool {
     /// pool, or of the server's budget.
     pub fn discard(&self, mut be: Box<PooledBackend>) {
         be.tenant_share = None;
+        if let (Some(row), Ok(mut idle)) = (&self.row, self.core.idle.lock()) {
+            idle.gave_back(&row.tenant);
+        }
         drop(be);
     }
 
@@ -1077,9 +1086,65 @@ mod tests {
         idle.waiters.push_back(Waiter {
             tx,
             tenant: Some(Arc::from(tenant)),
+            weight: 1,
             since_ms: coarse_ms().saturating_sub(ago_ms),
         });
         rx
+    }
+
+    #[test]
+    fn a_freed_row_connection_goes_to_the_tenant_using_the_fewest() {
+        let mut idle = Idle::default();
+        let noisy: Arc<str> = Arc::from("noisy");
+        for _ in 0..5 {
+            idle.took(&noisy);
+        }
+        let mut first = waiter(&mut idle, "noisy", 50);
+        let mut quiet = waiter(&mut idle, "quiet", 0);
+        serve(&mut idle, Some("noisy"));
+        assert!(quiet.try_recv().is_ok(), "the tenant using none goes first");
+        assert!(first.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_row_tenant_with_more_weight_may_use_more_connections() {
+        let mut idle = Idle::default();
+        let (heavy, light): (Arc<str>, Arc<str>) = (Arc::from("heavy"), Arc::from("light"));
+        for _ in 0..3 {
+            idle.took(&heavy);
+        }
+        idle.took(&light);
+        idle.took(&light);
+        let (tx, mut heavy_rx) = oneshot::channel();
+        idle.waiters.push_back(Waiter {
+            tx,
+            tenant: Some(heavy.clone()),
+            weight: 3,
+            since_ms: coarse_ms(),
+        });
+        let mut light_rx = waiter(&mut idle, "light", 0);
+        serve(&mut idle, None);
+        assert!(
+            heavy_rx.try_recv().is_ok(),
+            "3 per weight 3 is less than 2 per weight 1"
+        );
+        assert!(light_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn connections_given_back_no_longer_count() {
+        let mut idle = Idle::default();
+        let a: Arc<str> = Arc::from("a");
+        idle.took(&a);
+        idle.took(&a);
+        idle.gave_back("a");
+        idle.gave_back("a");
+        idle.gave_back("a");
+        let mut b = waiter(&mut idle, "b", 10);
+        let mut a_rx = waiter(&mut idle, "a", 0);
+        serve(&mut idle, None);
+        assert!(b.try_recv().is_ok(), "equal use: the longest waiting");
+        assert!(a_rx.try_recv().is_err());
     }
 
     fn serve(idle: &mut Idle, bound: Option<&str>) {

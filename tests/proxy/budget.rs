@@ -272,3 +272,34 @@ async fn show_pools_reports_a_target_that_follows_demand() {
         "reason {reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_row_tenant_does_not_make_its_group_neighbours_queue_behind_it() {
+    // Row tenants share their group's connections: two of them here. In first-come order the
+    // quiet tenant's transaction would wait behind the busy tenant's forty (about 4 s, over
+    // its 2 s query_wait_timeout); fairness between tenants serves it next.
+    let addr = fixture()
+        .extra_proxy(|c| {
+            c.pool.default_size = 2;
+            for t in c.tenants.iter_mut() {
+                if t.id == "hooli" {
+                    t.query_wait_timeout = Some(2);
+                }
+            }
+        })
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let noisy = busy_clients(addr, "swarm", 40, "SELECT pg_sleep(0.2)", &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quiet = connect(addr, "hooli").await;
+    for _ in 0..5 {
+        quiet
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap_or_else(|e| panic!("the quiet row tenant: {}", pg_error(&e)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for n in noisy {
+        n.await.expect("busy row tenant's client");
+    }
+}
