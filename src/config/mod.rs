@@ -882,8 +882,11 @@ fn default_workers() -> usize {
 fn default_shutdown_timeout() -> u64 {
     30
 }
+/// As many as `max_client_connections`: 10,000 clients connecting at once (an application
+/// fleet restarting) are all served. A pending login holds about 5 KiB (its task, the login's
+/// state, the socket), so a flood holds at most some 50 MiB, for at most `auth_timeout`.
 fn default_max_pending_logins() -> usize {
-    1000
+    10_000
 }
 
 fn default_auth_timeout() -> u64 {
