@@ -262,6 +262,8 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
             std::iter::once((p.clone(), false)).chain(replicas.into_iter().map(|r| (r, true)));
         for (pool, replica) in members {
             let load = pool.load();
+            let (target, reason) = pool.target();
+            let budget = pool.budget().view();
             let active_servers = load.connections.saturating_sub(load.idle);
             rs.push(vec![
                 t(&tn.database),
@@ -285,11 +287,11 @@ fn pools(ctx: &ProxyContext) -> ResultSet {
                 t(&pool.health().name),
                 t(if replica { "yes" } else { "no" }),
                 t(pool.stats().pinned.get()),
-                t(pool.target().0),
-                t(pool.target().1),
-                t(pool.budget().view().limit.map_or(-1, |n| n as i64)),
-                t(pool.budget().view().used),
-                t(pool.budget().view().waiting),
+                t(target),
+                t(reason),
+                t(budget.limit.map_or(-1, |n| n as i64)),
+                t(budget.used),
+                t(budget.waiting),
             ]);
         }
     }

@@ -337,18 +337,12 @@ impl ServerBudget {
             return;
         }
         let limit = server_allows.saturating_sub(self.reserve).max(1);
-        let granted = match self.ledger.lock() {
-            Ok(mut l) => {
-                l.set_limit(limit);
-                l.grant()
-            }
-            Err(_) => return,
-        };
         tracing::info!(server = %self.name, budget = limit, "server connection budget set from the server's max_connections");
-        self.wake(granted);
+        self.set_configured(limit);
     }
 
-    /// Applies a reloaded `max_connections`.
+    /// Applies a new limit (a reloaded `max_connections`, or the server's own): a raised one
+    /// admits waiters at once.
     pub fn set_configured(&self, limit: usize) {
         let granted = match self.ledger.lock() {
             Ok(mut l) => {
@@ -358,6 +352,14 @@ impl ServerBudget {
             Err(_) => return,
         };
         self.wake(granted);
+    }
+
+    fn slot(self: &Arc<Self>, account: &Arc<str>) -> BudgetSlot {
+        BudgetSlot {
+            budget: self.clone(),
+            account: account.clone(),
+            closing: false,
+        }
     }
 
     pub fn register(&self, pool: Weak<dyn Evict>) {
@@ -389,11 +391,7 @@ impl ServerBudget {
             Err(_) => return None,
         };
         let Some(ticket) = queued else {
-            return Some(BudgetSlot {
-                budget: self.clone(),
-                account: claim.account.clone(),
-                closing: false,
-            });
+            return Some(self.slot(&claim.account));
         };
         let mut pending = Pending {
             budget: self,
@@ -406,11 +404,7 @@ impl ServerBudget {
         let got = tokio::time::timeout_at(deadline, &mut pending.rx).await;
         pending.done = true;
         match got {
-            Ok(Ok(())) => Some(BudgetSlot {
-                budget: self.clone(),
-                account: claim.account.clone(),
-                closing: false,
-            }),
+            Ok(Ok(())) => Some(self.slot(&claim.account)),
             _ => {
                 pending.done = false;
                 None

@@ -143,8 +143,11 @@ impl Core {
         self.target.load(Ordering::Relaxed)
     }
 
-    pub fn scaler(&self) -> Option<Autoscaler> {
-        self.scaler.lock().ok().map(|s| s.clone())
+    /// Why the target is what it is.
+    pub fn target_reason(&self) -> &'static str {
+        self.scaler
+            .lock()
+            .map_or("minimum", |s| s.reason().as_str())
     }
 
     /// Counts one more connection if the pool may have it and opens no other now.

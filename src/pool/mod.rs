@@ -629,11 +629,7 @@ impl TenantPool {
 
     /// How many connections the demand-following loop keeps, and why.
     pub fn target(&self) -> (u32, &'static str) {
-        let reason = self
-            .core
-            .scaler()
-            .map_or("minimum", |s| s.reason().as_str());
-        (self.core.target(), reason)
+        (self.core.target(), self.core.target_reason())
     }
 
     /// The connection budget of this pool's server.
@@ -904,7 +900,7 @@ impl Pools {
                 .unwrap_or(s.query_wait_timeout)
                 .max(1),
         );
-        let budget = self.budget_of(server);
+        let budget = self.budget_of(server, &health.addr);
         let core_settings = |max_size: u32, min: u32, weight: u32| CoreSettings {
             max_size,
             min,
@@ -998,11 +994,10 @@ impl Pools {
     }
 
     /// The connection budget of `server`, made on first use; a changed configured limit
-    /// applies to the existing one.
-    fn budget_of(&self, server: &Server) -> Arc<ServerBudget> {
-        let addr = format!("{}:{}", server.host, server.port);
+    /// applies to the existing one. Keyed by address (`addr`), as its health record is.
+    fn budget_of(&self, server: &Server, addr: &str) -> Arc<ServerBudget> {
         let configured = server.max_connections.map(|n| n as usize);
-        if let Some(b) = self.budgets.get(&addr) {
+        if let Some(b) = self.budgets.get(addr) {
             if let Some(n) = configured {
                 if b.view().limit != Some(n) {
                     b.set_configured(n);
@@ -1011,7 +1006,7 @@ impl Pools {
             return b.clone();
         }
         self.budgets
-            .entry(addr)
+            .entry(addr.to_string())
             .or_insert_with(|| {
                 Arc::new(ServerBudget::new(
                     server.name.clone(),
