@@ -18,7 +18,7 @@ use super::stream::{BackendStream, ConnectError};
 
 use crate::protocol::sqlstate;
 use crate::protocol::ErrorReport;
-use crate::tenancy::row_context::{self, ConnToken, RowBinding, RowKey};
+use crate::tenancy::row_context::{self, RowBinding, RowKey};
 use crate::tenancy::{BackendCredentials, Server};
 
 #[derive(Debug, thiserror::Error)]
@@ -232,8 +232,11 @@ pub struct BackendConn {
     pub(crate) prepared: PreparedSet,
     /// Transaction mode: the client settings script last replayed here ("" = none).
     pub(crate) applied_settings: Arc<str>,
-    /// Row tier: this connection's switching token (see `tenancy::row_context`).
-    pub(crate) row_token: Option<ConnToken>,
+    /// Row tier: the database's key, which binds this connection to a tenant (see
+    /// `tenancy::row_context`).
+    pub(crate) row_key: Option<RowKey>,
+    /// Row tier: the database the key is for (named in errors).
+    row_database: Option<Arc<str>>,
     /// Row tier: the tenant the server last confirmed this connection is bound to.
     pub(crate) bound: Option<Arc<str>>,
     /// Row tier: the share of its group's connections the tenant using this one holds (its
@@ -455,7 +458,8 @@ impl BackendConn {
             created: Instant::now(),
             prepared: PreparedSet::default(),
             applied_settings: Arc::from(""),
-            row_token: None,
+            row_key: None,
+            row_database: None,
             bound: None,
             tenant_share: None,
             census: None,
@@ -596,8 +600,8 @@ impl BackendConn {
         self.bound.as_deref()
     }
 
-    /// Opens this row-tier connection for tenant switching: answers the server's one-time
-    /// challenge with a proof under `key` for a fresh token (see `tenancy::row_context`).
+    /// Readies this row-tier connection for tenant switching with `key` (see
+    /// `tenancy::row_context`).
     ///
     /// Row tenants share the login role, and any role may `ALTER ROLE CURRENT_USER SET ...`
     /// its own defaults, which every later session of every tenant on it would start with
@@ -609,17 +613,22 @@ impl BackendConn {
         key: Option<&RowKey>,
         database: &str,
     ) -> Result<bool, BackendError> {
-        let server = self.server.name.clone();
-        let failed = |reason: String| BackendError::RowContext {
-            server: server.clone(),
+        let key = key.ok_or_else(|| BackendError::RowContext {
+            server: self.server.name.clone(),
             scope: format!("database \"{database}\""),
-            reason,
-        };
-        let key = key.ok_or_else(|| {
-            failed("this proxy has no row key (set row_key, or use a registry)".into())
+            reason: "this proxy has no row key (set row_key, or use a registry)".into(),
         })?;
         match self.query_value(row_context::ROLE_DEFAULTS_SQL).await {
             Ok(Some(t)) if t == "t" => {
+                if self.query_value(IN_RECOVERY_SQL).await?.as_deref() == Some("t") {
+                    // Never serve a session that started with them; the primary's next
+                    // row-tier login clears them, and the standby replays that.
+                    return Err(BackendError::RowContext {
+                        server: self.server.name.clone(),
+                        scope: format!("database \"{database}\""),
+                        reason: "the login role has defaults of its own (ALTER ROLE ... SET), which a hot standby cannot clear; pgtenant clears them at its next row-tier login to the primary".into(),
+                    });
+                }
                 tracing::warn!(server = %self.server.name, database, "the row tier's login role had defaults of its own (ALTER ROLE ... SET); cleared them");
                 self.execute(row_context::CLEAR_ROLE_DEFAULTS_SQL).await?;
                 return Ok(false);
@@ -627,28 +636,9 @@ impl BackendConn {
             Ok(_) => {}
             Err(e) => return Err(e),
         }
-        let challenge = match self.query_value(row_context::CHALLENGE_SQL).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(failed("the server returned no challenge".into())),
-            Err(BackendError::Statement { code, message, .. }) => {
-                return Err(failed(not_installed(&code).unwrap_or(message)))
-            }
-            Err(e) => return Err(e),
-        };
-        let token = ConnToken::random();
-        let mut out = BytesMut::with_capacity(256);
-        row_context::put_open(&mut out, key, self.cancel.pid, &challenge, &token)
-            .map_err(|e| failed(e.into()))?;
-        match self.run_checked(&out).await? {
-            Ok(true) => {
-                self.row_token = Some(token);
-                Ok(true)
-            }
-            Ok(false) => Err(failed(
-                "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),
-            )),
-            Err((code, message)) => Err(failed(not_installed(&code).unwrap_or(message))),
-        }
+        self.row_key = Some(key.clone());
+        self.row_database = Some(Arc::from(database));
+        Ok(true)
     }
 
     /// Clears everything of the previous client's session (the row-tier context too).
@@ -662,26 +652,48 @@ impl BackendConn {
 
     /// Binds this connection to `row`'s tenant, leaving the rest of its session as it is.
     pub async fn enter_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
-        let server = self.server.name.clone();
-        let failed = |reason: String| BackendError::RowContext {
-            server: server.clone(),
-            scope: format!("tenant \"{}\"", row.tenant),
-            reason,
-        };
         self.bound = None;
-        let token = self
-            .row_token
-            .as_ref()
-            .ok_or_else(|| failed("the connection was not opened for the row tier".into()))?;
         let mut out = BytesMut::with_capacity(256);
-        row_context::put_enter(&mut out, &row.tenant, token).map_err(|e| failed(e.into()))?;
+        self.put_row_bind(&mut out, &row.tenant)?;
         match self.run_checked(&out).await? {
             Ok(true) => {
                 self.bound = Some(row.tenant.clone());
                 Ok(())
             }
-            Ok(false) => Err(failed("the server refused the connection's token".into())),
-            Err((code, message)) => Err(failed(not_installed(&code).unwrap_or(message))),
+            Ok(false) => Err(self.row_refused()),
+            Err((code, message)) => Err(self.row_failed(not_installed(&code).unwrap_or(message))),
+        }
+    }
+
+    /// Appends the statement that binds this connection to `tenant` (Parse, Bind, Execute,
+    /// Sync; command tag `SELECT 1` when the server accepted it).
+    pub(crate) fn put_row_bind(
+        &self,
+        out: &mut BytesMut,
+        tenant: &str,
+    ) -> Result<(), BackendError> {
+        let key = self.row_key.as_ref().ok_or_else(|| {
+            self.row_failed("the connection was not opened for the row tier".into())
+        })?;
+        row_context::put_bind(out, key, self.cancel.pid, tenant)
+            .map_err(|e| self.row_failed(e.into()))
+    }
+
+    /// The error for a bind the server refused: its key is not this proxy's.
+    pub(crate) fn row_refused(&self) -> BackendError {
+        self.row_failed(
+            "the proof was rejected: the database holds a different row key than this proxy (re-run `pgtenant row-tier-install` or `migrate`, or check row_key)".into(),
+        )
+    }
+
+    fn row_failed(&self, reason: String) -> BackendError {
+        BackendError::RowContext {
+            server: self.server.name.clone(),
+            scope: format!(
+                "database \"{}\"",
+                self.row_database.as_deref().unwrap_or_default()
+            ),
+            reason,
         }
     }
 
@@ -958,6 +970,9 @@ fn error_fields(
     }
     (code, message, fatal)
 }
+
+/// Whether the server is a hot standby.
+const IN_RECOVERY_SQL: &str = "SELECT pg_catalog.pg_is_in_recovery()";
 
 /// The message for an error that says the row-tier functions are missing.
 fn not_installed(code: &str) -> Option<String> {

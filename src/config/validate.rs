@@ -217,12 +217,6 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
         }
         if let Some(replicas) = &t.replicas {
             check_replicas(&format!("{field}.replicas"), replicas, &t.server, &servers)?;
-            if t.tier == Tier::Row && !replicas.is_empty() {
-                return Err(ConfigError::invalid(
-                    format!("{field}.replicas"),
-                    "row-tier tenants read from their primary: their row context needs writes a hot standby refuses (see docs/replicas.md)",
-                ));
-            }
         }
         if t.database.is_empty() || t.database.len() > 63 || t.database.contains('\0') {
             return Err(ConfigError::invalid(

@@ -502,18 +502,21 @@ async fn attach_routed(
     cancel: &CancelGuard,
 ) -> Result<(Box<PooledBackend>, Arc<TenantPool>), SessionError> {
     if reads.all_reads {
+        let mut last = None;
         if let Some(replicas) = primary.replicas() {
             for p in replicas.candidates() {
                 match attach(client, ctx, tenant, p, Patience::FailFast, setup, cancel).await {
                     Ok(be) => return Ok((be, p.clone())),
                     Err(SessionError::Pool(e)) if e.is_transient() => {
                         warn!(tenant = %tenant.id, replica = %p.health().name, error = %e, "replica unavailable for a read-only session");
+                        last = Some(e);
                     }
                     Err(e) => return Err(e),
                 }
             }
         }
-        if let Some(e) = reads.refuse_primary(&tenant.id) {
+        let last = last.as_ref().map(|e| e as &dyn std::fmt::Display);
+        if let Some(e) = reads.refuse_primary(&tenant.id, last) {
             return Err(SessionError::Pool(e));
         }
     }
@@ -561,13 +564,8 @@ async fn attach(
             }
         }
         let mut sql = setup(&backend);
-        if let (Some(row), false, false) = (row, rebind, sql.is_empty()) {
-            // The setup starts with RESET ALL, which clears the tenant setting.
-            sql.push_str("; ");
-            sql.push_str(&crate::tenancy::row_context::restore_setting_sql(
-                &row.tenant,
-            ));
-        }
+        // The setup starts with RESET ALL, which clears the row context: bound again after.
+        let rebind = rebind || (row.is_some() && !sql.is_empty());
         if let Some(caps) = &tenant.enforce_limits {
             if !sql.is_empty() {
                 sql.push_str("; ");

@@ -20,7 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
-use crate::backend::BackendError;
 use crate::config::{SessionFeatures, Tier};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
@@ -913,6 +912,7 @@ impl<'a> Engine<'a> {
     /// A backend for a read: from a usable replica (round robin; one that fails to connect
     /// is passed over at once), else from the primary if the session allows it.
     async fn checkout_read(&mut self) -> Result<Box<PooledBackend>, PoolError> {
+        let mut last = None;
         if let Some(replicas) = self.pool.replicas().cloned() {
             for p in replicas.candidates() {
                 let p = p.clone();
@@ -922,12 +922,14 @@ impl<'a> Engine<'a> {
                         return Ok(be);
                     }
                     Err(e) => {
-                        tracing::warn!(tenant = %self.pool.tenant().id, replica = %p.health().name, error = %e, "replica unavailable for a read")
+                        tracing::warn!(tenant = %self.pool.tenant().id, replica = %p.health().name, error = %e, "replica unavailable for a read");
+                        last = Some(e);
                     }
                 }
             }
         }
-        if let Some(e) = self.reads.refuse_primary(&self.pool.tenant().id) {
+        let last = last.as_ref().map(|e| e as &dyn std::fmt::Display);
+        if let Some(e) = self.reads.refuse_primary(&self.pool.tenant().id, last) {
             return Err(e);
         }
         self.pool.checkout().await
@@ -1032,63 +1034,52 @@ impl<'a> Engine<'a> {
         stats.active.inc();
         self.linked_at = Some(now);
         self.tx_began = Some(now);
+        let (out_len, queue_len) = (self.out.len(), self.queue.len());
+        let mut rebind = false;
         if let Some(row) = self.pool.row() {
             if be.bound_tenant() != Some(&*row.tenant) {
                 // Pipelined ahead of the client's messages, responses swallowed. First nothing
                 // of the previous tenant's session may remain (settings, also those made with
                 // set_config(); cursors, locks, LISTEN, prepared statements, the context):
-                // the reset leaves the session bound to no tenant, so if `enter` then fails
+                // the reset leaves the session bound to no tenant, so if `bind` then fails
                 // the client's statements see no rows, never another tenant's.
                 be.prepared.clear();
                 be.bound = None;
-                let Some(token) = be.row_token.clone() else {
-                    self.pool.discard(be);
-                    return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
-                        server: self.pool.tenant().server.name.clone(),
-                        scope: format!("tenant \"{}\"", row.tenant),
-                        reason: "the connection was not opened for the row tier".into(),
-                    })));
-                };
-                let (out_len, queue_len) = (self.out.len(), self.queue.len());
                 put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
                 self.queue.push_back(Item::Proxy(Resp::Query));
                 // The client's settings in a query of their own: one that fails must not roll
-                // the reset back. Before `enter`, which sets the tenant setting last.
+                // the reset back. Before the binding, which sets the tenant setting last.
                 let script = self.state.script();
                 if !script.is_empty() {
                     put_query(&mut self.out, script);
                     self.queue.push_back(Item::Proxy(Resp::Query));
                 }
                 be.applied_settings = script.clone();
-                if let Err(reason) = row_context::put_enter(&mut self.out, &row.tenant, &token) {
-                    self.out.truncate(out_len);
-                    self.queue.truncate(queue_len);
-                    self.pool.park(be);
-                    return Err(TxEnd::Pool(PoolError::Backend(BackendError::RowContext {
-                        server: self.pool.tenant().server.name.clone(),
-                        scope: format!("tenant \"{}\"", row.tenant),
-                        reason: reason.into(),
-                    })));
-                }
-                for r in [
-                    Resp::Parse(None),
-                    Resp::Bind,
-                    Resp::Enter(row.tenant.clone()),
-                    Resp::Sync,
-                ] {
-                    self.queue.push_back(Item::Proxy(r));
-                }
+                rebind = true;
             }
         }
-        if let Some(mut replay) = self.state.replay_for(&be.applied_settings) {
-            if let Some(row) = self.pool.row() {
-                // The replay starts with RESET ALL.
-                replay.push_str("; ");
-                replay.push_str(&row_context::restore_setting_sql(&row.tenant));
-            }
+        if let Some(replay) = self.state.replay_for(&be.applied_settings) {
             put_query(&mut self.out, &replay);
             self.queue.push_back(Item::Proxy(Resp::Query));
             be.applied_settings = self.state.script().clone();
+            // The replay starts with RESET ALL, which clears the row context.
+            rebind |= self.pool.row().is_some();
+        }
+        if let (true, Some(row)) = (rebind, self.pool.row()) {
+            if let Err(e) = be.put_row_bind(&mut self.out, &row.tenant) {
+                self.out.truncate(out_len);
+                self.queue.truncate(queue_len);
+                self.pool.discard(be);
+                return Err(TxEnd::Pool(PoolError::Backend(e)));
+            }
+            for r in [
+                Resp::Parse(None),
+                Resp::Bind,
+                Resp::Enter(row.tenant.clone()),
+                Resp::Sync,
+            ] {
+                self.queue.push_back(Item::Proxy(r));
+            }
         }
         if let Some(sql) = &self.pool.tenant().enforce_limits {
             // Whatever the last transaction raised, also through set_config().

@@ -71,8 +71,13 @@ pub enum PoolError {
     Retired,
     #[error("tenant \"{0}\" is paused by an administrator (PAUSE); timed out waiting for RESUME")]
     Paused(String),
-    #[error("no read replica of tenant \"{tenant}\" is usable (unreachable, or lagging more than replica_max_lag), and {why}")]
-    NoReplica { tenant: String, why: &'static str },
+    #[error("no read replica of tenant \"{tenant}\" is usable (unreachable, or lagging more than replica_max_lag), and {why}{last}")]
+    NoReplica {
+        tenant: String,
+        why: &'static str,
+        /// "; the last replica tried: <its error>", or empty when none was tried.
+        last: String,
+    },
 }
 
 impl PoolError {
@@ -580,7 +585,7 @@ impl TenantPool {
         }
     }
 
-    /// The tenant's read replicas, when it has any (never for the row tier).
+    /// The tenant's read replicas, when it has any.
     pub fn replicas(&self) -> Option<&Arc<Replicas>> {
         self.replicas.as_ref()
     }
@@ -848,7 +853,7 @@ impl Pools {
 
     fn build(&self, tenant: &Arc<Tenant>, user: &ClientUser) -> TenantPool {
         let mut pool = self.build_for(tenant, user, &tenant.server);
-        if tenant.tier != Tier::Row && !tenant.replicas.is_empty() {
+        if !tenant.replicas.is_empty() {
             let max_lag = (self.health_settings.replica_max_lag > 0)
                 .then(|| Duration::from_secs(self.health_settings.replica_max_lag));
             let pools = tenant

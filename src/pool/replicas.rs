@@ -47,10 +47,18 @@ impl ReadPolicy {
     }
 
     /// The refusal of a read no replica can serve, when the primary may not serve it either.
-    pub fn refuse_primary(&self, tenant: &str) -> Option<super::PoolError> {
+    /// `last`: the error of the last replica tried, which the client is told too.
+    pub fn refuse_primary(
+        &self,
+        tenant: &str,
+        last: Option<&dyn std::fmt::Display>,
+    ) -> Option<super::PoolError> {
         self.no_fallback.map(|why| super::PoolError::NoReplica {
             tenant: tenant.to_string(),
             why,
+            last: last
+                .map(|e| format!("; the last replica tried: {e}"))
+                .unwrap_or_default(),
         })
     }
 

@@ -83,7 +83,7 @@ pub struct Tenant {
     pub display_name: Option<String>,
     pub tier: Tier,
     pub server: Arc<Server>,
-    /// Read replicas of `server` (never for the row tier: see docs/replicas.md).
+    /// Read replicas of `server`.
     pub replicas: Vec<Arc<Server>>,
     /// Transaction mode: transactions begun READ ONLY are served by a replica.
     pub read_write_split: bool,

@@ -181,17 +181,6 @@ pub async fn create(
         Tier::Schema => (store.cfg.schema_database.clone(), Some(schema_name(id))),
         Tier::Row => (store.cfg.row_database.clone(), None),
     };
-    if req.tier == Tier::Row
-        && req
-            .settings
-            .replicas
-            .as_ref()
-            .is_some_and(|r| !r.is_empty())
-    {
-        return Err(ProvisionError::Invalid(
-            "row-tier tenants read from their primary: their row context needs writes a hot standby refuses (see docs/replicas.md)".into(),
-        ));
-    }
     if req.tier == Tier::Row && database.len() > 59 {
         return Err(ProvisionError::Invalid(format!(
             "row database \"{database}\" is too long for its login role: at most 59 characters"

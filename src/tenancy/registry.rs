@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::broadcast;
 
-use crate::config::{Config, ConfigError, Tier};
+use crate::config::{Config, ConfigError};
 use crate::frontend::scram::ScramVerifier;
 use crate::secret::Secret;
 
@@ -216,18 +216,14 @@ impl StaticRegistry {
                 id: t.id.clone(),
                 display_name: None,
                 tier: t.tier,
-                replicas: match t.tier {
-                    // Validation refuses a row tenant's own list; its server's is not for it.
-                    Tier::Row => Vec::new(),
-                    _ => t
-                        .replicas
-                        .as_ref()
-                        .or(by_name.get(t.server.as_str()).map(|s| &s.replicas))
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|r| servers.get(r.as_str()).cloned())
-                        .collect(),
-                },
+                replicas: t
+                    .replicas
+                    .as_ref()
+                    .or(by_name.get(t.server.as_str()).map(|s| &s.replicas))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|r| servers.get(r.as_str()).cloned())
+                    .collect(),
                 read_write_split: t.read_write_split,
                 slow_transaction_ms: t.slow_transaction_ms,
                 replica_fallback: t.replica_fallback,

@@ -28,6 +28,12 @@ pub const ADMIN: &str = "admin";
 pub static SCRATCH: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Tests that kill the faulty tenant's server connections run one at a time.
 pub static FAULTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// Held for writing while a test leaves defaults on the row tier's shared login role, which a
+/// hot standby cannot clear (its row-tier logins are refused meanwhile); tests on the standby
+/// hold it for reading.
+pub static ROLE_DEFAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+/// The name of the main server's hot standby in the configs.
+pub const STANDBY: &str = "main-standby";
 
 pub struct Fixture {
     pub proxy: SocketAddr,
@@ -38,9 +44,15 @@ pub struct Fixture {
     pub socket_dirs: Vec<std::path::PathBuf>,
     pub psql: std::path::PathBuf,
     pub pgbench: std::path::PathBuf,
+    /// A proxy over the same tenants whose row tenants run on the main server's hot standby
+    /// (read-only users, no fallback to the primary), its config, and the standby's address.
+    pub standby_proxy: SocketAddr,
+    pub standby_config: Config,
+    pub standby: (String, u16),
     rt: tokio::runtime::Handle,
-    /// Dropping the handle would stop the proxy.
+    /// Dropping the handles would stop the proxies.
     _proxy: pgtenant::server::ProxyHandle,
+    _standby_proxy: pgtenant::server::ProxyHandle,
 }
 
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();
@@ -136,11 +148,41 @@ async fn build() -> Fixture {
         .await
         .expect("bind proxy")
         .spawn();
+    let standby = PgCluster::start_standby(&main).expect("start standby of main");
+    let mut standby_config = config.clone();
+    standby_config
+        .servers
+        .push(pgtenant::config::ServerConfig::new(
+            STANDBY,
+            standby.host(),
+            standby.port(),
+        ));
+    for t in standby_config
+        .tenants
+        .iter_mut()
+        .filter(|t| t.tier == Tier::Row)
+    {
+        t.replicas = Some(vec![STANDBY.into()]);
+        t.replica_fallback = false;
+        for u in t.users.iter_mut() {
+            u.read_only = true;
+        }
+    }
+    let standby_proxy = Proxy::bind(standby_config.clone())
+        .await
+        .expect("bind standby proxy")
+        .spawn();
+    let standby_addr = (standby.host().to_string(), standby.port());
     keeper::keep(main);
     keeper::keep(second);
+    keeper::keep(standby);
     Fixture {
         proxy: proxy.addr,
         _proxy: proxy,
+        standby_proxy: standby_proxy.addr,
+        _standby_proxy: standby_proxy,
+        standby_config,
+        standby: standby_addr,
         config,
         servers,
         socket_dirs,
@@ -253,6 +295,15 @@ impl Fixture {
     /// A superuser connection straight to cluster `server`, bypassing the proxy.
     pub async fn direct(&self, server: usize, database: &str) -> Client {
         let (host, port) = &self.servers[server];
+        Self::direct_to(host, *port, database).await
+    }
+
+    /// A superuser connection straight to the main server's hot standby.
+    pub async fn direct_standby(&self, database: &str) -> Client {
+        Self::direct_to(&self.standby.0, self.standby.1, database).await
+    }
+
+    async fn direct_to(host: &str, port: u16, database: &str) -> Client {
         let url = format!("host={host} port={port} user=postgres dbname={database}");
         let (client, conn) = tokio_postgres::connect(&url, NoTls)
             .await
@@ -292,7 +343,19 @@ impl Fixture {
         &self,
         change: impl FnOnce(&mut Config),
     ) -> (SocketAddr, Arc<ProxyContext>) {
-        let mut config = self.config.clone();
+        self.proxy_with(self.config.clone(), change).await
+    }
+
+    /// Like `extra_proxy`, with row tenants on the standby as in `standby_proxy`.
+    pub async fn extra_standby_proxy(&self, change: impl FnOnce(&mut Config)) -> SocketAddr {
+        self.proxy_with(self.standby_config.clone(), change).await.0
+    }
+
+    async fn proxy_with(
+        &self,
+        mut config: Config,
+        change: impl FnOnce(&mut Config),
+    ) -> (SocketAddr, Arc<ProxyContext>) {
         change(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.rt.spawn(async move {

@@ -857,15 +857,11 @@ pub fn to_tenant(
         display_name: t.display_name.clone(),
         tier,
         server,
-        // A row tenant's context cannot be opened on a hot standby (docs/replicas.md).
-        replicas: match tier {
-            Tier::Row => Vec::new(),
-            _ => t
-                .replicas
-                .iter()
-                .filter_map(|r| servers.get(r).cloned())
-                .collect(),
-        },
+        replicas: t
+            .replicas
+            .iter()
+            .filter_map(|r| servers.get(r).cloned())
+            .collect(),
         read_write_split: t.read_write_split,
         slow_transaction_ms: t.slow_transaction_ms.map(|n| n.max(0) as u64),
         replica_fallback: t.replica_fallback,

@@ -116,7 +116,7 @@ ALTER TABLE pgtenant.tenants
     ADD COLUMN read_write_split boolean NOT NULL DEFAULT false,
     ADD COLUMN replica_fallback boolean NOT NULL DEFAULT true;
 ALTER TABLE pgtenant.client_users ADD COLUMN read_only boolean NOT NULL DEFAULT false;
--- A row tenant's context cannot be opened on a hot standby (docs/replicas.md).
+-- Dropped by step 12, once the row context worked on a hot standby.
 ALTER TABLE pgtenant.tenants ADD CONSTRAINT row_tier_tenants_read_from_their_primary
     CHECK (tier <> 'row' OR replicas = '{}') NOT VALID;
 "#,
@@ -201,5 +201,9 @@ ALTER TABLE pgtenant.tenants ADD COLUMN session_features text
     r#"
 ALTER TABLE pgtenant.tenants ADD COLUMN weight integer CHECK (weight > 0);
 ALTER TABLE pgtenant.servers ADD COLUMN max_connections integer CHECK (max_connections > 0);
+"#,
+    // 12: row tenants may read from replicas: their context is made of session settings now.
+    r#"
+ALTER TABLE pgtenant.tenants DROP CONSTRAINT IF EXISTS row_tier_tenants_read_from_their_primary;
 "#,
 ];
