@@ -28,6 +28,10 @@ pub fn take() -> BytesMut {
 
 /// Returns a buffer to the stock (or frees it), leaving an unallocated one in its place.
 pub fn give(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        // Nothing to give: stocking a fresh allocation would only cost one.
+        return;
+    }
     let mut b = std::mem::take(buf);
     b.clear();
     if b.capacity() < BUFFER_SIZE {
@@ -59,6 +63,13 @@ mod tests {
         let again = take();
         assert!(again.is_empty());
         assert!(again.capacity() >= BUFFER_SIZE);
+    }
+
+    #[test]
+    fn giving_an_unallocated_buffer_stocks_nothing() {
+        let mut b = BytesMut::new();
+        give(&mut b);
+        assert_eq!(STOCK_BUFFERS.with(|s| s.borrow().len()), 0);
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
         .cancels
         .register_client(&tenant.id, client.raw_fd(), Some(info));
     let mode = tenant.pool_mode;
-    let mut state = ClientState::from_startup(&who.settings);
+    let state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
     drop(std::mem::take(&mut who.settings));
     // Everything logged for this session from here on names its tenant, role and client.
@@ -187,61 +187,127 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
             (how, outcome.bytes_in, outcome.bytes_out)
         }.instrument(span.clone()))
         .await,
-        // Not boxed: this is where an idle client waits, and one allocation is smaller than
-        // two.
-        PoolMode::Transaction => async {
+        // A task of its own, holding only what the session needs from here on: this is
+        // where an idle client waits, and the login's larger state is freed with this task.
+        PoolMode::Transaction => {
             backend.applied_settings = state.script().clone();
             cancel.unlink();
             login_pool.park(backend);
             let p = &ctx.config.pool;
-            let mut engine = Engine::new(
+            let engine = Engine::new(
                 pool.clone(),
                 reads,
-                &mut state,
-                &cancel,
+                state,
+                cancel,
                 max_message,
                 p.max_prepared_statements,
                 p.idle_transaction_timeout,
             )
             .with_slow_log(slow);
-            let outcome = engine.run(&mut client).await;
-            farewell(&mut client, &cancel).await;
-            drop(client);
-            let how = match &outcome.end {
-                TxEnd::Terminated => "terminate",
-                TxEnd::Shutdown => "shutdown",
-                TxEnd::ClientGone => "client disconnected",
-                TxEnd::ClientError(e) => {
-                    warn!(tenant = %who.tenant, client = %peer, error = %e, "client protocol error");
-                    "client protocol error"
-                }
-                TxEnd::ServerGone => "server connection lost",
-                TxEnd::Timeout(_) => "idle in transaction timeout",
-                TxEnd::Pool(e) => {
-                    warn!(tenant = %who.tenant, client = %peer, error = %e, "no server connection");
-                    "no server connection"
-                }
-            };
-            if let Some((mut be, left, be_pool)) = outcome.backend {
-                cancel.unlink();
-                match Box::pin(reset::reset(&mut be, left, reset_timeout)).await {
-                    Ok(()) => be_pool.park(be),
-                    Err(e) => {
-                        warn!(tenant = %who.tenant, role = %who.role, error = %e, "server connection could not be reset; closing it");
-                        be_pool.discard(be);
-                    }
-                }
-            }
-            (how, outcome.bytes_in, outcome.bytes_out)
-        }.instrument(span.clone())
-        .await,
+            let session = Box::new(TxSession {
+                engine,
+                client,
+                tenant: who.tenant,
+                role: who.role,
+                peer,
+                started,
+                reset_timeout,
+                pool,
+                _in_pool,
+                _slot,
+            });
+            tokio::spawn(serve_transactions(session).instrument(span));
+            return;
+        }
     };
+    closed(
+        &pool,
+        &who.tenant,
+        &who.role,
+        peer,
+        started,
+        how,
+        bytes_in,
+        bytes_out,
+    );
+}
+
+/// A transaction-mode session after its login: on the heap, so the task that waits for the
+/// client between transactions holds little more than a pointer.
+struct TxSession {
+    engine: Engine,
+    client: ClientStream,
+    tenant: String,
+    role: String,
+    peer: SocketAddr,
+    started: Instant,
+    reset_timeout: Duration,
+    pool: Arc<TenantPool>,
+    _in_pool: crate::pool::PoolClientGuard,
+    _slot: ClientSlot,
+}
+
+/// Serves a transaction-mode session until the client leaves, then resets what it left.
+async fn serve_transactions(mut session: Box<TxSession>) {
+    let s = &mut *session;
+    let outcome = s.engine.run(&mut s.client).await;
+    Box::pin(farewell(&mut s.client, s.engine.cancel())).await;
+    let (tenant, peer) = (&s.tenant, s.peer);
+    let how = match &outcome.end {
+        TxEnd::Terminated => "terminate",
+        TxEnd::Shutdown => "shutdown",
+        TxEnd::ClientGone => "client disconnected",
+        TxEnd::ClientError(e) => {
+            warn!(tenant = %tenant, client = %peer, error = %e, "client protocol error");
+            "client protocol error"
+        }
+        TxEnd::ServerGone => "server connection lost",
+        TxEnd::Timeout(_) => "idle in transaction timeout",
+        TxEnd::Pool(e) => {
+            warn!(tenant = %tenant, client = %peer, error = %e, "no server connection");
+            "no server connection"
+        }
+    };
+    if let Some((mut be, left, be_pool)) = outcome.backend {
+        s.engine.cancel().unlink();
+        match Box::pin(reset::reset(&mut be, left, s.reset_timeout)).await {
+            Ok(()) => be_pool.park(be),
+            Err(e) => {
+                warn!(tenant = %tenant, role = %s.role, error = %e, "server connection could not be reset; closing it");
+                be_pool.discard(be);
+            }
+        }
+    }
+    closed(
+        &s.pool,
+        tenant,
+        &s.role,
+        peer,
+        s.started,
+        how,
+        outcome.bytes_in,
+        outcome.bytes_out,
+    );
+}
+
+/// Accounts for and logs the end of a session.
+#[allow(clippy::too_many_arguments)]
+fn closed(
+    pool: &TenantPool,
+    tenant: &str,
+    role: &str,
+    peer: SocketAddr,
+    started: Instant,
+    how: &str,
+    bytes_in: u64,
+    bytes_out: u64,
+) {
     pool.stats()
         .client_seconds
         .inc_by(started.elapsed().as_secs_f64());
     info!(
-        tenant = %who.tenant,
-        role = %who.role,
+        tenant = %tenant,
+        role = %role,
         client = %peer,
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_in,

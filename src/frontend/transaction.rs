@@ -109,7 +109,7 @@ pub struct TxOutcome {
     pub bytes_out: u64,
 }
 
-pub struct Engine<'a> {
+pub struct Engine {
     /// The tenant's (primary) pool: statement names, the row binding, its replicas.
     pool: Arc<TenantPool>,
     /// Where reads go, and whether this session's transactions are all reads.
@@ -143,8 +143,8 @@ pub struct Engine<'a> {
     /// (`session_features = pin`), and whether a DISCARD ALL asked to let it go.
     pinned: Option<&'static str>,
     unpin_requested: bool,
-    state: &'a mut ClientState,
-    cancel: &'a CancelGuard,
+    state: ClientState,
+    cancel: CancelGuard,
     max_message: usize,
     max_prepared: usize,
     idle_tx_timeout: Option<Duration>,
@@ -172,13 +172,13 @@ pub struct Engine<'a> {
     bytes_out: u64,
 }
 
-impl<'a> Engine<'a> {
+impl Engine {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         pool: Arc<TenantPool>,
         reads: ReadPolicy,
-        state: &'a mut ClientState,
-        cancel: &'a CancelGuard,
+        state: ClientState,
+        cancel: CancelGuard,
         max_message: usize,
         max_prepared: usize,
         idle_tx_timeout: u64,
@@ -221,6 +221,11 @@ impl<'a> Engine<'a> {
             bytes_in: 0,
             bytes_out: 0,
         }
+    }
+
+    /// The client's registration (cancel key, operator termination).
+    pub fn cancel(&self) -> &CancelGuard {
+        &self.cancel
     }
 
     /// Logs transactions that take longer than `threshold`.
