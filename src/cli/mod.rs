@@ -166,6 +166,10 @@ pub enum TenantCmd {
         /// Client role(s) to create; default `app`.
         #[arg(long = "user")]
         users: Vec<String>,
+        /// The users created may create and change tables in the tenant's own schema (an
+        /// application's own migrations); not for the row tier.
+        #[arg(long)]
+        ddl: bool,
         /// Read the client password from standard input instead of generating one.
         #[arg(long)]
         password_stdin: bool,
@@ -196,6 +200,10 @@ pub enum TenantCmd {
         /// With --user: the user reads from the tenant's replicas and cannot write.
         #[arg(long, requires = "user")]
         read_only: bool,
+        /// With --user: the user may create and change tables in the tenant's own schema (an
+        /// application's own migrations); not for the row tier.
+        #[arg(long, requires = "user", conflicts_with = "read_only")]
+        ddl: bool,
         /// With --user: scram (default), scram-plus (channel binding required), cert (a client
         /// certificate naming role.tenant, no password read) or scram+cert.
         #[arg(long, requires = "user", value_parser = parse_auth)]
@@ -542,10 +550,17 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             tier,
             server,
             users,
+            ddl,
             password_stdin,
             settings: s,
             json,
         } => {
+            if ddl && tier == Tier::Row {
+                return Err(Failure(
+                    format!("tenant \"{id}\" is of the row tier: its tables are shared with other tenants, so their schema changes only through `pgtenant migrate`"),
+                    1,
+                ));
+            }
             let users = if users.is_empty() {
                 vec!["app".to_string()]
             } else {
@@ -580,6 +595,14 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                     .collect(),
             };
             let record = provision::create(&store, &req, &migrations(&store)?).await?;
+            if ddl {
+                let role = provision::grant_ddl(&store, &id).await?;
+                for u in &users {
+                    store
+                        .put_user(&id, u, &verifier, &role, false, Default::default())
+                        .await?;
+                }
+            }
             if json {
                 let mut v = serde_json::to_value(&record)?;
                 if generated {
@@ -671,6 +694,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             rotate_password,
             user,
             read_only,
+            ddl,
             auth,
             json,
         } => {
@@ -687,15 +711,13 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 } else {
                     provision::random_password()
                 };
+                let role = if ddl {
+                    provision::grant_ddl(&store, &id).await?
+                } else {
+                    provision::role_of(&store, &id).await?
+                };
                 store
-                    .put_user(
-                        &id,
-                        &u,
-                        &hash_password(&pw),
-                        &provision::role_of(&store, &id).await?,
-                        read_only,
-                        auth,
-                    )
+                    .put_user(&id, &u, &hash_password(&pw), &role, read_only, auth)
                     .await?;
             }
             let rows = store.tenant_rows(Some(&[id.as_str()])).await?;

@@ -376,6 +376,17 @@ pub async fn migrate_one(
         grant_tenant_role(db, &place, &recorded_role(store, t).await?, tier)
             .await
             .map_err(&err)?;
+        // The DDL role, when the tenant has one, uses the new tables as the tenant's role does.
+        if tier != Tier::Row
+            && store
+                .role_password(&t.id, &ddl_role(&t.id))
+                .await?
+                .is_some()
+        {
+            grant_tenant_role(db, &place, &ddl_role(&t.id), tier)
+                .await
+                .map_err(&err)?;
+        }
         Ok::<_, ProvisionError>(applied)
     }
     .await;
@@ -519,11 +530,15 @@ pub async fn delete(
     let role = recorded_role(store, &t).await?;
     // A shared row role stays, with its privileges and connections, while others hold it.
     let role_shared = !store.role_holders(&t.server, &role, id).await?.is_empty();
-    if !role_shared {
+    let ddl = (store.role_password(id, &ddl_role(id)).await?.is_some()).then(|| ddl_role(id));
+    for r in std::iter::once(&role)
+        .filter(|_| !role_shared)
+        .chain(ddl.as_ref())
+    {
         admin
             .execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
-                &[&role],
+                &[r],
             )
             .await
             .map_err(&err)?;
@@ -556,6 +571,9 @@ pub async fn delete(
             .await
             .map_err(&err)?;
             drop_owned(&db, &role).await.map_err(&err)?;
+            if let Some(ddl) = &ddl {
+                drop_owned(&db, ddl).await.map_err(&err)?;
+            }
         }
         Tier::Row if db_exists => {
             let db = admin_client(store, &t.server, &t.database).await?;
@@ -601,6 +619,13 @@ pub async fn delete(
             .await
             .map_err(&err)?;
     }
+    if let Some(ddl) = &ddl {
+        drop_owned(&admin, ddl).await.map_err(&err)?;
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {}", quote_ident(ddl)))
+            .await
+            .map_err(&err)?;
+    }
     store.remove_tenant(id).await?;
     Ok(())
 }
@@ -633,6 +658,64 @@ pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(),
         store.put_role(&other, &role, &password).await?;
     }
     Ok(())
+}
+
+/// The login role of a tenant's users with DDL rights (`tenant update --user NAME --ddl`).
+pub fn ddl_role(tenant: &str) -> String {
+    format!("{tenant}_ddl")
+}
+
+/// Gives a tenant a login role that may change the schema of its own place, for users whose
+/// applications run their own migrations (ORMs): CREATE in the tenant's schema (the schema
+/// tier's own one; the database tier's `public`), never in another's. What it creates, the
+/// tenant's ordinary role may read and write (default privileges), and it may use the
+/// platform's tables as that role does; those change only through `pgtenant migrate`.
+/// Refused for the row tier, whose tables all tenants share. Returns the role's name.
+pub async fn grant_ddl(store: &RegistryStore, id: &str) -> Result<String, ProvisionError> {
+    let t = store.tenant(id).await?;
+    let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
+    if tier == Tier::Row {
+        return Err(ProvisionError::Invalid(format!(
+            "tenant \"{id}\" is of the row tier: its tables are shared with other tenants, so their schema changes only through `pgtenant migrate`, never through a tenant's connection"
+        )));
+    }
+    let err = server_err(&t.server);
+    let app = recorded_role(store, &t).await?;
+    let ddl = ddl_role(id);
+    // The password it had, when it exists: another user of the tenant may log in with it.
+    let password = match store.role_password(id, &ddl).await? {
+        Some(p) => p.expose().to_string(),
+        None => random_password(),
+    };
+    let admin = admin_client(store, &t.server, "postgres").await?;
+    ensure_login_role(&admin, &ddl, &password)
+        .await
+        .map_err(&err)?;
+    store.put_role(id, &ddl, &password).await?;
+    let place = migrate::place_of(&t, tier);
+    let db = admin_client(store, &t.server, &place.database).await?;
+    grant_tenant_role(&db, &place, &ddl, tier)
+        .await
+        .map_err(&err)?;
+    let (s, d, a) = (
+        quote_ident(&place.schema),
+        quote_ident(&ddl),
+        quote_ident(&app),
+    );
+    db.batch_execute(&format!(
+        "GRANT CONNECT ON DATABASE {} TO {d};
+         GRANT CREATE ON SCHEMA {s} TO {d};
+         ALTER DEFAULT PRIVILEGES FOR ROLE {d} IN SCHEMA {s}
+             GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {a};
+         ALTER DEFAULT PRIVILEGES FOR ROLE {d} IN SCHEMA {s}
+             GRANT USAGE, SELECT ON SEQUENCES TO {a};
+         ALTER DEFAULT PRIVILEGES FOR ROLE {d} IN SCHEMA {s}
+             GRANT EXECUTE ON FUNCTIONS TO {a};",
+        quote_ident(&place.database)
+    ))
+    .await
+    .map_err(&err)?;
+    Ok(ddl)
 }
 
 /// The login role the tenant's client users map to.

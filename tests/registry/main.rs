@@ -5,6 +5,7 @@ mod support;
 
 mod admin;
 mod budget;
+mod ddl;
 mod encryption;
 mod lifecycle;
 mod migrations;
