@@ -19,6 +19,9 @@ use crate::tenancy::tier::{quote_ident, quote_literal};
 pub const DEMO_PASSWORD: &str = "demo";
 /// Client role of every demo user.
 pub const DEMO_ROLE: &str = "app";
+/// The demo's client user with DDL rights in its tenant's own place (database and schema tiers,
+/// as `tenant update --user NAME --ddl` gives): `pgbench -i` or an ORM's migrations run as it.
+pub const DEMO_DDL_ROLE: &str = "migrator";
 /// Shared database of the schema-tier tenants.
 pub const SCHEMA_DATABASE: &str = "schema_tenants";
 /// Shared database of the row-tier tenants.
@@ -403,6 +406,22 @@ pub async fn provision_registry(
         let record = provision::create(&store, &req, &migs)
             .await
             .map_err(|e| format!("tenant {}: {e}", t.id))?;
+        if t.tier != Tier::Row {
+            let ddl = provision::grant_ddl(&store, t.id)
+                .await
+                .map_err(|e| format!("tenant {}: {e}", t.id))?;
+            store
+                .put_user(
+                    t.id,
+                    DEMO_DDL_ROLE,
+                    &verifier,
+                    &ddl,
+                    false,
+                    Default::default(),
+                )
+                .await
+                .map_err(|e| format!("tenant {}: {e}", t.id))?;
+        }
         let db = cluster
             .connect(&record.database)
             .await

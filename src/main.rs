@@ -342,6 +342,10 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
         println!();
         println!("Try: SELECT current_database(), current_schemas(true); SELECT * FROM accounts; and, as a row tenant, SELECT pgtenant_rls.tenant();");
         println!(
+            "Schema changes (an ORM's migrations, pgbench -i): user {}.<tenant> of a database or schema tenant, same password.",
+            demo::DEMO_DDL_ROLE
+        );
+        println!(
             "Manage tenants while it runs: pgtenant tenant list --config {}",
             config_path.display()
         );

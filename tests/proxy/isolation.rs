@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use crate::support::{cancel_packet, fixture, sqlstate, RawClient};
-use pgtenant::config::{Config, PoolMode};
+use pgtenant::config::{Config, PoolMode, Tier};
 use tokio_postgres::Client;
 
 /// Where a row tenant's statements run.
@@ -732,39 +732,49 @@ async fn defaults_a_row_tenant_sets_on_the_shared_login_role_reach_no_other_tena
 #[tokio::test]
 async fn defaults_on_the_shared_login_role_refuse_a_standby_login_with_the_reason() {
     // A hot standby cannot clear them: its row-tier logins are refused, never served a
-    // session that started with another tenant's defaults.
+    // session that started with another tenant's defaults. A login role of this test's own
+    // (with the shared role's rights), so no other test's primary login clears them first.
     let f = fixture();
-    let _defaults = crate::support::ROLE_DEFAULTS.write().await;
-    // The login role all row tenants share (pgtenant::demo).
-    let role = "row_app";
     let primary = f.direct(0, "row_tenants").await;
     primary
-        .batch_execute(&format!(
-            "ALTER ROLE \"{role}\" SET statement_timeout = '1ms'"
-        ))
+        .batch_execute(
+            "DROP ROLE IF EXISTS row_app_defaults;
+             CREATE ROLE row_app_defaults LOGIN PASSWORD 'defaults-pw' IN ROLE row_app;
+             ALTER ROLE row_app_defaults SET statement_timeout = '1ms';",
+        )
         .await
         .unwrap();
     let standby = f.direct_standby("row_tenants").await;
+    let mut replayed = false;
     for _ in 0..600 {
-        let seen: bool = standby
+        replayed = standby
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r
-                    ON r.oid = s.setrole WHERE r.rolname = $1)",
-                &[&role.to_string()],
+                    ON r.oid = s.setrole WHERE r.rolname = 'row_app_defaults')",
+                &[],
             )
             .await
             .unwrap()
             .get(0);
-        if seen {
+        if replayed {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // A proxy of its own opens a new server connection.
-    let addr = On::Standby.extra_proxy(|_| {}).await;
+    assert!(replayed, "the standby replays the role and its defaults");
+    let addr = On::Standby
+        .extra_proxy(|c| {
+            for t in c.tenants.iter_mut().filter(|t| t.tier == Tier::Row) {
+                for u in t.users.iter_mut() {
+                    u.backend_user = "row_app_defaults".into();
+                    u.backend_password = Some(pgtenant::secret::Secret::new("defaults-pw"));
+                }
+            }
+        })
+        .await;
     let refused = f.connect_str(&f.url_at(addr, "hooli")).await;
     primary
-        .batch_execute(&format!("ALTER ROLE \"{role}\" RESET ALL"))
+        .batch_execute("DROP ROLE row_app_defaults")
         .await
         .unwrap();
     let Err(e) = refused else {
@@ -772,21 +782,6 @@ async fn defaults_on_the_shared_login_role_refuse_a_standby_login_with_the_reaso
     };
     let message = crate::support::pg_error(&e);
     assert!(message.contains("hot standby cannot clear"), "{message}");
-    for _ in 0..600 {
-        let cleared: bool = standby
-            .query_one(
-                "SELECT NOT EXISTS (SELECT 1 FROM pg_db_role_setting s JOIN pg_roles r
-                    ON r.oid = s.setrole WHERE r.rolname = $1)",
-                &[&role.to_string()],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if cleared {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
 }
 
 async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size(on: On) {
