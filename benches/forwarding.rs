@@ -6,7 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::{Config, PoolMode};
 use pgtenant::demo::{self, DEMO_PASSWORD};
-use pgtenant::server::Proxy;
+use pgtenant::proxy::Proxy;
 use tokio_postgres::{Client, NoTls};
 
 async fn connect(url: &str) -> Client {

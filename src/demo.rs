@@ -8,7 +8,7 @@ use rand::Rng;
 
 use crate::cluster::PgCluster;
 use crate::config::{Config, ServerConfig, TenantConfig, TenantStatus, Tier, UserConfig};
-use crate::frontend::scram::hash_password;
+use crate::credentials::hash_password;
 use crate::pg_error::describe_pg_error;
 use crate::secret::Secret;
 use crate::tenancy::crypto::MasterKey;

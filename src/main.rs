@@ -9,9 +9,9 @@ use clap::{Parser, Subcommand};
 use pgtenant::cli;
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::Config;
+use pgtenant::credentials::hash_password;
 use pgtenant::demo;
-use pgtenant::frontend::scram::hash_password;
-use pgtenant::server::Proxy;
+use pgtenant::proxy::Proxy;
 
 /// mimalloc rather than glibc malloc: the per-transaction state of a client (boxed while it is
 /// active, freed while it idles, so idle clients stay small) is larger than glibc's per-thread
@@ -227,12 +227,12 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
 
 /// SIGHUP re-reads the config file and applies what can change without a restart; a file
 /// that does not parse or validate is reported and the running config kept.
-async fn reload_on_sighup(ctx: std::sync::Arc<pgtenant::server::ProxyContext>, path: PathBuf) {
+async fn reload_on_sighup(ctx: std::sync::Arc<pgtenant::context::ProxyContext>, path: PathBuf) {
     let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
-        match Config::load(&path).map_err(pgtenant::server::ServeError::from) {
+        match Config::load(&path).map_err(pgtenant::context::ServeError::from) {
             Ok(config) => {
                 if let Err(e) = ctx.reload(&config) {
                     tracing::error!(error = %e, "config reload failed; the running config is kept");

@@ -152,7 +152,7 @@ fn hash_password_prints_a_scram_verifier_for_stdin() {
     assert!(out.status.success());
     let verifier = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(verifier.starts_with("SCRAM-SHA-256$4096:"), "{verifier}");
-    assert!(pgtenant::frontend::scram::ScramVerifier::parse(&verifier).is_some());
+    assert!(pgtenant::credentials::ScramVerifier::parse(&verifier).is_some());
     assert!(!verifier.contains("s3cret"));
 }
 

@@ -13,7 +13,7 @@ use prometheus::{Encoder, TextEncoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::ProxyContext;
+use crate::context::ProxyContext;
 
 /// Requests larger than this are not a scrape.
 const MAX_REQUEST: usize = 8192;

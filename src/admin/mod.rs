@@ -6,6 +6,7 @@ pub mod command;
 pub mod metrics;
 mod resultset;
 mod show;
+pub mod usage;
 
 use crate::frontend::stream::ClientStream;
 use bytes::BytesMut;
@@ -13,9 +14,9 @@ use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::context::ProxyContext;
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::{messages, sqlstate, ErrorReport};
-use crate::server::ProxyContext;
 
 pub use command::{parse, Command, CommandError};
 use resultset::command_complete;

@@ -3,7 +3,7 @@
 use std::time::SystemTime;
 
 use super::resultset::{t, Kind, ResultSet};
-use crate::server::ProxyContext;
+use crate::context::ProxyContext;
 
 use Kind::{Int, Text};
 
@@ -459,7 +459,7 @@ fn usage(ctx: &ProxyContext) -> ResultSet {
         ("bytes_out", Int),
         ("client_connection_seconds", Int),
     ]);
-    let mut per = crate::tenancy::usage::totals(&ctx.pools);
+    let mut per = crate::admin::usage::totals(&ctx.pools);
     // Sessions still open count up to now.
     let now = SystemTime::now();
     for c in ctx.cancels.clients() {

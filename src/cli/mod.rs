@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 
 use crate::config::{Config, PoolMode, RegistryConfig, TenantStatus, Tier};
-use crate::frontend::scram::hash_password;
+use crate::credentials::hash_password;
 use crate::tenancy::crypto::MasterKey;
 use crate::tenancy::migrate::{load_dir, Migration};
 use crate::tenancy::provision::{self, CreateRequest, ProvisionError};
@@ -280,7 +280,7 @@ pub fn finish(r: Result<(), Failure>) -> ExitCode {
 /// `pgtenant row-tier-install`: the context check and the policies, in one database.
 pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
     let c = load_config(config)?;
-    let secret = crate::server::row_secret(&c).await?.ok_or_else(|| {
+    let secret = crate::context::row_secret(&c).await?.ok_or_else(|| {
         Failure(
             format!(
                 "{}: no row_key and no [registry] key to derive the row key from",
@@ -933,7 +933,7 @@ pub struct UsageArgs {
 pub async fn usage_cmd(args: UsageArgs, config: &Path) -> Result<(), Failure> {
     let (_, store) = open(config).await?;
     let rows =
-        crate::tenancy::usage::read(&store, args.since.as_deref(), args.tenant.as_deref()).await?;
+        crate::admin::usage::read(&store, args.since.as_deref(), args.tenant.as_deref()).await?;
     const HEADERS: [&str; 8] = [
         "tenant",
         "hour (UTC)",
@@ -944,7 +944,7 @@ pub async fn usage_cmd(args: UsageArgs, config: &Path) -> Result<(), Failure> {
         "bytes_out",
         "client_connection_seconds",
     ];
-    let cells = |r: &crate::tenancy::usage::UsageRow| {
+    let cells = |r: &crate::admin::usage::UsageRow| {
         let u = &r.usage;
         vec![
             r.tenant.clone(),

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use super::{Config, ConfigError, Tier};
-use crate::frontend::scram::ScramVerifier;
+use crate::credentials::ScramVerifier;
 
 /// Database name reserved for the admin console.
 pub const ADMIN_DATABASE: &str = "pgtenant";
@@ -36,21 +36,21 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             "must be at least 1024",
         ));
     }
-    if config.peer_id > crate::frontend::cancel::MAX_PEER_ID {
+    if config.peer_id > crate::clients::cancel::MAX_PEER_ID {
         return Err(ConfigError::invalid(
             "peer_id",
             format!(
                 "must be 0 (alone) or 1 to {}",
-                crate::frontend::cancel::MAX_PEER_ID
+                crate::clients::cancel::MAX_PEER_ID
             ),
         ));
     }
     let mut peer_ids = HashSet::new();
     for (i, p) in config.peers.iter().enumerate() {
-        if p.id == 0 || p.id > crate::frontend::cancel::MAX_PEER_ID {
+        if p.id == 0 || p.id > crate::clients::cancel::MAX_PEER_ID {
             return Err(ConfigError::invalid(
                 format!("peers[{i}].id"),
-                format!("must be 1 to {}", crate::frontend::cancel::MAX_PEER_ID),
+                format!("must be 1 to {}", crate::clients::cancel::MAX_PEER_ID),
             ));
         }
         if p.id == config.peer_id || !peer_ids.insert(p.id) {

@@ -9,7 +9,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::protocol::framing::cstr;
 use crate::protocol::{messages, sqlstate, ErrorReport};
 
-use super::scram::{ScramError, ScramExchange, ScramVerifier, MECHANISM, MECHANISM_PLUS};
+use super::scram::{ScramError, ScramExchange, MECHANISM, MECHANISM_PLUS};
+use crate::credentials::ScramVerifier;
 
 /// SASL messages are a few hundred bytes; anything much larger is not one.
 const MAX_AUTH_MESSAGE: usize = 8192;

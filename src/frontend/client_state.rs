@@ -15,7 +15,7 @@ pub struct ClientStatement {
     pub global: Arc<str>,
     /// A complete Parse message for `global`, to prepare it on a backend that lacks it.
     pub parse: Bytes,
-    /// Schema tier: running it may change a setting unseen (`sql::may_change_settings_unseen`).
+    /// Schema tier: running it may change a setting unseen (`sql_policy::may_change_settings_unseen`).
     pub unseen_changes: bool,
 }
 

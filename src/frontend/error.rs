@@ -33,7 +33,7 @@ pub enum SessionError {
     #[error("malformed message of type '{}'", char::from(*.0))]
     Malformed(u8),
     #[error(transparent)]
-    Limit(#[from] super::limits::LimitError),
+    Limit(#[from] crate::clients::limits::LimitError),
     #[error("timed out during startup and authentication")]
     LoginTimeout,
     #[error("permission denied: \"{0}\" is not an admin user of the pgtenant console")]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use crate::server::ProxyContext;
+use crate::context::ProxyContext;
 
 use super::session;
 

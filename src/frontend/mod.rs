@@ -2,14 +2,13 @@
 
 pub mod auth;
 pub mod buffers;
-pub mod cancel;
 pub mod client_state;
 pub mod error;
-pub mod limits;
 pub mod listener;
 pub mod relay;
 pub mod scram;
 pub mod session;
+pub mod sql_policy;
 pub mod stream;
 pub mod transaction;
 

@@ -69,7 +69,7 @@ pub struct SessionRules<'a> {
     /// Counters of the session's (tenant, role).
     pub stats: &'a crate::pool::stats::PoolStats,
     /// The client's registration: tells the relay when pgtenant shuts down.
-    pub cancel: &'a super::cancel::CancelGuard,
+    pub cancel: &'a crate::clients::cancel::CancelGuard,
     /// Transactions longer than this are logged.
     pub slow: Option<std::time::Duration>,
 }

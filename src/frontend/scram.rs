@@ -1,4 +1,5 @@
-//! SCRAM-SHA-256 (RFC 5802/7677), server side, against stored PostgreSQL verifiers.
+//! SCRAM-SHA-256 (RFC 5802/7677), server side: the exchange with a client over its socket,
+//! against a stored verifier (`crate::credentials`).
 //!
 //! pgwire 0.42 has a SCRAM server, but it is driven by its own Framed codec and handler traits;
 //! pgtenant owns the raw socket from the first byte so it can hand it to the relay. The exchange
@@ -7,12 +8,11 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-type HmacSha256 = Hmac<Sha256>;
+use crate::credentials::{hmac, ScramVerifier};
 
 pub const MECHANISM: &str = "SCRAM-SHA-256";
 /// SCRAM bound to the TLS channel (`tls-server-end-point`), offered only over TLS.
@@ -30,56 +30,6 @@ pub enum ScramError {
     Downgrade,
     #[error("password authentication failed")]
     BadProof,
-}
-
-/// A `SCRAM-SHA-256$iter:salt$StoredKey:ServerKey` verifier, as in pg_authid.rolpassword.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ScramVerifier {
-    iterations: u32,
-    salt: Vec<u8>,
-    stored_key: [u8; 32],
-    server_key: [u8; 32],
-}
-
-impl std::fmt::Debug for ScramVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ScramVerifier(iterations={}, ***)", self.iterations)
-    }
-}
-
-impl ScramVerifier {
-    pub fn parse(s: &str) -> Option<ScramVerifier> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
-        let (params, keys) = rest.split_once('$')?;
-        let (iter, salt) = params.split_once(':')?;
-        let (stored, server) = keys.split_once(':')?;
-        let iterations: u32 = iter.parse().ok().filter(|&i| i > 0)?;
-        let salt = B64.decode(salt).ok()?;
-        let stored_key = B64.decode(stored).ok()?.try_into().ok()?;
-        let server_key = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramVerifier {
-            iterations,
-            salt,
-            stored_key,
-            server_key,
-        })
-    }
-
-    /// A verifier that no password matches, derived from the user name so that repeated attempts
-    /// for an unknown user look exactly like those for a real one (same salt, same iterations).
-    pub fn mock(user: &str, mock_key: &[u8; 32]) -> ScramVerifier {
-        let salt = hmac(mock_key, &[b"salt:", user.as_bytes()].concat());
-        let mut stored_key = [0u8; 32];
-        let mut server_key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut stored_key);
-        rand::thread_rng().fill_bytes(&mut server_key);
-        ScramVerifier {
-            iterations: 4096,
-            salt: salt[..16].to_vec(),
-            stored_key,
-            server_key,
-        }
-    }
 }
 
 /// Server state between the server-first and client-final messages.
@@ -225,21 +175,10 @@ fn split_gs2(msg: &str) -> Result<(&str, &str), ScramError> {
     Ok((&msg[..=second], &msg[second + 1..]))
 }
 
-fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
-    // HMAC accepts keys of any length, so new_from_slice cannot fail.
-    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
-    mac.update(data);
-    mac.finalize().into_bytes().into()
-}
-
-/// Makes a verifier for `password`, in the format PostgreSQL stores.
-pub fn hash_password(password: &str) -> String {
-    postgres_protocol::password::scram_sha_256(password.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credentials::hash_password;
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn run(verifier: &str, password: &str) -> Result<(), ScramError> {
@@ -267,13 +206,6 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_stored_verifier_format() {
-        // Shape of pg_authid.rolpassword; the integration tests also use verifiers read from it.
-        let v = "SCRAM-SHA-256$4096:hpFyHTUsSWcR7O9P$LgAKJiG9dcS8+cgPsZ2pETPJkVyKS0I6fA/08Zjqkgo=:fEzPKKnmkgw7S4ZTQDJQQwXBkWtwX/HsCXM1MWQ6Fhg=";
-        assert!(ScramVerifier::parse(v).is_some());
-    }
-
-    #[test]
     fn a_mock_verifier_refuses_every_password_with_a_stable_salt() {
         let key = [9u8; 32];
         let a = ScramVerifier::mock("nobody", &key);
@@ -283,12 +215,6 @@ mod tests {
         let ex = ScramExchange::start(a, client.message(), None, false).unwrap();
         client.update(ex.server_first()).unwrap();
         assert_eq!(ex.finish(client.message()), Err(ScramError::BadProof));
-    }
-
-    #[test]
-    fn clear_text_is_not_a_verifier() {
-        assert!(ScramVerifier::parse("hunter2").is_none());
-        assert!(ScramVerifier::parse("md5abcdef").is_none());
     }
 
     #[test]

@@ -15,22 +15,22 @@ use crate::backend::reset::{self, Leftover};
 use crate::backend::{BackendConn, BackendError};
 use crate::config::TlsMode;
 use crate::config::{PoolMode, TenantStatus};
+use crate::context::ProxyContext;
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
-use crate::server::ProxyContext;
 use crate::tenancy::{resolve, Addressed, Tenant};
 use crate::tls::acceptor::TlsSettings;
 
 use super::auth::authenticate;
-use super::cancel::CancelGuard;
 use super::client_state::ClientState;
 use super::error::SessionError;
-use super::limits::{ClientSlot, PendingLogin};
 use super::relay::{relay, send_report, RelayEnd, SessionRules};
-use super::scram::ScramVerifier;
 use super::stream::ClientStream;
 use super::transaction::{Engine, TxEnd};
+use crate::clients::cancel::CancelGuard;
+use crate::clients::limits::{ClientSlot, PendingLogin};
+use crate::credentials::ScramVerifier;
 
 /// Checkout attempts when a pooled connection turns out to be dead.
 const CHECKOUT_ATTEMPTS: usize = 3;
@@ -79,7 +79,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
         who.settings
             .push(("default_transaction_read_only".into(), "on".into()));
     }
-    let info = super::cancel::ClientInfo {
+    let info = crate::clients::cancel::ClientInfo {
         role: who.role.clone(),
         database: tenant.database.clone(),
         addr: peer,

@@ -18,23 +18,23 @@ use crate::frontend::stream::ClientStream;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::sql_policy::{
+    classify, deallocated_name, may_change_settings_unseen, may_matter,
+    opens_read_only_transaction, statements, Statement,
+};
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::config::{SessionFeatures, Tier};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, HEADER_LEN};
 use crate::protocol::report::Severity;
-use crate::protocol::sql::{
-    classify, deallocated_name, may_change_settings_unseen, may_matter,
-    opens_read_only_transaction, statements, Statement,
-};
 use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
 use crate::tenancy::row_context;
 
 use super::buffers;
-use super::cancel::CancelGuard;
 use super::client_state::{ClientState, ClientStatement, SettingOp};
 use super::error::SessionError;
+use crate::clients::cancel::CancelGuard;
 
 const READ_CHUNK: usize = 8192;
 /// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).

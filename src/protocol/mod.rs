@@ -4,7 +4,6 @@
 pub mod framing;
 pub mod messages;
 pub mod report;
-pub mod sql;
 pub mod sqlstate;
 pub mod startup;
 

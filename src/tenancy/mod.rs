@@ -14,7 +14,6 @@ pub mod role_repair;
 pub mod row_context;
 pub mod store;
 pub mod tier;
-pub mod usage;
 
 pub use model::{BackendCredentials, ClientUser, Server, Tenant};
 pub use registry::{LayeredRegistry, StaticRegistry, TenantChange, TenantRegistry};

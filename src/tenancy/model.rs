@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::{AuthMethod, PoolMode, SessionFeatures, TenantStatus, Tier};
-use crate::frontend::scram::ScramVerifier;
+use crate::credentials::ScramVerifier;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -53,9 +53,9 @@ impl TenantRegistry for PgRegistry {
         Some(self.changes.subscribe())
     }
 
-    fn admin_verifier(&self, name: &str) -> Option<crate::frontend::scram::ScramVerifier> {
+    fn admin_verifier(&self, name: &str) -> Option<crate::credentials::ScramVerifier> {
         let admins = self.admins.read().ok()?;
-        crate::frontend::scram::ScramVerifier::parse(admins.get(name)?)
+        crate::credentials::ScramVerifier::parse(admins.get(name)?)
     }
 }
 

@@ -412,7 +412,7 @@ pub(crate) async fn ensure_login_role(
         .batch_execute(&format!(
             "{verb} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}",
             quote_ident(role),
-            quote_literal(&crate::frontend::scram::hash_password(password))
+            quote_literal(&crate::credentials::hash_password(password))
         ))
         .await
 }

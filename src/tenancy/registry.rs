@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 
 use crate::config::{Config, ConfigError};
-use crate::frontend::scram::ScramVerifier;
+use crate::credentials::ScramVerifier;
 use crate::secret::Secret;
 
 use super::model::{ClientUser, Server, Tenant};
@@ -285,7 +285,7 @@ mod tests {
     fn config(pool_size: u32) -> Config {
         // A fixed verifier: a fresh salt would make every config a different one.
         static VERIFIER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let verifier = VERIFIER.get_or_init(|| crate::frontend::scram::hash_password("pw"));
+        let verifier = VERIFIER.get_or_init(|| crate::credentials::hash_password("pw"));
         Config::parse(&format!(
             r#"
             [[servers]]

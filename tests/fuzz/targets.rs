@@ -119,7 +119,7 @@ pub fn framing(bytes: &[u8], cuts: &[usize], want_bodies: bool, max_body: usize)
 
 /// The transaction-mode SQL inspector.
 pub fn sql(text: &str) {
-    use pgtenant::protocol::sql::*;
+    use pgtenant::frontend::sql_policy::*;
     for stmt in statements(text) {
         let _ = classify(stmt);
     }
@@ -140,8 +140,8 @@ pub fn scram(first: &[u8], last: &[u8], channel: bool, plus: bool) {
 }
 
 /// One verifier per thread: hashing a password takes 4,096 rounds.
-fn verifier() -> pgtenant::frontend::scram::ScramVerifier {
-    use pgtenant::frontend::scram::{hash_password, ScramVerifier};
+fn verifier() -> pgtenant::credentials::ScramVerifier {
+    use pgtenant::credentials::{hash_password, ScramVerifier};
     thread_local! {
         static VERIFIER: ScramVerifier =
             ScramVerifier::parse(&hash_password("pw")).expect("verifier");

@@ -63,7 +63,7 @@ async fn a_cancel_sent_to_another_instance_stops_the_clients_query() {
     let (a, b) = two_peers().await;
     let mut c = RawClient::login(a, "app.acme", "acme").await;
     let (pid, secret) = c.key.expect("BackendKeyData");
-    assert_eq!(pgtenant::frontend::cancel::peer_of(pid), 1);
+    assert_eq!(pgtenant::clients::cancel::peer_of(pid), 1);
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
         send_cancel(b, pid, secret).await;

@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::{Config, TenantConfig, TenantStatus, Tier, UserConfig};
+use pgtenant::credentials::hash_password;
 use pgtenant::demo::{self, SampleTenant, DEMO_PASSWORD, DEMO_ROLE};
-use pgtenant::frontend::scram::hash_password;
+use pgtenant::proxy::{Proxy, ProxyContext};
 use pgtenant::secret::Secret;
-use pgtenant::server::{Proxy, ProxyContext};
 use std::sync::Arc;
 use tokio_postgres::{Client, NoTls};
 
@@ -51,8 +51,8 @@ pub struct Fixture {
     pub standby: (String, u16),
     rt: tokio::runtime::Handle,
     /// Dropping the handles would stop the proxies.
-    _proxy: pgtenant::server::ProxyHandle,
-    _standby_proxy: pgtenant::server::ProxyHandle,
+    _proxy: pgtenant::proxy::ProxyHandle,
+    _standby_proxy: pgtenant::proxy::ProxyHandle,
 }
 
 static FIXTURE: OnceLock<Fixture> = OnceLock::new();

@@ -28,7 +28,7 @@ fn add_tls_users(c: &mut Config) {
     }
 }
 
-async fn tls_proxy(pki: &Pki, mode: TlsMode) -> (SocketAddr, Arc<pgtenant::server::ProxyContext>) {
+async fn tls_proxy(pki: &Pki, mode: TlsMode) -> (SocketAddr, Arc<pgtenant::proxy::ProxyContext>) {
     let tls = pki.server_tls(mode);
     fixture()
         .extra_proxy_ctx(move |c| {

@@ -439,7 +439,7 @@ async fn a_row_tenant_created_with_a_role_of_its_own_keeps_it_through_migrate() 
         .put_user(
             "legacy-a",
             "app",
-            &pgtenant::frontend::scram::hash_password(PASSWORD),
+            &pgtenant::credentials::hash_password(PASSWORD),
             "legacy-a_app",
             false,
             Default::default(),

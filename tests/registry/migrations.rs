@@ -26,10 +26,7 @@ async fn migrate_applies_to_fifty_tenants_and_reports_the_one_that_fails() {
             tier,
             server: None,
             settings: TenantSettings::default(),
-            users: vec![(
-                "app".into(),
-                pgtenant::frontend::scram::hash_password(PASSWORD),
-            )],
+            users: vec![("app".into(), pgtenant::credentials::hash_password(PASSWORD))],
         };
         provision::create(&store, &req, &migs)
             .await

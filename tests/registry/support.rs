@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::{Config, RegistryConfig};
-use pgtenant::server::{Proxy, ProxyHandle};
+use pgtenant::proxy::{Proxy, ProxyHandle};
 use pgtenant::tenancy::crypto::MasterKey;
 use pgtenant::tenancy::store::RegistryStore;
 use tokio_postgres::{Client, NoTls};

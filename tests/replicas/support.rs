@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use pgtenant::cluster::PgCluster;
 use pgtenant::config::{Config, PoolMode, ServerConfig, UserConfig};
 use pgtenant::demo::{self, SampleTenant, DEMO_PASSWORD};
-use pgtenant::server::{Proxy, ProxyHandle};
+use pgtenant::proxy::{Proxy, ProxyHandle};
 use tokio_postgres::{Client, NoTls};
 
 pub use pgtenant::pg_error::describe_pg_error as pg_error;

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_postgres::Row;
 
 use crate::config::{PoolConfig, PoolMode, TenantStatus, Tier};
-use crate::frontend::scram::ScramVerifier;
+use crate::credentials::ScramVerifier;
 use crate::tenancy::crypto::{role_owner, secret_owner, server_owner, Keyring};
 use crate::tenancy::model::{ClientUser, Server, Tenant};
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::pool::Pools;
 
-use super::store::{RegistryError, RegistryStore};
+use crate::tenancy::store::{RegistryError, RegistryStore};
 
 /// What a tenant used, in the units stored.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
