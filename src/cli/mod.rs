@@ -555,7 +555,7 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             settings: s,
             json,
         } => {
-            if ddl && tier == Tier::Row {
+            if ddl && !tier.rules().ddl {
                 return Err(Failure(
                     format!("tenant \"{id}\" is of the row tier: its tables are shared with other tenants, so their schema changes only through `pgtenant migrate`"),
                     1,

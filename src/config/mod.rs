@@ -560,32 +560,8 @@ impl SslMode {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tier {
-    Database,
-    Schema,
-    Row,
-}
-
-impl Tier {
-    pub fn parse(s: &str) -> Option<Tier> {
-        match s {
-            "database" => Some(Tier::Database),
-            "schema" => Some(Tier::Schema),
-            "row" => Some(Tier::Row),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Database => "database",
-            Tier::Schema => "schema",
-            Tier::Row => "row",
-        }
-    }
-}
+/// The isolation tiers and their rules live in `tenancy::tier`.
+pub use crate::tenancy::tier::Tier;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

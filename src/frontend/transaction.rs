@@ -751,7 +751,7 @@ impl Engine {
     /// Schema tier: the pinned `search_path` is restored after a transaction that may have
     /// changed it where no parser sees it.
     fn watches_unseen_changes(&self) -> bool {
-        self.pool.tenant().tier == Tier::Schema
+        self.pool.tenant().tier.rules().pinned_setting.is_some()
     }
 
     fn named(&self, name: &[u8]) -> Option<Arc<ClientStatement>> {
@@ -1586,13 +1586,7 @@ fn inspect_sql(text: &[u8]) -> (Vec<SettingOp>, Option<&'static str>) {
 
 /// The setting a tier pins on every session, which clients may change only for a transaction.
 fn pinned_setting(tier: Tier) -> Option<&'static str> {
-    match tier {
-        Tier::Schema => Some("search_path"),
-        // The row context is not pinned by RESET ALL, which would clear it: see
-        // `clears_row_context`.
-        Tier::Row => None,
-        Tier::Database => None,
-    }
+    tier.rules().pinned_setting
 }
 
 /// Whether a client's setting change cleared (or tampered with) its row-tier context.

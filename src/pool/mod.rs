@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::health::coarse_ms;
 use crate::backend::{BackendError, ConnectSpec, HealthBook, RoleRepair, ServerHealth};
-use crate::config::{HealthConfig, PoolConfig, Tier};
+use crate::config::{HealthConfig, PoolConfig};
 use crate::protocol::{sqlstate, ErrorReport};
 use crate::tenancy::crypto::RowSecret;
 use crate::tenancy::row_context::RowBinding;
@@ -883,7 +883,7 @@ impl Pools {
             .entry(key)
             .or_insert_with(|| Arc::new(PoolStats::new(&self.metrics, &tenant.id, &user.name)))
             .clone();
-        let row_tier = tenant.tier == Tier::Row;
+        let row_tier = tenant.tier.rules().shared_connections;
         let health = self.health.of(server);
         let spec = ConnectSpec {
             health: health.clone(),

@@ -674,7 +674,7 @@ pub fn ddl_role(tenant: &str) -> String {
 pub async fn grant_ddl(store: &RegistryStore, id: &str) -> Result<String, ProvisionError> {
     let t = store.tenant(id).await?;
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
-    if tier == Tier::Row {
+    if !tier.rules().ddl {
         return Err(ProvisionError::Invalid(format!(
             "tenant \"{id}\" is of the row tier: its tables are shared with other tenants, so their schema changes only through `pgtenant migrate`, never through a tenant's connection"
         )));

@@ -1,11 +1,81 @@
-//! What each isolation tier pins on a backend session.
+//! The isolation tiers and what each one means, in one place: a reviewer checks isolation
+//! against `Tier::rules` and the code that reads it.
 //!
-//! The pins travel in the backend's StartupMessage, so they are the session defaults from the
-//! first byte: nothing can run before them, and RESET / DISCARD ALL return to them.
+//! Pins travel in the backend's StartupMessage, so they are the session defaults from the first
+//! byte: nothing can run before them, and RESET / DISCARD ALL return to them.
 
-use crate::config::Tier;
+use serde::{Deserialize, Serialize};
 
 use super::model::Tenant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Database,
+    Schema,
+    Row,
+}
+
+/// What a tier means for the sessions and objects of its tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierRules {
+    /// The setting pinned on every backend session (a startup parameter), which a client may
+    /// change only for the length of a transaction.
+    pub pinned_setting: Option<&'static str>,
+    /// Tenants share server connections, each bound in turn to one tenant's row context
+    /// (`row_context`): a reset and a binding before every switch.
+    pub shared_connections: bool,
+    /// A tenant's client user may be given DDL rights in its own place; the row tier's tables
+    /// are everyone's, and change only through `pgtenant migrate`.
+    pub ddl: bool,
+    /// Read replicas serve its reads (every tier: the row context writes nothing).
+    pub replicas: bool,
+}
+
+impl Tier {
+    /// The tier's rules.
+    pub const fn rules(self) -> TierRules {
+        match self {
+            Tier::Database => TierRules {
+                pinned_setting: None,
+                shared_connections: false,
+                ddl: true,
+                replicas: true,
+            },
+            Tier::Schema => TierRules {
+                pinned_setting: Some("search_path"),
+                shared_connections: false,
+                ddl: true,
+                replicas: true,
+            },
+            // RESET ALL would clear a pinned row context, so it is not pinned but bound again
+            // (see `frontend::transaction::clears_row_context`).
+            Tier::Row => TierRules {
+                pinned_setting: None,
+                shared_connections: true,
+                ddl: false,
+                replicas: true,
+            },
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Tier> {
+        match s {
+            "database" => Some(Tier::Database),
+            "schema" => Some(Tier::Schema),
+            "row" => Some(Tier::Row),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Database => "database",
+            Tier::Schema => "schema",
+            Tier::Row => "row",
+        }
+    }
+}
 
 /// `search_path` of a schema-tier session: the tenant's schema, then `public`.
 pub fn schema_search_path(schema: &str) -> String {
@@ -44,6 +114,21 @@ pub fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_schema_tier_pins_a_setting() {
+        assert_eq!(Tier::Schema.rules().pinned_setting, Some("search_path"));
+        assert_eq!(Tier::Database.rules().pinned_setting, None);
+        assert_eq!(Tier::Row.rules().pinned_setting, None);
+    }
+
+    #[test]
+    fn only_the_row_tier_shares_connections_and_refuses_ddl() {
+        for t in [Tier::Database, Tier::Schema, Tier::Row] {
+            assert_eq!(t.rules().shared_connections, t == Tier::Row);
+            assert_eq!(t.rules().ddl, t != Tier::Row);
+        }
+    }
 
     #[test]
     fn search_path_quotes_the_schema() {
