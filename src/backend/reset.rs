@@ -76,8 +76,8 @@ async fn reset_inner(conn: &mut BackendConn, mut left: Leftover) -> Result<(), B
         conn.execute("ROLLBACK").await?;
     }
     conn.execute(RESET_QUERY).await?;
-    // DISCARD ALL dropped every prepared statement and setting, and with the sequences the
-    // row tier's context: the connection is bound to no tenant until it is entered again.
+    // DISCARD ALL dropped every prepared statement and setting, the row tier's context among
+    // them: the connection is bound to no tenant until it is bound again.
     conn.prepared.clear();
     conn.applied_settings = std::sync::Arc::from("");
     conn.bound = None;

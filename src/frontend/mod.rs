@@ -5,6 +5,7 @@ pub mod buffers;
 pub mod client_state;
 pub mod error;
 pub mod listener;
+pub mod prelude;
 pub mod relay;
 pub mod scram;
 pub mod session;

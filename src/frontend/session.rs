@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::backend::reset::{self, Leftover};
-use crate::backend::{BackendConn, BackendError};
+use crate::backend::BackendError;
 use crate::config::TlsMode;
 use crate::config::{PoolMode, TenantStatus};
 use crate::context::ProxyContext;
@@ -109,15 +109,10 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
     );
     let (mut backend, login_pool) = {
         let attached = {
-            let session_settings = state.script().to_string();
-            let replay = |be: &BackendConn| match mode {
-                PoolMode::Session => session_settings.clone(),
-                PoolMode::Transaction => state.replay_for(&be.applied_settings).unwrap_or_default(),
-            };
             let mut target = pool.clone();
             loop {
                 let r = Box::pin(
-                    attach_routed(&mut client, &ctx, &tenant, &target, reads, &replay, &cancel)
+                    attach_routed(&mut client, &ctx, &tenant, &target, reads, &state, &cancel)
                         .instrument(span.clone()),
                 )
                 .await;
@@ -564,14 +559,14 @@ async fn attach_routed(
     tenant: &Tenant,
     primary: &Arc<TenantPool>,
     reads: ReadPolicy,
-    setup: &(dyn Fn(&BackendConn) -> String + Sync),
+    state: &ClientState,
     cancel: &CancelGuard,
 ) -> Result<(Box<PooledBackend>, Arc<TenantPool>), SessionError> {
     if reads.all_reads {
         let mut last = None;
         if let Some(replicas) = primary.replicas() {
             for p in replicas.candidates() {
-                match attach(client, ctx, tenant, p, Patience::FailFast, setup, cancel).await {
+                match attach(client, ctx, tenant, p, Patience::FailFast, state, cancel).await {
                     Ok(be) => return Ok((be, p.clone())),
                     Err(SessionError::Pool(e)) if e.is_transient() => {
                         warn!(tenant = %tenant.id, replica = %p.health().name, error = %e, "replica unavailable for a read-only session");
@@ -592,21 +587,22 @@ async fn attach_routed(
         tenant,
         primary,
         Patience::UntilTimeout,
-        setup,
+        state,
         cancel,
     )
     .await?;
     Ok((be, primary.clone()))
 }
 
-/// Checks out a backend, applies the client's settings and tells the client it is ready.
+/// Checks out a backend, brings it in line with the client (`prelude`) and tells the client it
+/// is ready.
 async fn attach(
     client: &mut ClientStream,
     ctx: &ProxyContext,
     tenant: &Tenant,
     pool: &TenantPool,
     patience: Patience,
-    setup: &(dyn Fn(&BackendConn) -> String + Sync),
+    state: &ClientState,
     cancel: &CancelGuard,
 ) -> Result<Box<PooledBackend>, SessionError> {
     let mut last_err = None;
@@ -615,10 +611,14 @@ async fn attach(
         // Whether a round trip just proved the connection alive.
         let mut proven = false;
         let row = pool.row();
-        // Row tier, bound to another tenant (or none): cleared first, entered last, so the
-        // setup's RESET ALL cannot undo the context.
-        let rebind = row.is_some_and(|r| backend.bound_tenant() != Some(&*r.tenant));
-        if rebind {
+        let plan = super::prelude::prelude(
+            row.map(|r| &*r.tenant),
+            backend.bound_tenant(),
+            state,
+            &backend.applied_settings,
+            tenant.enforce_limits.is_some(),
+        );
+        if plan.reset {
             match backend.clear_session().await {
                 Ok(()) => proven = true,
                 Err(e) => {
@@ -629,10 +629,8 @@ async fn attach(
                 }
             }
         }
-        let mut sql = setup(&backend);
-        // The setup starts with RESET ALL, which clears the row context: bound again after.
-        let rebind = rebind || (row.is_some() && !sql.is_empty());
-        if let Some(caps) = &tenant.enforce_limits {
+        let mut sql = plan.settings.unwrap_or_default();
+        if let (true, Some(caps)) = (plan.caps, &tenant.enforce_limits) {
             if !sql.is_empty() {
                 sql.push_str("; ");
             }
@@ -643,7 +641,8 @@ async fn attach(
         } else {
             backend.execute(&sql).await
         };
-        if let (Ok(()), Some(row), true) = (&setup_done, row, rebind) {
+        // Bound last, so nothing above can clear the context.
+        if let (Ok(()), Some(row), true) = (&setup_done, row, plan.bind) {
             setup_done = backend.enter_row(row).await;
         }
         match setup_done {

@@ -1040,37 +1040,34 @@ impl Engine {
         self.linked_at = Some(now);
         self.tx_began = Some(now);
         let (out_len, queue_len) = (self.out.len(), self.queue.len());
-        let mut rebind = false;
-        if let Some(row) = self.pool.row() {
-            if be.bound_tenant() != Some(&*row.tenant) {
-                // Pipelined ahead of the client's messages, responses swallowed. First nothing
-                // of the previous tenant's session may remain (settings, also those made with
-                // set_config(); cursors, locks, LISTEN, prepared statements, the context):
-                // the reset leaves the session bound to no tenant, so if `bind` then fails
-                // the client's statements see no rows, never another tenant's.
-                be.prepared.clear();
-                be.bound = None;
-                put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
-                self.queue.push_back(Item::Proxy(Resp::Query));
-                // The client's settings in a query of their own: one that fails must not roll
-                // the reset back. Before the binding, which sets the tenant setting last.
-                let script = self.state.script();
-                if !script.is_empty() {
-                    put_query(&mut self.out, script);
-                    self.queue.push_back(Item::Proxy(Resp::Query));
-                }
-                be.applied_settings = script.clone();
-                rebind = true;
-            }
-        }
-        if let Some(replay) = self.state.replay_for(&be.applied_settings) {
-            put_query(&mut self.out, &replay);
+        let tenant = self.pool.tenant();
+        let plan = super::prelude::prelude(
+            self.pool.row().map(|r| &*r.tenant),
+            be.bound_tenant(),
+            &self.state,
+            &be.applied_settings,
+            tenant.enforce_limits.is_some(),
+        );
+        // Pipelined ahead of the client's messages, responses swallowed.
+        if plan.reset {
+            // Nothing of the previous tenant's session may remain (settings, also those made
+            // with set_config(); cursors, locks, LISTEN, prepared statements, the context):
+            // the reset leaves the session bound to no tenant, so if `bind` then fails the
+            // client's statements see no rows, never another tenant's.
+            be.prepared.clear();
+            be.bound = None;
+            put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
             self.queue.push_back(Item::Proxy(Resp::Query));
-            be.applied_settings = self.state.script().clone();
-            // The replay starts with RESET ALL, which clears the row context.
-            rebind |= self.pool.row().is_some();
         }
-        if let (true, Some(row)) = (rebind, self.pool.row()) {
+        if let Some(sql) = &plan.settings {
+            // In a query of its own: one that fails must not roll the reset back.
+            put_query(&mut self.out, sql);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+        }
+        if plan.reset || plan.settings.is_some() {
+            be.applied_settings = self.state.script().clone();
+        }
+        if let (true, Some(row)) = (plan.bind, self.pool.row()) {
             if let Err(e) = be.put_row_bind(&mut self.out, &row.tenant) {
                 self.out.truncate(out_len);
                 self.queue.truncate(queue_len);
@@ -1086,7 +1083,7 @@ impl Engine {
                 self.queue.push_back(Item::Proxy(r));
             }
         }
-        if let Some(sql) = &self.pool.tenant().enforce_limits {
+        if let (true, Some(sql)) = (plan.caps, &tenant.enforce_limits) {
             // Whatever the last transaction raised, also through set_config().
             put_query(&mut self.out, sql);
             self.queue.push_back(Item::Proxy(Resp::Query));
