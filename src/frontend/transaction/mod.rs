@@ -1,0 +1,567 @@
+//! Transaction pooling: a client borrows a backend from its first message of a transaction to
+//! the ReadyForQuery that ends it with status 'I'.
+//!
+//! Between transactions the client's session lives in `ClientState`: settings are replayed and
+//! named statements re-prepared (under pool-wide names) on whichever backend serves the next
+//! transaction, pipelined in front of the client's own messages, with the responses to what
+//! pgtenant injected swallowed. Every message sent to the backend gets an entry in a queue of
+//! expected responses, so each response is matched to its request (PgDog's design):
+//! responses to client messages are forwarded, to injected ones swallowed, and responses
+//! pgtenant answers itself (ParseComplete for a statement the backend already has,
+//! CloseComplete for a client Close) are emitted in order.
+//!
+//! Here: the engine's state and its loop (idle wait, active serving, flushing, release).
+//! `requests`: each client message. `responses`: each server message. `linking`: borrowing
+//! and preparing a backend. `recovery`: a lost server connection.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::frontend::stream::ClientStream;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::sql_policy::{
+    classify, deallocated_name, may_change_settings_unseen, may_matter,
+    opens_read_only_transaction, statements, Statement,
+};
+use crate::backend::reset::Leftover;
+use crate::backend::stream::TryWrite;
+use crate::config::{SessionFeatures, Tier};
+use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
+use crate::protocol::framing::{cstr, HEADER_LEN};
+use crate::protocol::report::Severity;
+use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
+use crate::tenancy::row_context;
+
+use super::buffers;
+use super::client_state::{ClientState, ClientStatement, SettingOp};
+use super::error::SessionError;
+use crate::clients::cancel::CancelGuard;
+
+mod linking;
+mod recovery;
+mod requests;
+mod responses;
+
+use recovery::fatal_report;
+use requests::{clears_row_context, pinned_setting, raise_statement};
+
+const READ_CHUNK: usize = 8192;
+/// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
+const INSPECT_LIMIT: usize = 64 * 1024;
+const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+/// Applied-settings marker of a connection whose tier-pinned setting a client changed: equal to
+/// no client's script, so the next transaction on it starts with RESET ALL.
+const PIN_CHANGED: &str = "\0pin changed";
+const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
+
+/// The response(s) one message sent to the backend produces.
+#[derive(Debug, Clone)]
+enum Resp {
+    Parse(Option<Arc<str>>),
+    Bind,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Close(Option<Arc<str>>),
+    Sync,
+    Query,
+    FunctionCall,
+    /// The row tier's binding of the connection to a tenant (an Execute).
+    Enter(Arc<str>),
+    /// A Query that opens a transaction and fails it on purpose: the client's transaction was
+    /// lost with its server connection, and its next statements must fail as PostgreSQL's
+    /// would in an aborted transaction, until it ends it.
+    Abort,
+}
+
+impl Resp {
+    /// Ends with ReadyForQuery (an error does not end it).
+    fn ends_with_ready(&self) -> bool {
+        matches!(
+            self,
+            Resp::Sync | Resp::Query | Resp::FunctionCall | Resp::Abort
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    /// A client message: its responses go to the client.
+    Client(Resp),
+    /// A message pgtenant injected: its responses are swallowed.
+    Proxy(Resp),
+    /// Bytes pgtenant answers itself, in order.
+    Synthetic(Bytes),
+    /// The client ended a COPY (CopyDone/CopyFail) before the server's CopyInResponse was
+    /// seen; marks which Syncs were sent during the copy (the server ignores those).
+    CopyEnd,
+}
+
+pub enum TxEnd {
+    Terminated,
+    /// pgtenant is shutting down and the client is between transactions.
+    Shutdown,
+    ClientGone,
+    ClientError(SessionError),
+    ServerGone,
+    Timeout(ErrorReport),
+    Pool(PoolError),
+}
+
+pub struct TxOutcome {
+    pub end: TxEnd,
+    /// The backend still linked when the client left, with what it was doing and the pool it
+    /// belongs to (the primary's or a replica's).
+    pub backend: Option<(Box<PooledBackend>, Leftover, Arc<TenantPool>)>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+pub struct Engine {
+    /// The tenant's (primary) pool: statement names, the row binding, its replicas.
+    pool: Arc<TenantPool>,
+    /// Where reads go, and whether this session's transactions are all reads.
+    reads: ReadPolicy,
+    /// The next transaction was seen to start READ ONLY (read/write split).
+    read_hint: bool,
+    /// The pool of the linked backend when it is not `pool` (a replica's).
+    serving: Option<Arc<TenantPool>>,
+    /// A FATAL the server sent before closing the linked connection, told to the client as an
+    /// ERROR (its own connection stays usable).
+    server_fatal: Option<Box<ErrorReport>>,
+    /// The client's explicit transaction died with its server connection: the next one starts
+    /// aborted, so the client must end it (ROLLBACK) as with any failed transaction.
+    aborted_block: bool,
+    /// A BEGIN completed since the client last saw ReadyForQuery.
+    began_in_batch: bool,
+    /// The server connection of a client idle in its transaction was lost: the answer to the
+    /// client's next request.
+    deferred_error: Option<Box<ErrorReport>>,
+    /// When the linked backend was checked out; when the transaction not yet counted began
+    /// (None between transactions of a link that outlives them: pipelined or pinned); and the
+    /// byte counts at the last counted transaction.
+    linked_at: Option<std::time::Instant>,
+    tx_began: Option<std::time::Instant>,
+    counted: (u64, u64),
+    /// When the oldest client request still waiting for its ReadyForQuery was received.
+    request_at: Option<std::time::Instant>,
+    /// Transactions longer than this are logged.
+    slow: Option<Duration>,
+    /// The session feature that pinned this client to its server connection
+    /// (`session_features = pin`), and whether a DISCARD ALL asked to let it go.
+    pinned: Option<&'static str>,
+    unpin_requested: bool,
+    state: ClientState,
+    cancel: CancelGuard,
+    max_message: usize,
+    max_prepared: usize,
+    idle_tx_timeout: Option<Duration>,
+    /// Boxed so an idle client's engine does not carry a connection-sized empty slot.
+    backend: Option<Box<PooledBackend>>,
+    queue: VecDeque<Item>,
+    unsynced: bool,
+    /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
+    copy: bool,
+    /// A refused extended-protocol message: drop the client's messages until Sync.
+    skipping: bool,
+    tx_status: u8,
+    tx_failed: bool,
+    pending_ops: Vec<SettingOp>,
+    /// Schema tier: the transaction may have changed `search_path` where no parser sees it
+    /// (`set_config()`, dynamic SQL); the pinned value is restored before the next one.
+    unseen_changes: bool,
+    /// Body bytes of the server message being streamed, and whether it goes to the client.
+    srv_remaining: usize,
+    srv_forward: bool,
+    srv_last_tag: u8,
+    out: BytesMut,
+    obuf: BytesMut,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pool: Arc<TenantPool>,
+        reads: ReadPolicy,
+        state: ClientState,
+        cancel: CancelGuard,
+        max_message: usize,
+        max_prepared: usize,
+        idle_tx_timeout: u64,
+    ) -> Self {
+        Engine {
+            pool,
+            reads,
+            read_hint: false,
+            serving: None,
+            server_fatal: None,
+            aborted_block: false,
+            began_in_batch: false,
+            deferred_error: None,
+            linked_at: None,
+            tx_began: None,
+            counted: (0, 0),
+            request_at: None,
+            slow: None,
+            pinned: None,
+            unpin_requested: false,
+            state,
+            cancel,
+            max_message,
+            max_prepared: max_prepared.max(1),
+            idle_tx_timeout: (idle_tx_timeout > 0).then(|| Duration::from_secs(idle_tx_timeout)),
+            backend: None,
+            queue: VecDeque::new(),
+            unsynced: false,
+            copy: false,
+            skipping: false,
+            tx_status: b'I',
+            tx_failed: false,
+            pending_ops: Vec::new(),
+            unseen_changes: false,
+            srv_remaining: 0,
+            srv_forward: true,
+            srv_last_tag: 0,
+            out: BytesMut::new(),
+            obuf: BytesMut::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+        }
+    }
+
+    /// The client's registration (cancel key, operator termination).
+    pub fn cancel(&self) -> &CancelGuard {
+        &self.cancel
+    }
+
+    /// Logs transactions that take longer than `threshold`.
+    pub fn with_slow_log(mut self, threshold: Option<Duration>) -> Self {
+        self.slow = threshold;
+        self
+    }
+
+    /// By reference: the engine lives in the session's state, not a second time in this
+    /// future's.
+    pub async fn run(&mut self, client: &mut ClientStream) -> TxOutcome {
+        let end = loop {
+            // Between transactions a client holds no buffers and no transaction state on the
+            // stack: thousands of idle clients then cost little more than their sockets.
+            buffers::give(&mut self.out);
+            buffers::give(&mut self.obuf);
+            if self.cancel.is_draining() {
+                break TxEnd::Shutdown;
+            }
+            let first = tokio::select! {
+                r = wait_for_input(client) => match r {
+                    Ok(b) => b,
+                    Err(()) => break TxEnd::ClientGone,
+                },
+                _ = self.cancel.drained() => break TxEnd::Shutdown,
+            };
+            // Boxed: this state lives only while the client is active.
+            match Box::pin(self.active(client, first)).await {
+                Ok(()) => {}
+                // Lost at a message boundary: the client is told, and keeps its connection;
+                // unless it was pinned, for then its session state went with the server
+                // connection, and its session ends as a session-mode one would.
+                Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
+                    if Box::pin(self.recover_from_lost_server(client))
+                        .await
+                        .is_err()
+                    {
+                        break TxEnd::ClientGone;
+                    }
+                }
+                Err(e) => break e,
+            }
+        };
+        Box::pin(self.finish(client, end)).await
+    }
+
+    /// Serves the client from its first bytes after idling until it is idle again, with no
+    /// backend and nothing buffered.
+    async fn active(&mut self, client: &mut ClientStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take();
+        }
+        if self.obuf.capacity() == 0 {
+            self.obuf = buffers::take();
+        }
+        let r = self.serve_active(client, &mut cbuf).await;
+        buffers::give(&mut cbuf);
+        r
+    }
+
+    async fn serve_active(
+        &mut self,
+        client: &mut ClientStream,
+        cbuf: &mut BytesMut,
+    ) -> Result<(), TxEnd> {
+        self.bytes_in += cbuf.len() as u64;
+        self.on_client_bytes(cbuf).await?;
+        self.flush(client).await?;
+        loop {
+            if self.backend.is_none() && cbuf.is_empty() {
+                return Ok(());
+            }
+            if cbuf.capacity() - cbuf.len() < 1024 {
+                cbuf.reserve(READ_CHUNK);
+            }
+            if let Some(be) = self.backend.as_mut() {
+                if be.read_buf.capacity() - be.read_buf.len() < 1024 {
+                    be.read_buf.reserve(READ_CHUNK);
+                }
+            }
+            let in_tx = self.backend.is_some() && self.tx_status != b'I';
+            let idle_limit = self.idle_tx_timeout.filter(|_| in_tx);
+            // Boxed, and only when configured: an inline timer would enlarge (and over-align)
+            // the state every transaction allocates.
+            let mut idle_timer = idle_limit.map(|d| Box::pin(tokio::time::sleep(d)));
+            let backend = &mut self.backend;
+            tokio::select! {
+                // Server output first (no random branch order): it is what a transaction
+                // waits for, and the client is only polled when the server has nothing.
+                biased;
+                r = async {
+                    match backend {
+                        Some(be) => be.read_more().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match r {
+                        Ok(0) | Err(_) => {
+                            if let Some(be) = self.backend.as_mut() {
+                                be.mark_broken();
+                            }
+                            return Err(TxEnd::ServerGone);
+                        }
+                        Ok(_) => {}
+                    }
+                    self.on_server_bytes()?;
+                }
+                r = client.read_buf(&mut *cbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return Err(TxEnd::ClientGone),
+                        Ok(n) => self.bytes_in += n as u64,
+                    }
+                    self.on_client_bytes(cbuf).await?;
+                }
+                _ = async {
+                    match idle_timer.as_mut() {
+                        Some(t) => t.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    return Err(TxEnd::Timeout(ErrorReport::fatal(
+                        "25P03",
+                        "terminating connection due to idle-in-transaction timeout",
+                    )));
+                }
+            }
+            self.flush(client).await?;
+        }
+    }
+
+    async fn finish(&mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
+        self.unpin();
+        self.note_release();
+        let backend = self.backend.take().map(|be| {
+            let pending = self
+                .queue
+                .iter()
+                .filter(|i| matches!(i, Item::Client(r) | Item::Proxy(r) if r.ends_with_ready()))
+                .count() as u32;
+            let left = Leftover {
+                pending,
+                unsynced: self.unsynced,
+                copy_in: self.copy,
+                scanner: Scanner::mid_message(
+                    MAX_SERVER_MESSAGE,
+                    INSPECT_LIMIT,
+                    self.srv_remaining,
+                ),
+            };
+            let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
+            (be, left, pool)
+        });
+        TxOutcome {
+            end,
+            backend,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+        }
+        .report_to(client, self.srv_remaining == 0, self.srv_last_tag)
+        .await
+    }
+
+    /// Sends what is ready: requests to the backend, responses to the client; then lets the
+    /// backend go if the transaction is over.
+    async fn flush(&mut self, client: &mut ClientStream) -> Result<(), TxEnd> {
+        if !self.out.is_empty() {
+            if let Some(be) = self.backend.as_mut() {
+                if send_all(&mut be.stream, &self.out).await.is_err() {
+                    be.mark_broken();
+                    return Err(TxEnd::ServerGone);
+                }
+            }
+            self.out.clear();
+        }
+        self.emit_synthetics();
+        self.maybe_release();
+        if !self.obuf.is_empty() {
+            if send_all(client, &self.obuf).await.is_err() {
+                return Err(TxEnd::ClientGone);
+            }
+            self.bytes_out += self.obuf.len() as u64;
+            self.obuf.clear();
+        }
+        Ok(())
+    }
+
+    fn maybe_release(&mut self) {
+        let done = self.pinned.is_none()
+            && self.queue.is_empty()
+            && self.tx_status == b'I'
+            && !self.unsynced
+            && !self.copy
+            && self.srv_remaining == 0;
+        if !done {
+            return;
+        }
+        if let Some(be) = &self.backend {
+            if !be.read_buf.is_empty() {
+                return;
+            }
+        }
+        if let Some(be) = self.backend.take() {
+            self.cancel.unlink();
+            self.note_release();
+            match self.serving.take() {
+                Some(p) => p.park(be),
+                None => self.pool.park(be),
+            }
+        }
+    }
+
+    fn emit_synthetics(&mut self) {
+        loop {
+            match self.queue.front() {
+                Some(Item::Synthetic(_)) => {
+                    if let Some(Item::Synthetic(b)) = self.queue.pop_front() {
+                        self.obuf.extend_from_slice(&b);
+                    }
+                }
+                Some(Item::CopyEnd) => {
+                    self.queue.pop_front();
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+impl TxOutcome {
+    /// Tells the client why its session ended, when it can still be told.
+    async fn report_to(
+        self,
+        client: &mut ClientStream,
+        at_boundary: bool,
+        last_server_tag: u8,
+    ) -> TxOutcome {
+        let report = match &self.end {
+            TxEnd::ClientError(e) => e.report(),
+            TxEnd::Timeout(r) => Some(r.clone()),
+            TxEnd::Pool(e) => Some(e.report()),
+            TxEnd::Shutdown => Some(ErrorReport::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                "terminating connection: pgtenant is shutting down",
+            )),
+            TxEnd::ServerGone if last_server_tag != b'E' => Some(ErrorReport::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "server closed the connection unexpectedly",
+            )),
+            _ => None,
+        };
+        if let (Some(r), true) = (report, at_boundary) {
+            let mut b = BytesMut::new();
+            r.encode(&mut b);
+            let _ = client.write_all(&b).await;
+        }
+        self
+    }
+}
+
+/// Writes all of `buf`: one direct send in the usual case (the socket has room), tokio's
+/// `write_all` future only when it does not.
+async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
+    stream: &mut S,
+    buf: &[u8],
+) -> std::io::Result<()> {
+    match stream.try_write(buf) {
+        Ok(n) if n == buf.len() => Ok(()),
+        Ok(n) => stream.write_all(&buf[n..]).await,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.write_all(buf).await,
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits until the idle client sends something and returns it, holding only a small probe
+/// while waiting (an idle client must not pin a full buffer). The read goes through
+/// `AsyncRead::read`, after which tokio clears its readiness flag on a short read; that saves a
+/// wasted EAGAIN read per transaction.
+async fn wait_for_input(client: &mut ClientStream) -> Result<BytesMut, ()> {
+    // The probe lives only inside a poll, not in the waiting future: an idle client's task
+    // holds a few pointers here, not a buffer.
+    std::future::poll_fn(|cx| {
+        let mut probe = [0u8; 256];
+        let mut rb = tokio::io::ReadBuf::new(&mut probe);
+        match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *client), cx, &mut rb) {
+            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(())),
+            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                std::task::Poll::Ready(Err(()))
+            }
+            std::task::Poll::Ready(Ok(())) => {
+                let mut buf = buffers::take();
+                buf.extend_from_slice(rb.filled());
+                std::task::Poll::Ready(Ok(buf))
+            }
+        }
+    })
+    .await
+}
+
+fn malformed(tag: u8) -> TxEnd {
+    TxEnd::ClientError(SessionError::Malformed(tag))
+}
+
+fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    buf.put_u8(b'Z');
+    buf.put_u32(5);
+    buf.put_u8(status);
+}
+
+fn put_query(buf: &mut BytesMut, sql: &str) {
+    put_message(buf, b'Q', &[sql.as_bytes(), b"\0"]);
+}
+
+fn put_message(buf: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
+    buf.put_u8(tag);
+    buf.put_u32(len as u32);
+    for p in parts {
+        buf.put_slice(p);
+    }
+}
+
+fn build_message(tag: u8, parts: &[&[u8]]) -> Bytes {
+    let mut b = BytesMut::new();
+    put_message(&mut b, tag, parts);
+    b.freeze()
+}
