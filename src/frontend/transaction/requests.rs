@@ -74,165 +74,11 @@ impl Engine {
             self.request_at = Some(std::time::Instant::now());
         }
         match tag {
-            b'Q' => {
-                if self.deallocated_locally(body) {
-                    return Ok(());
-                }
-                let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
-                let (ops, found) = inspect_sql(text);
-                let (pin, refusal) = self.pin_or_refuse(found);
-                if let Some(what) = refusal {
-                    let report = refusal_report(what);
-                    if self.backend.is_none() {
-                        report.encode(&mut self.obuf);
-                        ready_for_query(&mut self.obuf, self.tx_status);
-                        return Ok(());
-                    }
-                    // Inside a transaction the refusal must fail it, as a server error would.
-                    let raise = raise_statement(&report);
-                    self.link().await?;
-                    put_query(&mut self.out, &raise);
-                    self.queue.push_back(Item::Client(Resp::Query));
-                    return Ok(());
-                }
-                if self.backend.is_none() {
-                    self.read_hint = self.reads.split && opens_read_only_transaction(text);
-                }
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.pending_ops.extend(ops);
-                self.unseen_changes |=
-                    self.watches_unseen_changes() && may_change_settings_unseen(text);
-                self.note_pinning(pin, text);
-                self.out.extend_from_slice(msg);
-                self.queue.push_back(Item::Client(Resp::Query));
-            }
-            b'P' => {
-                let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
-                let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
-                let (ops, found) = inspect_sql(query);
-                let (pin, refusal) = self.pin_or_refuse(found);
-                if let Some(what) = refusal {
-                    self.refuse_extended(refusal_report(what));
-                    return Ok(());
-                }
-                if pin.is_some() && !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.note_pinning(pin, query);
-                if self.backend.is_none() {
-                    self.read_hint = self.reads.split && opens_read_only_transaction(query);
-                }
-                self.pending_ops.extend(ops);
-                self.unsynced = true;
-                let unseen = self.watches_unseen_changes() && may_change_settings_unseen(query);
-                if name.is_empty() {
-                    self.unseen_changes |= unseen;
-                    if !self.link_or_refuse(tag).await? {
-                        return Ok(());
-                    }
-                    self.out.extend_from_slice(msg);
-                    self.queue.push_back(Item::Client(Resp::Parse(None)));
-                    return Ok(());
-                }
-                let global = self.pool.statement_name(rest);
-                let parse = build_message(b'P', &[global.as_bytes(), b"\0", rest]);
-                let stmt = Arc::new(ClientStatement {
-                    global: global.clone(),
-                    parse: parse.clone(),
-                    unseen_changes: unseen,
-                });
-                self.state
-                    .statements
-                    .insert(Bytes::copy_from_slice(name), stmt);
-                if self.backend.is_none() && self.pool.is_parsed(&global) {
-                    // Known-good SQL outside a transaction: answer now and prepare it on
-                    // whichever backend first needs it. Waiting for a backend here would
-                    // stall clients (pgbench -M prepared) that prepare synchronously while
-                    // another of their connections holds a transaction open.
-                    self.queue
-                        .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
-                    return Ok(());
-                }
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
-                if be.prepared.contains(&global) {
-                    self.queue
-                        .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
-                } else {
-                    be.prepared.insert(global.clone());
-                    self.out.extend_from_slice(&parse);
-                    self.queue
-                        .push_back(Item::Client(Resp::Parse(Some(global.clone()))));
-                    self.evict(&global);
-                }
-            }
-            b'B' => {
-                let (portal, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
-                let (name, params) = cstr(rest).ok_or_else(|| malformed(tag))?;
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.unsynced = true;
-                match self.named(name) {
-                    Some(stmt) => {
-                        self.unseen_changes |= stmt.unseen_changes;
-                        self.ensure_prepared(&stmt);
-                        put_message(
-                            &mut self.out,
-                            b'B',
-                            &[portal, b"\0", stmt.global.as_bytes(), b"\0", params],
-                        );
-                    }
-                    None => self.out.extend_from_slice(msg),
-                }
-                self.queue.push_back(Item::Client(Resp::Bind));
-            }
-            b'D' => {
-                let kind = *body.first().ok_or_else(|| malformed(tag))?;
-                let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.unsynced = true;
-                if kind == b'S' {
-                    match self.named(name) {
-                        Some(stmt) => {
-                            self.ensure_prepared(&stmt);
-                            put_message(
-                                &mut self.out,
-                                b'D',
-                                &[b"S", stmt.global.as_bytes(), b"\0"],
-                            );
-                        }
-                        None => self.out.extend_from_slice(msg),
-                    }
-                    self.queue.push_back(Item::Client(Resp::DescribeStatement));
-                } else {
-                    self.out.extend_from_slice(msg);
-                    self.queue.push_back(Item::Client(Resp::DescribePortal));
-                }
-            }
-            b'C' => {
-                let kind = *body.first().ok_or_else(|| malformed(tag))?;
-                let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
-                self.unsynced = true;
-                if kind == b'S' && !name.is_empty() {
-                    // The statement stays prepared on backends for other clients.
-                    self.state.statements.remove(name);
-                    self.queue
-                        .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
-                } else {
-                    if !self.link_or_refuse(tag).await? {
-                        return Ok(());
-                    }
-                    self.out.extend_from_slice(msg);
-                    self.queue.push_back(Item::Client(Resp::Close(None)));
-                }
-            }
+            b'Q' => self.on_query(tag, msg, body).await?,
+            b'P' => self.on_parse(tag, msg, body).await?,
+            b'B' => self.on_bind(tag, msg, body).await?,
+            b'D' => self.on_describe(tag, msg, body).await?,
+            b'C' => self.on_close(tag, msg, body).await?,
             b'E' => {
                 if !self.link_or_refuse(tag).await? {
                     return Ok(());
@@ -257,27 +103,7 @@ impl Engine {
                     }
                 }
             }
-            b'S' => {
-                self.skipping = false;
-                self.unsynced = false;
-                let answered_locally = self
-                    .queue
-                    .iter()
-                    .all(|i| matches!(i, Item::Synthetic(_) | Item::CopyEnd));
-                if self.backend.is_none() && answered_locally {
-                    // Nothing since the last Sync needed a backend (statements answered
-                    // locally, a refused Parse, or an empty pipeline).
-                    let mut z = BytesMut::with_capacity(6);
-                    ready_for_query(&mut z, self.tx_status);
-                    self.queue.push_back(Item::Synthetic(z.freeze()));
-                    return Ok(());
-                }
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.out.extend_from_slice(msg);
-                self.queue.push_back(Item::Client(Resp::Sync));
-            }
+            b'S' => self.on_sync(tag, msg).await?,
             b'H' => {
                 if self.backend.is_some() {
                     self.out.extend_from_slice(msg);
@@ -297,6 +123,194 @@ impl Engine {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Query: a simple-protocol query string, inspected for setting changes and session features before it is forwarded.
+    async fn on_query(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
+        if self.deallocated_locally(body) {
+            return Ok(());
+        }
+        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+        let (ops, found) = inspect_sql(text);
+        let (pin, refusal) = self.pin_or_refuse(found);
+        if let Some(what) = refusal {
+            let report = refusal_report(what);
+            if self.backend.is_none() {
+                report.encode(&mut self.obuf);
+                ready_for_query(&mut self.obuf, self.tx_status);
+                return Ok(());
+            }
+            // Inside a transaction the refusal must fail it, as a server error would.
+            let raise = raise_statement(&report);
+            self.link().await?;
+            put_query(&mut self.out, &raise);
+            self.queue.push_back(Item::Client(Resp::Query));
+            return Ok(());
+        }
+        if self.backend.is_none() {
+            self.read_hint = self.reads.split && opens_read_only_transaction(text);
+        }
+        if !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        self.pending_ops.extend(ops);
+        self.unseen_changes |= self.watches_unseen_changes() && may_change_settings_unseen(text);
+        self.note_pinning(pin, text);
+        self.out.extend_from_slice(msg);
+        self.queue.push_back(Item::Client(Resp::Query));
+        Ok(())
+    }
+    /// Parse: named statements are renamed pool-wide and answered locally when the pool already knows them.
+    async fn on_parse(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
+        let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
+        let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
+        let (ops, found) = inspect_sql(query);
+        let (pin, refusal) = self.pin_or_refuse(found);
+        if let Some(what) = refusal {
+            self.refuse_extended(refusal_report(what));
+            return Ok(());
+        }
+        if pin.is_some() && !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        self.note_pinning(pin, query);
+        if self.backend.is_none() {
+            self.read_hint = self.reads.split && opens_read_only_transaction(query);
+        }
+        self.pending_ops.extend(ops);
+        self.unsynced = true;
+        let unseen = self.watches_unseen_changes() && may_change_settings_unseen(query);
+        if name.is_empty() {
+            self.unseen_changes |= unseen;
+            if !self.link_or_refuse(tag).await? {
+                return Ok(());
+            }
+            self.out.extend_from_slice(msg);
+            self.queue.push_back(Item::Client(Resp::Parse(None)));
+            return Ok(());
+        }
+        let global = self.pool.statement_name(rest);
+        let parse = build_message(b'P', &[global.as_bytes(), b"\0", rest]);
+        let stmt = Arc::new(ClientStatement {
+            global: global.clone(),
+            parse: parse.clone(),
+            unseen_changes: unseen,
+        });
+        self.state
+            .statements
+            .insert(Bytes::copy_from_slice(name), stmt);
+        if self.backend.is_none() && self.pool.is_parsed(&global) {
+            // Known-good SQL outside a transaction: answer now and prepare it on
+            // whichever backend first needs it. Waiting for a backend here would
+            // stall clients (pgbench -M prepared) that prepare synchronously while
+            // another of their connections holds a transaction open.
+            self.queue
+                .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
+            return Ok(());
+        }
+        if !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
+        if be.prepared.contains(&global) {
+            self.queue
+                .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
+        } else {
+            be.prepared.insert(global.clone());
+            self.out.extend_from_slice(&parse);
+            self.queue
+                .push_back(Item::Client(Resp::Parse(Some(global.clone()))));
+            self.evict(&global);
+        }
+        Ok(())
+    }
+    /// Bind: to the pool-wide name of the client's statement, prepared on this backend first if it lacks it.
+    async fn on_bind(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
+        let (portal, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
+        let (name, params) = cstr(rest).ok_or_else(|| malformed(tag))?;
+        if !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        self.unsynced = true;
+        match self.named(name) {
+            Some(stmt) => {
+                self.unseen_changes |= stmt.unseen_changes;
+                self.ensure_prepared(&stmt);
+                put_message(
+                    &mut self.out,
+                    b'B',
+                    &[portal, b"\0", stmt.global.as_bytes(), b"\0", params],
+                );
+            }
+            None => self.out.extend_from_slice(msg),
+        }
+        self.queue.push_back(Item::Client(Resp::Bind));
+        Ok(())
+    }
+    /// Describe of a statement (by its pool-wide name) or a portal.
+    async fn on_describe(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
+        let kind = *body.first().ok_or_else(|| malformed(tag))?;
+        let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
+        if !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        self.unsynced = true;
+        if kind == b'S' {
+            match self.named(name) {
+                Some(stmt) => {
+                    self.ensure_prepared(&stmt);
+                    put_message(&mut self.out, b'D', &[b"S", stmt.global.as_bytes(), b"\0"]);
+                }
+                None => self.out.extend_from_slice(msg),
+            }
+            self.queue.push_back(Item::Client(Resp::DescribeStatement));
+        } else {
+            self.out.extend_from_slice(msg);
+            self.queue.push_back(Item::Client(Resp::DescribePortal));
+        }
+        Ok(())
+    }
+    /// Close: a named statement is forgotten for this client and answered locally; it stays prepared for others.
+    async fn on_close(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
+        let kind = *body.first().ok_or_else(|| malformed(tag))?;
+        let (name, _) = cstr(&body[1..]).ok_or_else(|| malformed(tag))?;
+        self.unsynced = true;
+        if kind == b'S' && !name.is_empty() {
+            // The statement stays prepared on backends for other clients.
+            self.state.statements.remove(name);
+            self.queue
+                .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
+        } else {
+            if !self.link_or_refuse(tag).await? {
+                return Ok(());
+            }
+            self.out.extend_from_slice(msg);
+            self.queue.push_back(Item::Client(Resp::Close(None)));
+        }
+        Ok(())
+    }
+    /// Sync: answered locally when nothing since the last one needed a backend.
+    async fn on_sync(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
+        self.skipping = false;
+        self.unsynced = false;
+        let answered_locally = self
+            .queue
+            .iter()
+            .all(|i| matches!(i, Item::Synthetic(_) | Item::CopyEnd));
+        if self.backend.is_none() && answered_locally {
+            // Nothing since the last Sync needed a backend (statements answered
+            // locally, a refused Parse, or an empty pipeline).
+            let mut z = BytesMut::with_capacity(6);
+            ready_for_query(&mut z, self.tx_status);
+            self.queue.push_back(Item::Synthetic(z.freeze()));
+            return Ok(());
+        }
+        if !self.link_or_refuse(tag).await? {
+            return Ok(());
+        }
+        self.out.extend_from_slice(msg);
+        self.queue.push_back(Item::Client(Resp::Sync));
         Ok(())
     }
 

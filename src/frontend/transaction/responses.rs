@@ -133,113 +133,8 @@ impl Engine {
                 }
                 return !proxy;
             }
-            b'E' => {
-                if proxy && matches!(resp, Resp::Abort) {
-                    // Failed on purpose.
-                    return false;
-                }
-                if proxy && matches!(resp, Resp::Query) {
-                    tracing::warn!("replaying client settings failed on a server connection");
-                    be.applied_settings = Arc::from("\0failed");
-                    return false;
-                }
-                if !proxy {
-                    self.tx_failed = true;
-                    if let Some(code) = body.and_then(crate::protocol::report::sqlstate_of) {
-                        self.pool.stats().error(code);
-                    }
-                }
-                // The binding's own messages: the connection stays bound to nobody, and the
-                // client, which did not send them, is not told (its statements fail closed).
-                let binding =
-                    proxy && matches!(resp, Resp::Parse(None) | Resp::Bind | Resp::Enter(_));
-                if binding {
-                    tracing::warn!("row-tier binding of a server connection failed");
-                }
-                if !resp.ends_with_ready() {
-                    self.queue.pop_front();
-                    self.forget_failed(be, &resp);
-                    // The server skips everything up to the next Sync.
-                    while let Some(item) = self.queue.front() {
-                        match item {
-                            Item::Client(Resp::Sync) | Item::Proxy(Resp::Sync) => break,
-                            Item::Client(r) | Item::Proxy(r) => {
-                                let r = r.clone();
-                                self.forget_failed(be, &r);
-                                self.queue.pop_front();
-                            }
-                            Item::Synthetic(_) | Item::CopyEnd => {
-                                self.queue.pop_front();
-                            }
-                        }
-                    }
-                }
-                // An error from an injected Parse stands for the client's message it served.
-                return !binding;
-            }
-            b'Z' => {
-                let status = body.and_then(|b| b.first().copied()).unwrap_or(b'I');
-                be.tx_status = status;
-                self.queue.pop_front();
-                self.copy = false;
-                if !proxy {
-                    if let Some(at) = self.request_at.take() {
-                        self.pool
-                            .stats()
-                            .query_seconds
-                            .observe(at.elapsed().as_secs_f64());
-                        let more = self
-                            .queue
-                            .iter()
-                            .any(|i| matches!(i, Item::Client(r) if r.ends_with_ready()));
-                        if more {
-                            self.request_at = Some(std::time::Instant::now());
-                        }
-                    }
-                    self.tx_status = status;
-                    self.began_in_batch = false;
-                    if status == b'I' {
-                        // A transaction ended while the link goes on (more requests pipelined
-                        // behind it, or a pinned client): counted now, one by one.
-                        let more = self.queue.iter().any(|i| matches!(i, Item::Client(_)));
-                        if more || self.pinned.is_some() {
-                            self.count_transaction();
-                            if more {
-                                self.tx_began = Some(std::time::Instant::now());
-                            }
-                        }
-                        let mut ops = std::mem::take(&mut self.pending_ops);
-                        if !self.tx_failed && !ops.is_empty() {
-                            // The tier's own setting is the tenant's, not the client's: a change
-                            // lasts to the end of its transaction, and the connection gets the
-                            // pinned value back (RESET ALL) before it serves another one.
-                            let pinned = pinned_setting(self.pool.tenant().tier);
-                            if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
-                                // Reset and entered anew before the next transaction.
-                                be.bound = None;
-                            }
-                            let n = ops.len();
-                            ops.retain(|op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned));
-                            let changed_pin = ops.len() < n;
-                            self.state.apply(ops);
-                            be.applied_settings = if changed_pin {
-                                Arc::from(PIN_CHANGED)
-                            } else {
-                                self.state.script().clone()
-                            };
-                        }
-                        if std::mem::take(&mut self.unseen_changes) {
-                            be.applied_settings = Arc::from(PIN_CHANGED);
-                        }
-                        self.tx_failed = false;
-                        if self.unpin_requested && self.queue.is_empty() {
-                            tracing::info!(tenant = %self.pool.tenant().id, "client unpinned by DISCARD ALL");
-                            self.unpin();
-                        }
-                    }
-                }
-                return !proxy;
-            }
+            b'E' => return self.on_error_response(be, body, proxy, &resp),
+            b'Z' => return self.on_ready_for_query(be, body, proxy),
             b'1' | b'2' | b'3' => {
                 self.queue.pop_front();
                 if let Resp::Parse(Some(name)) = &resp {
@@ -252,72 +147,202 @@ impl Engine {
             b'n' | b'T' if matches!(resp, Resp::DescribeStatement | Resp::DescribePortal) => {
                 self.queue.pop_front();
             }
-            b'C' | b'I' | b's' => {
-                if let Some(text) = body.and_then(cstr).map(|(t, _)| t) {
-                    match text {
-                        // pgtenant's own (a row tenant switch) was accounted for when sent.
-                        b"DISCARD ALL" if !proxy => {
-                            be.bound = None;
-                            be.prepared.clear();
-                            self.state.statements.clear();
-                            be.applied_settings = Arc::from("");
-                        }
-                        b"DEALLOCATE ALL" if !proxy => {
-                            be.prepared.clear();
-                            self.state.statements.clear();
-                        }
-                        b"ROLLBACK" if !proxy => self.tx_failed = true,
-                        b"BEGIN" | b"START TRANSACTION" if !proxy => self.began_in_batch = true,
-                        // A DISCARD of the client's cleared the row context: enter again before
-                        // the next transaction.
-                        t if !proxy && t.starts_with(b"DISCARD") && self.pool.row().is_some() => {
-                            be.bound = None;
-                        }
-                        _ => {}
-                    }
-                }
-                match &resp {
-                    Resp::Execute => {
+            b'C' | b'I' | b's' => self.on_command_done(be, body, proxy, &resp),
+            b'G' => self.on_copy_in_response(),
+            _ => {}
+        }
+        !proxy
+    }
+
+    /// ErrorResponse: the request it answers failed, and so does everything the server skips up to the next Sync. Whether the client is told.
+    fn on_error_response(
+        &mut self,
+        be: &mut PooledBackend,
+        body: Option<&[u8]>,
+        proxy: bool,
+        resp: &Resp,
+    ) -> bool {
+        if proxy && matches!(resp, Resp::Abort) {
+            // Failed on purpose.
+            return false;
+        }
+        if proxy && matches!(resp, Resp::Query) {
+            tracing::warn!("replaying client settings failed on a server connection");
+            be.applied_settings = Arc::from("\0failed");
+            return false;
+        }
+        if !proxy {
+            self.tx_failed = true;
+            if let Some(code) = body.and_then(crate::protocol::report::sqlstate_of) {
+                self.pool.stats().error(code);
+            }
+        }
+        // The binding's own messages: the connection stays bound to nobody, and the
+        // client, which did not send them, is not told (its statements fail closed).
+        let binding = proxy && matches!(resp, Resp::Parse(None) | Resp::Bind | Resp::Enter(_));
+        if binding {
+            tracing::warn!("row-tier binding of a server connection failed");
+        }
+        if !resp.ends_with_ready() {
+            self.queue.pop_front();
+            self.forget_failed(be, resp);
+            // The server skips everything up to the next Sync.
+            while let Some(item) = self.queue.front() {
+                match item {
+                    Item::Client(Resp::Sync) | Item::Proxy(Resp::Sync) => break,
+                    Item::Client(r) | Item::Proxy(r) => {
+                        let r = r.clone();
+                        self.forget_failed(be, &r);
                         self.queue.pop_front();
                     }
-                    Resp::Enter(tenant) => {
+                    Item::Synthetic(_) | Item::CopyEnd => {
                         self.queue.pop_front();
-                        let accepted = body.and_then(cstr).map(|(t, _)| t)
-                            == Some(row_context::ACCEPTED_TAG.as_bytes());
-                        if accepted {
-                            be.bound = Some(tenant.clone());
-                        } else {
-                            // The client's statements ran bound to no one; this connection
-                            // is not to be trusted with another.
-                            tracing::error!(tenant = %tenant, "server refused the row-tier binding of a connection; closing it");
-                            be.broken = true;
-                        }
                     }
-                    _ => {}
                 }
             }
-            b'G' => {
-                // Syncs the client pipelined after the COPY's Execute, up to where it ended the
-                // copy, reach the server during copy-in and are ignored: expect nothing of them.
-                self.copy = true;
-                let mut i = 1;
-                while i < self.queue.len() {
-                    match self.queue[i] {
-                        Item::Client(Resp::Sync) => {
-                            self.queue.remove(i);
-                        }
-                        Item::CopyEnd => {
-                            self.queue.remove(i);
-                            self.copy = false;
-                            break;
-                        }
-                        _ => i += 1,
+        }
+        // An error from an injected Parse stands for the client's message it served.
+        !binding
+    }
+    /// ReadyForQuery: a request is complete; at the end of a transaction, the client's setting changes are kept (the tier's pin and a cleared row context excepted). Whether the client is told.
+    fn on_ready_for_query(
+        &mut self,
+        be: &mut PooledBackend,
+        body: Option<&[u8]>,
+        proxy: bool,
+    ) -> bool {
+        let status = body.and_then(|b| b.first().copied()).unwrap_or(b'I');
+        be.tx_status = status;
+        self.queue.pop_front();
+        self.copy = false;
+        if !proxy {
+            if let Some(at) = self.request_at.take() {
+                self.pool
+                    .stats()
+                    .query_seconds
+                    .observe(at.elapsed().as_secs_f64());
+                let more = self
+                    .queue
+                    .iter()
+                    .any(|i| matches!(i, Item::Client(r) if r.ends_with_ready()));
+                if more {
+                    self.request_at = Some(std::time::Instant::now());
+                }
+            }
+            self.tx_status = status;
+            self.began_in_batch = false;
+            if status == b'I' {
+                // A transaction ended while the link goes on (more requests pipelined
+                // behind it, or a pinned client): counted now, one by one.
+                let more = self.queue.iter().any(|i| matches!(i, Item::Client(_)));
+                if more || self.pinned.is_some() {
+                    self.count_transaction();
+                    if more {
+                        self.tx_began = Some(std::time::Instant::now());
                     }
+                }
+                let mut ops = std::mem::take(&mut self.pending_ops);
+                if !self.tx_failed && !ops.is_empty() {
+                    // The tier's own setting is the tenant's, not the client's: a change
+                    // lasts to the end of its transaction, and the connection gets the
+                    // pinned value back (RESET ALL) before it serves another one.
+                    let pinned = pinned_setting(self.pool.tenant().tier);
+                    if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
+                        // Reset and entered anew before the next transaction.
+                        be.bound = None;
+                    }
+                    let n = ops.len();
+                    ops.retain(|op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned));
+                    let changed_pin = ops.len() < n;
+                    self.state.apply(ops);
+                    be.applied_settings = if changed_pin {
+                        Arc::from(PIN_CHANGED)
+                    } else {
+                        self.state.script().clone()
+                    };
+                }
+                if std::mem::take(&mut self.unseen_changes) {
+                    be.applied_settings = Arc::from(PIN_CHANGED);
+                }
+                self.tx_failed = false;
+                if self.unpin_requested && self.queue.is_empty() {
+                    tracing::info!(tenant = %self.pool.tenant().id, "client unpinned by DISCARD ALL");
+                    self.unpin();
+                }
+            }
+        }
+        !proxy
+    }
+    /// CommandComplete, EmptyQueryResponse, PortalSuspended: what the command changed of the session (DISCARD, DEALLOCATE ALL, ROLLBACK, BEGIN), and the row binding's confirmation.
+    fn on_command_done(
+        &mut self,
+        be: &mut PooledBackend,
+        body: Option<&[u8]>,
+        proxy: bool,
+        resp: &Resp,
+    ) {
+        if let Some(text) = body.and_then(cstr).map(|(t, _)| t) {
+            match text {
+                // pgtenant's own (a row tenant switch) was accounted for when sent.
+                b"DISCARD ALL" if !proxy => {
+                    be.bound = None;
+                    be.prepared.clear();
+                    self.state.statements.clear();
+                    be.applied_settings = Arc::from("");
+                }
+                b"DEALLOCATE ALL" if !proxy => {
+                    be.prepared.clear();
+                    self.state.statements.clear();
+                }
+                b"ROLLBACK" if !proxy => self.tx_failed = true,
+                b"BEGIN" | b"START TRANSACTION" if !proxy => self.began_in_batch = true,
+                // A DISCARD of the client's cleared the row context: enter again before
+                // the next transaction.
+                t if !proxy && t.starts_with(b"DISCARD") && self.pool.row().is_some() => {
+                    be.bound = None;
+                }
+                _ => {}
+            }
+        }
+        match resp {
+            Resp::Execute => {
+                self.queue.pop_front();
+            }
+            Resp::Enter(tenant) => {
+                self.queue.pop_front();
+                let accepted = body.and_then(cstr).map(|(t, _)| t)
+                    == Some(row_context::ACCEPTED_TAG.as_bytes());
+                if accepted {
+                    be.bound = Some(tenant.clone());
+                } else {
+                    // The client's statements ran bound to no one; this connection
+                    // is not to be trusted with another.
+                    tracing::error!(tenant = %tenant, "server refused the row-tier binding of a connection; closing it");
+                    be.broken = true;
                 }
             }
             _ => {}
         }
-        !proxy
+    }
+    /// CopyInResponse: Syncs pipelined behind the COPY reach the server during copy-in and are ignored, so nothing is expected of them.
+    fn on_copy_in_response(&mut self) {
+        // Syncs the client pipelined after the COPY's Execute, up to where it ended the
+        // copy, reach the server during copy-in and are ignored: expect nothing of them.
+        self.copy = true;
+        let mut i = 1;
+        while i < self.queue.len() {
+            match self.queue[i] {
+                Item::Client(Resp::Sync) => {
+                    self.queue.remove(i);
+                }
+                Item::CopyEnd => {
+                    self.queue.remove(i);
+                    self.copy = false;
+                    break;
+                }
+                _ => i += 1,
+            }
+        }
     }
 
     /// A Parse that failed or was skipped never prepared its statement.
