@@ -651,7 +651,7 @@ impl BackendConn {
     }
 
     /// Binds this connection to `row`'s tenant, leaving the rest of its session as it is.
-    pub async fn enter_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
+    pub async fn bind_row(&mut self, row: &RowBinding) -> Result<(), BackendError> {
         self.bound = None;
         let mut out = BytesMut::with_capacity(256);
         self.put_row_bind(&mut out, &row.tenant)?;

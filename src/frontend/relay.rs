@@ -257,7 +257,7 @@ pub async fn relay(
                 if between && (reenter || (transaction_ended && limits.is_some())) {
                     let mut done = Ok(());
                     if let (Some(row), true) = (row, reenter) {
-                        done = conn.enter_row(row).await;
+                        done = conn.bind_row(row).await;
                     }
                     if let (Ok(()), Some(sql), true) = (&done, limits, transaction_ended) {
                         done = conn.execute(sql).await;

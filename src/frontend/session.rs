@@ -643,7 +643,7 @@ async fn attach(
         };
         // Bound last, so nothing above can clear the context.
         if let (Ok(()), Some(row), true) = (&setup_done, row, plan.bind) {
-            setup_done = backend.enter_row(row).await;
+            setup_done = backend.bind_row(row).await;
         }
         match setup_done {
             Ok(()) => {

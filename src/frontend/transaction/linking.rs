@@ -201,7 +201,7 @@ impl Engine {
             for r in [
                 Resp::Parse(None),
                 Resp::Bind,
-                Resp::Enter(row.tenant.clone()),
+                Resp::RowBind(row.tenant.clone()),
                 Resp::Sync,
             ] {
                 self.queue.push_back(Item::Proxy(r));

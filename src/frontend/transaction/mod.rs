@@ -71,7 +71,7 @@ enum Resp {
     Query,
     FunctionCall,
     /// The row tier's binding of the connection to a tenant (an Execute).
-    Enter(Arc<str>),
+    RowBind(Arc<str>),
     /// A Query that opens a transaction and fails it on purpose: the client's transaction was
     /// lost with its server connection, and its next statements must fail as PostgreSQL's
     /// would in an aborted transaction, until it ends it.

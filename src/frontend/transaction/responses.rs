@@ -179,7 +179,7 @@ impl Engine {
         }
         // The binding's own messages: the connection stays bound to nobody, and the
         // client, which did not send them, is not told (its statements fail closed).
-        let binding = proxy && matches!(resp, Resp::Parse(None) | Resp::Bind | Resp::Enter(_));
+        let binding = proxy && matches!(resp, Resp::Parse(None) | Resp::Bind | Resp::RowBind(_));
         if binding {
             tracing::warn!("row-tier binding of a server connection failed");
         }
@@ -248,7 +248,7 @@ impl Engine {
                     // pinned value back (RESET ALL) before it serves another one.
                     let pinned = pinned_setting(self.pool.tenant().tier);
                     if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
-                        // Reset and entered anew before the next transaction.
+                        // Reset and bound anew before the next transaction.
                         be.bound = None;
                     }
                     let n = ops.len();
@@ -308,7 +308,7 @@ impl Engine {
             Resp::Execute => {
                 self.queue.pop_front();
             }
-            Resp::Enter(tenant) => {
+            Resp::RowBind(tenant) => {
                 self.queue.pop_front();
                 let accepted = body.and_then(cstr).map(|(t, _)| t)
                     == Some(row_context::ACCEPTED_TAG.as_bytes());
