@@ -116,6 +116,60 @@ impl Engine {
         }
     }
 
+    /// Pipelines what `be` needs before the client's messages (`prelude`), responses
+    /// swallowed. On an error nothing is queued, and the connection is not to be used.
+    fn put_prelude(&mut self, be: &mut PooledBackend) -> Result<(), crate::backend::BackendError> {
+        let (out_len, queue_len) = (self.out.len(), self.queue.len());
+        let tenant = self.pool.tenant();
+        let plan = crate::frontend::prelude::prelude(
+            self.pool.row().map(|r| &*r.tenant),
+            be.bound_tenant(),
+            &self.state,
+            &be.applied_settings,
+            tenant.enforce_limits.is_some(),
+        );
+        // Pipelined ahead of the client's messages, responses swallowed.
+        if plan.reset {
+            // Nothing of the previous tenant's session may remain (settings, also those made
+            // with set_config(); cursors, locks, LISTEN, prepared statements, the context):
+            // the reset leaves the session bound to no tenant, so if `bind` then fails the
+            // client's statements see no rows, never another tenant's.
+            be.prepared.clear();
+            be.bound = None;
+            put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+        }
+        if let Some(sql) = &plan.settings {
+            // In a query of its own: one that fails must not roll the reset back.
+            put_query(&mut self.out, sql);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+        }
+        if plan.reset || plan.settings.is_some() {
+            be.applied_settings = self.state.script().clone();
+        }
+        if let (true, Some(row)) = (plan.bind, self.pool.row()) {
+            if let Err(e) = be.put_row_bind(&mut self.out, &row.tenant) {
+                self.out.truncate(out_len);
+                self.queue.truncate(queue_len);
+                return Err(e);
+            }
+            for r in [
+                Resp::Parse(None),
+                Resp::Bind,
+                Resp::RowBind(row.tenant.clone()),
+                Resp::Sync,
+            ] {
+                self.queue.push_back(Item::Proxy(r));
+            }
+        }
+        if let (true, Some(sql)) = (plan.caps, &tenant.enforce_limits) {
+            // Whatever the last transaction raised, also through set_config().
+            put_query(&mut self.out, sql);
+            self.queue.push_back(Item::Proxy(Resp::Query));
+        }
+        Ok(())
+    }
+
     /// Borrows a backend for the transaction that is starting, and brings it in line with the
     /// client's session (settings); statements are prepared as they are used.
     pub(super) async fn link(&mut self) -> Result<(), TxEnd> {
@@ -163,54 +217,9 @@ impl Engine {
         stats.active.inc();
         self.linked_at = Some(now);
         self.tx_began = Some(now);
-        let (out_len, queue_len) = (self.out.len(), self.queue.len());
-        let tenant = self.pool.tenant();
-        let plan = crate::frontend::prelude::prelude(
-            self.pool.row().map(|r| &*r.tenant),
-            be.bound_tenant(),
-            &self.state,
-            &be.applied_settings,
-            tenant.enforce_limits.is_some(),
-        );
-        // Pipelined ahead of the client's messages, responses swallowed.
-        if plan.reset {
-            // Nothing of the previous tenant's session may remain (settings, also those made
-            // with set_config(); cursors, locks, LISTEN, prepared statements, the context):
-            // the reset leaves the session bound to no tenant, so if `bind` then fails the
-            // client's statements see no rows, never another tenant's.
-            be.prepared.clear();
-            be.bound = None;
-            put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
-            self.queue.push_back(Item::Proxy(Resp::Query));
-        }
-        if let Some(sql) = &plan.settings {
-            // In a query of its own: one that fails must not roll the reset back.
-            put_query(&mut self.out, sql);
-            self.queue.push_back(Item::Proxy(Resp::Query));
-        }
-        if plan.reset || plan.settings.is_some() {
-            be.applied_settings = self.state.script().clone();
-        }
-        if let (true, Some(row)) = (plan.bind, self.pool.row()) {
-            if let Err(e) = be.put_row_bind(&mut self.out, &row.tenant) {
-                self.out.truncate(out_len);
-                self.queue.truncate(queue_len);
-                self.pool.discard(be);
-                return Err(TxEnd::Pool(PoolError::Backend(e)));
-            }
-            for r in [
-                Resp::Parse(None),
-                Resp::Bind,
-                Resp::RowBind(row.tenant.clone()),
-                Resp::Sync,
-            ] {
-                self.queue.push_back(Item::Proxy(r));
-            }
-        }
-        if let (true, Some(sql)) = (plan.caps, &tenant.enforce_limits) {
-            // Whatever the last transaction raised, also through set_config().
-            put_query(&mut self.out, sql);
-            self.queue.push_back(Item::Proxy(Resp::Query));
+        if let Err(e) = self.put_prelude(&mut be) {
+            self.pool.discard(be);
+            return Err(TxEnd::Pool(PoolError::Backend(e)));
         }
         if std::mem::take(&mut self.aborted_block) {
             put_query(&mut self.out, &abort_statement());

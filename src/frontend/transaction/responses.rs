@@ -241,29 +241,7 @@ impl Engine {
                         self.tx_began = Some(std::time::Instant::now());
                     }
                 }
-                let mut ops = std::mem::take(&mut self.pending_ops);
-                if !self.tx_failed && !ops.is_empty() {
-                    // The tier's own setting is the tenant's, not the client's: a change
-                    // lasts to the end of its transaction, and the connection gets the
-                    // pinned value back (RESET ALL) before it serves another one.
-                    let pinned = pinned_setting(self.pool.tenant().tier);
-                    if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
-                        // Reset and bound anew before the next transaction.
-                        be.bound = None;
-                    }
-                    let n = ops.len();
-                    ops.retain(|op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned));
-                    let changed_pin = ops.len() < n;
-                    self.state.apply(ops);
-                    be.applied_settings = if changed_pin {
-                        Arc::from(PIN_CHANGED)
-                    } else {
-                        self.state.script().clone()
-                    };
-                }
-                if std::mem::take(&mut self.unseen_changes) {
-                    be.applied_settings = Arc::from(PIN_CHANGED);
-                }
+                self.keep_setting_changes(be);
                 self.tx_failed = false;
                 if self.unpin_requested && self.queue.is_empty() {
                     tracing::info!(tenant = %self.pool.tenant().id, "client unpinned by DISCARD ALL");
@@ -349,6 +327,38 @@ impl Engine {
     pub(super) fn forget_failed(&mut self, be: &mut PooledBackend, resp: &Resp) {
         if let Resp::Parse(Some(name)) = resp {
             be.prepared.remove(name);
+        }
+    }
+
+    /// At the end of a transaction: the client's setting changes become its session's (the
+    /// tier's pin excepted: a change lasts to the end of its transaction), and a cleared row
+    /// context or a pin changed where no parser saw it sends the connection through a reset
+    /// or a rebinding before it serves again.
+    fn keep_setting_changes(&mut self, be: &mut PooledBackend) {
+        let mut ops = std::mem::take(&mut self.pending_ops);
+        if !self.tx_failed && !ops.is_empty() {
+            // The tier's own setting is the tenant's, not the client's: a change
+            // lasts to the end of its transaction, and the connection gets the
+            // pinned value back (RESET ALL) before it serves another one.
+            let pinned = pinned_setting(self.pool.tenant().tier);
+            if self.pool.row().is_some() && ops.iter().any(clears_row_context) {
+                // Reset and bound anew before the next transaction.
+                be.bound = None;
+            }
+            let n = ops.len();
+            ops.retain(
+                |op| !matches!(op, SettingOp::Set { name, .. } if Some(name.as_str()) == pinned),
+            );
+            let changed_pin = ops.len() < n;
+            self.state.apply(ops);
+            be.applied_settings = if changed_pin {
+                Arc::from(PIN_CHANGED)
+            } else {
+                self.state.script().clone()
+            };
+        }
+        if std::mem::take(&mut self.unseen_changes) {
+            be.applied_settings = Arc::from(PIN_CHANGED);
         }
     }
 }
