@@ -219,13 +219,7 @@ async fn a_proof_read_in_ones_session_is_worth_nothing_on_another_connection(on:
     // Tries: read the proof on one server connection and replay it on another, where
     // pgtenant bound another tenant: a proof is bound to its backend.
     let f = fixture();
-    let addr = on
-        .extra_proxy(|c| {
-            for t in c.tenants.iter_mut() {
-                t.pool_size = Some(2);
-            }
-        })
-        .await;
+    let addr = with_pool_size(on, 2).await;
     let first = f.tenant_at(addr, "mallory").await;
     first.batch_execute("BEGIN").await.unwrap();
     let row = first
@@ -359,6 +353,16 @@ async fn the_proof_travels_as_a_parameter_never_in_statement_text(on: On) {
     for t in texts {
         assert!(t.contains("$2"), "parameters stay parameters: {t}");
     }
+}
+
+/// A proxy where each tenant may hold `n` server connections at once.
+async fn with_pool_size(on: On, n: u32) -> SocketAddr {
+    on.extra_proxy(|c| {
+        for t in c.tenants.iter_mut() {
+            t.pool_size = Some(n);
+        }
+    })
+    .await
 }
 
 /// A proxy whose row tenants share a single server connection.
@@ -818,13 +822,7 @@ async fn a_row_tenant_uses_no_more_of_the_shared_connections_than_its_pool_size(
 async fn a_row_connection_reset_after_a_client_left_mid_transaction_is_entered_again(on: On) {
     let f = fixture();
     // One server connection for the row group, so the next client gets the reset one.
-    let addr = on
-        .extra_proxy(|c| {
-            for t in c.tenants.iter_mut() {
-                t.pool_size = Some(1);
-            }
-        })
-        .await;
+    let addr = with_pool_size(on, 1).await;
     {
         let left = f.tenant_at(addr, "hooli").await;
         left.batch_execute("BEGIN; SELECT 1").await.expect("begin");

@@ -3,12 +3,10 @@
 
 use crate::support::*;
 
-#[tokio::test]
-async fn read_routing_settings_and_read_only_users_round_trip_through_the_registry() {
-    let f = fixture();
-    let reg = f.registry("routing").await;
-    // A second name for the same server stands in for a replica here; routing to a real
-    // standby is covered by the replicas test suite.
+/// Registers the fixture's own server a second time, as "copy": it stands in for a replica
+/// here (routing to a real standby is covered by the replicas suite, and the row context on
+/// one by tests/proxy/isolation.rs).
+fn add_copy_server(f: &Fixture, reg: &Reg) {
     let out = reg.cli(&[
         "server",
         "add",
@@ -19,6 +17,38 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
         &f.port.to_string(),
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Adds the read-only client user `reporting` to tenant `id`.
+fn add_read_only_reporting(reg: &Reg, id: &str) {
+    let out = reg.cli_stdin(
+        &["tenant", "update", id, "--user", "reporting", "--read-only"],
+        PASSWORD,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Connects through `proxy` as `reporting.<id>`.
+async fn connect_reporting(proxy: std::net::SocketAddr, id: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user=reporting.{id} dbname={id} password={PASSWORD}",
+            proxy.ip(),
+            proxy.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect");
+    tokio::spawn(conn);
+    c
+}
+
+#[tokio::test]
+async fn read_routing_settings_and_read_only_users_round_trip_through_the_registry() {
+    let f = fixture();
+    let reg = f.registry("routing").await;
+    add_copy_server(f, &reg);
     let out = reg.cli_stdin(
         &[
             "tenant",
@@ -41,18 +71,7 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
         PASSWORD,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = reg.cli_stdin(
-        &[
-            "tenant",
-            "update",
-            "readco",
-            "--user",
-            "reporting",
-            "--read-only",
-        ],
-        PASSWORD,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_read_only_reporting(&reg, "readco");
 
     let shown = reg.cli(&["tenant", "show", "readco", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&stdout(&shown)).expect("json");
@@ -68,17 +87,7 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
 
     // The proxy serves the read-only user a read-only session.
     let proxy = f.proxy(reg.config.clone());
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=reporting.readco dbname=readco password={PASSWORD}",
-            proxy.addr.ip(),
-            proxy.addr.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect");
-    tokio::spawn(conn);
+    let c = connect_reporting(proxy.addr, "readco").await;
     let e = c
         .batch_execute("INSERT INTO accounts (owner) VALUES ('x')")
         .await
@@ -90,18 +99,7 @@ async fn read_routing_settings_and_read_only_users_round_trip_through_the_regist
 async fn a_row_tier_tenant_may_read_from_a_replica() {
     let f = fixture();
     let reg = f.registry("rowrepl").await;
-    // A second name for the same server stands in for a replica, as above; the row context
-    // on a real standby is covered by the replicas test suite.
-    let out = reg.cli(&[
-        "server",
-        "add",
-        "copy",
-        "--host",
-        &f.host,
-        "--port",
-        &f.port.to_string(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_copy_server(f, &reg);
     let out = reg.cli_stdin(
         &[
             "tenant",
@@ -118,34 +116,13 @@ async fn a_row_tier_tenant_may_read_from_a_replica() {
         PASSWORD,
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = reg.cli_stdin(
-        &[
-            "tenant",
-            "update",
-            "rowco",
-            "--user",
-            "reporting",
-            "--read-only",
-        ],
-        PASSWORD,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    add_read_only_reporting(&reg, "rowco");
     let shown = reg.cli(&["tenant", "show", "rowco", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&stdout(&shown)).expect("json");
     assert_eq!(json["replicas"], serde_json::json!(["copy"]));
 
     let proxy = f.proxy(reg.config.clone());
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=reporting.rowco dbname=rowco password={PASSWORD}",
-            proxy.addr.ip(),
-            proxy.addr.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect");
-    tokio::spawn(conn);
+    let c = connect_reporting(proxy.addr, "rowco").await;
     let tenant: String = c
         .query_one("SELECT pgtenant_rls.tenant()", &[])
         .await
