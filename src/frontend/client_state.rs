@@ -29,19 +29,73 @@ pub enum SettingOp {
 
 #[derive(Debug, Default)]
 pub struct ClientState {
-    /// Setting name → the statement that sets it, in the order first set.
-    settings: Vec<(String, String)>,
-    script: Arc<str>,
+    /// Shared by clients whose settings are equal (most clients of an application send the
+    /// same startup parameters), copied when one of them changes its own.
+    settings: Arc<Settings>,
     /// foldhash, not SipHash: looked up at every Bind and Describe, and seeded per process.
     pub statements: foldhash::HashMap<Bytes, Arc<ClientStatement>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Settings {
+    /// Setting name → the statement that sets it, in the order first set.
+    list: Vec<(String, String)>,
+    /// The statements as one script.
+    script: Arc<str>,
+}
+
+impl Settings {
+    fn set(&mut self, name: String, statement: String) {
+        match self.list.iter_mut().find(|(k, _)| *k == name) {
+            Some(slot) => slot.1 = statement,
+            None => self.list.push((name, statement)),
+        }
+    }
+
+    fn rebuild(&mut self) {
+        let joined: Vec<&str> = self.list.iter().map(|(_, s)| s.as_str()).collect();
+        self.script = Arc::from(joined.join("; "));
+    }
+}
+
+/// Distinct startup settings kept for sharing, per thread (logins need no lock). Bounded: when
+/// full, sets no client holds any more are dropped, and if none is, nothing new is kept.
+const SHARED_SETTINGS_MAX: usize = 256;
+
+thread_local! {
+    static SHARED_SETTINGS: std::cell::RefCell<Vec<Arc<Settings>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `fresh`, or an equal set another client already holds.
+fn shared(fresh: Settings) -> Arc<Settings> {
+    if fresh.list.is_empty() {
+        return Arc::default();
+    }
+    SHARED_SETTINGS.with(|cell| {
+        let Ok(mut kept) = cell.try_borrow_mut() else {
+            return Arc::new(fresh);
+        };
+        if let Some(found) = kept.iter().find(|k| ***k == fresh) {
+            return found.clone();
+        }
+        if kept.len() >= SHARED_SETTINGS_MAX {
+            kept.retain(|k| Arc::strong_count(k) > 1);
+        }
+        let fresh = Arc::new(fresh);
+        if kept.len() < SHARED_SETTINGS_MAX {
+            kept.push(fresh.clone());
+        }
+        fresh
+    })
 }
 
 impl ClientState {
     /// Settings sent in the startup packet, as statements.
     pub fn from_startup(settings: &[(String, String)]) -> ClientState {
-        let mut s = ClientState::default();
+        let mut fresh = Settings::default();
         for (k, v) in settings {
-            s.set(
+            fresh.set(
                 k.to_ascii_lowercase(),
                 format!(
                     "SELECT pg_catalog.set_config({}, {}, false)",
@@ -50,49 +104,43 @@ impl ClientState {
                 ),
             );
         }
-        s.rebuild();
-        s
-    }
-
-    fn set(&mut self, name: String, statement: String) {
-        match self.settings.iter_mut().find(|(k, _)| *k == name) {
-            Some(slot) => slot.1 = statement,
-            None => self.settings.push((name, statement)),
+        fresh.rebuild();
+        ClientState {
+            settings: shared(fresh),
+            statements: Default::default(),
         }
     }
 
     pub fn apply(&mut self, ops: impl IntoIterator<Item = SettingOp>) {
+        // Copy on write: another client may share these settings.
+        let own = Arc::make_mut(&mut self.settings);
         for op in ops {
             match op {
-                SettingOp::Set { name, statement } => self.set(name, statement),
-                SettingOp::Reset(name) => self.settings.retain(|(k, _)| *k != name),
-                SettingOp::ResetAll => self.settings.clear(),
+                SettingOp::Set { name, statement } => own.set(name, statement),
+                SettingOp::Reset(name) => own.list.retain(|(k, _)| *k != name),
+                SettingOp::ResetAll => own.list.clear(),
             }
         }
-        self.rebuild();
-    }
-
-    fn rebuild(&mut self) {
-        let joined: Vec<&str> = self.settings.iter().map(|(_, s)| s.as_str()).collect();
-        self.script = Arc::from(joined.join("; "));
+        own.rebuild();
     }
 
     /// The client's settings as one script ("" when it changed none).
     pub fn script(&self) -> &Arc<str> {
-        &self.script
+        &self.settings.script
     }
 
     /// What to run on a backend whose applied settings are `applied` so it matches this client;
     /// None when it already does. RESET restores the session defaults, which carry the tier's
     /// pins (they travel in the backend's startup packet).
     pub fn replay_for(&self, applied: &Arc<str>) -> Option<String> {
-        if Arc::ptr_eq(applied, &self.script) || **applied == *self.script {
+        let script = &self.settings.script;
+        if Arc::ptr_eq(applied, script) || **applied == **script {
             return None;
         }
-        Some(if self.script.is_empty() {
+        Some(if script.is_empty() {
             "RESET ALL; RESET ROLE".to_string()
         } else {
-            format!("RESET ALL; RESET ROLE; {}", self.script)
+            format!("RESET ALL; RESET ROLE; {script}")
         })
     }
 }
@@ -130,6 +178,50 @@ mod tests {
         assert_eq!(s.script().as_ref(), "SET a = 2; SET b = 1");
         s.apply([SettingOp::Reset("a".into())]);
         assert_eq!(s.script().as_ref(), "SET b = 1");
+    }
+
+    #[test]
+    fn clients_with_the_same_startup_settings_share_them() {
+        let startup = [("application_name".to_string(), "app".to_string())];
+        let a = ClientState::from_startup(&startup);
+        let b = ClientState::from_startup(&startup);
+        assert!(Arc::ptr_eq(&a.settings, &b.settings));
+        let other = ClientState::from_startup(&[("application_name".into(), "other".into())]);
+        assert!(!Arc::ptr_eq(&a.settings, &other.settings));
+    }
+
+    #[test]
+    fn a_change_by_one_client_leaves_a_client_sharing_its_settings_unchanged() {
+        let startup = [("TimeZone".to_string(), "UTC".to_string())];
+        let mut a = ClientState::from_startup(&startup);
+        let b = ClientState::from_startup(&startup);
+        let before = b.script().to_string();
+        a.apply([
+            SettingOp::Set {
+                name: "search_path".into(),
+                statement: "SET search_path = evil".into(),
+            },
+            SettingOp::Reset("timezone".into()),
+        ]);
+        assert_eq!(a.script().as_ref(), "SET search_path = evil");
+        assert_eq!(b.script().as_ref(), before);
+        assert_eq!(
+            ClientState::from_startup(&startup).script().as_ref(),
+            before,
+            "a later client gets the startup settings, not the changed ones"
+        );
+    }
+
+    #[test]
+    fn the_shared_settings_stay_bounded() {
+        let held: Vec<ClientState> = (0..SHARED_SETTINGS_MAX + 10)
+            .map(|i| ClientState::from_startup(&[("application_name".into(), format!("a{i}"))]))
+            .collect();
+        let kept = SHARED_SETTINGS.with(|c| c.borrow().len());
+        assert!(kept <= SHARED_SETTINGS_MAX);
+        // Each client still has its own settings, kept or not.
+        let last = SHARED_SETTINGS_MAX + 5;
+        assert!(held[last].script().contains(&format!("'a{last}'")));
     }
 
     #[test]
