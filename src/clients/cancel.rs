@@ -12,6 +12,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use rand::Rng;
 use subtle::ConstantTimeEq;
 
@@ -42,14 +43,16 @@ pub struct CancelKey {
 
 /// Who a client is, for the admin console's SHOW CLIENTS.
 #[derive(Debug, Clone)]
+/// Kept for every client while it is connected, so it is small: names are shared with the
+/// client's pool, and the rest sized to fit.
 pub struct ClientInfo {
-    pub role: String,
-    pub database: String,
+    pub role: Arc<str>,
+    pub database: Arc<str>,
     pub addr: std::net::SocketAddr,
-    pub application_name: String,
+    pub application_name: Box<str>,
     pub connected: std::time::SystemTime,
     /// Protocol and cipher suite when the client uses TLS.
-    pub tls: Option<String>,
+    pub tls: Option<Box<str>>,
 }
 
 /// One client as SHOW CLIENTS lists it.
@@ -68,13 +71,20 @@ struct Entry {
     info: Option<ClientInfo>,
     /// The client's socket while the session owns it (-1 after), so an operator's
     /// `tenant suspend --terminate` can wake the session; guarded so the descriptor is never
-    /// touched after the session closed it.
-    socket: std::sync::Mutex<RawFd>,
-    /// Why the session was told to end, once it was.
-    terminated: std::sync::Mutex<Option<String>>,
+    /// touched after the session closed it. With it, why the session was told to end, once it
+    /// was.
+    control: std::sync::Mutex<Control>,
     /// Changed at every transaction in transaction mode, so the guard holds the entry itself
     /// and link/unlink take one uncontended lock instead of a map lookup.
     target: std::sync::Mutex<Option<Arc<CancelTarget>>>,
+    /// The task of a transaction-mode session waiting for its idle client, woken when
+    /// pgtenant starts shutting down (smaller than a `Notify` waiter in every idle task).
+    drain_waker: AtomicWaker,
+}
+
+struct Control {
+    socket: RawFd,
+    terminated: Option<Box<str>>,
 }
 
 #[derive(Default)]
@@ -100,15 +110,15 @@ impl CancelRegistry {
 
     /// Mints a key for a new client. The guard removes it when the client goes away.
     pub fn register(self: &Arc<Self>, tenant: &str, socket: RawFd) -> CancelGuard {
-        self.register_client(tenant, socket, None)
+        self.register_client(Arc::from(tenant), socket, None)
     }
 
     /// `register`, with what SHOW CLIENTS tells of the client.
     pub fn register_client(
         self: &Arc<Self>,
-        tenant: &str,
+        tenant: Arc<str>,
         socket: RawFd,
-        info: Option<ClientInfo>,
+        mut info: Option<ClientInfo>,
     ) -> CancelGuard {
         let mut rng = rand::thread_rng();
         loop {
@@ -121,11 +131,14 @@ impl CancelRegistry {
             if let dashmap::Entry::Vacant(v) = self.entries.entry(pid) {
                 let entry = Arc::new(Entry {
                     secret,
-                    tenant: Arc::from(tenant),
-                    info: info.clone(),
-                    socket: std::sync::Mutex::new(socket),
-                    terminated: std::sync::Mutex::new(None),
+                    tenant: tenant.clone(),
+                    info: info.take(),
+                    control: std::sync::Mutex::new(Control {
+                        socket,
+                        terminated: None,
+                    }),
                     target: std::sync::Mutex::new(None),
+                    drain_waker: AtomicWaker::new(),
                 });
                 v.insert(entry.clone());
                 return CancelGuard {
@@ -177,15 +190,13 @@ impl CancelRegistry {
             .collect();
         let mut n = 0;
         for e in targets {
-            if let Ok(mut why) = e.terminated.lock() {
-                *why = Some(reason.to_string());
-            }
-            if let Ok(fd) = e.socket.lock() {
-                if *fd >= 0 {
+            if let Ok(mut c) = e.control.lock() {
+                c.terminated = Some(reason.into());
+                if c.socket >= 0 {
                     // SAFETY: the descriptor is open: the session clears it (under this lock)
                     // before closing its socket.
                     unsafe {
-                        libc::shutdown(*fd, libc::SHUT_RD);
+                        libc::shutdown(c.socket, libc::SHUT_RD);
                     }
                     n += 1;
                 }
@@ -199,6 +210,9 @@ impl CancelRegistry {
         self.draining
             .store(true, std::sync::atomic::Ordering::Release);
         self.drain.notify_waiters();
+        for e in self.entries.iter() {
+            e.drain_waker.wake();
+        }
     }
 
     /// Ends every session, as `terminate_tenant` does for one tenant's.
@@ -315,8 +329,8 @@ impl CancelGuard {
 
     /// Call before the client socket is closed.
     pub fn detach_socket(&self) {
-        if let Ok(mut fd) = self.entry.socket.lock() {
-            *fd = -1;
+        if let Ok(mut c) = self.entry.control.lock() {
+            c.socket = -1;
         }
     }
 
@@ -325,6 +339,16 @@ impl CancelGuard {
         self.registry
             .draining
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// True once pgtenant is shutting down; until then `waker` is woken when it starts to.
+    pub fn drain_wakes(&self, waker: &std::task::Waker) -> bool {
+        if self.is_draining() {
+            return true;
+        }
+        self.entry.drain_waker.register(waker);
+        // Checked again: a drain that began before the registration woke nobody.
+        self.is_draining()
     }
 
     /// Resolves once pgtenant starts shutting down.
@@ -340,7 +364,11 @@ impl CancelGuard {
 
     /// Why an operator ended this session, if one did.
     pub fn termination(&self) -> Option<String> {
-        self.entry.terminated.lock().ok().and_then(|t| t.clone())
+        self.entry
+            .control
+            .lock()
+            .ok()
+            .and_then(|c| c.terminated.as_deref().map(str::to_string))
     }
 }
 

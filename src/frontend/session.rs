@@ -79,22 +79,24 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
         who.settings
             .push(("default_transaction_read_only".into(), "on".into()));
     }
+    let stats = pool.stats();
     let info = crate::clients::cancel::ClientInfo {
-        role: who.role.clone(),
-        database: tenant.database.clone(),
+        role: stats.role_name().clone(),
+        database: pool.database_name().clone(),
         addr: peer,
         application_name: who
             .settings
             .iter()
             .find(|(k, _)| k == "application_name")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default(),
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+            .into(),
         connected: std::time::SystemTime::now(),
-        tls: client.tls_description(),
+        tls: client.tls_description().map(String::into_boxed_str),
     };
-    let cancel = ctx
-        .cancels
-        .register_client(&tenant.id, client.raw_fd(), Some(info));
+    let cancel =
+        ctx.cancels
+            .register_client(stats.tenant_name().clone(), client.raw_fd(), Some(info));
     let mode = tenant.pool_mode;
     let state = ClientState::from_startup(&who.settings);
     // Kept as statements in `state`; an idle client should not hold them twice.
@@ -202,8 +204,6 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
             let session = Box::new(TxSession {
                 engine,
                 client,
-                tenant: who.tenant,
-                role: who.role,
                 peer,
                 started,
                 reset_timeout,
@@ -232,8 +232,6 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
 struct TxSession {
     engine: Engine,
     client: ClientStream,
-    tenant: String,
-    role: String,
     peer: SocketAddr,
     started: Instant,
     reset_timeout: Duration,
@@ -246,8 +244,23 @@ struct TxSession {
 async fn serve_transactions(mut session: Box<TxSession>) {
     let s = &mut *session;
     let outcome = s.engine.run(&mut s.client).await;
+    // Boxed: the idle client's task is as small as the wait above, not as the ending.
+    Box::pin(end_transactions(session, outcome)).await;
+}
+
+/// Tells the client why its session ended, resets the backend it left, and accounts for it.
+async fn end_transactions(
+    mut session: Box<TxSession>,
+    outcome: crate::frontend::transaction::TxOutcome,
+) {
+    let s = &mut *session;
     Box::pin(farewell(&mut s.client, s.engine.cancel())).await;
-    let (tenant, peer) = (&s.tenant, s.peer);
+    // The names are the pool's, shared by its sessions.
+    let (tenant, role, peer) = (
+        s.pool.stats().tenant_name().clone(),
+        s.pool.stats().role_name().clone(),
+        s.peer,
+    );
     let how = match &outcome.end {
         TxEnd::Terminated => "terminate",
         TxEnd::Shutdown => "shutdown",
@@ -268,15 +281,15 @@ async fn serve_transactions(mut session: Box<TxSession>) {
         match Box::pin(reset::reset(&mut be, left, s.reset_timeout)).await {
             Ok(()) => be_pool.park(be),
             Err(e) => {
-                warn!(tenant = %tenant, role = %s.role, error = %e, "server connection could not be reset; closing it");
+                warn!(tenant = %tenant, role = %role, error = %e, "server connection could not be reset; closing it");
                 be_pool.discard(be);
             }
         }
     }
     closed(
         &s.pool,
-        tenant,
-        &s.role,
+        &tenant,
+        &role,
         peer,
         s.started,
         how,

@@ -142,6 +142,8 @@ pub struct TenantPool {
     parsed: DashMap<Arc<str>, ()>,
     /// Row tier: the binding this pool's sessions need on a connection.
     row: Option<RowBinding>,
+    /// The tenant's database, shared by the pool's sessions (SHOW CLIENTS).
+    database: Arc<str>,
     /// Row tier: connections, parked ones and waiting clients are shared with the other row
     /// tenants of the same server, database, backend role and session defaults.
     shared: bool,
@@ -163,6 +165,11 @@ pub struct TenantPool {
 }
 
 impl TenantPool {
+    /// The tenant's database, shared.
+    pub fn database_name(&self) -> &Arc<str> {
+        &self.database
+    }
+
     /// The global name for a statement; equal statements share one, so a backend prepares each
     /// once whichever client asks.
     pub fn statement_name(&self, key: &[u8]) -> Arc<str> {
@@ -985,6 +992,7 @@ impl Pools {
             row: row_tier.then(|| RowBinding {
                 tenant: Arc::from(tenant.id.as_str()),
             }),
+            database: Arc::from(tenant.database.as_str()),
             shared: row_tier,
             share: (row_tier && tenant.pool_size < s.default_size)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(tenant.pool_size as usize))),

@@ -3,7 +3,7 @@
 //! relaxed atomic adds per transaction and no label lookup; they outlive the pool rebuilds a
 //! changed entry causes, and their series are removed when the tenant or role goes away.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prometheus::{
     Counter, CounterVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
@@ -162,8 +162,9 @@ impl Default for Metrics {
 }
 
 pub struct PoolStats {
-    tenant: String,
-    role: String,
+    /// Shared with every session of the pool, which names itself with them.
+    tenant: Arc<str>,
+    role: Arc<str>,
     pub transactions: IntCounter,
     pub queries: IntCounter,
     pub bytes_in: IntCounter,
@@ -208,11 +209,21 @@ pub struct StatsSnapshot {
 }
 
 impl PoolStats {
+    /// The tenant's id, shared.
+    pub fn tenant_name(&self) -> &Arc<str> {
+        &self.tenant
+    }
+
+    /// The client role's name, shared.
+    pub fn role_name(&self) -> &Arc<str> {
+        &self.role
+    }
+
     pub fn new(m: &Metrics, tenant: &str, role: &str) -> PoolStats {
         let l = [tenant, role];
         PoolStats {
-            tenant: tenant.to_string(),
-            role: role.to_string(),
+            tenant: Arc::from(tenant),
+            role: Arc::from(role),
             transactions: m.transactions.with_label_values(&l),
             queries: m.queries.with_label_values(&l),
             bytes_in: m.received.with_label_values(&l),
@@ -270,13 +281,13 @@ impl PoolStats {
             }
         }
         self.errors
-            .with_label_values(&[&self.tenant, &self.role, &class])
+            .with_label_values(&[&*self.tenant, &*self.role, class.as_str()])
             .inc();
     }
 
     /// Removes this (tenant, role)'s series (the tenant or role is gone).
     pub fn unregister(&self, m: &Metrics) {
-        let l = [self.tenant.as_str(), self.role.as_str()];
+        let l = [&*self.tenant, &*self.role];
         let _ = m.transactions.remove_label_values(&l);
         let _ = m.queries.remove_label_values(&l);
         let _ = m.received.remove_label_values(&l);

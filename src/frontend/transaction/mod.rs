@@ -247,41 +247,45 @@ impl Engine {
     }
 
     /// By reference: the engine lives in the session's state, not a second time in this
-    /// future's.
+    /// future's. While the client idles this future holds four pointers: everything a
+    /// transaction needs lives in one boxed future that exists only while it runs.
     pub async fn run(&mut self, client: &mut ClientStream) -> TxOutcome {
         let end = loop {
             // Between transactions a client holds no buffers and no transaction state on the
             // stack: thousands of idle clients then cost little more than their sockets.
             buffers::give(&mut self.out);
             buffers::give(&mut self.obuf);
-            if self.cancel.is_draining() {
-                break TxEnd::Shutdown;
-            }
-            let first = tokio::select! {
-                r = wait_for_input(client) => match r {
-                    Ok(b) => b,
-                    Err(()) => break TxEnd::ClientGone,
-                },
-                _ = self.cancel.drained() => break TxEnd::Shutdown,
+            let first = match wait_for_input(client, &self.cancel).await {
+                Idle::Input(b) => b,
+                Idle::Gone => break TxEnd::ClientGone,
+                Idle::Draining => break TxEnd::Shutdown,
             };
-            // Boxed: this state lives only while the client is active.
-            match Box::pin(self.active(client, first)).await {
-                Ok(()) => {}
-                // Lost at a message boundary: the client is told, and keeps its connection;
-                // unless it was pinned, for then its session state went with the server
-                // connection, and its session ends as a session-mode one would.
-                Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
-                    if Box::pin(self.recover_from_lost_server(client))
-                        .await
-                        .is_err()
-                    {
-                        break TxEnd::ClientGone;
-                    }
-                }
-                Err(e) => break e,
+            if let Err(end) = Box::pin(self.transaction(client, first)).await {
+                break end;
             }
         };
         Box::pin(self.finish(client, end)).await
+    }
+
+    /// One turn of activity, from the client's first bytes until it is idle again.
+    async fn transaction(
+        &mut self,
+        client: &mut ClientStream,
+        first: BytesMut,
+    ) -> Result<(), TxEnd> {
+        match self.active(client, first).await {
+            Ok(()) => Ok(()),
+            // Lost at a message boundary: the client is told, and keeps its connection;
+            // unless it was pinned, for then its session state went with the server
+            // connection, and its session ends as a session-mode one would.
+            Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
+                match Box::pin(self.recover_from_lost_server(client)).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(TxEnd::ClientGone),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Serves the client from its first bytes after idling until it is idle again, with no
@@ -511,26 +515,37 @@ async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
     }
 }
 
-/// Waits until the idle client sends something and returns it, holding only a small probe
-/// while waiting (an idle client must not pin a full buffer). The read goes through
-/// `AsyncRead::read`, after which tokio clears its readiness flag on a short read; that saves a
-/// wasted EAGAIN read per transaction.
-async fn wait_for_input(client: &mut ClientStream) -> Result<BytesMut, ()> {
-    // The probe lives only inside a poll, not in the waiting future: an idle client's task
-    // holds a few pointers here, not a buffer.
+/// What ended an idle client's wait.
+enum Idle {
+    Input(BytesMut),
+    Gone,
+    Draining,
+}
+
+/// Waits until the idle client sends something and returns it, or until pgtenant starts
+/// shutting down. Hand-written rather than a `select!` over the read and a `Notify`: this is
+/// the future every idle client's task holds, and it is two pointers; the shutdown wake-up
+/// goes through the client's cancel registration instead of a waiter node of its own.
+///
+/// The probe lives only inside a poll (an idle client must not pin a full buffer). The read
+/// goes through `AsyncRead::poll_read`, after which tokio clears its readiness flag on a short
+/// read; that saves a wasted EAGAIN read per transaction.
+async fn wait_for_input(client: &mut ClientStream, cancel: &CancelGuard) -> Idle {
+    use std::task::Poll;
     std::future::poll_fn(|cx| {
+        if cancel.drain_wakes(cx.waker()) {
+            return Poll::Ready(Idle::Draining);
+        }
         let mut probe = [0u8; 256];
         let mut rb = tokio::io::ReadBuf::new(&mut probe);
         match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *client), cx, &mut rb) {
-            std::task::Poll::Pending => std::task::Poll::Pending,
-            std::task::Poll::Ready(Err(_)) => std::task::Poll::Ready(Err(())),
-            std::task::Poll::Ready(Ok(())) if rb.filled().is_empty() => {
-                std::task::Poll::Ready(Err(()))
-            }
-            std::task::Poll::Ready(Ok(())) => {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(Idle::Gone),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Idle::Gone),
+            Poll::Ready(Ok(())) => {
                 let mut buf = buffers::take();
                 buf.extend_from_slice(rb.filled());
-                std::task::Poll::Ready(Ok(buf))
+                Poll::Ready(Idle::Input(buf))
             }
         }
     })
