@@ -40,8 +40,10 @@ impl ClientLimits {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(LimitError::Global(self.max_total));
         }
-        let key: Arc<str> = Arc::from(tenant);
-        let mut entry = self.per_tenant.entry(key.clone()).or_insert(0);
+        let mut entry = match self.per_tenant.get_mut(tenant) {
+            Some(e) => e,
+            None => self.per_tenant.entry(Arc::from(tenant)).or_insert(0),
+        };
         if let Some(max) = tenant_max {
             if *entry >= max {
                 drop(entry);
@@ -53,9 +55,12 @@ impl ClientLimits {
             }
         }
         *entry += 1;
+        // The map's own key: a tenant's clients share one name.
+        let tenant = entry.key().clone();
+        drop(entry);
         Ok(ClientSlot {
             limits: self.clone(),
-            tenant: key,
+            tenant,
         })
     }
 

@@ -36,25 +36,51 @@ pub struct ClientState {
     pub statements: foldhash::HashMap<Bytes, Arc<ClientStatement>>,
 }
 
+/// Compact, since every idle client holds one: each statement is kept once, in the script.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Settings {
-    /// Setting name → the statement that sets it, in the order first set.
-    list: Vec<(String, String)>,
+    /// Setting name and where the statement that sets it lies in `script`, in the order first
+    /// set.
+    list: Box<[(Box<str>, u32, u32)]>,
     /// The statements as one script.
     script: Arc<str>,
 }
 
 impl Settings {
-    fn set(&mut self, name: String, statement: String) {
-        match self.list.iter_mut().find(|(k, _)| *k == name) {
-            Some(slot) => slot.1 = statement,
-            None => self.list.push((name, statement)),
+    fn from_statements(named: Vec<(Box<str>, String)>) -> Settings {
+        let mut script = String::new();
+        let mut list = Vec::with_capacity(named.len());
+        for (name, statement) in named {
+            if !script.is_empty() {
+                script.push_str("; ");
+            }
+            let start = script.len() as u32;
+            script.push_str(&statement);
+            list.push((name, start, script.len() as u32));
+        }
+        Settings {
+            list: list.into_boxed_slice(),
+            script: Arc::from(script),
         }
     }
 
-    fn rebuild(&mut self) {
-        let joined: Vec<&str> = self.list.iter().map(|(_, s)| s.as_str()).collect();
-        self.script = Arc::from(joined.join("; "));
+    /// Name and statement of each setting.
+    fn statements(&self) -> Vec<(Box<str>, String)> {
+        self.list
+            .iter()
+            .map(|(name, start, end)| {
+                let statement = self.script.get(*start as usize..*end as usize);
+                (name.clone(), statement.unwrap_or_default().to_string())
+            })
+            .collect()
+    }
+}
+
+/// Sets `name` by `statement`, in place if it was set before.
+fn set(list: &mut Vec<(Box<str>, String)>, name: Box<str>, statement: String) {
+    match list.iter_mut().find(|(k, _)| *k == name) {
+        Some(slot) => slot.1 = statement,
+        None => list.push((name, statement)),
     }
 }
 
@@ -93,10 +119,11 @@ fn shared(fresh: Settings) -> Arc<Settings> {
 impl ClientState {
     /// Settings sent in the startup packet, as statements.
     pub fn from_startup(settings: &[(String, String)]) -> ClientState {
-        let mut fresh = Settings::default();
+        let mut named = Vec::with_capacity(settings.len());
         for (k, v) in settings {
-            fresh.set(
-                k.to_ascii_lowercase(),
+            set(
+                &mut named,
+                k.to_ascii_lowercase().into(),
                 format!(
                     "SELECT pg_catalog.set_config({}, {}, false)",
                     quote_literal(k),
@@ -104,24 +131,23 @@ impl ClientState {
                 ),
             );
         }
-        fresh.rebuild();
         ClientState {
-            settings: shared(fresh),
+            settings: shared(Settings::from_statements(named)),
             statements: Default::default(),
         }
     }
 
     pub fn apply(&mut self, ops: impl IntoIterator<Item = SettingOp>) {
-        // Copy on write: another client may share these settings.
-        let own = Arc::make_mut(&mut self.settings);
+        let mut named = self.settings.statements();
         for op in ops {
             match op {
-                SettingOp::Set { name, statement } => own.set(name, statement),
-                SettingOp::Reset(name) => own.list.retain(|(k, _)| *k != name),
-                SettingOp::ResetAll => own.list.clear(),
+                SettingOp::Set { name, statement } => set(&mut named, name.into(), statement),
+                SettingOp::Reset(name) => named.retain(|(k, _)| **k != *name),
+                SettingOp::ResetAll => named.clear(),
             }
         }
-        own.rebuild();
+        // A copy of its own: another client may share the settings it had.
+        self.settings = Arc::new(Settings::from_statements(named));
     }
 
     /// The client's settings as one script ("" when it changed none).

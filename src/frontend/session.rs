@@ -206,9 +206,8 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
                 client,
                 peer,
                 started,
-                reset_timeout,
-                pool,
-                _in_pool,
+                reset_secs: reset_timeout.as_secs().min(u32::MAX as u64) as u32,
+                in_pool: _in_pool,
                 _slot,
             });
             tokio::spawn(serve_transactions(session).instrument(span));
@@ -234,9 +233,9 @@ struct TxSession {
     client: ClientStream,
     peer: SocketAddr,
     started: Instant,
-    reset_timeout: Duration,
-    pool: Arc<TenantPool>,
-    _in_pool: crate::pool::PoolClientGuard,
+    reset_secs: u32,
+    /// Counts the client in its pool, and holds the pool.
+    in_pool: crate::pool::PoolClientGuard,
     _slot: ClientSlot,
 }
 
@@ -257,8 +256,8 @@ async fn end_transactions(
     Box::pin(farewell(&mut s.client, s.engine.cancel())).await;
     // The names are the pool's, shared by its sessions.
     let (tenant, role, peer) = (
-        s.pool.stats().tenant_name().clone(),
-        s.pool.stats().role_name().clone(),
+        s.in_pool.pool().stats().tenant_name().clone(),
+        s.in_pool.pool().stats().role_name().clone(),
         s.peer,
     );
     let how = match &outcome.end {
@@ -278,7 +277,13 @@ async fn end_transactions(
     };
     if let Some((mut be, left, be_pool)) = outcome.backend {
         s.engine.cancel().unlink();
-        match Box::pin(reset::reset(&mut be, left, s.reset_timeout)).await {
+        match Box::pin(reset::reset(
+            &mut be,
+            left,
+            Duration::from_secs(s.reset_secs.into()),
+        ))
+        .await
+        {
             Ok(()) => be_pool.park(be),
             Err(e) => {
                 warn!(tenant = %tenant, role = %role, error = %e, "server connection could not be reset; closing it");
@@ -287,7 +292,7 @@ async fn end_transactions(
         }
     }
     closed(
-        &s.pool,
+        s.in_pool.pool(),
         &tenant,
         &role,
         peer,

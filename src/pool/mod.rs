@@ -688,6 +688,13 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 pub struct PoolClientGuard(Arc<TenantPool>);
 
+impl PoolClientGuard {
+    /// The pool this client is counted in.
+    pub fn pool(&self) -> &Arc<TenantPool> {
+        &self.0
+    }
+}
+
 impl Drop for PoolClientGuard {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);

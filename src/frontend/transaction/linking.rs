@@ -97,7 +97,7 @@ impl Engine {
     pub(super) fn count_transaction(&mut self) {
         if let Some(at) = self.tx_began.take() {
             let took = at.elapsed();
-            if self.slow.is_some_and(|s| took > s) {
+            if self.limits.slow().is_some_and(|s| took > s) {
                 tracing::warn!(
                     tenant = %self.pool.tenant().id,
                     duration_ms = took.as_millis() as u64,

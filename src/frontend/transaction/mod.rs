@@ -15,6 +15,7 @@
 //! and preparing a backend. `recovery`: a lost server connection.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -101,6 +102,36 @@ enum Item {
     CopyEnd,
 }
 
+/// A session's limits, packed small: every idle client holds them.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// Transactions longer than this are logged.
+    slow_ms: Option<NonZeroU32>,
+    idle_tx_secs: Option<NonZeroU32>,
+    max_message: u32,
+    max_prepared: u32,
+}
+
+impl Limits {
+    fn slow(&self) -> Option<Duration> {
+        self.slow_ms
+            .map(|ms| Duration::from_millis(ms.get().into()))
+    }
+
+    fn idle_tx_timeout(&self) -> Option<Duration> {
+        self.idle_tx_secs
+            .map(|s| Duration::from_secs(s.get().into()))
+    }
+
+    fn max_message(&self) -> usize {
+        self.max_message as usize
+    }
+
+    fn max_prepared(&self) -> usize {
+        self.max_prepared as usize
+    }
+}
+
 pub enum TxEnd {
     Terminated,
     /// pgtenant is shutting down and the client is between transactions.
@@ -149,17 +180,13 @@ pub struct Engine {
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
     request_at: Option<std::time::Instant>,
-    /// Transactions longer than this are logged.
-    slow: Option<Duration>,
     /// The session feature that pinned this client to its server connection
     /// (`session_features = pin`), and whether a DISCARD ALL asked to let it go.
     pinned: Option<&'static str>,
     unpin_requested: bool,
     state: ClientState,
     cancel: CancelGuard,
-    max_message: usize,
-    max_prepared: usize,
-    idle_tx_timeout: Option<Duration>,
+    limits: Limits,
     /// Boxed so an idle client's engine does not carry a connection-sized empty slot.
     backend: Option<Box<PooledBackend>>,
     queue: VecDeque<Item>,
@@ -208,14 +235,16 @@ impl Engine {
             tx_began: None,
             counted: (0, 0),
             request_at: None,
-            slow: None,
             pinned: None,
             unpin_requested: false,
             state,
             cancel,
-            max_message,
-            max_prepared: max_prepared.max(1),
-            idle_tx_timeout: (idle_tx_timeout > 0).then(|| Duration::from_secs(idle_tx_timeout)),
+            limits: Limits {
+                slow_ms: None,
+                idle_tx_secs: NonZeroU32::new(idle_tx_timeout.min(u32::MAX as u64) as u32),
+                max_message: max_message.min(u32::MAX as usize) as u32,
+                max_prepared: max_prepared.clamp(1, u32::MAX as usize) as u32,
+            },
             backend: None,
             queue: VecDeque::new(),
             unsynced: false,
@@ -242,7 +271,8 @@ impl Engine {
 
     /// Logs transactions that take longer than `threshold`.
     pub fn with_slow_log(mut self, threshold: Option<Duration>) -> Self {
-        self.slow = threshold;
+        self.limits.slow_ms = threshold
+            .and_then(|d| NonZeroU32::new(d.as_millis().clamp(1, u32::MAX as u128) as u32));
         self
     }
 
@@ -323,7 +353,7 @@ impl Engine {
                 }
             }
             let in_tx = self.backend.is_some() && self.tx_status != b'I';
-            let idle_limit = self.idle_tx_timeout.filter(|_| in_tx);
+            let idle_limit = self.limits.idle_tx_timeout().filter(|_| in_tx);
             // Boxed, and only when configured: an inline timer would enlarge (and over-align)
             // the state every transaction allocates.
             let mut idle_timer = idle_limit.map(|d| Box::pin(tokio::time::sleep(d)));

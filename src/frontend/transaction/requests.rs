@@ -18,12 +18,12 @@ impl Engine {
                 )));
             }
             let body_len = len as usize - 4;
-            if body_len > self.max_message {
+            if body_len > self.limits.max_message() {
                 return Err(TxEnd::ClientError(SessionError::Frame(
                     FrameError::TooLarge {
                         tag,
                         len: len as usize,
-                        max: self.max_message + 4,
+                        max: self.limits.max_message() + 4,
                     },
                 )));
             }
@@ -388,7 +388,7 @@ impl Engine {
         let Some(be) = self.backend.as_mut() else {
             return;
         };
-        for name in be.prepared.overflow(self.max_prepared, &[keep]) {
+        for name in be.prepared.overflow(self.limits.max_prepared(), &[keep]) {
             put_message(&mut self.out, b'C', &[b"S", name.as_bytes(), b"\0"]);
             self.queue.push_back(Item::Proxy(Resp::Close(Some(name))));
         }
