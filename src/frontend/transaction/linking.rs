@@ -29,7 +29,7 @@ impl Engine {
                     let mut b = BytesMut::new();
                     report.encode(&mut b);
                     ready_for_query(&mut b, self.tx_status);
-                    self.queue.push_back(Item::Synthetic(b.freeze()));
+                    self.pipe.synthesize(b.freeze());
                 } else {
                     self.refuse_extended(report);
                 }
@@ -119,7 +119,7 @@ impl Engine {
     /// Pipelines what `be` needs before the client's messages (`prelude`), responses
     /// swallowed. On an error nothing is queued, and the connection is not to be used.
     fn put_prelude(&mut self, be: &mut PooledBackend) -> Result<(), crate::backend::BackendError> {
-        let (out_len, queue_len) = (self.out.len(), self.queue.len());
+        let (out_len, queue_len) = (self.out.len(), self.pipe.queue.len());
         let tenant = self.pool.tenant();
         let plan = crate::frontend::prelude::prelude(
             self.pool.row().map(|r| &*r.tenant),
@@ -137,12 +137,12 @@ impl Engine {
             be.prepared.clear();
             be.bound = None;
             put_query(&mut self.out, row_context::SWITCH_RESET_SQL);
-            self.queue.push_back(Item::Proxy(Resp::Query));
+            self.pipe.expect_proxy(Resp::Query);
         }
         if let Some(sql) = &plan.settings {
             // In a query of its own: one that fails must not roll the reset back.
             put_query(&mut self.out, sql);
-            self.queue.push_back(Item::Proxy(Resp::Query));
+            self.pipe.expect_proxy(Resp::Query);
         }
         if plan.reset || plan.settings.is_some() {
             be.applied_settings = self.state.script().clone();
@@ -150,7 +150,7 @@ impl Engine {
         if let (true, Some(row)) = (plan.bind, self.pool.row()) {
             if let Err(e) = be.put_row_bind(&mut self.out, &row.tenant) {
                 self.out.truncate(out_len);
-                self.queue.truncate(queue_len);
+                self.pipe.queue.truncate(queue_len);
                 return Err(e);
             }
             for r in [
@@ -159,13 +159,13 @@ impl Engine {
                 Resp::RowBind(row.tenant.clone()),
                 Resp::Sync,
             ] {
-                self.queue.push_back(Item::Proxy(r));
+                self.pipe.expect_proxy(r);
             }
         }
         if let (true, Some(sql)) = (plan.caps, &tenant.enforce_limits) {
             // Whatever the last transaction raised, also through set_config().
             put_query(&mut self.out, sql);
-            self.queue.push_back(Item::Proxy(Resp::Query));
+            self.pipe.expect_proxy(Resp::Query);
         }
         Ok(())
     }
@@ -223,7 +223,7 @@ impl Engine {
         }
         if std::mem::take(&mut self.aborted_block) {
             put_query(&mut self.out, &abort_statement());
-            self.queue.push_back(Item::Proxy(Resp::Abort));
+            self.pipe.expect_proxy(Resp::Abort);
         }
         self.cancel.link(be.cancel_target().clone());
         self.tx_status = be.tx_status();

@@ -14,7 +14,6 @@
 //! `requests`: each client message. `responses`: each server message. `linking`: borrowing
 //! and preparing a backend. `recovery`: a lost server connection.
 
-use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,65 +41,21 @@ use super::error::SessionError;
 use crate::clients::cancel::CancelGuard;
 
 mod linking;
+mod pipeline;
 mod recovery;
 mod requests;
 mod responses;
 
-use recovery::fatal_report;
+use pipeline::{Item, Pipeline, Resp, INSPECT_LIMIT, MAX_SERVER_MESSAGE};
+
 use requests::{clears_row_context, pinned_setting, raise_statement};
 
 const READ_CHUNK: usize = 8192;
-/// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
-const INSPECT_LIMIT: usize = 64 * 1024;
-const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
 const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
 /// Applied-settings marker of a connection whose tier-pinned setting a client changed: equal to
 /// no client's script, so the next transaction on it starts with RESET ALL.
 const PIN_CHANGED: &str = "\0pin changed";
 const CLOSE_COMPLETE: &[u8] = b"3\0\0\0\x04";
-
-/// The response(s) one message sent to the backend produces.
-#[derive(Debug, Clone)]
-enum Resp {
-    Parse(Option<Arc<str>>),
-    Bind,
-    DescribeStatement,
-    DescribePortal,
-    Execute,
-    Close(Option<Arc<str>>),
-    Sync,
-    Query,
-    FunctionCall,
-    /// The row tier's binding of the connection to a tenant (an Execute).
-    RowBind(Arc<str>),
-    /// A Query that opens a transaction and fails it on purpose: the client's transaction was
-    /// lost with its server connection, and its next statements must fail as PostgreSQL's
-    /// would in an aborted transaction, until it ends it.
-    Abort,
-}
-
-impl Resp {
-    /// Ends with ReadyForQuery (an error does not end it).
-    fn ends_with_ready(&self) -> bool {
-        matches!(
-            self,
-            Resp::Sync | Resp::Query | Resp::FunctionCall | Resp::Abort
-        )
-    }
-}
-
-#[derive(Debug)]
-enum Item {
-    /// A client message: its responses go to the client.
-    Client(Resp),
-    /// A message pgtenant injected: its responses are swallowed.
-    Proxy(Resp),
-    /// Bytes pgtenant answers itself, in order.
-    Synthetic(Bytes),
-    /// The client ended a COPY (CopyDone/CopyFail) before the server's CopyInResponse was
-    /// seen; marks which Syncs were sent during the copy (the server ignores those).
-    CopyEnd,
-}
 
 /// A session's limits, packed small: every idle client holds them.
 #[derive(Debug, Clone, Copy)]
@@ -189,10 +144,9 @@ pub struct Engine {
     limits: Limits,
     /// Boxed so an idle client's engine does not carry a connection-sized empty slot.
     backend: Option<Box<PooledBackend>>,
-    queue: VecDeque<Item>,
+    /// What the linked server connection is expected to answer, in order.
+    pipe: Pipeline,
     unsynced: bool,
-    /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
-    copy: bool,
     /// A refused extended-protocol message: drop the client's messages until Sync.
     skipping: bool,
     tx_status: u8,
@@ -201,10 +155,6 @@ pub struct Engine {
     /// Schema tier: the transaction may have changed `search_path` where no parser sees it
     /// (`set_config()`, dynamic SQL); the pinned value is restored before the next one.
     unseen_changes: bool,
-    /// Body bytes of the server message being streamed, and whether it goes to the client.
-    srv_remaining: usize,
-    srv_forward: bool,
-    srv_last_tag: u8,
     out: BytesMut,
     obuf: BytesMut,
     bytes_in: u64,
@@ -246,17 +196,13 @@ impl Engine {
                 max_prepared: max_prepared.clamp(1, u32::MAX as usize) as u32,
             },
             backend: None,
-            queue: VecDeque::new(),
+            pipe: Pipeline::default(),
             unsynced: false,
-            copy: false,
             skipping: false,
             tx_status: b'I',
             tx_failed: false,
             pending_ops: Vec::new(),
             unseen_changes: false,
-            srv_remaining: 0,
-            srv_forward: true,
-            srv_last_tag: 0,
             out: BytesMut::new(),
             obuf: BytesMut::new(),
             bytes_in: 0,
@@ -308,7 +254,7 @@ impl Engine {
             // Lost at a message boundary: the client is told, and keeps its connection;
             // unless it was pinned, for then its session state went with the server
             // connection, and its session ends as a session-mode one would.
-            Err(TxEnd::ServerGone) if self.srv_remaining == 0 && self.pinned.is_none() => {
+            Err(TxEnd::ServerGone) if self.pipe.mid_message() == 0 && self.pinned.is_none() => {
                 match Box::pin(self.recover_from_lost_server(client)).await {
                     Ok(()) => Ok(()),
                     Err(_) => Err(TxEnd::ClientGone),
@@ -406,19 +352,14 @@ impl Engine {
         self.unpin();
         self.note_release();
         let backend = self.backend.take().map(|be| {
-            let pending = self
-                .queue
-                .iter()
-                .filter(|i| matches!(i, Item::Client(r) | Item::Proxy(r) if r.ends_with_ready()))
-                .count() as u32;
             let left = Leftover {
-                pending,
+                pending: self.pipe.pending_ready(),
                 unsynced: self.unsynced,
-                copy_in: self.copy,
+                copy_in: self.pipe.copy,
                 scanner: Scanner::mid_message(
                     MAX_SERVER_MESSAGE,
                     INSPECT_LIMIT,
-                    self.srv_remaining,
+                    self.pipe.mid_message(),
                 ),
             };
             let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
@@ -430,7 +371,7 @@ impl Engine {
             bytes_in: self.bytes_in,
             bytes_out: self.bytes_out,
         }
-        .report_to(client, self.srv_remaining == 0, self.srv_last_tag)
+        .report_to(client, self.pipe.mid_message() == 0, self.pipe.last_tag())
         .await
     }
 
@@ -446,7 +387,7 @@ impl Engine {
             }
             self.out.clear();
         }
-        self.emit_synthetics();
+        self.pipe.emit_synthetics(&mut self.obuf);
         self.maybe_release();
         if !self.obuf.is_empty() {
             if send_all(client, &self.obuf).await.is_err() {
@@ -460,11 +401,9 @@ impl Engine {
 
     fn maybe_release(&mut self) {
         let done = self.pinned.is_none()
-            && self.queue.is_empty()
+            && self.pipe.is_done()
             && self.tx_status == b'I'
-            && !self.unsynced
-            && !self.copy
-            && self.srv_remaining == 0;
+            && !self.unsynced;
         if !done {
             return;
         }
@@ -479,22 +418,6 @@ impl Engine {
             match self.serving.take() {
                 Some(p) => p.park(be),
                 None => self.pool.park(be),
-            }
-        }
-    }
-
-    fn emit_synthetics(&mut self) {
-        loop {
-            match self.queue.front() {
-                Some(Item::Synthetic(_)) => {
-                    if let Some(Item::Synthetic(b)) = self.queue.pop_front() {
-                        self.obuf.extend_from_slice(&b);
-                    }
-                }
-                Some(Item::CopyEnd) => {
-                    self.queue.pop_front();
-                }
-                _ => return,
             }
         }
     }

@@ -33,12 +33,12 @@ impl Engine {
         ).with_hint("anything not confirmed committed was not, or may not have been: retry it");
         let in_block = self.tx_status != b'I' || self.began_in_batch;
         let status = if in_block { b'E' } else { b'I' };
-        let waiting = self.unsynced || self.queue.iter().any(|i| matches!(i, Item::Client(_)));
+        let waiting = self.unsynced || self.pipe.queue.iter().any(|i| matches!(i, Item::Client(_)));
         // After whatever of the server's output was already forwarded.
         let b = &mut self.obuf;
         if waiting {
             let mut answered = false;
-            for item in self.queue.drain(..) {
+            for item in self.pipe.queue.drain(..) {
                 if let Item::Client(r) = item {
                     if r.ends_with_ready() {
                         report.encode(b);
@@ -55,19 +55,17 @@ impl Engine {
         } else {
             // Idle in its transaction: told with its next request (an ErrorResponse now would
             // answer nothing it asked).
-            self.queue.clear();
+            self.pipe.queue.clear();
             self.deferred_error = Some(Box::new(report));
         }
+        self.pipe.reset();
         self.out.clear();
         self.unsynced = false;
-        self.copy = false;
         self.pending_ops.clear();
         self.unseen_changes = false;
         self.tx_failed = false;
         self.read_hint = false;
         self.began_in_batch = false;
-        self.srv_forward = true;
-        self.srv_last_tag = 0;
         self.tx_status = status;
         self.aborted_block = in_block;
         if send_all(client, &self.obuf).await.is_err() {

@@ -85,9 +85,9 @@ impl Engine {
                 }
                 self.unsynced = true;
                 self.out.extend_from_slice(msg);
-                self.queue.push_back(Item::Client(Resp::Execute));
+                self.pipe.expect_client(Resp::Execute);
             }
-            b'S' if self.copy => {
+            b'S' if self.pipe.copy => {
                 // PostgreSQL ignores Sync while it is reading COPY data.
                 if self.backend.is_some() {
                     self.out.extend_from_slice(msg);
@@ -96,10 +96,10 @@ impl Engine {
             b'c' | b'f' => {
                 if self.backend.is_some() {
                     self.out.extend_from_slice(msg);
-                    if self.copy {
-                        self.copy = false;
+                    if self.pipe.copy {
+                        self.pipe.copy = false;
                     } else {
-                        self.queue.push_back(Item::CopyEnd);
+                        self.pipe.queue.push_back(Item::CopyEnd);
                     }
                 }
             }
@@ -114,7 +114,7 @@ impl Engine {
                     return Ok(());
                 }
                 self.out.extend_from_slice(msg);
-                self.queue.push_back(Item::Client(Resp::FunctionCall));
+                self.pipe.expect_client(Resp::FunctionCall);
             }
             // CopyData: only meaningful with a backend in COPY.
             _ => {
@@ -145,7 +145,7 @@ impl Engine {
             let raise = raise_statement(&report);
             self.link().await?;
             put_query(&mut self.out, &raise);
-            self.queue.push_back(Item::Client(Resp::Query));
+            self.pipe.expect_client(Resp::Query);
             return Ok(());
         }
         if self.backend.is_none() {
@@ -158,7 +158,7 @@ impl Engine {
         self.unseen_changes |= self.watches_unseen_changes() && may_change_settings_unseen(text);
         self.note_pinning(pin, text);
         self.out.extend_from_slice(msg);
-        self.queue.push_back(Item::Client(Resp::Query));
+        self.pipe.expect_client(Resp::Query);
         Ok(())
     }
     /// Parse: named statements are renamed pool-wide and answered locally when the pool already knows them.
@@ -187,7 +187,7 @@ impl Engine {
                 return Ok(());
             }
             self.out.extend_from_slice(msg);
-            self.queue.push_back(Item::Client(Resp::Parse(None)));
+            self.pipe.expect_client(Resp::Parse(None));
             return Ok(());
         }
         let global = self.pool.statement_name(rest);
@@ -205,8 +205,7 @@ impl Engine {
             // whichever backend first needs it. Waiting for a backend here would
             // stall clients (pgbench -M prepared) that prepare synchronously while
             // another of their connections holds a transaction open.
-            self.queue
-                .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
+            self.pipe.synthesize(Bytes::from_static(PARSE_COMPLETE));
             return Ok(());
         }
         if !self.link_or_refuse(tag).await? {
@@ -214,13 +213,11 @@ impl Engine {
         }
         let be = self.backend.as_mut().ok_or(TxEnd::ServerGone)?;
         if be.prepared.contains(&global) {
-            self.queue
-                .push_back(Item::Synthetic(Bytes::from_static(PARSE_COMPLETE)));
+            self.pipe.synthesize(Bytes::from_static(PARSE_COMPLETE));
         } else {
             be.prepared.insert(global.clone());
             self.out.extend_from_slice(&parse);
-            self.queue
-                .push_back(Item::Client(Resp::Parse(Some(global.clone()))));
+            self.pipe.expect_client(Resp::Parse(Some(global.clone())));
             self.evict(&global);
         }
         Ok(())
@@ -245,7 +242,7 @@ impl Engine {
             }
             None => self.out.extend_from_slice(msg),
         }
-        self.queue.push_back(Item::Client(Resp::Bind));
+        self.pipe.expect_client(Resp::Bind);
         Ok(())
     }
     /// Describe of a statement (by its pool-wide name) or a portal.
@@ -264,10 +261,10 @@ impl Engine {
                 }
                 None => self.out.extend_from_slice(msg),
             }
-            self.queue.push_back(Item::Client(Resp::DescribeStatement));
+            self.pipe.expect_client(Resp::DescribeStatement);
         } else {
             self.out.extend_from_slice(msg);
-            self.queue.push_back(Item::Client(Resp::DescribePortal));
+            self.pipe.expect_client(Resp::DescribePortal);
         }
         Ok(())
     }
@@ -279,14 +276,13 @@ impl Engine {
         if kind == b'S' && !name.is_empty() {
             // The statement stays prepared on backends for other clients.
             self.state.statements.remove(name);
-            self.queue
-                .push_back(Item::Synthetic(Bytes::from_static(CLOSE_COMPLETE)));
+            self.pipe.synthesize(Bytes::from_static(CLOSE_COMPLETE));
         } else {
             if !self.link_or_refuse(tag).await? {
                 return Ok(());
             }
             self.out.extend_from_slice(msg);
-            self.queue.push_back(Item::Client(Resp::Close(None)));
+            self.pipe.expect_client(Resp::Close(None));
         }
         Ok(())
     }
@@ -294,23 +290,19 @@ impl Engine {
     async fn on_sync(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
         self.skipping = false;
         self.unsynced = false;
-        let answered_locally = self
-            .queue
-            .iter()
-            .all(|i| matches!(i, Item::Synthetic(_) | Item::CopyEnd));
-        if self.backend.is_none() && answered_locally {
+        if self.backend.is_none() && self.pipe.answered_locally() {
             // Nothing since the last Sync needed a backend (statements answered
             // locally, a refused Parse, or an empty pipeline).
             let mut z = BytesMut::with_capacity(6);
             ready_for_query(&mut z, self.tx_status);
-            self.queue.push_back(Item::Synthetic(z.freeze()));
+            self.pipe.synthesize(z.freeze());
             return Ok(());
         }
         if !self.link_or_refuse(tag).await? {
             return Ok(());
         }
         self.out.extend_from_slice(msg);
-        self.queue.push_back(Item::Client(Resp::Sync));
+        self.pipe.expect_client(Resp::Sync);
         Ok(())
     }
 
@@ -337,8 +329,8 @@ impl Engine {
         }
         be.prepared.insert(stmt.global.clone());
         self.out.extend_from_slice(&stmt.parse);
-        self.queue
-            .push_back(Item::Proxy(Resp::Parse(Some(stmt.global.clone()))));
+        self.pipe
+            .expect_proxy(Resp::Parse(Some(stmt.global.clone())));
         self.evict(&stmt.global.clone());
     }
 
@@ -359,11 +351,7 @@ impl Engine {
         let Some(name) = std::str::from_utf8(text).ok().and_then(deallocated_name) else {
             return false;
         };
-        let pending = self
-            .queue
-            .iter()
-            .any(|i| matches!(i, Item::Client(_) | Item::Proxy(_)));
-        if pending || !self.state.statements.contains_key(name.as_bytes()) {
+        if self.pipe.awaits_server() || !self.state.statements.contains_key(name.as_bytes()) {
             return false;
         }
         let mut b = BytesMut::with_capacity(64);
@@ -378,7 +366,7 @@ impl Engine {
             put_message(&mut b, b'C', &[b"DEALLOCATE\0"]);
         }
         ready_for_query(&mut b, self.tx_status);
-        self.queue.push_back(Item::Synthetic(b.freeze()));
+        self.pipe.synthesize(b.freeze());
         self.request_at = None;
         true
     }
@@ -390,7 +378,7 @@ impl Engine {
         };
         for name in be.prepared.overflow(self.limits.max_prepared(), &[keep]) {
             put_message(&mut self.out, b'C', &[b"S", name.as_bytes(), b"\0"]);
-            self.queue.push_back(Item::Proxy(Resp::Close(Some(name))));
+            self.pipe.expect_proxy(Resp::Close(Some(name)));
         }
     }
 
@@ -439,10 +427,10 @@ impl Engine {
         self.skipping = true;
         let mut b = BytesMut::new();
         report.encode(&mut b);
-        if self.queue.is_empty() {
+        if self.pipe.queue.is_empty() {
             self.obuf.extend_from_slice(&b);
         } else {
-            self.queue.push_back(Item::Synthetic(b.freeze()));
+            self.pipe.synthesize(b.freeze());
         }
     }
 }
