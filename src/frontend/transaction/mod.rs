@@ -4,15 +4,13 @@
 //! Between transactions the client's session lives in `ClientState`: settings are replayed and
 //! named statements re-prepared (under pool-wide names) on whichever backend serves the next
 //! transaction, pipelined in front of the client's own messages, with the responses to what
-//! pgtenant injected swallowed. Every message sent to the backend gets an entry in a queue of
-//! expected responses, so each response is matched to its request (PgDog's design):
-//! responses to client messages are forwarded, to injected ones swallowed, and responses
-//! pgtenant answers itself (ParseComplete for a statement the backend already has,
-//! CloseComplete for a client Close) are emitted in order.
+//! pgtenant injected swallowed. Every message sent to the backend gets an entry in `pipeline`,
+//! which matches each response to its request.
 //!
 //! Here: the engine's state and its loop (idle wait, active serving, flushing, release).
-//! `requests`: each client message. `responses`: each server message. `linking`: borrowing
-//! and preparing a backend. `recovery`: a lost server connection.
+//! `requests`: each client message. `pipeline`: the expected responses, with no I/O.
+//! `responses`: what the engine applies of them. `linking`: borrowing and preparing a backend.
+//! `recovery`: a lost server connection.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -41,7 +39,7 @@ use super::error::SessionError;
 use crate::clients::cancel::CancelGuard;
 
 mod linking;
-mod pipeline;
+pub mod pipeline;
 mod recovery;
 mod requests;
 mod responses;

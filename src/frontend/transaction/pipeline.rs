@@ -21,12 +21,12 @@ use crate::protocol::ErrorReport;
 use crate::tenancy::row_context;
 
 /// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
-pub(super) const INSPECT_LIMIT: usize = 64 * 1024;
-pub(super) const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+pub const INSPECT_LIMIT: usize = 64 * 1024;
+pub const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
 
 /// The response(s) one message sent to the backend produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Resp {
+pub enum Resp {
     Parse(Option<Arc<str>>),
     Bind,
     DescribeStatement,
@@ -46,7 +46,7 @@ pub(super) enum Resp {
 
 impl Resp {
     /// Ends with ReadyForQuery (an error does not end it).
-    pub(super) fn ends_with_ready(&self) -> bool {
+    pub fn ends_with_ready(&self) -> bool {
         matches!(
             self,
             Resp::Sync | Resp::Query | Resp::FunctionCall | Resp::Abort
@@ -55,7 +55,7 @@ impl Resp {
 }
 
 #[derive(Debug)]
-pub(super) enum Item {
+pub enum Item {
     /// A client message: its responses go to the client.
     Client(Resp),
     /// A message pgtenant injected: its responses are swallowed.
@@ -69,7 +69,7 @@ pub(super) enum Item {
 
 /// A ReadyForQuery, with what is still expected after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Ready {
+pub struct Ready {
     /// The transaction status it carries.
     pub status: u8,
     /// It answers a client's request (not one of pgtenant's).
@@ -83,7 +83,7 @@ pub(super) struct Ready {
 }
 
 /// What a server message tells the engine beyond forward or swallow.
-pub(super) trait Effects {
+pub trait Effects {
     fn parameter_status(&mut self, name: &[u8], value: &[u8]);
     /// The server is closing the connection with this error (FATAL or PANIC); the message is
     /// swallowed, for the client keeps its own connection and is told as an ERROR.
@@ -109,7 +109,7 @@ pub(super) trait Effects {
 /// The server said something no request explains: the connection cannot be trusted to be in
 /// step with its client any more, and is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub(super) enum Desync {
+pub enum Desync {
     #[error("server sent a message with an invalid length ({0} bytes)")]
     BadLength(usize),
     #[error("server sent an unexpected message of type '{}'", char::from(*.0))]
@@ -118,7 +118,7 @@ pub(super) enum Desync {
 
 /// How far `scan` got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Scanned {
+pub struct Scanned {
     /// Input bytes consumed (forwarded, swallowed, or part of a message being streamed).
     pub consumed: usize,
     /// Room the input buffer needs beyond what is left, to hold a message to examine whole.
@@ -126,7 +126,7 @@ pub(super) struct Scanned {
 }
 
 #[derive(Debug)]
-pub(super) struct Pipeline {
+pub struct Pipeline {
     pub(super) queue: VecDeque<Item>,
     /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
     pub(super) copy: bool,
@@ -149,54 +149,54 @@ impl Default for Pipeline {
 }
 
 impl Pipeline {
-    pub(super) fn expect_client(&mut self, r: Resp) {
+    pub fn expect_client(&mut self, r: Resp) {
         self.queue.push_back(Item::Client(r));
     }
 
-    pub(super) fn expect_proxy(&mut self, r: Resp) {
+    pub fn expect_proxy(&mut self, r: Resp) {
         self.queue.push_back(Item::Proxy(r));
     }
 
-    pub(super) fn synthesize(&mut self, bytes: Bytes) {
+    pub fn synthesize(&mut self, bytes: Bytes) {
         self.queue.push_back(Item::Synthetic(bytes));
     }
 
     /// Body bytes of a server message still to come (0: at a message boundary).
-    pub(super) fn mid_message(&self) -> usize {
+    pub fn mid_message(&self) -> usize {
         self.remaining
     }
 
     /// Type of the last server message seen.
-    pub(super) fn last_tag(&self) -> u8 {
+    pub fn last_tag(&self) -> u8 {
         self.last_tag
     }
 
     /// Nothing more is expected of the server and nothing is left to emit.
-    pub(super) fn is_done(&self) -> bool {
+    pub fn is_done(&self) -> bool {
         self.queue.is_empty() && !self.copy && self.remaining == 0
     }
 
     /// Every entry is one pgtenant answers itself: nothing needs the server.
-    pub(super) fn answered_locally(&self) -> bool {
+    pub fn answered_locally(&self) -> bool {
         self.queue
             .iter()
             .all(|i| matches!(i, Item::Synthetic(_) | Item::CopyEnd))
     }
 
     /// Some response of the server's is still expected.
-    pub(super) fn awaits_server(&self) -> bool {
+    pub fn awaits_server(&self) -> bool {
         self.queue
             .iter()
             .any(|i| matches!(i, Item::Client(_) | Item::Proxy(_)))
     }
 
     /// Some client request still waits for its response.
-    pub(super) fn client_waiting(&self) -> bool {
+    pub fn client_waiting(&self) -> bool {
         self.queue.iter().any(|i| matches!(i, Item::Client(_)))
     }
 
     /// ReadyForQuery still due to the client or to pgtenant.
-    pub(super) fn pending_ready(&self) -> u32 {
+    pub fn pending_ready(&self) -> u32 {
         self.queue
             .iter()
             .filter(|i| matches!(i, Item::Client(r) | Item::Proxy(r) if r.ends_with_ready()))
@@ -204,12 +204,12 @@ impl Pipeline {
     }
 
     /// Forgets the connection: a new one starts at a message boundary with nothing expected.
-    pub(super) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         *self = Pipeline::default();
     }
 
     /// Emits the answers pgtenant gives itself that are next in order.
-    pub(super) fn emit_synthetics(&mut self, out: &mut BytesMut) {
+    pub fn emit_synthetics(&mut self, out: &mut BytesMut) {
         loop {
             match self.queue.front() {
                 Some(Item::Synthetic(_)) => {
@@ -233,7 +233,7 @@ impl Pipeline {
     /// `out`. Forwarded bytes are copied in runs (one copy for a whole batch of rows),
     /// interrupted only by a swallowed message or by answers pgtenant gives itself. A message
     /// may end beyond `input`: its rest is streamed through the next calls.
-    pub(super) fn scan(
+    pub fn scan(
         &mut self,
         input: &[u8],
         out: &mut BytesMut,
@@ -304,7 +304,7 @@ impl Pipeline {
     }
 
     /// One server message (its body when examined): whether it goes to the client.
-    pub(super) fn on_message(
+    pub fn on_message(
         &mut self,
         tag: u8,
         body: Option<&[u8]>,
