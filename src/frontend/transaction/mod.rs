@@ -288,19 +288,8 @@ impl Engine {
             if self.backend.is_none() && cbuf.is_empty() {
                 return Ok(());
             }
-            if cbuf.capacity() - cbuf.len() < 1024 {
-                cbuf.reserve(READ_CHUNK);
-            }
-            if let Some(be) = self.backend.as_mut() {
-                if be.read_buf.capacity() - be.read_buf.len() < 1024 {
-                    be.read_buf.reserve(READ_CHUNK);
-                }
-            }
-            let in_tx = self.backend.is_some() && self.tx_status != b'I';
-            let idle_limit = self.limits.idle_tx_timeout().filter(|_| in_tx);
-            // Boxed, and only when configured: an inline timer would enlarge (and over-align)
-            // the state every transaction allocates.
-            let mut idle_timer = idle_limit.map(|d| Box::pin(tokio::time::sleep(d)));
+            self.make_room(cbuf);
+            let mut idle_timer = self.idle_in_transaction_timer();
             let backend = &mut self.backend;
             tokio::select! {
                 // Server output first (no random branch order): it is what a transaction
@@ -344,6 +333,27 @@ impl Engine {
             }
             self.flush(client).await?;
         }
+    }
+
+    /// Room for the next reads from the client and the server.
+    fn make_room(&mut self, cbuf: &mut BytesMut) {
+        if cbuf.capacity() - cbuf.len() < 1024 {
+            cbuf.reserve(READ_CHUNK);
+        }
+        if let Some(be) = self.backend.as_mut() {
+            if be.read_buf.capacity() - be.read_buf.len() < 1024 {
+                be.read_buf.reserve(READ_CHUNK);
+            }
+        }
+    }
+
+    /// The idle-in-transaction limit's timer, when one is configured and a transaction is
+    /// open. Boxed, and only then: an inline timer would enlarge (and over-align) the state
+    /// every transaction allocates.
+    fn idle_in_transaction_timer(&self) -> Option<std::pin::Pin<Box<tokio::time::Sleep>>> {
+        let in_tx = self.backend.is_some() && self.tx_status != b'I';
+        let limit = self.limits.idle_tx_timeout().filter(|_| in_tx)?;
+        Some(Box::pin(tokio::time::sleep(limit)))
     }
 
     async fn finish(&mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {

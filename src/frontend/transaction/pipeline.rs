@@ -239,23 +239,9 @@ impl Pipeline {
         out: &mut BytesMut,
         fx: &mut impl Effects,
     ) -> Result<Scanned, Desync> {
-        let mut pos = 0;
         // Forwarded bytes [run, pos) not yet copied.
-        let mut run = 0;
+        let (mut pos, mut run) = self.continue_message(input, out);
         let mut need = 0;
-        if self.remaining > 0 {
-            let n = self.remaining.min(input.len());
-            if !self.forward {
-                run = n;
-            }
-            pos = n;
-            self.remaining -= n;
-            if self.remaining == 0 && self.synthetic_next() {
-                out.extend_from_slice(&input[run..pos]);
-                run = pos;
-                self.emit_synthetics(out);
-            }
-        }
         while self.remaining == 0 {
             let rest = &input[pos..];
             if rest.len() < HEADER_LEN {
@@ -301,6 +287,20 @@ impl Pipeline {
             consumed: pos,
             need,
         })
+    }
+
+    /// The rest of a message begun in an earlier input: how much of `input` it takes, and
+    /// where the run of forwarded bytes not yet copied starts.
+    fn continue_message(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, usize) {
+        let n = self.remaining.min(input.len());
+        let mut run = if self.forward { 0 } else { n };
+        self.remaining -= n;
+        if n > 0 && self.remaining == 0 && self.synthetic_next() {
+            out.extend_from_slice(&input[run..n]);
+            run = n;
+            self.emit_synthetics(out);
+        }
+        (n, run)
     }
 
     /// One server message (its body when examined): whether it goes to the client.

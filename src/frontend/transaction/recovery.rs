@@ -13,51 +13,11 @@ impl Engine {
         &mut self,
         client: &mut ClientStream,
     ) -> Result<(), ()> {
-        if let Some(mut be) = self.backend.take() {
-            self.cancel.unlink();
-            self.note_release();
-            be.mark_broken();
-            let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
-            tracing::warn!(tenant = %self.pool.tenant().id, server = %be.server().name, "server connection lost mid-request; the client was told and keeps its connection");
-            pool.health().wake_checker();
-            pool.discard(be);
-        }
-        let report = self.server_fatal.take().map(|r| *r).unwrap_or_else(|| {
-            ErrorReport::error(
-                sqlstate::CONNECTION_FAILURE,
-                "server connection lost: the server closed the connection unexpectedly",
-            )
-        });
-        let report = report.with_detail(
-            "pgtenant lost its connection to the server while this request ran; the client connection is still usable",
-        ).with_hint("anything not confirmed committed was not, or may not have been: retry it");
+        self.discard_lost_backend();
+        let report = self.lost_server_report();
         let in_block = self.tx_status != b'I' || self.began_in_batch;
         let status = if in_block { b'E' } else { b'I' };
-        let waiting = self.unsynced || self.pipe.queue.iter().any(|i| matches!(i, Item::Client(_)));
-        // After whatever of the server's output was already forwarded.
-        let b = &mut self.obuf;
-        if waiting {
-            let mut answered = false;
-            for item in self.pipe.queue.drain(..) {
-                if let Item::Client(r) = item {
-                    if r.ends_with_ready() {
-                        report.encode(b);
-                        ready_for_query(b, status);
-                        answered = true;
-                    }
-                }
-            }
-            // Messages of an unfinished batch: one error, the rest dropped up to the Sync.
-            if self.unsynced || !answered {
-                report.encode(b);
-                self.skipping = true;
-            }
-        } else {
-            // Idle in its transaction: told with its next request (an ErrorResponse now would
-            // answer nothing it asked).
-            self.pipe.queue.clear();
-            self.deferred_error = Some(Box::new(report));
-        }
+        self.answer_waiting_requests(report, status);
         self.pipe.reset();
         self.out.clear();
         self.unsynced = false;
@@ -74,6 +34,61 @@ impl Engine {
         self.bytes_out += self.obuf.len() as u64;
         self.obuf.clear();
         Ok(())
+    }
+
+    /// The dead connection goes back to be discarded, and its server's health is checked.
+    fn discard_lost_backend(&mut self) {
+        if let Some(mut be) = self.backend.take() {
+            self.cancel.unlink();
+            self.note_release();
+            be.mark_broken();
+            let pool = self.serving.take().unwrap_or_else(|| self.pool.clone());
+            tracing::warn!(tenant = %self.pool.tenant().id, server = %be.server().name, "server connection lost mid-request; the client was told and keeps its connection");
+            pool.health().wake_checker();
+            pool.discard(be);
+        }
+    }
+
+    /// The server's own reason (a FATAL it sent before closing), or 08006.
+    fn lost_server_report(&mut self) -> ErrorReport {
+        let report = self.server_fatal.take().map(|r| *r).unwrap_or_else(|| {
+            ErrorReport::error(
+                sqlstate::CONNECTION_FAILURE,
+                "server connection lost: the server closed the connection unexpectedly",
+            )
+        });
+        report.with_detail(
+            "pgtenant lost its connection to the server while this request ran; the client connection is still usable",
+        ).with_hint("anything not confirmed committed was not, or may not have been: retry it")
+    }
+
+    /// Every request still waiting for its ReadyForQuery gets `report` and one with `status`,
+    /// after whatever of the server's output was already forwarded.
+    fn answer_waiting_requests(&mut self, report: ErrorReport, status: u8) {
+        let waiting = self.unsynced || self.pipe.client_waiting();
+        if !waiting {
+            // Idle in its transaction: told with its next request (an ErrorResponse now would
+            // answer nothing it asked).
+            self.pipe.queue.clear();
+            self.deferred_error = Some(Box::new(report));
+            return;
+        }
+        let b = &mut self.obuf;
+        let mut answered = false;
+        for item in self.pipe.queue.drain(..) {
+            if let Item::Client(r) = item {
+                if r.ends_with_ready() {
+                    report.encode(b);
+                    ready_for_query(b, status);
+                    answered = true;
+                }
+            }
+        }
+        // Messages of an unfinished batch: one error, the rest dropped up to the Sync.
+        if self.unsynced || !answered {
+            report.encode(b);
+            self.skipping = true;
+        }
     }
 }
 

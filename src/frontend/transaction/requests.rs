@@ -40,21 +40,7 @@ impl Engine {
 
     pub(super) async fn on_client_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
         let body = &msg[HEADER_LEN..];
-        if !matches!(
-            tag,
-            b'Q' | b'P'
-                | b'B'
-                | b'D'
-                | b'E'
-                | b'C'
-                | b'H'
-                | b'S'
-                | b'F'
-                | b'd'
-                | b'c'
-                | b'f'
-                | b'X'
-        ) {
+        if !is_client_message(tag) {
             return Err(TxEnd::ClientError(SessionError::UnknownMessage(tag)));
         }
         if tag == b'X' {
@@ -63,6 +49,29 @@ impl Engine {
         if self.skipping && tag != b'S' {
             return Ok(());
         }
+        self.note_request(tag);
+        match tag {
+            b'Q' => self.on_query(tag, msg, body).await?,
+            b'P' => self.on_parse(tag, msg, body).await?,
+            b'B' => self.on_bind(tag, msg, body).await?,
+            b'D' => self.on_describe(tag, msg, body).await?,
+            b'C' => self.on_close(tag, msg, body).await?,
+            b'E' => self.on_execute(tag, msg).await?,
+            b'F' => self.on_function_call(tag, msg).await?,
+            b'S' if self.pipe.copy => {
+                // PostgreSQL ignores Sync while it is reading COPY data.
+                self.forward_if_linked(msg);
+            }
+            b'S' => self.on_sync(tag, msg).await?,
+            b'c' | b'f' => self.on_copy_end(msg),
+            // Flush, and CopyData: only meaningful with a backend (in COPY).
+            _ => self.forward_if_linked(msg),
+        }
+        Ok(())
+    }
+
+    /// Counts the request and notes when the transaction and the request began.
+    fn note_request(&mut self, tag: u8) {
         if self.backend.is_some() && self.tx_began.is_none() {
             // The next transaction on a link that outlived the last one.
             self.tx_began = Some(std::time::Instant::now());
@@ -73,57 +82,44 @@ impl Engine {
         if matches!(tag, b'Q' | b'S' | b'F') && self.request_at.is_none() {
             self.request_at = Some(std::time::Instant::now());
         }
-        match tag {
-            b'Q' => self.on_query(tag, msg, body).await?,
-            b'P' => self.on_parse(tag, msg, body).await?,
-            b'B' => self.on_bind(tag, msg, body).await?,
-            b'D' => self.on_describe(tag, msg, body).await?,
-            b'C' => self.on_close(tag, msg, body).await?,
-            b'E' => {
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.unsynced = true;
-                self.out.extend_from_slice(msg);
-                self.pipe.expect_client(Resp::Execute);
-            }
-            b'S' if self.pipe.copy => {
-                // PostgreSQL ignores Sync while it is reading COPY data.
-                if self.backend.is_some() {
-                    self.out.extend_from_slice(msg);
-                }
-            }
-            b'c' | b'f' => {
-                if self.backend.is_some() {
-                    self.out.extend_from_slice(msg);
-                    if self.pipe.copy {
-                        self.pipe.copy = false;
-                    } else {
-                        self.pipe.queue.push_back(Item::CopyEnd);
-                    }
-                }
-            }
-            b'S' => self.on_sync(tag, msg).await?,
-            b'H' => {
-                if self.backend.is_some() {
-                    self.out.extend_from_slice(msg);
-                }
-            }
-            b'F' => {
-                if !self.link_or_refuse(tag).await? {
-                    return Ok(());
-                }
-                self.out.extend_from_slice(msg);
-                self.pipe.expect_client(Resp::FunctionCall);
-            }
-            // CopyData: only meaningful with a backend in COPY.
-            _ => {
-                if self.backend.is_some() {
-                    self.out.extend_from_slice(msg);
-                }
-            }
+    }
+
+    fn forward_if_linked(&mut self, msg: &[u8]) {
+        if self.backend.is_some() {
+            self.out.extend_from_slice(msg);
+        }
+    }
+
+    /// Execute: forwarded; its responses end at the next Sync.
+    async fn on_execute(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
+        if self.link_or_refuse(tag).await? {
+            self.unsynced = true;
+            self.out.extend_from_slice(msg);
+            self.pipe.expect_client(Resp::Execute);
         }
         Ok(())
+    }
+
+    /// FunctionCall: forwarded, answered with its own ReadyForQuery.
+    async fn on_function_call(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
+        if self.link_or_refuse(tag).await? {
+            self.out.extend_from_slice(msg);
+            self.pipe.expect_client(Resp::FunctionCall);
+        }
+        Ok(())
+    }
+
+    /// CopyDone or CopyFail: ends the copy, or marks where it ended if the server has not
+    /// said yet that it is reading COPY data.
+    fn on_copy_end(&mut self, msg: &[u8]) {
+        if self.backend.is_some() {
+            self.out.extend_from_slice(msg);
+            if self.pipe.copy {
+                self.pipe.copy = false;
+            } else {
+                self.pipe.queue.push_back(Item::CopyEnd);
+            }
+        }
     }
 
     /// Query: a simple-protocol query string, inspected for setting changes and session features before it is forwarded.
@@ -433,6 +429,14 @@ impl Engine {
             self.pipe.synthesize(b.freeze());
         }
     }
+}
+
+/// The message types a client may send once logged in.
+fn is_client_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'Q' | b'P' | b'B' | b'D' | b'E' | b'C' | b'H' | b'S' | b'F' | b'd' | b'c' | b'f' | b'X'
+    )
 }
 
 /// Setting changes a query makes, and the first thing in it transaction pooling cannot serve.
