@@ -72,6 +72,8 @@ pub struct SessionRules<'a> {
     pub cancel: &'a crate::clients::cancel::CancelGuard,
     /// Transactions longer than this are logged.
     pub slow: Option<std::time::Duration>,
+    /// NotificationResponses reach the client (`TierRules::notifications`).
+    pub notifications: bool,
 }
 
 /// Between the client's requests (nothing in flight), the relay may run statements of its own
@@ -88,6 +90,7 @@ pub async fn relay(
         stats,
         cancel,
         slow,
+        notifications,
     } = rules;
     let mut cbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut cscan = Scanner::new(max_message, 0);
@@ -108,7 +111,7 @@ pub async fn relay(
     let mut tx_began: Option<std::time::Instant> = None;
     let inspect_command_tags = row.is_some();
 
-    let end = loop {
+    let end = 'relay: loop {
         if cbuf.capacity() - cbuf.len() < 1024 {
             cbuf.reserve(READ_CHUNK);
         }
@@ -181,66 +184,81 @@ pub async fn relay(
                     }
                     Ok(_) => {}
                 }
-                // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
-                let mut params: Vec<(String, String)> = Vec::new();
-                let scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S' || t == b'E' || (t == b'C' && inspect_command_tags), |tag, body| {
-                    last_server_tag = tag;
-                    match (tag, body) {
-                        (b'E', Some(b)) => {
-                            if let Some(code) = crate::protocol::report::sqlstate_of(b) {
-                                stats.error(code);
-                            }
+                let mut scanned;
+                loop {
+                    // Vec::new() does not allocate; only a ParameterStatus (rare) pushes.
+                    let mut params: Vec<(String, String)> = Vec::new();
+                    scanned = sscan.scan(&conn.read_buf, |t| t == b'Z' || t == b'S' || t == b'E' || (t == b'C' && inspect_command_tags) || (t == b'A' && !notifications), |tag, body| {
+                        if tag == b'A' && !notifications {
+                            return false;
                         }
-                        (b'Z', Some(b)) => {
-                            transaction_ended |= b.first() == Some(&b'I');
-                            st.pending = st.pending.saturating_sub(1);
-                            if b.first() == Some(&b'I') {
-                                // Every ReadyForQuery outside a block ends a transaction; a
-                                // pipelined next one started when this one ended.
-                                let took = tx_began.take().map(|at| at.elapsed()).unwrap_or_default();
-                                if slow.is_some_and(|s| took > s) {
-                                    tracing::warn!(duration_ms = took.as_millis() as u64, "slow transaction");
-                                }
-                                stats.transaction(took.as_secs_f64(), 0, 0);
-                                if st.pending > 0 {
-                                    tx_began = Some(std::time::Instant::now());
+                        last_server_tag = tag;
+                        match (tag, body) {
+                            (b'E', Some(b)) => {
+                                if let Some(code) = crate::protocol::report::sqlstate_of(b) {
+                                    stats.error(code);
                                 }
                             }
-                            st.copy_in = false;
-                            if let Some(&s) = b.first() {
-                                st.tx_status = s;
-                            }
-                        }
-                        (b'S', Some(b)) => {
-                            if let Some((k, rest)) = cstr(b) {
-                                if let Some((v, _)) = cstr(rest) {
-                                    params.push((
-                                        String::from_utf8_lossy(k).into_owned(),
-                                        String::from_utf8_lossy(v).into_owned(),
-                                    ));
+                            (b'Z', Some(b)) => {
+                                transaction_ended |= b.first() == Some(&b'I');
+                                st.pending = st.pending.saturating_sub(1);
+                                if b.first() == Some(&b'I') {
+                                    // Every ReadyForQuery outside a block ends a transaction; a
+                                    // pipelined next one started when this one ended.
+                                    let took = tx_began.take().map(|at| at.elapsed()).unwrap_or_default();
+                                    if slow.is_some_and(|s| took > s) {
+                                        tracing::warn!(duration_ms = took.as_millis() as u64, "slow transaction");
+                                    }
+                                    stats.transaction(took.as_secs_f64(), 0, 0);
+                                    if st.pending > 0 {
+                                        tx_began = Some(std::time::Instant::now());
+                                    }
+                                }
+                                st.copy_in = false;
+                                if let Some(&s) = b.first() {
+                                    st.tx_status = s;
                                 }
                             }
-                        }
-                        (b'G', _) => st.copy_in = true,
-                        (b'C', Some(b)) if inspect_command_tags => {
-                            if let Some((t, _)) = cstr(b) {
-                                reenter |= t == b"SET" || t == b"RESET" || t.starts_with(b"DISCARD");
+                            (b'S', Some(b)) => {
+                                if let Some((k, rest)) = cstr(b) {
+                                    if let Some((v, _)) = cstr(rest) {
+                                        params.push((
+                                            String::from_utf8_lossy(k).into_owned(),
+                                            String::from_utf8_lossy(v).into_owned(),
+                                        ));
+                                    }
+                                }
                             }
+                            (b'G', _) => st.copy_in = true,
+                            (b'C', Some(b)) if inspect_command_tags => {
+                                if let Some((t, _)) = cstr(b) {
+                                    reenter |= t == b"SET" || t == b"RESET" || t.starts_with(b"DISCARD");
+                                }
+                            }
+                            _ => {}
                         }
-                        _ => {}
+                        true
+                    });
+                    for (k, v) in params {
+                        conn.set_param(k, v);
                     }
-                    true
-                });
-                for (k, v) in params {
-                    conn.set_param(k, v);
-                }
-                if scanned.forward > 0 {
-                    if client.write_all(&conn.read_buf[..scanned.forward]).await.is_err() {
+                    if scanned.forward > 0 {
+                        if client.write_all(&conn.read_buf[..scanned.forward]).await.is_err() {
+                            conn.read_buf.advance(scanned.forward);
+                            break 'relay RelayEnd::ClientGone;
+                        }
+                        bytes_out += scanned.forward as u64;
                         conn.read_buf.advance(scanned.forward);
-                        break RelayEnd::ClientGone;
                     }
-                    bytes_out += scanned.forward as u64;
-                    conn.read_buf.advance(scanned.forward);
+                    if let Some(Stop::Refused(b'A')) = scanned.stop {
+                        // A notification, dropped: this tenant shares its database, where
+                        // channels are everyone's (`TierRules::notifications`).
+                        let b = &conn.read_buf;
+                        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+                        conn.read_buf.advance(1 + len);
+                        continue;
+                    }
+                    break;
                 }
                 if let Some(Stop::Frame(e)) = scanned.stop {
                     conn.broken = true;

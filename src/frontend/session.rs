@@ -166,6 +166,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
                     stats: pool.stats(),
                     cancel: &cancel,
                     slow,
+                    notifications: tenant.tier.rules().notifications,
                 },
             )
             .await;

@@ -30,6 +30,11 @@ pub struct TierRules {
     pub ddl: bool,
     /// Read replicas serve its reads (every tier: the row context writes nothing).
     pub replicas: bool,
+    /// NotificationResponses reach the tenant's clients. PostgreSQL's notification channels
+    /// are database-wide, and any client can LISTEN (also from dynamic SQL, where no parser
+    /// sees it): a tenant that shares its database would hear the others' NOTIFYs. Only the
+    /// database tier has a database of its own.
+    pub notifications: bool,
 }
 
 impl Tier {
@@ -41,12 +46,14 @@ impl Tier {
                 shared_connections: false,
                 ddl: true,
                 replicas: true,
+                notifications: true,
             },
             Tier::Schema => TierRules {
                 pinned_setting: Some("search_path"),
                 shared_connections: false,
                 ddl: true,
                 replicas: true,
+                notifications: false,
             },
             // RESET ALL would clear a pinned row context, so it is not pinned but bound again
             // (see `frontend::transaction::clears_row_context`).
@@ -55,6 +62,7 @@ impl Tier {
                 shared_connections: true,
                 ddl: false,
                 replicas: true,
+                notifications: false,
             },
         }
     }

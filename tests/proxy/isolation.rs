@@ -839,3 +839,72 @@ async fn a_row_connection_reset_after_a_client_left_mid_transaction_is_entered_a
     .get(0);
     assert_eq!(tenant, "hooli");
 }
+
+/// A proxy serving every tenant in session mode.
+async fn session_mode_proxy() -> SocketAddr {
+    fixture()
+        .extra_proxy(|c| {
+            for t in c.tenants.iter_mut() {
+                t.pool_mode = Some(PoolMode::Session);
+            }
+        })
+        .await
+}
+
+/// Listens on `channel` from dynamic SQL (where no parser sees a LISTEN), lets `notifier`
+/// NOTIFY on it, and returns whether any NotificationResponse reached the listener.
+async fn hears_through_dynamic_listen(listener: &str, notifier: &str, channel: &str) -> bool {
+    let f = fixture();
+    let addr = session_mode_proxy().await;
+    let mut l = RawClient::login(addr, &format!("app.{listener}"), listener).await;
+    l.query(&format!(
+        "DO $$ BEGIN EXECUTE 'LIST' || 'EN {channel}'; END $$"
+    ))
+    .await;
+    let listening = l
+        .query("SELECT count(*) FROM pg_listening_channels()")
+        .await;
+    assert!(
+        listening
+            .iter()
+            .any(|(t, b)| *t == b'D' && b.ends_with(b"1")),
+        "the LISTEN is in force on the listener's server connection"
+    );
+    f.tenant_at(addr, notifier)
+        .await
+        .batch_execute(&format!("NOTIFY {channel}, '{notifier} secret'"))
+        .await
+        .expect("notify");
+    let replies = l.query("SELECT pg_sleep(0.3)").await;
+    replies.iter().any(|(t, _)| *t == b'A')
+}
+
+#[tokio::test]
+async fn a_schema_tenant_hears_no_notify_of_another_tenant_sharing_its_database() {
+    assert!(!hears_through_dynamic_listen("umbrella", "initech", "schema_leak").await);
+}
+
+#[tokio::test]
+async fn a_row_tenant_hears_no_notify_of_another_row_tenant() {
+    assert!(!hears_through_dynamic_listen("piedpiper", "hooli", "row_leak").await);
+}
+
+#[tokio::test]
+async fn a_database_tenant_still_hears_its_own_notify() {
+    assert!(hears_through_dynamic_listen("acme", "acme", "own_events").await);
+}
+
+#[tokio::test]
+async fn listen_by_a_tenant_sharing_its_database_is_refused_with_the_reason() {
+    let c = fixture().tenant("initech").await;
+    let e = c
+        .batch_execute("LISTEN jobs")
+        .await
+        .expect_err("refused in transaction mode");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"));
+    let db = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(db.contains("database-wide"), "{db}");
+}

@@ -170,6 +170,7 @@ impl Engine {
         max_prepared: usize,
         idle_tx_timeout: u64,
     ) -> Self {
+        let notifications = pool.tenant().tier.rules().notifications;
         Engine {
             pool,
             reads,
@@ -194,7 +195,7 @@ impl Engine {
                 max_prepared: max_prepared.clamp(1, u32::MAX as usize) as u32,
             },
             backend: None,
-            pipe: Pipeline::default(),
+            pipe: Pipeline::new(notifications),
             unsynced: false,
             skipping: false,
             tx_status: b'I',

@@ -134,21 +134,29 @@ pub struct Pipeline {
     remaining: usize,
     forward: bool,
     last_tag: u8,
+    /// NotificationResponses go to the client (`TierRules::notifications`); otherwise they
+    /// are dropped, whoever LISTENed.
+    notifications: bool,
 }
 
 impl Default for Pipeline {
     fn default() -> Self {
+        Pipeline::new(true)
+    }
+}
+
+impl Pipeline {
+    pub fn new(notifications: bool) -> Pipeline {
         Pipeline {
             queue: VecDeque::new(),
             copy: false,
             remaining: 0,
             forward: true,
             last_tag: 0,
+            notifications,
         }
     }
-}
 
-impl Pipeline {
     pub fn expect_client(&mut self, r: Resp) {
         self.queue.push_back(Item::Client(r));
     }
@@ -205,7 +213,7 @@ impl Pipeline {
 
     /// Forgets the connection: a new one starts at a message boundary with nothing expected.
     pub fn reset(&mut self) {
-        *self = Pipeline::default();
+        *self = Pipeline::new(self.notifications);
     }
 
     /// Emits the answers pgtenant gives itself that are next in order.
@@ -322,7 +330,8 @@ impl Pipeline {
             // Nothing expected: only what a server may send at any time.
             _ => {
                 return match tag {
-                    b'N' | b'A' => Ok(true),
+                    b'N' => Ok(true),
+                    b'A' => Ok(self.notifications),
                     b'S' => {
                         parameter_status(body, fx);
                         Ok(true)
@@ -332,7 +341,8 @@ impl Pipeline {
             }
         };
         match tag {
-            b'N' | b'A' => return Ok(!proxy),
+            b'N' => return Ok(!proxy),
+            b'A' => return Ok(!proxy && self.notifications),
             b'S' => parameter_status(body, fx),
             b'E' => return Ok(self.on_error(body, proxy, &resp, fx)),
             b'Z' => return Ok(self.on_ready(body, proxy, fx)),
@@ -849,6 +859,25 @@ mod tests {
         let (out, fx) = feed(&mut p, &server);
         assert_eq!(out, server);
         assert_eq!(fx, ["param TimeZone=UTC"]);
+    }
+
+    #[test]
+    fn notifications_are_dropped_for_a_tenant_that_shares_its_database() {
+        let notification = msg(b'A', b"\0\0\0\x07jobs\0another tenant's\0");
+        let mut idle = Pipeline::new(false);
+        let (out, _) = feed(&mut idle, &notification);
+        assert!(out.is_empty(), "between transactions");
+        let mut busy = Pipeline::new(false);
+        busy.expect_client(Resp::Query);
+        let (out, _) = feed(
+            &mut busy,
+            &cat(&[notification, complete("SELECT 1"), ready(b'I')]),
+        );
+        assert_eq!(
+            out,
+            cat(&[complete("SELECT 1"), ready(b'I')]),
+            "during a query"
+        );
     }
 
     #[test]

@@ -130,8 +130,7 @@ impl Engine {
         let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
         let (ops, found) = inspect_sql(text);
         let (pin, refusal) = self.pin_or_refuse(found);
-        if let Some(what) = refusal {
-            let report = refusal_report(what);
+        if let Some(report) = refusal {
             if self.backend.is_none() {
                 report.encode(&mut self.obuf);
                 ready_for_query(&mut self.obuf, self.tx_status);
@@ -163,8 +162,8 @@ impl Engine {
         let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
         let (ops, found) = inspect_sql(query);
         let (pin, refusal) = self.pin_or_refuse(found);
-        if let Some(what) = refusal {
-            self.refuse_extended(refusal_report(what));
+        if let Some(report) = refusal {
+            self.refuse_extended(report);
             return Ok(());
         }
         if pin.is_some() && !self.link_or_refuse(tag).await? {
@@ -383,10 +382,14 @@ impl Engine {
     pub(super) fn pin_or_refuse(
         &self,
         found: Option<&'static str>,
-    ) -> (Option<&'static str>, Option<&'static str>) {
-        match self.pool.tenant().session_features {
+    ) -> (Option<&'static str>, Option<ErrorReport>) {
+        let tenant = self.pool.tenant();
+        if found == Some("LISTEN") && !tenant.tier.rules().notifications {
+            return (None, Some(shared_database_listen_report(tenant.tier)));
+        }
+        match tenant.session_features {
             SessionFeatures::Pin => (found, None),
-            SessionFeatures::Refuse => (None, found),
+            SessionFeatures::Refuse => (None, found.map(refusal_report)),
         }
     }
 
@@ -483,6 +486,19 @@ pub(super) fn refusal_report(what: &str) -> ErrorReport {
         format!("{what} cannot be used in transaction pooling mode"),
     )
     .with_hint("use pool_mode = \"session\" for this tenant, or avoid session-level state")
+}
+
+/// LISTEN by a tenant that shares its database: notification channels are database-wide, so
+/// what it would hear is every tenant's; pgtenant delivers none to it.
+pub(super) fn shared_database_listen_report(tier: Tier) -> ErrorReport {
+    ErrorReport::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        format!(
+            "LISTEN is not available to {} tier tenants: PostgreSQL's notification channels are database-wide, and this tenant shares its database with others",
+            tier.as_str()
+        ),
+    )
+    .with_hint("give the tenant the database tier to use LISTEN/NOTIFY")
 }
 
 /// A statement that fails with `report`'s SQLSTATE, message and hint on the server, so the
