@@ -109,9 +109,11 @@ pub async fn provision(
     // private file beside the first cluster.
     let row_key_text = MasterKey::generate_text();
     let row_key_path = servers[0].1.dir().join("row.key");
-    write_private(&row_key_path, &row_key_text).map_err(|e| ProvisionError::Sql {
-        server: servers[0].0.to_string(),
-        message: format!("cannot write {}: {e}", row_key_path.display()),
+    crate::secret::write_private(&row_key_path, &row_key_text).map_err(|e| {
+        ProvisionError::Sql {
+            server: servers[0].0.to_string(),
+            message: format!("cannot write {}: {e}", row_key_path.display()),
+        }
     })?;
     let row_secret = MasterKey::from_text(&row_key_text)
         .ok_or_else(|| ProvisionError::Sql {
@@ -345,7 +347,8 @@ pub async fn provision_registry(
     use crate::tenancy::store::{RegistryStore, TenantSettings};
 
     let key_path = dir.join("master.key");
-    write_private(&key_path, &MasterKey::generate_text()).map_err(|e| e.to_string())?;
+    crate::secret::write_private(&key_path, &MasterKey::generate_text())
+        .map_err(|e| e.to_string())?;
     let migrations = dir.join("migrations");
     std::fs::create_dir_all(&migrations).map_err(|e| e.to_string())?;
     std::fs::write(migrations.join("V1__accounts.sql"), DEMO_MIGRATION)
@@ -442,17 +445,4 @@ pub async fn provision_registry(
         }
     }
     Ok(config)
-}
-
-/// Writes `text` to `path`, readable by its owner only (it may hold secrets).
-pub fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }

@@ -301,7 +301,7 @@ fn demo_cmd(listen: SocketAddr) -> ExitCode {
             }
         };
         let config_path = cluster.dir().join("proxy.toml");
-        if let Err(e) = demo::write_private(&config_path, &config.to_toml()) {
+        if let Err(e) = pgtenant::secret::write_private(&config_path, &config.to_toml()) {
             eprintln!("cannot write {}: {e}", config_path.display());
             return ExitCode::FAILURE;
         }

@@ -8,7 +8,7 @@ mod resultset;
 mod show;
 pub mod usage;
 
-use crate::frontend::stream::ClientStream;
+use crate::clients::stream::ClientStream;
 use bytes::BytesMut;
 use pgwire::messages::startup::ParameterStatus;
 use pgwire::messages::Message;

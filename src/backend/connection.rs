@@ -135,15 +135,7 @@ pub struct ConnectSpec {
     pub health: Arc<ServerHealth>,
 }
 
-/// Puts a login role's password back on its server, with credentials pgtenant keeps for it.
-pub trait RestoreRolePassword: Send + Sync {
-    fn restore<'a>(
-        &'a self,
-        server: &'a str,
-        role: &'a str,
-        password: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
-}
+pub use crate::tenancy::role_repair::RestoreRolePassword;
 
 /// A `RestoreRolePassword`, used at most every `REPAIR_INTERVAL` per pool.
 #[derive(Clone)]

@@ -18,9 +18,10 @@ use subtle::ConstantTimeEq;
 
 use crate::backend::connection::CancelTarget;
 
-/// Largest `peer_id`: 11 bits above the 20 random bits of a process id, which stays positive.
-pub const MAX_PEER_ID: u16 = (1 << PEER_BITS) - 1;
+pub use crate::config::MAX_PEER_ID;
+/// A key's `peer_id` bits: 11 above the 20 random bits of a process id, which stays positive.
 const PEER_BITS: u32 = 11;
+const _: () = assert!(MAX_PEER_ID as u32 == (1 << PEER_BITS) - 1);
 const LOCAL_BITS: u32 = 20;
 
 /// The instance a key's process id was minted by (0: an instance without peers).

@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
 
+/// Largest `peer_id`: cancel keys carry it in 11 bits of the process id
+/// (`clients::cancel`).
+pub const MAX_PEER_ID: u16 = (1 << 11) - 1;
+
 pub use validate::validate;
 
 #[derive(Debug, thiserror::Error)]

@@ -36,21 +36,18 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             "must be at least 1024",
         ));
     }
-    if config.peer_id > crate::clients::cancel::MAX_PEER_ID {
+    if config.peer_id > super::MAX_PEER_ID {
         return Err(ConfigError::invalid(
             "peer_id",
-            format!(
-                "must be 0 (alone) or 1 to {}",
-                crate::clients::cancel::MAX_PEER_ID
-            ),
+            format!("must be 0 (alone) or 1 to {}", super::MAX_PEER_ID),
         ));
     }
     let mut peer_ids = HashSet::new();
     for (i, p) in config.peers.iter().enumerate() {
-        if p.id == 0 || p.id > crate::clients::cancel::MAX_PEER_ID {
+        if p.id == 0 || p.id > super::MAX_PEER_ID {
             return Err(ConfigError::invalid(
                 format!("peers[{i}].id"),
-                format!("must be 1 to {}", crate::clients::cancel::MAX_PEER_ID),
+                format!("must be 1 to {}", super::MAX_PEER_ID),
             ));
         }
         if p.id == config.peer_id || !peer_ids.insert(p.id) {

@@ -10,7 +10,6 @@ pub mod relay;
 pub mod scram;
 pub mod session;
 pub mod sql_policy;
-pub mod stream;
 pub mod transaction;
 
 pub use error::SessionError;

@@ -5,7 +5,7 @@
 //! forwarded as they arrive, in whole batches of messages per read, straight from the read
 //! buffer; only the few tags that change state are looked at.
 
-use crate::frontend::stream::ClientStream;
+use crate::clients::stream::ClientStream;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -26,10 +26,10 @@ use super::auth::authenticate;
 use super::client_state::ClientState;
 use super::error::SessionError;
 use super::relay::{relay, send_report, RelayEnd, SessionRules};
-use super::stream::ClientStream;
 use super::transaction::{Engine, TxEnd};
 use crate::clients::cancel::CancelGuard;
 use crate::clients::limits::{ClientSlot, PendingLogin};
+use crate::clients::stream::ClientStream;
 use crate::credentials::ScramVerifier;
 
 /// Checkout attempts when a pooled connection turns out to be dead.

@@ -8,11 +8,20 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::backend::RestoreRolePassword;
 use crate::config::RegistryConfig;
 
 use super::provision;
 use super::store::RegistryStore;
+
+/// Puts a login role's password back on its server, with credentials pgtenant keeps for it.
+pub trait RestoreRolePassword: Send + Sync {
+    fn restore<'a>(
+        &'a self,
+        server: &'a str,
+        role: &'a str,
+        password: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
 
 pub struct RegistryRoleRepair {
     cfg: RegistryConfig,

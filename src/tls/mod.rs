@@ -93,7 +93,7 @@ pub fn write_self_signed(dir: &Path, names: &[String]) -> Result<(PathBuf, PathB
     let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
     std::fs::write(&cert_path, cert.cert.pem())
         .map_err(|e| format!("cannot write {}: {e}", cert_path.display()))?;
-    crate::demo::write_private(&key_path, &cert.key_pair.serialize_pem())
+    crate::secret::write_private(&key_path, &cert.key_pair.serialize_pem())
         .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
     Ok((cert_path, key_path))
 }
