@@ -238,7 +238,14 @@ pub struct BackendConn {
     pub census: Option<super::census::CensusEntry>,
     /// Its place in its pool and in its server's connection budget, given back when it
     /// closes (last: after the socket).
-    pub(crate) lease: Option<crate::pool::Lease>,
+    pub(crate) lease: Option<Box<dyn ConnectionLease>>,
+}
+
+/// A connection's place in whatever owns it (a pool and its server's budget): told when the
+/// connection starts closing, and dropped once the server has ended it. Defined here and
+/// implemented by the pool, so a connection needs to know nothing of pools.
+pub trait ConnectionLease: Send + Sync {
+    fn closing(&mut self);
 }
 
 /// The global statement names prepared on one backend, least recently used first out.

@@ -52,9 +52,9 @@ pub struct Lease {
     slot: BudgetSlot,
 }
 
-impl Lease {
+impl crate::backend::connection::ConnectionLease for Lease {
     /// The connection is closing; its slot comes back when the server has ended it.
-    pub fn closing(&mut self) {
+    fn closing(&mut self) {
         self.slot.closing();
     }
 }
@@ -235,10 +235,10 @@ impl Core {
             }
         }
         reservation.armed = false;
-        conn.lease = Some(Lease {
+        conn.lease = Some(Box::new(Lease {
             core: Arc::downgrade(&self),
             slot,
-        });
+        }));
         Ok(Box::new(conn))
     }
 
