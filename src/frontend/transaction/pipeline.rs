@@ -131,7 +131,8 @@ pub struct Pipeline {
     /// The server is reading COPY data from the client (CopyInResponse seen, not yet ended).
     pub(super) copy: bool,
     /// Body bytes of the server message being streamed, and whether it goes to the client.
-    remaining: usize,
+    /// (u32: a message is at most MAX_SERVER_MESSAGE, and every idle client holds this.)
+    remaining: u32,
     forward: bool,
     last_tag: u8,
     /// NotificationResponses go to the client (`TierRules::notifications`); otherwise they
@@ -171,7 +172,7 @@ impl Pipeline {
 
     /// Body bytes of a server message still to come (0: at a message boundary).
     pub fn mid_message(&self) -> usize {
-        self.remaining
+        self.remaining as usize
     }
 
     /// Type of the last server message seen.
@@ -281,7 +282,8 @@ impl Pipeline {
             self.forward = forward;
             self.last_tag = tag;
             pos += HEADER_LEN + avail;
-            self.remaining = body_len - avail;
+            // body_len - avail <= MAX_SERVER_MESSAGE, checked above.
+            self.remaining = (body_len - avail) as u32;
             if self.remaining == 0 && self.synthetic_next() {
                 out.extend_from_slice(&input[run..pos]);
                 run = pos;
@@ -300,9 +302,9 @@ impl Pipeline {
     /// The rest of a message begun in an earlier input: how much of `input` it takes, and
     /// where the run of forwarded bytes not yet copied starts.
     fn continue_message(&mut self, input: &[u8], out: &mut BytesMut) -> (usize, usize) {
-        let n = self.remaining.min(input.len());
+        let n = (self.remaining as usize).min(input.len());
         let mut run = if self.forward { 0 } else { n };
-        self.remaining -= n;
+        self.remaining -= n as u32;
         if n > 0 && self.remaining == 0 && self.synthetic_next() {
             out.extend_from_slice(&input[run..n]);
             run = n;
