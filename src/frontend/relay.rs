@@ -11,17 +11,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::backend::reset::Leftover;
 use crate::backend::BackendConn;
-use crate::protocol::framing::cstr;
+use crate::protocol::framing::{cstr, INSPECT_LIMIT, MAX_SERVER_MESSAGE};
 use crate::protocol::{ErrorReport, Scanner, Stop};
 use crate::tenancy::row_context::RowBinding;
 
 use super::error::SessionError;
 
 const READ_CHUNK: usize = 8192;
-/// Largest server message whose body the relay looks into (ParameterStatus, ReadyForQuery).
-const INSPECT_LIMIT: usize = 64 * 1024;
-/// PostgreSQL never sends a message over 1 GiB.
-const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
 
 pub enum RelayEnd {
     /// The client sent Terminate.

@@ -8,6 +8,33 @@
 
 /// Tag byte plus the 4-byte length that counts itself.
 pub const HEADER_LEN: usize = 5;
+/// Largest server message body a proxy accepts (PostgreSQL's own limit, 1 GiB).
+pub const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+/// Largest server message body handed over whole to be examined (CommandComplete,
+/// ParameterStatus, ReadyForQuery, ErrorResponse); larger ones stream through.
+pub const INSPECT_LIMIT: usize = 64 * 1024;
+
+/// The header at the front of `buf`: its tag and body length, None until all five bytes are
+/// there. The one header parse of both pool modes, client and server side.
+pub fn header(buf: &[u8], max_body: usize) -> Result<Option<(u8, usize)>, FrameError> {
+    let Some(h) = buf.get(..HEADER_LEN) else {
+        return Ok(None);
+    };
+    let tag = h[0];
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]);
+    if len < 4 {
+        return Err(FrameError::BadLength { tag, len });
+    }
+    let body_len = len as usize - 4;
+    if body_len > max_body {
+        return Err(FrameError::TooLarge {
+            tag,
+            len: len as usize,
+            max: max_body + 4,
+        });
+    }
+    Ok(Some((tag, body_len)))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {
@@ -84,27 +111,19 @@ impl Scanner {
         let mut stop = None;
         while self.remaining == 0 {
             let rest = &buf[pos..];
-            if rest.len() < HEADER_LEN {
-                if !rest.is_empty() {
-                    need = HEADER_LEN;
+            let (tag, body_len) = match header(rest, self.max_body) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    if !rest.is_empty() {
+                        need = HEADER_LEN;
+                    }
+                    break;
                 }
-                break;
-            }
-            let tag = rest[0];
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]);
-            if len < 4 {
-                stop = Some(Stop::Frame(FrameError::BadLength { tag, len }));
-                break;
-            }
-            let body_len = len as usize - 4;
-            if body_len > self.max_body {
-                stop = Some(Stop::Frame(FrameError::TooLarge {
-                    tag,
-                    len: len as usize,
-                    max: self.max_body + 4,
-                }));
-                break;
-            }
+                Err(e) => {
+                    stop = Some(Stop::Frame(e));
+                    break;
+                }
+            };
             if want_body(tag) && body_len <= self.inspect_limit {
                 let total = HEADER_LEN + body_len;
                 if rest.len() < total {
@@ -147,6 +166,28 @@ pub fn cstr(buf: &[u8]) -> Option<(&[u8], &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_header_is_read_once_all_five_bytes_are_there() {
+        assert_eq!(header(b"Z\0\0", 10), Ok(None));
+        assert_eq!(header(b"Z\0\0\0\x05I", 10), Ok(Some((b'Z', 1))));
+    }
+
+    #[test]
+    fn a_header_with_a_length_below_four_or_over_the_limit_is_refused() {
+        assert_eq!(
+            header(b"Z\0\0\0\x03", 10),
+            Err(FrameError::BadLength { tag: b'Z', len: 3 })
+        );
+        assert_eq!(
+            header(b"D\0\0\0\x20", 10),
+            Err(FrameError::TooLarge {
+                tag: b'D',
+                len: 32,
+                max: 14
+            })
+        );
+    }
 
     fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];

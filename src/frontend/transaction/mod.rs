@@ -28,9 +28,9 @@ use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::config::{SessionFeatures, Tier};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
-use crate::protocol::framing::{cstr, HEADER_LEN};
+use crate::protocol::framing::{cstr, header, HEADER_LEN};
 use crate::protocol::report::Severity;
-use crate::protocol::{sqlstate, ErrorReport, FrameError, Scanner};
+use crate::protocol::{sqlstate, ErrorReport, Scanner};
 use crate::tenancy::row_context;
 
 use super::buffers;

@@ -16,13 +16,11 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes, BytesMut};
 
 use super::recovery::fatal_report;
-use crate::protocol::framing::{cstr, HEADER_LEN};
+use crate::protocol::framing::{cstr, header, FrameError, HEADER_LEN};
 use crate::protocol::ErrorReport;
 use crate::tenancy::row_context;
 
-/// Largest server message whose body is examined (CommandComplete, ParameterStatus, ReadyForQuery).
-pub const INSPECT_LIMIT: usize = 64 * 1024;
-pub const MAX_SERVER_MESSAGE: usize = 0x3fff_ffff;
+pub use crate::protocol::framing::{INSPECT_LIMIT, MAX_SERVER_MESSAGE};
 
 /// The response(s) one message sent to the backend produces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,15 +251,14 @@ impl Pipeline {
         let mut need = 0;
         while self.remaining == 0 {
             let rest = &input[pos..];
-            if rest.len() < HEADER_LEN {
-                break;
-            }
-            let tag = rest[0];
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            if len < 4 || len - 4 > MAX_SERVER_MESSAGE {
-                return Err(Desync::BadLength(len));
-            }
-            let body_len = len - 4;
+            let (tag, body_len) = match header(rest, MAX_SERVER_MESSAGE) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(FrameError::BadLength { len, .. }) => {
+                    return Err(Desync::BadLength(len as usize))
+                }
+                Err(FrameError::TooLarge { len, .. }) => return Err(Desync::BadLength(len)),
+            };
             let inspect = matches!(tag, b'Z' | b'C' | b'S' | b'E') && body_len <= INSPECT_LIMIT;
             if inspect && rest.len() < HEADER_LEN + body_len {
                 need = HEADER_LEN + body_len;

@@ -7,26 +7,11 @@ use super::*;
 impl Engine {
     pub(super) async fn on_client_bytes(&mut self, cbuf: &mut BytesMut) -> Result<(), TxEnd> {
         loop {
-            if cbuf.len() < HEADER_LEN {
-                return Ok(());
-            }
-            let tag = cbuf[0];
-            let len = u32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
-            if len < 4 {
-                return Err(TxEnd::ClientError(SessionError::Frame(
-                    FrameError::BadLength { tag, len },
-                )));
-            }
-            let body_len = len as usize - 4;
-            if body_len > self.limits.max_message() {
-                return Err(TxEnd::ClientError(SessionError::Frame(
-                    FrameError::TooLarge {
-                        tag,
-                        len: len as usize,
-                        max: self.limits.max_message() + 4,
-                    },
-                )));
-            }
+            let (tag, body_len) = match header(cbuf, self.limits.max_message()) {
+                Ok(Some(h)) => h,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(TxEnd::ClientError(SessionError::Frame(e))),
+            };
             if cbuf.len() < HEADER_LEN + body_len {
                 cbuf.reserve(HEADER_LEN + body_len - cbuf.len());
                 return Ok(());
