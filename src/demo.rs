@@ -286,6 +286,7 @@ pub async fn provision(
                 backend_password_env: None,
                 read_only: false,
                 auth: Default::default(),
+                session_features: None,
             }],
         });
     }

@@ -685,6 +685,9 @@ pub struct UserConfig {
     /// `scram` (default), `scram-plus`, `cert` or `scram+cert`.
     #[serde(default, skip_serializing_if = "is_default")]
     pub auth: AuthMethod,
+    /// This client role's own `session_features` (`pin` or `refuse`), over the tenant's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_features: Option<SessionFeatures>,
 }
 
 fn is_zero(v: &u16) -> bool {

@@ -144,6 +144,8 @@ pub struct TenantPool {
     row: Option<RowBinding>,
     /// The tenant's database, shared by the pool's sessions (SHOW CLIENTS).
     database: Arc<str>,
+    /// Transaction mode: pin or refuse session features, the role's choice over the tenant's.
+    session_features: crate::config::SessionFeatures,
     /// Row tier: connections, parked ones and waiting clients are shared with the other row
     /// tenants of the same server, database, backend role and session defaults.
     shared: bool,
@@ -168,6 +170,12 @@ impl TenantPool {
     /// The tenant's database, shared.
     pub fn database_name(&self) -> &Arc<str> {
         &self.database
+    }
+
+    /// Whether a transaction-mode client of this pool is pinned or refused when it uses a
+    /// session feature: its role's setting, else its tenant's.
+    pub fn session_features(&self) -> crate::config::SessionFeatures {
+        self.session_features
     }
 
     /// The global name for a statement; equal statements share one, so a backend prepares each
@@ -1000,6 +1008,7 @@ impl Pools {
                 tenant: Arc::from(tenant.id.as_str()),
             }),
             database: Arc::from(tenant.database.as_str()),
+            session_features: user.session_features.unwrap_or(tenant.session_features),
             shared: row_tier,
             share: (row_tier && tenant.pool_size < s.default_size)
                 .then(|| Arc::new(tokio::sync::Semaphore::new(tenant.pool_size as usize))),

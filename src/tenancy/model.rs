@@ -35,6 +35,9 @@ pub struct ClientUser {
     pub read_only: bool,
     /// How the client proves who it is (SCRAM, with channel binding, a certificate).
     pub auth: AuthMethod,
+    /// Transaction mode: this role's own choice to pin or refuse session features, over the
+    /// tenant's.
+    pub session_features: Option<SessionFeatures>,
 }
 
 impl ClientUser {
@@ -53,7 +56,21 @@ impl ClientUser {
             },
             read_only: false,
             auth: AuthMethod::Scram,
+            session_features: None,
         })
+    }
+
+    /// The same user, with its own choice of session features (None: the tenant's).
+    pub fn with_session_features(
+        self: Arc<Self>,
+        features: Option<SessionFeatures>,
+    ) -> Arc<ClientUser> {
+        if self.session_features == features {
+            return self;
+        }
+        let mut u = (*self).clone();
+        u.session_features = features;
+        Arc::new(u)
     }
 
     /// The same user, with another way to authenticate.

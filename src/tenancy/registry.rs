@@ -185,7 +185,8 @@ impl StaticRegistry {
                     u.name.clone(),
                     ClientUser::new(&u.name, verifier, &u.backend_user, password)
                         .read_only(u.read_only)
-                        .with_auth(u.auth),
+                        .with_auth(u.auth)
+                        .with_session_features(u.session_features),
                 );
             }
             let fingerprint = {

@@ -223,3 +223,50 @@ async fn pipelined_queries_served_on_one_link_are_counted_as_separate_transactio
     }
     assert_eq!(xact_count(addr, "acme").await, 2);
 }
+
+/// A proxy whose tenants pin (or refuse), with acme's client role set the other way.
+async fn proxy_with_acme_role_set(tenants: SessionFeatures, role: SessionFeatures) -> SocketAddr {
+    fixture()
+        .extra_proxy(move |c| {
+            c.pool.session_features = tenants;
+            for t in c.tenants.iter_mut() {
+                t.session_features = Some(tenants);
+                if t.id == "acme" {
+                    for u in t.users.iter_mut() {
+                        u.session_features = Some(role);
+                    }
+                }
+            }
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_role_that_refuses_session_features_is_refused_where_its_tenant_pins() {
+    let f = fixture();
+    let addr = proxy_with_acme_role_set(SessionFeatures::Pin, SessionFeatures::Refuse).await;
+    let e = f
+        .tenant_at(addr, "acme")
+        .await
+        .batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .expect_err("the role refuses");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"));
+    // Another tenant of the same proxy still pins.
+    f.tenant_at(addr, "globex")
+        .await
+        .batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .expect("its tenant pins");
+}
+
+#[tokio::test]
+async fn a_role_that_pins_is_pinned_where_its_tenant_refuses() {
+    let f = fixture();
+    let addr = proxy_with_acme_role_set(SessionFeatures::Refuse, SessionFeatures::Pin).await;
+    let c = f.tenant_at(addr, "acme").await;
+    c.batch_execute("CREATE TEMP TABLE mine (x int)")
+        .await
+        .expect("the role pins");
+    assert_eq!(show_pinned(addr, "acme").await, 1);
+}

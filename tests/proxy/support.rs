@@ -228,6 +228,7 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
                 backend_password_env: None,
                 read_only: false,
                 auth: Default::default(),
+                session_features: None,
             }],
             ..base.clone()
         });
@@ -695,6 +696,7 @@ impl TlsServer {
                 backend_password_env: None,
                 read_only: false,
                 auth: Default::default(),
+                session_features: None,
             }],
             ..base
         });

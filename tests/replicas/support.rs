@@ -56,6 +56,7 @@ pub async fn pair(change: impl FnOnce(&mut Config)) -> Pair {
             name: "reporting".into(),
             read_only: true,
             auth: Default::default(),
+            session_features: None,
             ..t.users[0].clone()
         };
         t.users.push(reporting);

@@ -372,7 +372,7 @@ impl Engine {
         if found == Some("LISTEN") && !tenant.tier.rules().notifications {
             return (None, Some(shared_database_listen_report(tenant.tier)));
         }
-        match tenant.session_features {
+        match self.pool.session_features() {
             SessionFeatures::Pin => (found, None),
             SessionFeatures::Refuse => (None, found.map(refusal_report)),
         }
