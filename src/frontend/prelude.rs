@@ -58,19 +58,19 @@ mod tests {
         ClientState::from_startup(&owned)
     }
 
+    /// A backend that needs nothing before the client's messages.
+    const NOTHING: Prelude = Prelude {
+        reset: false,
+        settings: None,
+        bind: false,
+        caps: false,
+    };
+
     #[test]
     fn a_backend_already_serving_the_same_settings_needs_nothing() {
         let c = client(&[("application_name", "a")]);
         let p = prelude(None, None, &c, &c.script().clone(), false);
-        assert_eq!(
-            p,
-            Prelude {
-                reset: false,
-                settings: None,
-                bind: false,
-                caps: false
-            }
-        );
+        assert_eq!(p, NOTHING);
     }
 
     #[test]
@@ -131,15 +131,7 @@ mod tests {
     fn a_row_backend_of_the_same_tenant_and_settings_needs_nothing() {
         let c = client(&[]);
         let p = prelude(Some("hooli"), Some("hooli"), &c, &Arc::from(""), false);
-        assert_eq!(
-            p,
-            Prelude {
-                reset: false,
-                settings: None,
-                bind: false,
-                caps: false
-            }
-        );
+        assert_eq!(p, NOTHING);
     }
 
     #[test]

@@ -840,22 +840,11 @@ async fn a_row_connection_reset_after_a_client_left_mid_transaction_is_entered_a
     assert_eq!(tenant, "hooli");
 }
 
-/// A proxy serving every tenant in session mode.
-async fn session_mode_proxy() -> SocketAddr {
-    fixture()
-        .extra_proxy(|c| {
-            for t in c.tenants.iter_mut() {
-                t.pool_mode = Some(PoolMode::Session);
-            }
-        })
-        .await
-}
-
 /// Listens on `channel` from dynamic SQL (where no parser sees a LISTEN), lets `notifier`
 /// NOTIFY on it, and returns whether any NotificationResponse reached the listener.
 async fn hears_through_dynamic_listen(listener: &str, notifier: &str, channel: &str) -> bool {
     let f = fixture();
-    let addr = session_mode_proxy().await;
+    let addr = f.session_proxy().await;
     let mut l = RawClient::login(addr, &format!("app.{listener}"), listener).await;
     l.query(&format!(
         "DO $$ BEGIN EXECUTE 'LIST' || 'EN {channel}'; END $$"

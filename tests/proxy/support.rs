@@ -334,6 +334,16 @@ impl Fixture {
             .expect("run psql")
     }
 
+    /// Another proxy serving every tenant in session mode.
+    pub async fn session_proxy(&self) -> SocketAddr {
+        self.extra_proxy(|c| {
+            for t in c.tenants.iter_mut() {
+                t.pool_mode = Some(pgtenant::config::PoolMode::Session);
+            }
+        })
+        .await
+    }
+
     /// Starts another proxy over the same tenants with a changed config.
     pub async fn extra_proxy(&self, change: impl FnOnce(&mut Config)) -> SocketAddr {
         self.extra_proxy_ctx(change).await.0

@@ -2,22 +2,9 @@
 //! id, so pg_backend_pid(), notification pids and pg_terminate_backend agree with it. In
 //! transaction mode a client that terminates its own server process ends only its transaction.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use pgtenant::config::PoolMode;
-
 use crate::support::*;
-
-async fn session_proxy() -> SocketAddr {
-    fixture()
-        .extra_proxy(|c| {
-            for t in c.tenants.iter_mut() {
-                t.pool_mode = Some(PoolMode::Session);
-            }
-        })
-        .await
-}
 
 /// The first column of the first DataRow among `replies`, as text.
 fn first_value(replies: &[(u8, Vec<u8>)]) -> Option<String> {
@@ -29,7 +16,7 @@ fn first_value(replies: &[(u8, Vec<u8>)]) -> Option<String> {
 
 #[tokio::test]
 async fn in_session_mode_the_client_is_told_its_server_process_id() {
-    let mut c = RawClient::login(session_proxy().await, "app.acme", "acme").await;
+    let mut c = RawClient::login(fixture().session_proxy().await, "app.acme", "acme").await;
     let (pid, _) = c.key.expect("BackendKeyData");
     let replies = c.query("SELECT pg_backend_pid()").await;
     assert_eq!(first_value(&replies), Some(pid.to_string()));
@@ -37,7 +24,7 @@ async fn in_session_mode_the_client_is_told_its_server_process_id() {
 
 #[tokio::test]
 async fn in_session_mode_a_notification_carries_the_pid_the_client_was_told() {
-    let mut c = RawClient::login(session_proxy().await, "app.acme", "acme").await;
+    let mut c = RawClient::login(fixture().session_proxy().await, "app.acme", "acme").await;
     let (pid, _) = c.key.expect("BackendKeyData");
     let replies = c.query("LISTEN pidcheck; NOTIFY pidcheck, 'x'").await;
     let notification = replies
@@ -56,7 +43,7 @@ async fn in_session_mode_a_notification_carries_the_pid_the_client_was_told() {
 #[tokio::test]
 async fn in_session_mode_terminating_the_reported_pid_ends_the_session_with_the_servers_error() {
     let f = fixture();
-    let mut c = RawClient::login(session_proxy().await, "app.acme", "acme").await;
+    let mut c = RawClient::login(fixture().session_proxy().await, "app.acme", "acme").await;
     let (pid, _) = c.key.expect("BackendKeyData");
     let done: bool = f
         .direct(0, "acme")
@@ -73,7 +60,7 @@ async fn in_session_mode_terminating_the_reported_pid_ends_the_session_with_the_
 
 #[tokio::test]
 async fn in_session_mode_cancel_works_with_the_servers_pid() {
-    let addr = session_proxy().await;
+    let addr = fixture().session_proxy().await;
     let mut c = RawClient::login(addr, "app.acme", "acme").await;
     let (pid, secret) = c.key.expect("BackendKeyData");
     let canceller = tokio::spawn(async move {
