@@ -312,9 +312,15 @@ pub async fn row_tier_install(url: &str, config: &Path) -> Result<(), Failure> {
         .await
         .map_err(describe)?
         .get(0);
-    crate::tenancy::row_context::install(&db, &secret.row_key(&database))
+    let open = crate::tenancy::row_context::install(&db, &secret.row_key(&database))
         .await
         .map_err(describe)?;
+    if !open.is_empty() {
+        eprintln!(
+            "warning: not connected as a superuser, so every role may still run {} in \"{database}\": row tenants sharing a login role can read each other's running statements and cancel or end each other's sessions. Run `REVOKE EXECUTE ON FUNCTION ... FROM PUBLIC` for them as a superuser (docs/isolation.md).",
+            open.join(", ")
+        );
+    }
     let tables = provision::enforce_row_policies(&db)
         .await
         .map_err(describe)?;

@@ -368,9 +368,16 @@ pub async fn migrate_one(
         let applied = migrate::apply(db, &place, migrations).await?;
         if tier == Tier::Row {
             let secret = store.row_secret().await?;
-            row_context::install(&*db, &secret.row_key(&t.database))
+            let open = row_context::install(&*db, &secret.row_key(&t.database))
                 .await
                 .map_err(&err)?;
+            if !open.is_empty() {
+                tracing::warn!(
+                    database = %t.database,
+                    functions = %open.join(", "),
+                    "row tenants of this database can read and signal each other's sessions: only a superuser can revoke these from PUBLIC (docs/isolation.md)"
+                );
+            }
             enforce_row_policies(db).await.map_err(&err)?;
         }
         grant_tenant_role(db, &place, &recorded_role(store, t).await?, tier)

@@ -213,6 +213,53 @@ pub fn install_sql() -> String {
     )
 }
 
+/// Functions of `pg_catalog` that let a session read or signal the other sessions of its own
+/// role. Row tenants share one login role, so with them a tenant could read another tenant's
+/// running statement (literals included) or cancel and end its sessions.
+pub const SESSION_PEEK_FUNCTIONS: [&str; 4] = [
+    "pg_stat_get_activity",
+    "pg_stat_get_backend_activity",
+    "pg_cancel_backend",
+    "pg_terminate_backend",
+];
+
+/// Takes EXECUTE on `SESSION_PEEK_FUNCTIONS` from PUBLIC in this database only (`pg_proc` is
+/// per database): `pg_stat_activity` and both signals are then refused (42501) to row tenants,
+/// while the superuser keeps them. Only a superuser can; anyone else changes nothing, and
+/// `open_session_peeks` tells.
+fn close_session_peeks_sql() -> String {
+    let names = SESSION_PEEK_FUNCTIONS.map(|n| format!("'{n}'")).join(", ");
+    format!(
+        "DO $do$ DECLARE f pg_catalog.regprocedure; BEGIN
+             FOR f IN SELECT p.oid::pg_catalog.regprocedure FROM pg_catalog.pg_proc p
+                       WHERE p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace
+                         AND p.proname IN ({names})
+             LOOP
+                 EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+             END LOOP;
+         END $do$;"
+    )
+}
+
+/// The `SESSION_PEEK_FUNCTIONS` (with their arguments) everyone may still run in the database
+/// `db` is connected to: empty once `install` ran as a superuser.
+pub async fn open_session_peeks(
+    db: &impl tokio_postgres::GenericClient,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    Ok(db
+        .query(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname = ANY($1)
+                AND has_function_privilege('public', p.oid, 'EXECUTE')
+              ORDER BY 1",
+            &[&SESSION_PEEK_FUNCTIONS.as_slice()],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Drops what previous designs left behind (a binding table, the context sequence) once no
 /// policy reads it any more. Objects something else still depends on stay.
 pub const CLEANUP_SQL: &str = "SET client_min_messages = warning; DO $do$ BEGIN
@@ -223,18 +270,32 @@ pub const CLEANUP_SQL: &str = "SET client_min_messages = warning; DO $do$ BEGIN
      END $do$; RESET client_min_messages";
 
 /// Installs the schema in the database `db` is connected to and stores `key`'s pads there,
-/// sent as bind parameters so they appear in no statement text.
+/// sent as bind parameters so they appear in no statement text; closes the session peeks
+/// (`SESSION_PEEK_FUNCTIONS`) when it runs as a superuser. Returns the peeks left open.
 pub async fn install(
     db: &impl tokio_postgres::GenericClient,
     key: &RowKey,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let superuser: bool = db
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?
+        .get(0);
     db.batch_execute(&format!(
         "BEGIN;
          SET LOCAL client_min_messages = warning;
          SELECT pg_advisory_xact_lock(hashtext('pgtenant row context'));
          {}
+         {}
          COMMIT;",
-        install_sql()
+        install_sql(),
+        if superuser {
+            close_session_peeks_sql()
+        } else {
+            String::new()
+        }
     ))
     .await?;
     let (inner, outer) = key.pads();
@@ -246,7 +307,7 @@ pub async fn install(
         &[&inner, &outer],
     )
     .await?;
-    Ok(())
+    open_session_peeks(db).await
 }
 
 /// What a row-tier tenant's connections are bound to.

@@ -355,6 +355,71 @@ async fn the_proof_travels_as_a_parameter_never_in_statement_text(on: On) {
     }
 }
 
+/// Row tenants share one login role, and PostgreSQL shows a session's statement text to, and
+/// lets it be signalled by, any session of the same role.
+#[tokio::test]
+async fn a_row_tenant_reads_no_other_row_tenants_statement_text() {
+    let f = fixture();
+    let hooli = f.tenant("hooli").await;
+    let pied = f.tenant("piedpiper").await;
+    let running = tokio::spawn(async move {
+        hooli
+            .simple_query("SELECT pg_sleep(1.5), 'hooli-private-literal'")
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    for sql in [
+        "SELECT string_agg(query, ' ') FROM pg_stat_activity",
+        "SELECT string_agg(pg_stat_get_backend_activity(i), ' ')
+           FROM pg_stat_get_backend_idset() i",
+    ] {
+        match pied.query_one(sql, &[]).await {
+            Ok(row) => {
+                let seen: Option<String> = row.get(0);
+                assert!(
+                    !seen.unwrap_or_default().contains("hooli-private"),
+                    "{sql} shows another tenant's statement"
+                );
+            }
+            Err(e) => assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e:?}"),
+        }
+    }
+    running
+        .await
+        .unwrap()
+        .expect("hooli's statement ran to its end");
+}
+
+#[tokio::test]
+async fn a_row_tenant_cannot_end_or_cancel_another_row_tenants_session() {
+    let f = fixture();
+    let hooli = f.tenant("hooli").await;
+    let pied = f.tenant("piedpiper").await;
+    let running = tokio::spawn(async move {
+        let r = hooli.simple_query("SELECT pg_sleep(1.5)").await;
+        (r, hooli)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    for sql in [
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+           WHERE usename = current_user AND pid <> pg_backend_pid()",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+           WHERE usename = current_user AND pid <> pg_backend_pid()",
+        "SELECT pg_terminate_backend(pg_stat_get_backend_pid(i)) FROM pg_stat_get_backend_idset() i
+           WHERE pg_stat_get_backend_userid(i) = current_user::regrole
+             AND pg_stat_get_backend_pid(i) <> pg_backend_pid()",
+    ] {
+        let e = pied.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e:?}");
+    }
+    let (r, hooli) = running.await.unwrap();
+    r.expect("hooli's statement ran to its end");
+    hooli
+        .simple_query("SELECT 1")
+        .await
+        .expect("and hooli is still served");
+}
+
 /// A proxy where each tenant may hold `n` server connections at once.
 async fn with_pool_size(on: On, n: u32) -> SocketAddr {
     on.extra_proxy(|c| {

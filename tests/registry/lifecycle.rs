@@ -126,6 +126,25 @@ async fn row_tier_create_connect_delete() {
 }
 
 #[tokio::test]
+async fn provisioned_row_tenants_can_neither_read_nor_signal_each_others_sessions() {
+    let f = fixture();
+    let reg = f.registry("peeks").await;
+    reg.create("peeks-a", "row");
+    let row_database = &reg.config.registry.as_ref().unwrap().row_database;
+    let open = pgtenant::tenancy::row_context::open_session_peeks(&f.admin(row_database).await)
+        .await
+        .unwrap();
+    assert!(open.is_empty(), "still open to PUBLIC: {open:?}");
+    let proxy = f.proxy(reg.config.clone());
+    let a = connect(proxy.addr, "peeks-a").await.unwrap();
+    let e = a
+        .simple_query("SELECT count(*) FROM pg_stat_activity")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
+}
+
+#[tokio::test]
 async fn row_tier_tables_get_rls_policies_that_hide_other_tenants() {
     let f = fixture();
     let reg = f.registry("rls").await;
