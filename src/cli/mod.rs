@@ -226,6 +226,17 @@ pub enum TenantCmd {
         #[arg(long)]
         keep_data: bool,
     },
+    /// Give a tenant created before opaque names (or every tenant, with --all) the names
+    /// `tenant create` gives today: its database, schema and login roles are renamed on the
+    /// server and in the registry. The tenant is suspended (its sessions closed) meanwhile.
+    RenameObjects {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export the tenant's data (pg_dump format; row tier: its rows only).
     Dump {
         id: String,
@@ -760,6 +771,28 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
                 println!("tenant {id} deleted with all its data");
             }
         }
+        TenantCmd::RenameObjects { id, all, json } => {
+            let ids = match id {
+                Some(id) if !all => vec![id],
+                _ => store
+                    .tenant_rows(None)
+                    .await?
+                    .into_iter()
+                    .map(|r| r.tenant.id)
+                    .collect(),
+            };
+            let mut reports = Vec::new();
+            for id in &ids {
+                let r = crate::tenancy::rename::rename_objects(&store, id).await?;
+                if !json {
+                    println!("{}", rename_line(&r));
+                }
+                reports.push(r);
+            }
+            if json {
+                println!("{}", output::json(&reports));
+            }
+        }
         TenantCmd::Dump { id, output: path } => match path {
             Some(p) => {
                 let mut f = std::fs::File::create(&p)
@@ -774,6 +807,23 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
         },
     }
     Ok(())
+}
+
+fn rename_line(r: &crate::tenancy::rename::RenameReport) -> String {
+    let mut line = if r.renamed.is_empty() {
+        format!("tenant {}: its names are opaque already", r.tenant)
+    } else {
+        let parts: Vec<String> = r
+            .renamed
+            .iter()
+            .map(|x| format!("{} {} → {}", x.kind, x.from, x.to))
+            .collect();
+        format!("tenant {}: {}", r.tenant, parts.join("; "))
+    };
+    if r.left_suspended {
+        line.push_str(" (it was suspended and stays so: `tenant resume` serves it again)");
+    }
+    line
 }
 
 fn status_label(r: &TenantRows) -> String {

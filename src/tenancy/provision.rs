@@ -17,6 +17,7 @@ use crate::tenancy::row_context;
 use crate::tenancy::tier::{quote_ident, quote_literal};
 
 use super::migrate::{self, MigrateError, Migration, Place, HISTORY_TABLE};
+use super::naming::{ddl_role_for, ObjectNames};
 use super::store::{RegistryError, RegistryStore, TenantRecord, TenantSettings};
 
 /// Table in each shared row-tier database listing the tenants registered there.
@@ -48,26 +49,6 @@ pub struct CreateRequest {
     pub settings: TenantSettings,
     /// Client users: (name, SCRAM verifier).
     pub users: Vec<(String, String)>,
-}
-
-/// The backend login role of a database or schema tenant.
-pub fn backend_role(tenant: &str) -> String {
-    format!("{tenant}_app")
-}
-
-/// The login role of a tenant of `tier` in `database`. Row tenants of one database share one
-/// role, so they share server connections (their separation is the row context, not the
-/// role); its name has a '.', which no tenant id has, so it never meets a tenant's own.
-pub fn tenant_role(tier: Tier, tenant: &str, database: &str) -> String {
-    match tier {
-        Tier::Row => format!("{database}.app"),
-        _ => backend_role(tenant),
-    }
-}
-
-/// The schema of a schema-tier tenant.
-pub fn schema_name(tenant: &str) -> String {
-    tenant.replace('-', "_")
 }
 
 pub fn random_password() -> String {
@@ -144,12 +125,6 @@ pub async fn create(
             validate::ADMIN_DATABASE
         )));
     }
-    // The login role `<id>_app` must fit PostgreSQL's 63-byte identifiers.
-    if id.len() > 59 {
-        return Err(ProvisionError::Invalid(format!(
-            "tenant id \"{id}\" is too long for the registry: at most 59 characters"
-        )));
-    }
     for (user, _) in &req.users {
         if user.is_empty() || user.contains('\0') {
             return Err(ProvisionError::Invalid(format!(
@@ -176,16 +151,18 @@ pub async fn create(
             }
         }
     };
-    let (database, schema) = match req.tier {
-        Tier::Database => (id.to_string(), None),
-        Tier::Schema => (store.cfg.schema_database.clone(), Some(schema_name(id))),
-        Tier::Row => (store.cfg.row_database.clone(), None),
-    };
-    if req.tier == Tier::Row && database.len() > 59 {
+    let names = planned_names(store, req.tier, id).await?;
+    if req.tier == Tier::Row && names.role.len() > 63 {
         return Err(ProvisionError::Invalid(format!(
-            "row database \"{database}\" is too long for its login role: at most 59 characters"
+            "row database \"{}\" is too long for its login role: at most 59 characters",
+            names.database
         )));
     }
+    let ObjectNames {
+        database,
+        schema,
+        role,
+    } = names;
     if !store
         .begin_tenant(
             id,
@@ -201,7 +178,6 @@ pub async fn create(
     }
     crash_point("registered");
 
-    let role = tenant_role(req.tier, id, &database);
     let admin = admin_client(store, &server, "postgres").await?;
     let err = server_err(&server);
     // Creates that share a row role must agree on its password.
@@ -380,17 +356,14 @@ pub async fn migrate_one(
             }
             enforce_row_policies(db).await.map_err(&err)?;
         }
-        grant_tenant_role(db, &place, &recorded_role(store, t).await?, tier)
+        let role = recorded_role(store, t).await?;
+        grant_tenant_role(db, &place, &role, tier)
             .await
             .map_err(&err)?;
         // The DDL role, when the tenant has one, uses the new tables as the tenant's role does.
-        if tier != Tier::Row
-            && store
-                .role_password(&t.id, &ddl_role(&t.id))
-                .await?
-                .is_some()
-        {
-            grant_tenant_role(db, &place, &ddl_role(&t.id), tier)
+        let ddl = ddl_role_for(&role);
+        if tier != Tier::Row && store.role_password(&t.id, &ddl).await?.is_some() {
+            grant_tenant_role(db, &place, &ddl, tier)
                 .await
                 .map_err(&err)?;
         }
@@ -537,7 +510,11 @@ pub async fn delete(
     let role = recorded_role(store, &t).await?;
     // A shared row role stays, with its privileges and connections, while others hold it.
     let role_shared = !store.role_holders(&t.server, &role, id).await?.is_empty();
-    let ddl = (store.role_password(id, &ddl_role(id)).await?.is_some()).then(|| ddl_role(id));
+    let ddl = Some(ddl_role_for(&role)).filter(|_| tier != Tier::Row);
+    let ddl = match ddl {
+        Some(d) if store.role_password(id, &d).await?.is_some() => Some(d),
+        _ => None,
+    };
     for r in std::iter::once(&role)
         .filter(|_| !role_shared)
         .chain(ddl.as_ref())
@@ -570,7 +547,13 @@ pub async fn delete(
         }
         Tier::Schema if db_exists => {
             let db = admin_client(store, &t.server, &t.database).await?;
-            let s = t.schema.clone().unwrap_or_else(|| schema_name(id));
+            let s = match &t.schema {
+                Some(s) => s.clone(),
+                None => planned_names(store, tier, id)
+                    .await?
+                    .schema
+                    .unwrap_or_default(),
+            };
             db.batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS {} CASCADE",
                 quote_ident(&s)
@@ -667,11 +650,6 @@ pub async fn rotate_role_password(store: &RegistryStore, id: &str) -> Result<(),
     Ok(())
 }
 
-/// The login role of a tenant's users with DDL rights (`tenant update --user NAME --ddl`).
-pub fn ddl_role(tenant: &str) -> String {
-    format!("{tenant}_ddl")
-}
-
 /// Gives a tenant a login role that may change the schema of its own place, for users whose
 /// applications run their own migrations (ORMs): CREATE in the tenant's schema (the schema
 /// tier's own one; the database tier's `public`), never in another's. What it creates, the
@@ -688,7 +666,7 @@ pub async fn grant_ddl(store: &RegistryStore, id: &str) -> Result<String, Provis
     }
     let err = server_err(&t.server);
     let app = recorded_role(store, &t).await?;
-    let ddl = ddl_role(id);
+    let ddl = ddl_role_for(&app);
     // The password it had, when it exists: another user of the tenant may log in with it.
     let password = match store.role_password(id, &ddl).await? {
         Some(p) => p.expose().to_string(),
@@ -737,8 +715,23 @@ async fn recorded_role(store: &RegistryStore, t: &TenantRecord) -> Result<String
     let tier = Tier::parse(&t.tier).unwrap_or(Tier::Database);
     Ok(match store.role_name(&t.id).await? {
         Some(name) => name,
-        None => tenant_role(tier, &t.id, &t.database),
+        None => planned_names(store, tier, &t.id).await?.role,
     })
+}
+
+/// The opaque names (`tenancy::naming`) `tenant create` gives tenant `id` of `tier`.
+pub async fn planned_names(
+    store: &RegistryStore,
+    tier: Tier,
+    id: &str,
+) -> Result<ObjectNames, ProvisionError> {
+    let stem = store.naming_key().await?.stem(id);
+    Ok(ObjectNames::for_tier(
+        tier,
+        &stem,
+        &store.cfg.schema_database,
+        &store.cfg.row_database,
+    ))
 }
 
 /// `NAME=VALUE` pairs of option `--flag` into a map, each checked by `check`, which also

@@ -97,13 +97,15 @@ async fn a_schema_tenants_migration_in_session_mode_is_used_by_its_dml_user() {
 async fn a_schema_tenants_ddl_user_creates_nothing_in_public_or_another_tenants_schema() {
     let reg = tenant_with_ddl_user("ddl_own", "schema", "transaction").await;
     reg.create("ddl_other", "schema");
+    let other = reg.names("ddl_other").await.schema.expect("a schema");
     let proxy = fixture().proxy(reg.config.clone());
     let migrator = connect_as(proxy.addr, "migrator", "ddl_own").await;
     for sql in [
-        "CREATE TABLE public.intruder (x int)",
-        "CREATE TABLE ddl_other.intruder (x int)",
-        "ALTER TABLE ddl_other.accounts ADD COLUMN x int",
+        "CREATE TABLE public.intruder (x int)".to_string(),
+        format!("CREATE TABLE {other}.intruder (x int)"),
+        format!("ALTER TABLE {other}.accounts ADD COLUMN x int"),
     ] {
+        let sql = sql.as_str();
         let e = migrator.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{sql}: {e:?}");
     }
@@ -119,9 +121,10 @@ async fn tables_a_ddl_user_creates_are_invisible_to_another_tenant() {
         .batch_execute(MIGRATION)
         .await
         .expect("migration");
+    let maker = reg.names("ddl_maker").await.schema.expect("a schema");
     let peer = connect_as(proxy.addr, "app", "ddl_peer").await;
     let e = peer
-        .query_one("SELECT count(*) FROM ddl_maker.orders", &[])
+        .query_one(&format!("SELECT count(*) FROM {maker}.orders"), &[])
         .await
         .unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
@@ -155,15 +158,27 @@ async fn a_row_tenant_is_refused_ddl_with_the_reason() {
 #[tokio::test]
 async fn deleting_a_tenant_drops_its_ddl_role() {
     let reg = tenant_with_ddl_user("ddl_gone", "schema", "transaction").await;
+    let names = reg.names("ddl_gone").await;
+    let ddl = names.roles.iter().find(|r| r.ends_with("_ddl")).cloned();
+    let ddl = ddl.expect("a DDL role recorded");
+    let admin = fixture().admin("postgres").await;
+    let role_exists = |r: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&r])
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    assert!(role_exists(ddl.clone()).await);
     let out = reg.cli(&["tenant", "delete", "ddl_gone"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let left = fixture()
-        .admin("postgres")
-        .await
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = 'ddl_gone_ddl'", &[])
-        .await
-        .unwrap();
-    assert!(left.is_none(), "the DDL role is dropped with its tenant");
+    assert!(
+        !role_exists(ddl).await,
+        "the DDL role is dropped with its tenant"
+    );
 }
 
 #[tokio::test]

@@ -40,7 +40,10 @@ async fn registry_round_trip_keeps_every_field() {
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("json");
     assert_eq!(v["display_name"], "Round Trip Bank");
     assert_eq!(v["tier"], "schema");
-    assert_eq!(v["schema"], "rt_one");
+    let names = reg.names("rt-one").await;
+    let schema = names.schema.clone().expect("a schema");
+    assert_eq!(v["schema"], schema.as_str());
+    assert!(!schema.contains("rt"), "an opaque name: {schema}");
     assert_eq!(v["pool_size"], 3);
     assert_eq!(v["pool_min_idle"], 1);
     assert_eq!(v["query_wait_timeout"], 9);
@@ -48,7 +51,7 @@ async fn registry_round_trip_keeps_every_field() {
     assert_eq!(v["params"]["TimeZone"], "Europe/Paris");
     assert_eq!(v["limits"]["statement_timeout"], "7s");
     assert_eq!(v["status"], "active");
-    assert_eq!(v["backend_roles"][0]["name"], "rt-one_app");
+    assert_eq!(v["backend_roles"][0]["name"], names.role.as_str());
     assert_eq!(v["users"][0]["name"], "app");
 
     // And the proxy serves exactly that.
@@ -66,9 +69,9 @@ async fn registry_round_trip_keeps_every_field() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "rt-one_app");
+    assert_eq!(row.get::<_, String>(0), names.role);
     assert_eq!(row.get::<_, String>(1), "Europe/Paris");
-    assert_eq!(row.get::<_, String>(2), "{rt_one,public}");
+    assert_eq!(row.get::<_, String>(2), format!("{{{schema},public}}"));
     assert_eq!(row.get::<_, String>(3), "7s");
 }
 
@@ -95,7 +98,11 @@ async fn a_dump_of_the_registry_contains_no_password_or_key() {
     let store = reg.store().await;
     let mut secrets = vec![PASSWORD.to_string(), "admin-secret-Zk2".to_string()];
     let row_role = format!("{}.app", reg.config.registry.as_ref().unwrap().row_database);
-    for (t, role) in [("dump-a", "dump-a_app"), ("dump-b", row_role.as_str())] {
+    let dump_a_role = reg.names("dump-a").await.role;
+    for (t, role) in [
+        ("dump-a", dump_a_role.as_str()),
+        ("dump-b", row_role.as_str()),
+    ] {
         let p = store
             .role_password(t, role)
             .await
@@ -143,7 +150,7 @@ async fn a_password_copied_to_another_tenant_fails_with_a_clear_error() {
         .await
         .unwrap();
     let e = store
-        .role_password("copy-b", "copy-b_app")
+        .role_password("copy-b", &reg.names("copy-b").await.role)
         .await
         .unwrap_err();
     assert!(
@@ -183,7 +190,7 @@ async fn a_tampered_password_fails_with_a_clear_error() {
         .await
         .unwrap();
     let e = store
-        .role_password("tamper-a", "tamper-a_app")
+        .role_password("tamper-a", &reg.names("tamper-a").await.role)
         .await
         .unwrap_err();
     assert!(e.to_string().contains("fails authentication"), "{e}");
@@ -210,7 +217,10 @@ async fn a_wrong_master_key_names_the_key_it_needs() {
         vec![],
     );
     let e = other
-        .open(&role_owner("wrongkey-a", "wrongkey-a_app"), &sealed)
+        .open(
+            &role_owner("wrongkey-a", &reg.names("wrongkey-a").await.role),
+            &sealed,
+        )
         .unwrap_err();
     let needed = pgtenant::tenancy::crypto::Keyring::key_id_of(&sealed)
         .unwrap()
@@ -284,11 +294,12 @@ async fn key_rotation_under_a_running_proxy_keeps_clients_working() {
         "the proxy opened the re-sealed password"
     );
     // Fresh backends are opened with the password the proxy read from the re-sealed entry.
+    let role = reg.names("rotate-a").await.role;
     f.admin("postgres")
         .await
         .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'rotate-a_app'",
-            &[],
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
         )
         .await
         .unwrap();
@@ -316,15 +327,16 @@ async fn the_server_log_never_sees_a_tenant_password() {
     reg.create("srvlog-a", "schema");
     let out = reg.cli(&["tenant", "update", "srvlog-a", "--rotate-password"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let role = reg.names("srvlog-a").await.role;
     let password = reg
         .store()
         .await
-        .role_password("srvlog-a", "srvlog-a_app")
+        .role_password("srvlog-a", &role)
         .await
         .unwrap()
         .expect("role password");
     let log = std::fs::read_to_string(&f.server_log).unwrap();
-    assert!(log.contains("ROLE \"srvlog-a_app\""), "DDL is logged");
+    assert!(log.contains(&format!("ROLE \"{role}\"")), "DDL is logged");
     assert!(
         !log.contains(password.expose()),
         "the server log holds the tenant's password"

@@ -47,14 +47,17 @@ async fn create_connect_delete(tier: &str, id: &str) {
     assert_eq!(sqlstate(&e).as_deref(), Some("42501"), "{e:?}");
     drop(c);
 
+    let names = reg.names(id).await;
+    // Row tenants share their database's role; the last one to go takes it along.
+    let role = names.role.clone();
+    if tier == "row" {
+        let row_database = &reg.config.registry.as_ref().unwrap().row_database;
+        assert_eq!(role, format!("{row_database}.app"));
+    }
+    let role_sql = format!("SELECT 1 FROM pg_roles WHERE rolname = '{role}'");
+    assert!(exists(f, &role_sql, "postgres").await);
     let out = reg.cli(&["tenant", "delete", id]);
     assert!(out.status.success(), "{}", stderr(&out));
-    // Row tenants share their database's role; the last one to go takes it along.
-    let role = if tier == "row" {
-        format!("{}.app", reg.config.registry.as_ref().unwrap().row_database)
-    } else {
-        format!("{id}_app")
-    };
     assert!(
         !exists(
             f,
@@ -70,7 +73,10 @@ async fn create_connect_delete(tier: &str, id: &str) {
         "database" => assert!(
             !exists(
                 f,
-                &format!("SELECT 1 FROM pg_database WHERE datname = '{id}'"),
+                &format!(
+                    "SELECT 1 FROM pg_database WHERE datname = '{}'",
+                    names.database
+                ),
                 "postgres"
             )
             .await
@@ -80,7 +86,7 @@ async fn create_connect_delete(tier: &str, id: &str) {
                 f,
                 &format!(
                     "SELECT 1 FROM pg_namespace WHERE nspname = '{}'",
-                    id.replace('-', "_")
+                    names.schema.as_deref().unwrap_or_default()
                 ),
                 &r.schema_database
             )
@@ -184,10 +190,11 @@ async fn delete_with_keep_data_only_suspends() {
         store.tenant_record("keep-a").await.unwrap().unwrap().status,
         "suspended"
     );
+    let database = reg.names("keep-a").await.database;
     assert!(
         exists(
             f,
-            "SELECT 1 FROM pg_database WHERE datname = 'keep-a'",
+            &format!("SELECT 1 FROM pg_database WHERE datname = '{database}'"),
             "postgres"
         )
         .await

@@ -9,6 +9,7 @@ mod ddl;
 mod encryption;
 mod lifecycle;
 mod migrations;
+mod naming;
 mod reload;
 mod replicas;
 mod session_features;

@@ -35,9 +35,10 @@ async fn migrate_applies_to_fifty_tenants_and_reports_the_one_that_fails() {
     }
     // One schema tenant already has what V2 adds, so V2 fails there.
     let r = reg.config.registry.as_ref().unwrap();
+    let m01 = reg.names("m01").await.schema.expect("a schema");
     f.admin(&r.schema_database)
         .await
-        .batch_execute("CREATE TABLE m01.ledger (x int)")
+        .batch_execute(&format!("CREATE TABLE {m01}.ledger (x int)"))
         .await
         .unwrap();
     std::fs::write(

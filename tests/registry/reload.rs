@@ -62,8 +62,9 @@ async fn suspend_with_terminate_closes_clients_and_rolls_back_their_transaction(
     assert!(out.status.success(), "{}", stderr(&out));
     eventually("client still connected", SOON, || c.is_closed()).await;
     assert!(c.simple_query("SELECT 1").await.is_err());
+    let database = reg.names("hotterm-a").await.database;
     assert_eq!(
-        rows_owned(f, "hotterm-a", "half-done").await,
+        rows_owned(f, &database, "half-done").await,
         0,
         "the open transaction was rolled back"
     );

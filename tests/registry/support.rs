@@ -68,6 +68,17 @@ pub fn fixture() -> &'static Fixture {
     })
 }
 
+/// A tenant's database, schema and login roles on its server.
+#[derive(Debug, Clone)]
+pub struct ServerNames {
+    pub database: String,
+    pub schema: Option<String>,
+    /// The login role its client users map to.
+    pub role: String,
+    /// Every login role it holds (with a DDL role, that one too).
+    pub roles: Vec<String>,
+}
+
 /// One test's registry: config file, keys, migrations directory.
 pub struct Reg {
     pub name: String,
@@ -238,6 +249,25 @@ impl Reg {
         RegistryStore::open(self.config.registry.as_ref().unwrap())
             .await
             .expect("open registry")
+    }
+
+    /// What tenant `id`'s objects are called on the server, as the registry records them.
+    pub async fn names(&self, id: &str) -> ServerNames {
+        let store = self.store().await;
+        let t = store.tenant(id).await.expect("tenant in the registry");
+        let rows = store.tenant_rows(Some(&[id])).await.expect("tenant rows");
+        let mut roles: Vec<String> = rows[0]
+            .backend_roles
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        roles.sort();
+        ServerNames {
+            database: t.database,
+            schema: t.schema,
+            role: roles.first().cloned().expect("a login role"),
+            roles,
+        }
     }
 
     pub fn path(&self, p: &str) -> PathBuf {

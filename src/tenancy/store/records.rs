@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
 use serde::Serialize;
 use tokio_postgres::Row;
 
@@ -661,6 +663,46 @@ impl RegistryStore {
         Ok(())
     }
 
+    /// Records that tenant `id`'s objects now have other names on its server: its database,
+    /// its schema, and each backend role (old name, new name); a role's password is sealed
+    /// again for its new name and the client users follow it. One transaction, so proxies
+    /// see the old names or the new ones, never a mix.
+    pub async fn rename_objects(
+        &self,
+        id: &str,
+        database: &str,
+        schema: Option<&str>,
+        roles: &[(String, String)],
+    ) -> Result<(), RegistryError> {
+        use crate::tenancy::tier::quote_literal as q;
+        let mut sql = format!(
+            "UPDATE pgtenant.tenants SET database = {}, schema = {} WHERE id = {};",
+            q(database),
+            schema.map_or_else(|| "NULL".to_string(), q),
+            q(id)
+        );
+        for (old, new) in roles {
+            let password = self.role_password(id, old).await?.ok_or_else(|| {
+                RegistryError::Invalid(format!("tenant \"{id}\" has no role \"{old}\""))
+            })?;
+            let sealed = self.keys.seal(&role_owner(id, new), password.expose());
+            sql.push_str(&format!(
+                "INSERT INTO pgtenant.backend_roles (tenant_id, name, password) VALUES ({t}, {n}, {p})
+                     ON CONFLICT (tenant_id, name) DO UPDATE SET password = EXCLUDED.password;
+                 UPDATE pgtenant.client_users SET backend_role = {n}
+                     WHERE tenant_id = {t} AND backend_role = {o};
+                 DELETE FROM pgtenant.backend_roles WHERE tenant_id = {t} AND name = {o};",
+                t = q(id),
+                n = q(new),
+                o = q(old),
+                p = q(&sealed)
+            ));
+        }
+        // One simple query is one implicit transaction: all of it or nothing.
+        self.client.batch_execute(&sql).await?;
+        Ok(())
+    }
+
     pub async fn remove_tenant(&self, id: &str) -> Result<(), RegistryError> {
         self.client
             .execute("DELETE FROM pgtenant.tenants WHERE id = $1", &[&id])
@@ -741,30 +783,56 @@ impl RegistryStore {
     /// which is what row databases set up before it was stored hold; after that it never
     /// changes, whatever key seals it.
     pub async fn row_secret(&self) -> Result<crate::tenancy::crypto::RowSecret, RegistryError> {
-        const NAME: &str = "row_secret";
-        let owner = secret_owner(NAME);
-        let initial = self
-            .keys
-            .seal(&owner, &self.keys.current_row_secret().to_text());
+        let text = self
+            .deployment_secret("row_secret", self.keys.current_row_secret().to_text())
+            .await?;
+        crate::tenancy::crypto::RowSecret::from_text(text.expose()).ok_or_else(|| {
+            RegistryError::Invalid("the stored row secret is not 32 bytes of base64".into())
+        })
+    }
+
+    /// The secret provisioning's object names derive from (`tenancy::naming`): random, made by
+    /// the first call, and never changed after, so a create run again finds what it made.
+    pub async fn naming_key(&self) -> Result<crate::tenancy::naming::NamingKey, RegistryError> {
+        let fresh: [u8; 32] = rand::random();
+        let text = self
+            .deployment_secret("naming_key", B64.encode(fresh))
+            .await?;
+        let bytes: [u8; 32] = B64
+            .decode(text.expose())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                RegistryError::Invalid("the stored naming key is not 32 bytes of base64".into())
+            })?;
+        Ok(crate::tenancy::naming::NamingKey::new(bytes))
+    }
+
+    /// A secret of the deployment itself, sealed in `pgtenant.secrets`: `initial` the first
+    /// time (by whichever caller gets there first), what is stored after.
+    async fn deployment_secret(
+        &self,
+        name: &str,
+        initial: String,
+    ) -> Result<crate::secret::Secret, RegistryError> {
+        let owner = secret_owner(name);
+        let sealed = self.keys.seal(&owner, &initial);
         self.client
             .execute(
                 "INSERT INTO pgtenant.secrets (name, value) VALUES ($1, $2)
                  ON CONFLICT (name) DO NOTHING",
-                &[&NAME, &initial],
+                &[&name, &sealed],
             )
             .await?;
-        let sealed: String = self
+        let stored: String = self
             .client
             .query_one(
                 "SELECT value FROM pgtenant.secrets WHERE name = $1",
-                &[&NAME],
+                &[&name],
             )
             .await?
             .get(0);
-        let text = self.keys.open(&owner, &sealed)?;
-        crate::tenancy::crypto::RowSecret::from_text(text.expose()).ok_or_else(|| {
-            RegistryError::Invalid("the stored row secret is not 32 bytes of base64".into())
-        })
+        Ok(self.keys.open(&owner, &stored)?)
     }
 
     /// Stored values not yet under the current key.
