@@ -292,18 +292,7 @@ pub fn opens_read_only_transaction(sql: &[u8]) -> bool {
 /// PostgreSQL folds it: an unquoted name lower-cased, a quoted one as written (`""` is `"`).
 /// `DEALLOCATE ALL` and anything else give None.
 pub fn deallocated_name(sql: &str) -> Option<String> {
-    let stmts = statements(sql);
-    let [stmt] = stmts.as_slice() else {
-        return None;
-    };
-    let keyword = |s: &str, k: &str| -> Option<usize> {
-        let head = s.get(..k.len())?;
-        let boundary = s[k.len()..]
-            .chars()
-            .next()
-            .is_none_or(|c| c.is_whitespace() || c == '"');
-        (head.eq_ignore_ascii_case(k) && boundary).then_some(k.len())
-    };
+    let stmt = only_statement(sql)?;
     let mut rest = stmt[keyword(stmt, "DEALLOCATE")?..].trim_start();
     if let Some(n) = keyword(rest, "PREPARE") {
         let after = rest[n..].trim_start();
@@ -311,7 +300,66 @@ pub fn deallocated_name(sql: &str) -> Option<String> {
             rest = after;
         }
     }
-    let (name, tail) = if let Some(quoted) = rest.strip_prefix('"') {
+    let all = keyword(rest, "ALL").is_some();
+    let (name, tail) = identifier(rest)?;
+    (!all && tail.trim().is_empty()).then_some(name)
+}
+
+/// What a query that is one `LISTEN channel` or `UNLISTEN channel | *` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenRequest {
+    Listen(String),
+    /// None: `UNLISTEN *`.
+    Unlisten(Option<String>),
+}
+
+/// `sql` as a `ListenRequest`, when it is exactly one LISTEN or UNLISTEN statement; the
+/// channel folded as PostgreSQL folds identifiers.
+pub fn listen_request(sql: &str) -> Option<ListenRequest> {
+    let stmt = only_statement(sql)?;
+    if let Some(n) = keyword(stmt, "LISTEN") {
+        let (name, tail) = identifier(stmt[n..].trim_start())?;
+        return tail
+            .trim()
+            .is_empty()
+            .then_some(ListenRequest::Listen(name));
+    }
+    let rest = stmt[keyword(stmt, "UNLISTEN")?..].trim_start();
+    if let Some(tail) = rest.strip_prefix('*') {
+        return tail
+            .trim()
+            .is_empty()
+            .then_some(ListenRequest::Unlisten(None));
+    }
+    let (name, tail) = identifier(rest)?;
+    tail.trim()
+        .is_empty()
+        .then_some(ListenRequest::Unlisten(Some(name)))
+}
+
+/// The one statement `sql` holds, if it holds exactly one.
+fn only_statement(sql: &str) -> Option<&str> {
+    match statements(sql).as_slice() {
+        [stmt] => Some(stmt),
+        _ => None,
+    }
+}
+
+/// The length of keyword `k` when `s` starts with it (any case) followed by a space, a quote
+/// or nothing.
+fn keyword(s: &str, k: &str) -> Option<usize> {
+    let head = s.get(..k.len())?;
+    let boundary = s[k.len()..]
+        .chars()
+        .next()
+        .is_none_or(|c| c.is_whitespace() || c == '"');
+    (head.eq_ignore_ascii_case(k) && boundary).then_some(k.len())
+}
+
+/// The identifier `s` starts with, folded as PostgreSQL folds it (unquoted: lower case; quoted:
+/// as written, `""` for `"`), and what follows it.
+fn identifier(s: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = s.strip_prefix('"') {
         let mut name = String::new();
         let mut chars = quoted.char_indices();
         loop {
@@ -320,19 +368,18 @@ pub fn deallocated_name(sql: &str) -> Option<String> {
                     name.push('"');
                     chars.next();
                 }
-                Some((i, '"')) => break (name, &quoted[i + 1..]),
+                Some((i, '"')) => {
+                    return (!name.is_empty()).then_some((name, &quoted[i + 1..]));
+                }
                 Some((_, c)) => name.push(c),
                 None => return None,
             }
         }
-    } else {
-        let end = rest
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
-            .unwrap_or(rest.len());
-        (rest[..end].to_ascii_lowercase(), &rest[end..])
-    };
-    let all = name == "all" && !rest.starts_with('"');
-    (!name.is_empty() && !all && tail.trim().is_empty()).then_some(name)
+    }
+    let end = s
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+        .unwrap_or(s.len());
+    (end > 0).then(|| (s[..end].to_ascii_lowercase(), &s[end..]))
 }
 
 pub fn classify(stmt: &str) -> Statement<'_> {
@@ -416,6 +463,44 @@ pub fn classify(stmt: &str) -> Statement<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_listen_or_unlisten_is_a_listen_request() {
+        use super::{listen_request, ListenRequest::*};
+        assert_eq!(listen_request("LISTEN Jobs"), Some(Listen("jobs".into())));
+        assert_eq!(
+            listen_request(" listen \"Jobs\" ; "),
+            Some(Listen("Jobs".into()))
+        );
+        assert_eq!(
+            listen_request("UNLISTEN jobs"),
+            Some(Unlisten(Some("jobs".into())))
+        );
+        assert_eq!(listen_request("unlisten *"), Some(Unlisten(None)));
+        assert_eq!(
+            listen_request("LISTEN \"a\"\"b\""),
+            Some(Listen("a\"b".into()))
+        );
+    }
+
+    #[test]
+    fn anything_more_than_one_listen_is_not_a_listen_request() {
+        use super::listen_request;
+        for sql in [
+            "LISTEN a; SELECT 1",
+            "BEGIN; LISTEN a",
+            "LISTEN",
+            "LISTEN a b",
+            "LISTENER a",
+            "UNLISTEN",
+            "UNLISTEN * x",
+            "SELECT 'LISTEN a'",
+            "LISTEN \"\"",
+            "LISTEN \"open",
+        ] {
+            assert_eq!(listen_request(sql), None, "{sql}");
+        }
+    }
+
     #[test]
     fn settings_changed_where_no_parser_looks_are_suspected() {
         for sql in [
