@@ -894,7 +894,7 @@ impl BackendConn {
     }
 
     /// Next whole message on the control path.
-    async fn next_message(&mut self) -> Result<Message, BackendError> {
+    pub(crate) async fn next_message(&mut self) -> Result<Message, BackendError> {
         loop {
             match Message::parse(&mut self.read_buf) {
                 Ok(Some(m)) => return Ok(m),

@@ -271,6 +271,7 @@ async fn end_transactions(
         }
         TxEnd::ServerGone => "server connection lost",
         TxEnd::Timeout(_) => "idle in transaction timeout",
+        TxEnd::Lost(_) => "LISTEN subscription lost",
         TxEnd::Pool(e) => {
             warn!(tenant = %tenant, client = %peer, error = %e, "no server connection");
             "no server connection"

@@ -4,6 +4,7 @@ mod autoscale;
 pub mod budget;
 mod core;
 pub mod health_check;
+pub mod listen_hub;
 mod manager;
 pub mod pause;
 mod replicas;
@@ -164,9 +165,16 @@ pub struct TenantPool {
     /// Counters of (tenant, role), shared with the pools that replace this one.
     stats: Arc<PoolStats>,
     pauses: Arc<Pauses>,
+    /// Transaction mode, database tier: where its clients' LISTENs are held.
+    listen_hubs: Arc<listen_hub::ListenHubs>,
 }
 
 impl TenantPool {
+    /// The proxy's LISTEN hubs (`listen_hub`).
+    pub fn listen_hubs(&self) -> &Arc<listen_hub::ListenHubs> {
+        &self.listen_hubs
+    }
+
     /// The tenant's database, shared.
     pub fn database_name(&self) -> &Arc<str> {
         &self.database
@@ -729,6 +737,7 @@ pub struct Pools {
     metrics: Arc<stats::Metrics>,
     census: Arc<crate::backend::census::Census>,
     pauses: Arc<Pauses>,
+    listen_hubs: Arc<listen_hub::ListenHubs>,
 }
 
 impl Pools {
@@ -746,7 +755,13 @@ impl Pools {
             metrics: Arc::default(),
             census: Arc::default(),
             pauses: Arc::default(),
+            listen_hubs: Arc::default(),
         }
+    }
+
+    /// The LISTEN hubs running now.
+    pub fn listen_hubs(&self) -> &Arc<listen_hub::ListenHubs> {
+        &self.listen_hubs
     }
 
     pub fn metrics(&self) -> &Arc<stats::Metrics> {
@@ -1019,6 +1034,7 @@ impl Pools {
             replicas: None,
             stats,
             pauses: self.pauses.clone(),
+            listen_hubs: self.listen_hubs.clone(),
         }
     }
 

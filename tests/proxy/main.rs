@@ -13,6 +13,7 @@ mod flood;
 mod front_door;
 mod isolation;
 mod limits;
+mod listen;
 mod metrics;
 mod peers;
 mod pgbench;

@@ -257,10 +257,14 @@ async fn refused(sql: &str) -> (String, String) {
 }
 
 #[tokio::test]
-async fn listen_is_refused_with_a_clear_error() {
-    let (code, message) = refused("LISTEN jobs").await;
+async fn listen_inside_a_transaction_block_is_refused_with_a_clear_error() {
+    // A LISTEN on its own between transactions works (tests/proxy/listen.rs).
+    let (code, message) = refused("BEGIN; LISTEN jobs").await;
     assert_eq!(code, "0A000");
-    assert_eq!(message, "LISTEN cannot be used in transaction pooling mode");
+    assert_eq!(
+        message,
+        "LISTEN cannot be used in transaction pooling mode inside a transaction block or with other statements"
+    );
 }
 
 #[tokio::test]

@@ -39,6 +39,7 @@ use super::error::SessionError;
 use crate::clients::cancel::CancelGuard;
 
 mod linking;
+mod listening;
 pub mod pipeline;
 mod recovery;
 mod requests;
@@ -94,6 +95,8 @@ pub enum TxEnd {
     ServerGone,
     Timeout(ErrorReport),
     Pool(PoolError),
+    /// What the client's session stood on was lost (its LISTEN subscription); told as this.
+    Lost(ErrorReport),
 }
 
 pub struct TxOutcome {
@@ -133,10 +136,13 @@ pub struct Engine {
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
     request_at: Option<std::time::Instant>,
-    /// The session feature that pinned this client to its server connection
-    /// (`session_features = pin`), and whether a DISCARD ALL asked to let it go.
-    pinned: Option<&'static str>,
+    /// A session feature pinned this client to its server connection (`session_features =
+    /// pin`; the log names which), and whether a DISCARD ALL asked to let it go.
+    pinned: bool,
     unpin_requested: bool,
+    /// Database tier: the client's LISTENs, held by the tenant database's hub
+    /// (`pool::listen_hub`) rather than a server connection; None until its first LISTEN.
+    listening: Option<Box<crate::pool::listen_hub::Listener>>,
     state: ClientState,
     cancel: CancelGuard,
     limits: Limits,
@@ -184,8 +190,9 @@ impl Engine {
             tx_began: None,
             counted: (0, 0),
             request_at: None,
-            pinned: None,
+            pinned: false,
             unpin_requested: false,
+            listening: None,
             state,
             cancel,
             limits: Limits {
@@ -230,10 +237,15 @@ impl Engine {
             // stack: thousands of idle clients then cost little more than their sockets.
             buffers::give(&mut self.out);
             buffers::give(&mut self.obuf);
-            let first = match wait_for_input(client, &self.cancel).await {
+            let mailbox = self.listening.as_deref().map(|l| l.mailbox());
+            let first = match wait_for_input(client, &self.cancel, mailbox).await {
                 Idle::Input(b) => b,
                 Idle::Gone => break TxEnd::ClientGone,
                 Idle::Draining => break TxEnd::Shutdown,
+                Idle::Mail => match self.deliver_notifications(client).await {
+                    Ok(()) => continue,
+                    Err(end) => break end,
+                },
             };
             if let Err(end) = Box::pin(self.transaction(client, first)).await {
                 break end;
@@ -253,7 +265,7 @@ impl Engine {
             // Lost at a message boundary: the client is told, and keeps its connection;
             // unless it was pinned, for then its session state went with the server
             // connection, and its session ends as a session-mode one would.
-            Err(TxEnd::ServerGone) if self.pipe.mid_message() == 0 && self.pinned.is_none() => {
+            Err(TxEnd::ServerGone) if self.pipe.mid_message() == 0 && !self.pinned => {
                 match Box::pin(self.recover_from_lost_server(client)).await {
                     Ok(()) => Ok(()),
                     Err(_) => Err(TxEnd::ClientGone),
@@ -409,10 +421,7 @@ impl Engine {
     }
 
     fn maybe_release(&mut self) {
-        let done = self.pinned.is_none()
-            && self.pipe.is_done()
-            && self.tx_status == b'I'
-            && !self.unsynced;
+        let done = !self.pinned && self.pipe.is_done() && self.tx_status == b'I' && !self.unsynced;
         if !done {
             return;
         }
@@ -442,7 +451,7 @@ impl TxOutcome {
     ) -> TxOutcome {
         let report = match &self.end {
             TxEnd::ClientError(e) => e.report(),
-            TxEnd::Timeout(r) => Some(r.clone()),
+            TxEnd::Timeout(r) | TxEnd::Lost(r) => Some(r.clone()),
             TxEnd::Pool(e) => Some(e.report()),
             TxEnd::Shutdown => Some(ErrorReport::fatal(
                 sqlstate::ADMIN_SHUTDOWN,
@@ -482,6 +491,8 @@ enum Idle {
     Input(BytesMut),
     Gone,
     Draining,
+    /// Notifications for a listening client (or word that its subscription was lost).
+    Mail,
 }
 
 /// Waits until the idle client sends something and returns it, or until pgtenant starts
@@ -492,11 +503,18 @@ enum Idle {
 /// The probe lives only inside a poll (an idle client must not pin a full buffer). The read
 /// goes through `AsyncRead::poll_read`, after which tokio clears its readiness flag on a short
 /// read; that saves a wasted EAGAIN read per transaction.
-async fn wait_for_input(client: &mut ClientStream, cancel: &CancelGuard) -> Idle {
+async fn wait_for_input(
+    client: &mut ClientStream,
+    cancel: &CancelGuard,
+    mailbox: Option<&Arc<crate::pool::listen_hub::Mailbox>>,
+) -> Idle {
     use std::task::Poll;
     std::future::poll_fn(|cx| {
         if cancel.drain_wakes(cx.waker()) {
             return Poll::Ready(Idle::Draining);
+        }
+        if mailbox.is_some_and(|m| m.wakes(cx.waker())) {
+            return Poll::Ready(Idle::Mail);
         }
         let mut probe = [0u8; 256];
         let mut rb = tokio::io::ReadBuf::new(&mut probe);

@@ -109,11 +109,12 @@ impl Engine {
 
     /// Query: a simple-protocol query string, inspected for setting changes and session features before it is forwarded.
     async fn on_query(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
-        if self.deallocated_locally(body) {
+        if self.deallocated_locally(body) || self.listened_locally(body).await {
             return Ok(());
         }
         let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
         let (ops, found) = inspect_sql(text);
+        self.note_discard_all(&ops, text);
         let (pin, refusal) = self.pin_or_refuse(found);
         if let Some(report) = refusal {
             if self.backend.is_none() {
@@ -374,6 +375,7 @@ impl Engine {
         }
         match self.pool.session_features() {
             SessionFeatures::Pin => (found, None),
+            SessionFeatures::Refuse if found == Some("LISTEN") => (None, Some(listen_report())),
             SessionFeatures::Refuse => (None, found.map(refusal_report)),
         }
     }
@@ -381,8 +383,8 @@ impl Engine {
     /// A statement with a session feature (`pin`) keeps the client on its server connection;
     /// a DISCARD ALL of a pinned client lets it go once it has run.
     pub(super) fn note_pinning(&mut self, pin: Option<&'static str>, sql: &[u8]) {
-        if let (Some(what), None) = (pin, self.pinned) {
-            self.pinned = Some(what);
+        if let (Some(what), false) = (pin, self.pinned) {
+            self.pinned = true;
             self.pool.stats().pinned.inc();
             let shown = String::from_utf8_lossy(&sql[..sql.len().min(200)]);
             tracing::info!(
@@ -392,7 +394,7 @@ impl Engine {
                 "client pinned to its server connection until it disconnects or runs DISCARD ALL"
             );
         }
-        if self.pinned.is_some() {
+        if self.pinned {
             let text = String::from_utf8_lossy(sql);
             self.unpin_requested |= statements(&text)
                 .into_iter()
@@ -402,7 +404,7 @@ impl Engine {
 
     pub(super) fn unpin(&mut self) {
         self.unpin_requested = false;
-        if self.pinned.take().is_some() {
+        if std::mem::take(&mut self.pinned) {
             self.pool.stats().pinned.dec();
         }
     }
@@ -471,6 +473,16 @@ pub(super) fn refusal_report(what: &str) -> ErrorReport {
         format!("{what} cannot be used in transaction pooling mode"),
     )
     .with_hint("use pool_mode = \"session\" for this tenant, or avoid session-level state")
+}
+
+/// LISTEN that pgtenant cannot hold for the client (`listening`), where the tenant refuses
+/// session features.
+fn listen_report() -> ErrorReport {
+    ErrorReport::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "LISTEN cannot be used in transaction pooling mode inside a transaction block or with other statements",
+    )
+    .with_hint("send LISTEN on its own between transactions, or use pool_mode = \"session\" or session_features = \"pin\" for this tenant")
 }
 
 /// LISTEN by a tenant that shares its database: notification channels are database-wide, so

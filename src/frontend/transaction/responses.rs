@@ -142,7 +142,7 @@ impl Effects for Apply<'_> {
         }
         // A transaction ended while the link goes on (more requests pipelined behind it, or a
         // pinned client): counted now, one by one.
-        if r.more_requests || eng.pinned.is_some() {
+        if r.more_requests || eng.pinned {
             eng.count_transaction();
             if r.more_requests {
                 eng.tx_began = Some(std::time::Instant::now());
