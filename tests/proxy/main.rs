@@ -8,6 +8,7 @@ mod auth;
 mod backend_tls;
 mod budget;
 mod deallocate;
+mod drivers;
 mod faults;
 mod flood;
 mod front_door;
