@@ -136,3 +136,12 @@ async fn psycopg_closing_from_another_thread_ends_the_statement_through_pgtenant
         }
     }
 }
+
+#[tokio::test]
+async fn psycopg_listen_hears_notify_in_both_modes_as_directly() {
+    for (name, dsn) in targets().await {
+        let v = psycopg("listen", dsn).await;
+        assert_eq!(v["payloads"], serde_json::json!(["hello"]), "{name}: {v}");
+        assert_eq!(v["usable_after"], true, "{name}: {v}");
+    }
+}

@@ -225,3 +225,106 @@ async fn a_listener_whose_listening_connection_dies_is_told_and_disconnected() {
     }
     panic!("the listener was not told its LISTEN was lost");
 }
+
+#[tokio::test]
+async fn a_listen_sent_with_the_extended_protocol_is_held_too() {
+    let (addr, _ctx) = one_connection_no_pinning().await;
+    let (l, mut rx) = listener(addr, "acme").await;
+    // Parse of the unnamed statement, Bind, Describe, Execute, Sync: how psycopg and JDBC
+    // send every statement.
+    l.execute_typed("LISTEN hub_extended", &[])
+        .await
+        .expect("an extended-protocol LISTEN");
+    l.query_one("SELECT 1", &[])
+        .await
+        .expect("the next statement replaces it and runs as usual");
+    fixture()
+        .tenant_at(addr, "acme")
+        .await
+        .batch_execute("NOTIFY hub_extended, 'ext'")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut rx).await, ("hub_extended".into(), "ext".into()));
+    l.execute_typed("UNLISTEN hub_extended", &[])
+        .await
+        .expect("an extended-protocol UNLISTEN");
+}
+
+/// The messages `c` receives up to and including the next ReadyForQuery.
+async fn replies_to_ready(c: &mut crate::support::RawClient) -> Vec<(u8, Vec<u8>)> {
+    let mut got = Vec::new();
+    while let Some(m) = c.read_message().await {
+        let done = m.0 == b'Z';
+        got.push(m);
+        if done {
+            break;
+        }
+    }
+    got
+}
+
+fn tags(replies: &[(u8, Vec<u8>)]) -> Vec<u8> {
+    replies.iter().map(|(t, _)| *t).collect()
+}
+
+/// Bind of the unnamed statement, without parameters, to the unnamed portal.
+fn bind_unnamed(out: &mut bytes::BytesMut) {
+    use postgres_protocol::message::frontend;
+    use postgres_protocol::IsNull;
+    type Err = Box<dyn std::error::Error + Sync + Send>;
+    let no_params = |_: i32, _: &mut bytes::BytesMut| -> Result<IsNull, Err> { Ok(IsNull::No) };
+    let r = frontend::bind("", "", [0i16; 0], [0i32; 0], no_params, [0i16; 0], out);
+    assert!(r.is_ok(), "encode Bind");
+}
+
+#[tokio::test]
+async fn a_listen_parsed_and_synced_before_it_is_bound_is_held_too() {
+    use postgres_protocol::message::frontend;
+    let (addr, _ctx) = one_connection_no_pinning().await;
+    let mut c = crate::support::RawClient::login(addr, "app.acme", "acme").await;
+    let mut out = bytes::BytesMut::new();
+    frontend::parse("", "LISTEN hub_split", std::iter::empty(), &mut out).unwrap();
+    frontend::describe(b'S', "", &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    // ParseComplete, ParameterDescription, NoData, ReadyForQuery.
+    assert_eq!(tags(&replies_to_ready(&mut c).await), b"1tnZ");
+    out.clear();
+    bind_unnamed(&mut out);
+    frontend::execute("", 0, &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    // BindComplete, CommandComplete LISTEN, ReadyForQuery.
+    assert_eq!(tags(&replies_to_ready(&mut c).await), b"2CZ");
+    fixture()
+        .tenant_at(addr, "acme")
+        .await
+        .batch_execute("NOTIFY hub_split, 'split'")
+        .await
+        .unwrap();
+    let (tag, body) = c.read_message().await.expect("a notification");
+    assert_eq!(tag, b'A');
+    assert!(body.ends_with(b"hub_split\0split\0"), "{body:?}");
+}
+
+#[tokio::test]
+async fn a_listen_mixed_with_another_statement_before_its_sync_is_refused_with_the_reason() {
+    use postgres_protocol::message::frontend;
+    let (addr, _ctx) = one_connection_no_pinning().await;
+    let mut c = crate::support::RawClient::login(addr, "app.acme", "acme").await;
+    let mut out = bytes::BytesMut::new();
+    frontend::parse("", "LISTEN hub_mixed", std::iter::empty(), &mut out).unwrap();
+    frontend::parse("other", "SELECT 1", std::iter::empty(), &mut out).unwrap();
+    frontend::sync(&mut out);
+    c.send(&out).await;
+    let replies = replies_to_ready(&mut c).await;
+    assert_eq!(tags(&replies), b"1EZ");
+    let error = String::from_utf8_lossy(&replies[1].1).to_string();
+    assert!(
+        error.contains("0A000") && error.contains("before its Sync"),
+        "{error}"
+    );
+    // The session goes on.
+    let after = c.query("SELECT 1").await;
+    assert!(after.iter().any(|(t, _)| *t == b'D'));
+}

@@ -142,7 +142,7 @@ pub struct Engine {
     unpin_requested: bool,
     /// Database tier: the client's LISTENs, held by the tenant database's hub
     /// (`pool::listen_hub`) rather than a server connection; None until its first LISTEN.
-    listening: Option<Box<crate::pool::listen_hub::Listener>>,
+    listening: Option<Box<listening::Listening>>,
     state: ClientState,
     cancel: CancelGuard,
     limits: Limits,

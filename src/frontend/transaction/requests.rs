@@ -34,6 +34,9 @@ impl Engine {
         if self.skipping && tag != b'S' {
             return Ok(());
         }
+        if self.listen_pending() && self.on_pending_listen(tag, body).await {
+            return Ok(());
+        }
         self.note_request(tag);
         match tag {
             b'Q' => self.on_query(tag, msg, body).await?,
@@ -146,6 +149,9 @@ impl Engine {
     async fn on_parse(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
         let (name, rest) = cstr(body).ok_or_else(|| malformed(tag))?;
         let query = cstr(rest).map(|(q, _)| q).ok_or_else(|| malformed(tag))?;
+        if self.parsed_listen_locally(name, query) {
+            return Ok(());
+        }
         let (ops, found) = inspect_sql(query);
         let (pin, refusal) = self.pin_or_refuse(found);
         if let Some(report) = refusal {

@@ -98,7 +98,19 @@ def close_from_another_thread(dsn, admin, tag):
     return seen
 
 
-CHECKS = {"cancel": cancel, "ctrl_c": ctrl_c, "close_from_another_thread": close_from_another_thread}
+def listen(dsn, admin, tag):
+    """psycopg sends every statement with the extended protocol, LISTEN included."""
+    conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(f"LISTEN {tag}")
+    sender = psycopg.connect(dsn, autocommit=True)
+    sender.execute(f"NOTIFY {tag}, 'hello'")
+    got = [n.payload for n in conn.notifies(timeout=5, stop_after=1)]
+    conn.execute(f"UNLISTEN {tag}")
+    usable = conn.execute("SELECT 1").fetchone()[0] == 1
+    return {"payloads": got, "usable_after": usable}
+
+
+CHECKS = {"listen": listen, "cancel": cancel, "ctrl_c": ctrl_c, "close_from_another_thread": close_from_another_thread}
 
 if __name__ == "__main__":
     check, dsn, admin_dsn = sys.argv[1:4]
