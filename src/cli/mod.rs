@@ -208,6 +208,10 @@ pub enum TenantCmd {
         /// certificate naming role.tenant, no password read) or scram+cert.
         #[arg(long, requires = "user", value_parser = parse_auth)]
         auth: Option<crate::config::AuthMethod>,
+        /// NAME=pin|refuse|tenant: a client user's own answer to session features in
+        /// transaction mode, over the tenant's (`tenant`: the tenant's again). Repeatable.
+        #[arg(long = "user-session-features", value_name = "NAME=MODE")]
+        user_session_features: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -713,10 +717,15 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
             read_only,
             ddl,
             auth,
+            user_session_features,
             json,
         } => {
             let s = settings(&s)?;
             store.update_settings(&id, &s).await?;
+            for pair in &user_session_features {
+                let (name, features) = user_features(pair)?;
+                store.set_user_session_features(&id, name, features).await?;
+            }
             if rotate_password {
                 provision::rotate_role_password(&store, &id).await?;
             }
@@ -807,6 +816,24 @@ pub async fn tenant(cmd: TenantCmd, config: &Path) -> Result<(), Failure> {
         },
     }
     Ok(())
+}
+
+/// `NAME=pin|refuse|tenant` of `--user-session-features`.
+fn user_features(pair: &str) -> Result<(&str, Option<crate::config::SessionFeatures>), Failure> {
+    let bad = || {
+        Failure(
+            format!(
+                "--user-session-features {pair}: expected NAME=pin, NAME=refuse or NAME=tenant"
+            ),
+            2,
+        )
+    };
+    let (name, mode) = pair.split_once('=').ok_or_else(bad)?;
+    let features = match mode {
+        "tenant" => None,
+        m => Some(parse_session_features(m).map_err(|_| bad())?),
+    };
+    Ok((name, features))
 }
 
 fn rename_line(r: &crate::tenancy::rename::RenameReport) -> String {
@@ -910,7 +937,11 @@ fn show(r: &TenantRows) -> String {
                     } else {
                         format!(" (auth {})", u.auth)
                     };
-                    format!("{} → {}{ro}{auth}", u.name, u.backend_role)
+                    let features = match &u.session_features {
+                        Some(f) => format!(" (session features {f})"),
+                        None => String::new(),
+                    };
+                    format!("{} → {}{ro}{auth}{features}", u.name, u.backend_role)
                 })
                 .collect::<Vec<_>>()
                 .join(", "),

@@ -86,6 +86,8 @@ pub struct UserRecord {
     pub read_only: bool,
     /// `scram`, `scram-plus`, `cert` or `scram+cert`.
     pub auth: String,
+    /// `pin` or `refuse`; None: its tenant's.
+    pub session_features: Option<String>,
 }
 
 /// A tenant row with its roles and users.
@@ -319,7 +321,8 @@ impl RegistryStore {
         let users = self
             .client
             .query(
-                "SELECT tenant_id, name, scram, backend_role, read_only, auth FROM pgtenant.client_users
+                "SELECT tenant_id, name, scram, backend_role, read_only, auth, session_features
+                 FROM pgtenant.client_users
                  WHERE $1::text[] IS NULL OR tenant_id = ANY($1) ORDER BY tenant_id, name",
                 &[&only],
             )
@@ -354,6 +357,7 @@ impl RegistryStore {
                     backend_role: r.get(3),
                     read_only: r.get(4),
                     auth: r.get(5),
+                    session_features: r.get(6),
                 });
             }
         }
@@ -559,6 +563,30 @@ impl RegistryStore {
                 &[&name, &scram],
             )
             .await?;
+        Ok(())
+    }
+
+    /// Sets client user `name`'s own answer to session features (None: its tenant's).
+    pub async fn set_user_session_features(
+        &self,
+        tenant: &str,
+        name: &str,
+        features: Option<crate::config::SessionFeatures>,
+    ) -> Result<(), RegistryError> {
+        let n = self
+            .client
+            .execute(
+                "UPDATE pgtenant.client_users SET session_features = $3
+                 WHERE tenant_id = $1 AND name = $2",
+                &[&tenant, &name, &features.map(session_features_str)],
+            )
+            .await?;
+        if n == 0 {
+            return Err(RegistryError::NotFound {
+                kind: "client user",
+                id: format!("{name}.{tenant}"),
+            });
+        }
         Ok(())
     }
 
@@ -853,6 +881,15 @@ impl RegistryStore {
     }
 }
 
+/// A stored `pin` / `refuse` (anything else: none of its own).
+fn parse_session_features(s: Option<&str>) -> Option<crate::config::SessionFeatures> {
+    match s {
+        Some("pin") => Some(crate::config::SessionFeatures::Pin),
+        Some("refuse") => Some(crate::config::SessionFeatures::Refuse),
+        _ => None,
+    }
+}
+
 pub fn session_features_str(f: crate::config::SessionFeatures) -> &'static str {
     match f {
         crate::config::SessionFeatures::Pin => "pin",
@@ -912,7 +949,8 @@ pub fn to_tenant(
             u.name.clone(),
             ClientUser::new(&u.name, verifier, &u.backend_role, password)
                 .read_only(u.read_only)
-                .with_auth(crate::config::AuthMethod::parse(&u.auth).unwrap_or_default()),
+                .with_auth(crate::config::AuthMethod::parse(&u.auth).unwrap_or_default())
+                .with_session_features(parse_session_features(u.session_features.as_deref())),
         );
     }
     let pool_mode = match t.pool_mode.as_deref() {
@@ -946,11 +984,8 @@ pub fn to_tenant(
         pool_mode,
         max_client_connections: t.max_client_connections.map(|n| n.max(0) as usize),
         require_tls: t.require_tls,
-        session_features: match t.session_features.as_deref() {
-            Some("pin") => crate::config::SessionFeatures::Pin,
-            Some("refuse") => crate::config::SessionFeatures::Refuse,
-            _ => pool.session_features,
-        },
+        session_features: parse_session_features(t.session_features.as_deref())
+            .unwrap_or(pool.session_features),
         status,
         params: t
             .params

@@ -206,4 +206,9 @@ ALTER TABLE pgtenant.servers ADD COLUMN max_connections integer CHECK (max_conne
     r#"
 ALTER TABLE pgtenant.tenants DROP CONSTRAINT IF EXISTS row_tier_tenants_read_from_their_primary;
 "#,
+    // 13: a client user's own answer to session features (NULL: its tenant's).
+    r#"
+ALTER TABLE pgtenant.client_users ADD COLUMN session_features text
+    CHECK (session_features IN ('pin', 'refuse'));
+"#,
 ];
