@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
+use crate::pki::Pki;
 use crate::support::*;
+use pgtenant::config::{PoolMode, TlsMode};
 
 /// psycopg, pinned: the behaviour checked is this version's.
 const PSYCOPG: &str = "psycopg[binary]==3.3.9";
@@ -73,19 +75,37 @@ async fn psycopg(check: &'static str, dsn: String) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object")
 }
 
-/// (name, DSN) of acme directly, through a session-mode proxy and through a transaction-mode
-/// one.
-async fn targets() -> Vec<(&'static str, String)> {
+/// (name, DSN) of acme directly, through a session-mode proxy and a transaction-mode one, and
+/// through both over TLS (libpq 17 and later send the cancel request over TLS too). The
+/// certificates live as long as the returned `Pki`.
+async fn targets() -> (Vec<(&'static str, String)>, Pki) {
     let f = fixture();
     let (host, port) = f.servers[0].clone();
-    vec![
+    let pki = Pki::new();
+    let mut tls_proxies = Vec::new();
+    for mode in [Some(PoolMode::Session), None] {
+        let tls = pki.server_tls(TlsMode::Require);
+        let addr = f
+            .extra_proxy(move |c| {
+                c.tls = tls;
+                for t in c.tenants.iter_mut() {
+                    t.pool_mode = mode;
+                }
+            })
+            .await;
+        tls_proxies.push(format!("{} sslmode=require", f.url_at(addr, "acme")));
+    }
+    let targets = vec![
         (
             "direct",
             format!("host={host} port={port} user=postgres dbname=acme"),
         ),
         ("session", f.url_at(f.session_proxy().await, "acme")),
         ("transaction", f.url_at(f.proxy, "acme")),
-    ]
+        ("session over TLS", tls_proxies[0].clone()),
+        ("transaction over TLS", tls_proxies[1].clone()),
+    ];
+    (targets, pki)
 }
 
 fn seconds(v: &serde_json::Value, field: &str) -> f64 {
@@ -97,7 +117,8 @@ const PROMPT: f64 = 5.0;
 
 #[tokio::test]
 async fn psycopg_cancel_stops_the_statement_in_both_modes_as_directly() {
-    for (name, dsn) in targets().await {
+    let (targets, _pki) = targets().await;
+    for (name, dsn) in targets {
         let v = psycopg("cancel", dsn).await;
         assert_eq!(v["outcome"], "QueryCanceled", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -107,7 +128,8 @@ async fn psycopg_cancel_stops_the_statement_in_both_modes_as_directly() {
 
 #[tokio::test]
 async fn psycopg_ctrl_c_cancels_and_closes_in_both_modes_as_directly() {
-    for (name, dsn) in targets().await {
+    let (targets, _pki) = targets().await;
+    for (name, dsn) in targets {
         let v = psycopg("ctrl_c", dsn).await;
         assert_eq!(v["outcome"], "KeyboardInterrupt", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -123,7 +145,8 @@ async fn psycopg_ctrl_c_cancels_and_closes_in_both_modes_as_directly() {
 async fn psycopg_closing_from_another_thread_ends_the_statement_through_pgtenant() {
     // Directly, the server notices a closed client only when it next writes to it, so a
     // sleeping statement runs on; pgtenant ends it at once (a cancel, then the reset).
-    for (name, dsn) in targets().await {
+    let (targets, _pki) = targets().await;
+    for (name, dsn) in targets {
         let v = psycopg("close_from_another_thread", dsn).await;
         assert_eq!(v["outcome"], "OperationalError", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -139,7 +162,8 @@ async fn psycopg_closing_from_another_thread_ends_the_statement_through_pgtenant
 
 #[tokio::test]
 async fn psycopg_listen_hears_notify_in_both_modes_as_directly() {
-    for (name, dsn) in targets().await {
+    let (targets, _pki) = targets().await;
+    for (name, dsn) in targets {
         let v = psycopg("listen", dsn).await;
         assert_eq!(v["payloads"], serde_json::json!(["hello"]), "{name}: {v}");
         assert_eq!(v["usable_after"], true, "{name}: {v}");
