@@ -136,13 +136,19 @@ impl ListenHubs {
         }
     }
 
-    /// Hubs running now (tests, SHOW).
+    /// Hubs running now.
     pub fn len(&self) -> usize {
         self.hubs.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.hubs.is_empty()
+    }
+
+    /// Whether a hub holds LISTENs for `database` on server `server`.
+    pub fn serves(&self, server: &str, database: &str) -> bool {
+        self.hubs
+            .contains_key(&(Arc::from(server), Arc::from(database)))
     }
 
     fn hub(self: &Arc<Self>, key: &(Arc<str>, Arc<str>), spec: &ConnectSpec) -> Arc<Hub> {

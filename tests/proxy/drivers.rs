@@ -76,9 +76,15 @@ async fn psycopg(check: &'static str, dsn: String) -> serde_json::Value {
 }
 
 /// (name, DSN) of acme directly, through a session-mode proxy and a transaction-mode one, and
-/// through both over TLS (libpq 17 and later send the cancel request over TLS too). The
-/// certificates live as long as the returned `Pki`.
-async fn targets() -> (Vec<(&'static str, String)>, Pki) {
+/// through both over TLS (libpq 17 and later send the cancel request over TLS too); made once
+/// for every check here. The certificates live as long as the `Pki`.
+async fn targets() -> &'static (Vec<(&'static str, String)>, Pki) {
+    static TARGETS: tokio::sync::OnceCell<(Vec<(&'static str, String)>, Pki)> =
+        tokio::sync::OnceCell::const_new();
+    TARGETS.get_or_init(make_targets).await
+}
+
+async fn make_targets() -> (Vec<(&'static str, String)>, Pki) {
     let f = fixture();
     let (host, port) = f.servers[0].clone();
     let pki = Pki::new();
@@ -117,8 +123,7 @@ const PROMPT: f64 = 5.0;
 
 #[tokio::test]
 async fn psycopg_cancel_stops_the_statement_in_both_modes_as_directly() {
-    let (targets, _pki) = targets().await;
-    for (name, dsn) in targets {
+    for (name, dsn) in targets().await.0.iter().cloned() {
         let v = psycopg("cancel", dsn).await;
         assert_eq!(v["outcome"], "QueryCanceled", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -128,8 +133,7 @@ async fn psycopg_cancel_stops_the_statement_in_both_modes_as_directly() {
 
 #[tokio::test]
 async fn psycopg_ctrl_c_cancels_and_closes_in_both_modes_as_directly() {
-    let (targets, _pki) = targets().await;
-    for (name, dsn) in targets {
+    for (name, dsn) in targets().await.0.iter().cloned() {
         let v = psycopg("ctrl_c", dsn).await;
         assert_eq!(v["outcome"], "KeyboardInterrupt", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -145,8 +149,7 @@ async fn psycopg_ctrl_c_cancels_and_closes_in_both_modes_as_directly() {
 async fn psycopg_closing_from_another_thread_ends_the_statement_through_pgtenant() {
     // Directly, the server notices a closed client only when it next writes to it, so a
     // sleeping statement runs on; pgtenant ends it at once (a cancel, then the reset).
-    let (targets, _pki) = targets().await;
-    for (name, dsn) in targets {
+    for (name, dsn) in targets().await.0.iter().cloned() {
         let v = psycopg("close_from_another_thread", dsn).await;
         assert_eq!(v["outcome"], "OperationalError", "{name}: {v}");
         assert!(seconds(&v, "seconds") < PROMPT, "{name}: {v}");
@@ -162,8 +165,7 @@ async fn psycopg_closing_from_another_thread_ends_the_statement_through_pgtenant
 
 #[tokio::test]
 async fn psycopg_listen_hears_notify_in_both_modes_as_directly() {
-    let (targets, _pki) = targets().await;
-    for (name, dsn) in targets {
+    for (name, dsn) in targets().await.0.iter().cloned() {
         let v = psycopg("listen", dsn).await;
         assert_eq!(v["payloads"], serde_json::json!(["hello"]), "{name}: {v}");
         assert_eq!(v["usable_after"], true, "{name}: {v}");
