@@ -936,7 +936,11 @@ impl Pools {
             server: server.clone(),
             database: tenant.database.clone(),
             credentials: user.backend.clone(),
-            params: crate::tenancy::tier::backend_startup_params(tenant),
+            params: crate::tenancy::tier::backend_startup_params(
+                tenant.tier,
+                tenant.schema.as_deref(),
+                &tenant.params,
+            ),
             connect_timeout: Duration::from_secs(s.connect_timeout),
             repair: row_tier.then(|| self.role_repair.clone()).flatten(),
             row_key: row_tier.then(|| {

@@ -6,8 +6,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::Tenant;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
@@ -90,23 +88,27 @@ pub fn schema_search_path(schema: &str) -> String {
     format!("{}, public", quote_ident(schema))
 }
 
-/// Startup parameters for a backend connection of `tenant`: the tier's pin, then the tenant's own
-/// session defaults.
-pub fn backend_startup_params(tenant: &Tenant) -> Vec<(String, String)> {
-    let mut params = Vec::with_capacity(tenant.params.len() + 1);
-    match tenant.tier {
+/// Startup parameters for a backend connection of a tenant of `tier` (its `schema`, its own
+/// session defaults `params`): the tier's pin, then the defaults.
+pub fn backend_startup_params(
+    tier: Tier,
+    schema: Option<&str>,
+    params: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut out = Vec::with_capacity(params.len() + 1);
+    match tier {
         Tier::Database => {}
         Tier::Schema => {
-            if let Some(schema) = &tenant.schema {
-                params.push(("search_path".to_string(), schema_search_path(schema)));
+            if let Some(schema) = schema {
+                out.push(("search_path".to_string(), schema_search_path(schema)));
             }
         }
         // Row tenants share connections: their context is a binding the server checks
         // (`row_context`), set per connection, not a startup parameter.
         Tier::Row => {}
     }
-    params.extend(tenant.params.iter().cloned());
-    params
+    out.extend(params.iter().cloned());
+    out
 }
 
 /// Quotes an SQL identifier.
@@ -135,6 +137,21 @@ mod tests {
         for t in [Tier::Database, Tier::Schema, Tier::Row] {
             assert_eq!(t.rules().shared_connections, t == Tier::Row);
             assert_eq!(t.rules().ddl, t != Tier::Row);
+        }
+    }
+
+    #[test]
+    fn only_a_schema_tenant_starts_with_its_search_path_pinned_before_its_own_defaults() {
+        let own = [("TimeZone".to_string(), "UTC".to_string())];
+        assert_eq!(
+            backend_startup_params(Tier::Schema, Some("s"), &own),
+            [
+                ("search_path".to_string(), "\"s\", public".to_string()),
+                own[0].clone()
+            ]
+        );
+        for tier in [Tier::Database, Tier::Row] {
+            assert_eq!(backend_startup_params(tier, None, &own), own);
         }
     }
 
