@@ -10,13 +10,13 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::md5_hash;
 use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::Message;
-use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::health::ServerHealth;
 use super::stream::{BackendStream, ConnectError};
 
 use crate::protocol::sqlstate;
+use crate::protocol::to_server;
 use crate::protocol::ErrorReport;
 use crate::tenancy::row_context::{self, RowBinding, RowKey};
 use crate::tenancy::{BackendCredentials, Server};
@@ -187,7 +187,8 @@ impl CancelTarget {
     pub async fn send(&self) -> std::io::Result<()> {
         let mut stream = BackendStream::connect(&self.host, self.port).await?;
         let mut buf = BytesMut::with_capacity(16);
-        frontend::cancel_request(self.pid as i32, self.secret as i32, &mut buf);
+        to_server::cancel_request(self.pid, self.secret, &mut buf)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         stream.write_all(&buf).await?;
         // PostgreSQL closes the socket once it has read the request.
         let mut sink = [0u8; 1];
@@ -473,8 +474,8 @@ impl BackendConn {
         if shielded {
             startup.extend(row_context::SHIELD_PARAMS.iter().copied());
         }
-        frontend::startup_message(startup.iter().copied(), &mut out)
-            .map_err(|e| conn.protocol_error(format!("cannot encode startup message: {e}")))?;
+        to_server::startup(startup.iter().copied(), &mut out)
+            .map_err(|e| conn.protocol_error(e.to_string()))?;
         conn.send(&out).await?;
         conn.authenticate(&spec.credentials).await?;
         // After AuthenticationOk: ParameterStatus…, BackendKeyData, ReadyForQuery.
@@ -512,26 +513,24 @@ impl BackendConn {
         let mut out = BytesMut::with_capacity(256);
         let server = self.server.name.clone();
         let password = || {
-            creds
-                .password
-                .as_ref()
-                .map(|p| p.expose().as_bytes())
-                .ok_or_else(|| BackendError::MissingPassword {
+            creds.password.as_ref().map(|p| p.expose()).ok_or_else(|| {
+                BackendError::MissingPassword {
                     server: server.clone(),
                     role: creds.user.clone(),
-                })
+                }
+            })
         };
         loop {
             out.clear();
             match self.next_message().await? {
                 Message::AuthenticationOk => return Ok(()),
                 Message::AuthenticationCleartextPassword => {
-                    frontend::password_message(password()?, &mut out)
+                    to_server::password(password()?, &mut out)
                         .map_err(|e| self.protocol_error(e.to_string()))?;
                 }
                 Message::AuthenticationMd5Password(body) => {
-                    let hash = md5_hash(creds.user.as_bytes(), password()?, body.salt());
-                    frontend::password_message(hash.as_bytes(), &mut out)
+                    let hash = md5_hash(creds.user.as_bytes(), password()?.as_bytes(), body.salt());
+                    to_server::password(&hash, &mut out)
                         .map_err(|e| self.protocol_error(e.to_string()))?;
                 }
                 Message::AuthenticationSasl(body) => {
@@ -549,7 +548,7 @@ impl BackendConn {
                             method: "SASL without SCRAM-SHA-256",
                         });
                     }
-                    self.scram(password()?).await?;
+                    self.scram(password()?.as_bytes()).await?;
                     continue;
                 }
                 Message::ErrorResponse(body) => return Err(self.refused(body.fields())),
@@ -571,7 +570,7 @@ impl BackendConn {
     async fn scram(&mut self, password: &[u8]) -> Result<(), BackendError> {
         let mut scram = ScramSha256::new(password, ChannelBinding::unsupported());
         let mut out = BytesMut::with_capacity(256);
-        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut out)
+        to_server::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut out)
             .map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
         match self.next_message().await? {
@@ -582,7 +581,7 @@ impl BackendConn {
             _ => return Err(self.protocol_error("expected SASLContinue")),
         }
         out.clear();
-        frontend::sasl_response(scram.message(), &mut out)
+        to_server::sasl_response(scram.message(), &mut out)
             .map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
         match self.next_message().await? {
@@ -713,7 +712,7 @@ impl BackendConn {
     /// Runs a one-value query of pgtenant's own and returns its first column as text.
     pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, BackendError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
-        frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
+        to_server::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
         let OwnReply { value, error, .. } = self.own_reply().await?;
         match error {
@@ -757,7 +756,7 @@ impl BackendConn {
     /// ReadyForQuery. Rows are discarded; ParameterStatus updates are recorded.
     pub async fn execute(&mut self, sql: &str) -> Result<(), BackendError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
-        frontend::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
+        to_server::query(sql, &mut out).map_err(|e| self.protocol_error(e.to_string()))?;
         self.send(&out).await?;
         let mut failure = None;
         loop {

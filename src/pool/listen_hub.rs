@@ -11,13 +11,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use dashmap::DashMap;
 use futures_util::task::AtomicWaker;
 use postgres_protocol::message::backend::Message;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::backend::{BackendConn, ConnectSpec};
+use crate::protocol::messages::notification;
 use crate::protocol::{sqlstate, ErrorReport};
 use crate::tenancy::tier::quote_ident;
 
@@ -372,7 +373,7 @@ impl HubTask {
             return Err("no connection".into());
         };
         let mut out = BytesMut::new();
-        postgres_protocol::message::frontend::query(sql, &mut out).map_err(|e| e.to_string())?;
+        crate::protocol::to_server::query(sql, &mut out).map_err(|e| e.to_string())?;
         conn.send(&out).await.map_err(|e| e.to_string())?;
         let mut failed = None;
         loop {
@@ -432,20 +433,6 @@ impl HubTask {
         self.channels.clear();
         self.conn = None;
     }
-}
-
-/// A NotificationResponse ('A') as the server sends it.
-pub fn notification(pid: i32, channel: &str, payload: &str) -> Bytes {
-    let len = 4 + 4 + channel.len() + 1 + payload.len() + 1;
-    let mut b = BytesMut::with_capacity(1 + len);
-    b.put_u8(b'A');
-    b.put_u32(len as u32);
-    b.put_i32(pid);
-    b.put_slice(channel.as_bytes());
-    b.put_u8(0);
-    b.put_slice(payload.as_bytes());
-    b.put_u8(0);
-    b.freeze()
 }
 
 #[cfg(test)]

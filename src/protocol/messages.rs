@@ -1,4 +1,7 @@
-//! Messages pgtenant writes to clients itself, encoded with pgwire's message types.
+//! Messages pgtenant writes to clients itself, encoded with pgwire's message types, and the
+//! transaction engine's own framing (`put_message` and what is built on it): it writes its
+//! answers and statements on every transaction, so into the buffer it already holds, with no
+//! owned message in between.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
@@ -42,4 +45,67 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, unsupported_options: &[Str
 /// The single-byte answer to SSLRequest / GSSENCRequest: not supported on this listener.
 pub fn refuse_encryption(buf: &mut BytesMut) {
     buf.put_u8(b'N');
+}
+
+/// Appends a message of type `tag` whose body is `parts`, one after another.
+pub fn put_message(buf: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
+    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
+    buf.put_u8(tag);
+    buf.put_u32(len as u32);
+    for p in parts {
+        buf.put_slice(p);
+    }
+}
+
+/// `put_message` into a buffer of its own.
+pub fn build_message(tag: u8, parts: &[&[u8]]) -> Bytes {
+    let mut b = BytesMut::new();
+    put_message(&mut b, tag, parts);
+    b.freeze()
+}
+
+/// ReadyForQuery with transaction status `status` (`I`, `T` or `E`).
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    put_message(buf, b'Z', &[&[status]]);
+}
+
+/// Query (to a server): one of pgtenant's statements before a client's transaction.
+pub fn put_query(buf: &mut BytesMut, sql: &str) {
+    put_message(buf, b'Q', &[sql.as_bytes(), b"\0"]);
+}
+
+/// NotificationResponse from server process `pid` on `channel`.
+pub fn notification(pid: i32, channel: &str, payload: &str) -> Bytes {
+    build_message(
+        b'A',
+        &[
+            &pid.to_be_bytes(),
+            channel.as_bytes(),
+            b"\0",
+            payload.as_bytes(),
+            b"\0",
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engines_framing_matches_pgwires() {
+        let mut ours = BytesMut::new();
+        ready_for_query(&mut ours, b'I');
+        let mut theirs = BytesMut::new();
+        ready_for_query_idle(&mut theirs);
+        assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn a_query_is_framed_as_to_server_encodes_it() {
+        let (mut ours, mut theirs) = (BytesMut::new(), BytesMut::new());
+        put_query(&mut ours, "SELECT 1");
+        crate::protocol::to_server::query("SELECT 1", &mut theirs).unwrap();
+        assert_eq!(ours, theirs);
+    }
 }

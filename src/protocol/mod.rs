@@ -6,6 +6,7 @@ pub mod messages;
 pub mod report;
 pub mod sqlstate;
 pub mod startup;
+pub mod to_server;
 
 pub use framing::{FrameError, Scanned, Scanner, Stop};
 pub use report::{ErrorReport, Severity};

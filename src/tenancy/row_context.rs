@@ -316,29 +316,10 @@ pub struct RowBinding {
     pub tenant: Arc<str>,
 }
 
-/// Appends Parse (unnamed) + Bind with text parameters + Execute + Sync of `sql`, encoded by
-/// postgres-protocol like the proxy's other own statements.
+/// Appends Parse (unnamed) + Bind with text parameters + Execute + Sync of `sql`.
 fn put_statement(buf: &mut BytesMut, sql: &str, params: &[&[u8]]) -> Result<(), &'static str> {
-    use postgres_protocol::message::frontend;
-    use postgres_protocol::IsNull;
-    const ENCODE: &str = "cannot encode the row context statement";
-    frontend::parse("", sql, [], buf).map_err(|_| ENCODE)?;
-    frontend::bind(
-        "",
-        "",
-        [],
-        params.iter().copied(),
-        |p, b| {
-            b.extend_from_slice(p);
-            Ok(IsNull::No)
-        },
-        [],
-        buf,
-    )
-    .map_err(|_| ENCODE)?;
-    frontend::execute("", 0, buf).map_err(|_| ENCODE)?;
-    frontend::sync(buf);
-    Ok(())
+    crate::protocol::to_server::statement(sql, params, buf)
+        .map_err(|_| "cannot encode the row context statement")
 }
 
 /// Appends the messages that bind backend `pid` to `tenant`.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clients::stream::ClientStream;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::sql_policy::{
@@ -29,6 +29,7 @@ use crate::backend::stream::TryWrite;
 use crate::config::{SessionFeatures, Tier};
 use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, header, HEADER_LEN};
+use crate::protocol::messages::{build_message, put_message, put_query, ready_for_query};
 use crate::protocol::report::Severity;
 use crate::protocol::{sqlstate, ErrorReport, Scanner};
 use crate::tenancy::row_context;
@@ -534,29 +535,4 @@ async fn wait_for_input(
 
 fn malformed(tag: u8) -> TxEnd {
     TxEnd::ClientError(SessionError::Malformed(tag))
-}
-
-fn ready_for_query(buf: &mut BytesMut, status: u8) {
-    buf.put_u8(b'Z');
-    buf.put_u32(5);
-    buf.put_u8(status);
-}
-
-fn put_query(buf: &mut BytesMut, sql: &str) {
-    put_message(buf, b'Q', &[sql.as_bytes(), b"\0"]);
-}
-
-fn put_message(buf: &mut BytesMut, tag: u8, parts: &[&[u8]]) {
-    let len: usize = parts.iter().map(|p| p.len()).sum::<usize>() + 4;
-    buf.put_u8(tag);
-    buf.put_u32(len as u32);
-    for p in parts {
-        buf.put_slice(p);
-    }
-}
-
-fn build_message(tag: u8, parts: &[&[u8]]) -> Bytes {
-    let mut b = BytesMut::new();
-    put_message(&mut b, tag, parts);
-    b.freeze()
 }
