@@ -2,7 +2,6 @@
 //! migrations (ORMs) through its normal connection, in the tenant's own place only.
 
 use crate::support::*;
-use tokio_postgres::{Client, NoTls};
 
 /// What an ORM's first migrations do: a table with a serial key, an index, a column added
 /// later, a sequence of its own.
@@ -10,23 +9,6 @@ const MIGRATION: &str = "CREATE TABLE orders (id bigserial PRIMARY KEY, item tex
      CREATE INDEX orders_item ON orders (item);
      ALTER TABLE orders ADD COLUMN qty int NOT NULL DEFAULT 1;
      CREATE SEQUENCE invoice_no;";
-
-async fn connect_as(proxy: std::net::SocketAddr, user: &str, tenant: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user={user}.{tenant} dbname={tenant} password={PASSWORD}",
-            proxy.ip(),
-            proxy.port()
-        ),
-        NoTls,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect {user}.{tenant}: {e}"));
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    c
-}
 
 /// A registry with tenant `id` of `tier` in pool mode `mode` and a DDL user `migrator`.
 async fn tenant_with_ddl_user(id: &str, tier: &str, mode: &str) -> Reg {

@@ -198,17 +198,7 @@ async fn rename_objects_gives_an_old_schema_tenant_and_its_ddl_role_opaque_names
     app.query_one("SELECT count(*) FROM accounts", &[])
         .await
         .expect("the app user reads its tables");
-    let (orm, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=orm.oldname-sch dbname=oldname-sch password={PASSWORD}",
-            proxy.addr.ip(),
-            proxy.addr.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("the DDL user logs in");
-    tokio::spawn(conn);
+    let orm = connect_as(proxy.addr, "orm", "oldname-sch").await;
     orm.batch_execute("CREATE TABLE orm_made (x int)")
         .await
         .expect("the DDL user creates in its schema");

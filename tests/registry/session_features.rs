@@ -58,17 +58,7 @@ async fn a_registry_user_may_pin_where_its_tenant_refuses() {
         "{show}"
     );
     let proxy = f.proxy(reg.config.clone());
-    let (worker, conn) = tokio_postgres::connect(
-        &format!(
-            "host={} port={} user=worker.ufeat-a dbname=ufeat-a password={PASSWORD}",
-            proxy.addr.ip(),
-            proxy.addr.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect as worker");
-    tokio::spawn(conn);
+    let worker = connect_as(proxy.addr, "worker", "ufeat-a").await;
     worker
         .batch_execute("CREATE TEMP TABLE t (x int)")
         .await

@@ -283,6 +283,24 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
 
+/// Connects through a proxy as `<user>.<tenant>`.
+pub async fn connect_as(proxy: std::net::SocketAddr, user: &str, tenant: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(
+        &format!(
+            "host={} port={} user={user}.{tenant} dbname={tenant} password={PASSWORD}",
+            proxy.ip(),
+            proxy.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {user}.{tenant}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
 /// Connects through a proxy as `app.<tenant>`.
 pub async fn connect(
     proxy: std::net::SocketAddr,
