@@ -239,20 +239,25 @@ impl Engine {
             buffers::give(&mut self.out);
             buffers::give(&mut self.obuf);
             let mailbox = self.listening.as_deref().map(|l| l.mailbox());
-            let first = match wait_for_input(client, &self.cancel, mailbox).await {
-                Idle::Input(b) => b,
+            let turn = match wait_for_input(client, &self.cancel, mailbox).await {
+                Idle::Input(b) => Turn::Transaction(b),
+                Idle::Mail => Turn::Notifications,
                 Idle::Gone => break TxEnd::ClientGone,
                 Idle::Draining => break TxEnd::Shutdown,
-                Idle::Mail => match self.deliver_notifications(client).await {
-                    Ok(()) => continue,
-                    Err(end) => break end,
-                },
             };
-            if let Err(end) = Box::pin(self.transaction(client, first)).await {
+            // Boxed, and `turn` moved into it: nothing of a turn stays in an idle client's task.
+            if let Err(end) = Box::pin(self.turn(client, turn)).await {
                 break end;
             }
         };
         Box::pin(self.finish(client, end)).await
+    }
+
+    async fn turn(&mut self, client: &mut ClientStream, turn: Turn) -> Result<(), TxEnd> {
+        match turn {
+            Turn::Transaction(first) => self.transaction(client, first).await,
+            Turn::Notifications => self.deliver_notifications(client).await,
+        }
     }
 
     /// One turn of activity, from the client's first bytes until it is idle again.
@@ -487,6 +492,14 @@ async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
     }
 }
 
+/// What an idle client's session does next.
+enum Turn {
+    /// Serve what the client sent, from these first bytes.
+    Transaction(BytesMut),
+    /// Deliver the notifications waiting for it.
+    Notifications,
+}
+
 /// What ended an idle client's wait.
 enum Idle {
     Input(BytesMut),
@@ -496,21 +509,25 @@ enum Idle {
     Mail,
 }
 
-/// Waits until the idle client sends something and returns it, or until pgtenant starts
-/// shutting down. Hand-written rather than a `select!` over the read and a `Notify`: this is
-/// the future every idle client's task holds, and it is two pointers; the shutdown wake-up
-/// goes through the client's cancel registration instead of a waiter node of its own.
+/// Waits until the idle client sends something and returns it, until notifications wait for
+/// it (a listening client), or until pgtenant starts shutting down. Hand-written rather than a
+/// `select!` over the read and a `Notify`: this is the future every idle client's task holds,
+/// and it is three references; the shutdown wake-up goes through the client's cancel
+/// registration instead of a waiter node of its own.
 ///
 /// The probe lives only inside a poll (an idle client must not pin a full buffer). The read
 /// goes through `AsyncRead::poll_read`, after which tokio clears its readiness flag on a short
 /// read; that saves a wasted EAGAIN read per transaction.
-async fn wait_for_input(
-    client: &mut ClientStream,
-    cancel: &CancelGuard,
-    mailbox: Option<&Arc<crate::pool::listen_hub::Mailbox>>,
-) -> Idle {
+///
+/// A plain `poll_fn`, not an `async fn` around one, which would add a state machine around
+/// it.
+fn wait_for_input<'a>(
+    client: &'a mut ClientStream,
+    cancel: &'a CancelGuard,
+    mailbox: Option<&'a Arc<crate::pool::listen_hub::Mailbox>>,
+) -> impl std::future::Future<Output = Idle> + 'a {
     use std::task::Poll;
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         if cancel.drain_wakes(cx.waker()) {
             return Poll::Ready(Idle::Draining);
         }
@@ -530,7 +547,6 @@ async fn wait_for_input(
             }
         }
     })
-    .await
 }
 
 fn malformed(tag: u8) -> TxEnd {
