@@ -335,3 +335,75 @@ fn check_config_refuses_a_zero_budget_or_weight() {
     assert_eq!(code, 2);
     assert!(err.contains("tenants[0].weight"), "{err}");
 }
+
+#[test]
+fn serve_with_one_event_loop_per_core_serves_concurrent_clients() {
+    let cluster = pgtenant::cluster::PgCluster::start().expect("a throwaway PostgreSQL");
+    let psql = pgtenant::cluster::find_bindir()
+        .map(|d| d.join("psql"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "psql".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nworker_threads = 0\n\
+             [[servers]]\nname = \"s\"\nhost = \"{}\"\nport = {}\n\
+             [[tenants]]\nid = \"t\"\ntier = \"database\"\nserver = \"s\"\ndatabase = \"postgres\"\n\
+             [[tenants.users]]\nname = \"app\"\nscram = \"{}\"\nbackend_user = \"postgres\"\n",
+            cluster.host(),
+            cluster.port(),
+            pgtenant::credentials::hash_password("pw")
+        ),
+    )
+    .unwrap();
+    let mut proxy = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("host=127.0.0.1 port={port} user=app.t dbname=t password=pw");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let (psql, url) = (psql.clone(), url.clone());
+            std::thread::spawn(move || {
+                Command::new(psql)
+                    .args(["-X", "-At", &url, "-c"])
+                    .arg(format!(
+                        "SELECT {i} + count(*) FROM generate_series(1, 1000)"
+                    ))
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = c.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            (1000 + i).to_string()
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(proxy.wait().unwrap().success());
+}
