@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::{Config, ConfigError, Tier};
+use super::{Config, ConfigError, TenantConfig, Tier};
 use crate::credentials::ScramVerifier;
 
 /// Database name reserved for the admin console.
@@ -322,6 +322,34 @@ pub fn validate(config: &Config) -> Result<(), ConfigError> {
             }
         }
     }
+    check_own_databases(config)
+}
+
+/// A database-tier tenant's database is its own: no other tenant, of any tier, may use the
+/// same database on the same server. Its isolation rests on that: notification channels, for
+/// one, are database-wide, and only this tier hears them (`TierRules::notifications`).
+fn check_own_databases(config: &Config) -> Result<(), ConfigError> {
+    let mut users: std::collections::BTreeMap<(&str, &str), Vec<(usize, &TenantConfig)>> =
+        Default::default();
+    for (i, t) in config.tenants.iter().enumerate() {
+        users
+            .entry((t.server.as_str(), t.database.as_str()))
+            .or_default()
+            .push((i, t));
+    }
+    for ((server, database), tenants) in users {
+        let own = tenants.iter().find(|(_, t)| t.tier == Tier::Database);
+        if let (Some((i, t)), true) = (own, tenants.len() > 1) {
+            let other = tenants
+                .iter()
+                .find(|(_, o)| o.id != t.id)
+                .map_or("", |(_, o)| o.id.as_str());
+            return Err(ConfigError::invalid(
+                format!("tenants[{i}].database"),
+                format!("database-tier tenant \"{}\" shares database \"{database}\" on server \"{server}\" with tenant \"{other}\": a database-tier tenant has a database of its own (tenants that share one belong in the schema or row tier)", t.id),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -406,6 +434,44 @@ mod tests {
             })
             .collect();
         c
+    }
+
+    /// A config of tenants (id, tier, database) on one server.
+    fn tenants(list: &[(&str, &str, &str)]) -> Result<Config, ConfigError> {
+        let mut text =
+            String::from("[[servers]]\nname = \"s\"\nhost = \"127.0.0.1\"\nport = 5432\n");
+        for (id, tier, database) in list {
+            text.push_str(&format!(
+                "[[tenants]]\nid = \"{id}\"\ntier = \"{tier}\"\nserver = \"s\"\ndatabase = \"{database}\"\n"
+            ));
+            if *tier == "schema" {
+                text.push_str(&format!("schema = \"{id}\"\n"));
+            }
+        }
+        Config::parse(&text)
+    }
+
+    #[test]
+    fn a_database_tier_tenant_may_not_share_its_database() {
+        for other in ["database", "schema"] {
+            let e = tenants(&[("a", "database", "shared"), ("b", other, "shared")]).unwrap_err();
+            let e = e.to_string();
+            assert!(
+                e.contains("\"a\"") && e.contains("\"b\"") && e.contains("of its own"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn schema_tenants_share_a_database_and_database_tenants_each_have_one() {
+        let c = tenants(&[
+            ("a", "database", "a"),
+            ("b", "database", "b"),
+            ("c", "schema", "shared"),
+            ("d", "schema", "shared"),
+        ]);
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! its session delivers between the client's transactions.
 //!
 //! Only database-tier tenants get here (`TierRules::notifications`): a channel is
-//! database-wide, and in that tier the database is the tenant's own, so everyone on a hub is
-//! the same tenant.
+//! database-wide, and in that tier the database is the tenant's own. A hub is keyed by the
+//! tenant as well, so even two tenants that a config file pointed at one database never share
+//! one.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -112,21 +113,25 @@ struct Hub {
     commands: mpsc::UnboundedSender<Command>,
 }
 
+/// A hub's (tenant, server, database).
+type HubKey = (Arc<str>, Arc<str>, Arc<str>);
+
 /// Every hub of a proxy.
 #[derive(Default)]
 pub struct ListenHubs {
-    hubs: DashMap<(Arc<str>, Arc<str>), Arc<Hub>>,
+    hubs: DashMap<HubKey, Arc<Hub>>,
     next_subscriber: AtomicU64,
     next_hub: AtomicU64,
 }
 
 impl ListenHubs {
-    /// A client's handle on the hub of `spec`'s server and database (started when it has
-    /// none). Nothing is listened to until `listen`.
-    pub fn subscriber(self: &Arc<Self>, spec: &ConnectSpec) -> Listener {
+    /// A client's handle on the hub of `tenant` on `spec`'s server and database (started
+    /// when it has none). Nothing is listened to until `listen`.
+    pub fn subscriber(self: &Arc<Self>, tenant: &str, spec: &ConnectSpec) -> Listener {
         Listener {
             hubs: self.clone(),
             key: (
+                Arc::from(tenant),
                 Arc::from(spec.server.name.as_str()),
                 Arc::from(spec.database.as_str()),
             ),
@@ -146,13 +151,13 @@ impl ListenHubs {
         self.hubs.is_empty()
     }
 
-    /// Whether a hub holds LISTENs for `database` on server `server`.
-    pub fn serves(&self, server: &str, database: &str) -> bool {
-        self.hubs
-            .contains_key(&(Arc::from(server), Arc::from(database)))
+    /// Whether a hub holds LISTENs of `tenant` in `database` on server `server`.
+    pub fn serves(&self, tenant: &str, server: &str, database: &str) -> bool {
+        let key: HubKey = (Arc::from(tenant), Arc::from(server), Arc::from(database));
+        self.hubs.contains_key(&key)
     }
 
-    fn hub(self: &Arc<Self>, key: &(Arc<str>, Arc<str>), spec: &ConnectSpec) -> Arc<Hub> {
+    fn hub(self: &Arc<Self>, key: &HubKey, spec: &ConnectSpec) -> Arc<Hub> {
         self.hubs
             .entry(key.clone())
             .or_insert_with(|| {
@@ -170,7 +175,7 @@ impl ListenHubs {
     }
 
     /// Hub `id` of `key` has ended: it goes, unless a new one already took its place.
-    fn ended(&self, key: &(Arc<str>, Arc<str>), id: u64) {
+    fn ended(&self, key: &HubKey, id: u64) {
         self.hubs.remove_if(key, |_, hub| hub.id == id);
     }
 }
@@ -178,7 +183,7 @@ impl ListenHubs {
 /// One client's subscriptions. Dropping it ends them.
 pub struct Listener {
     hubs: Arc<ListenHubs>,
-    key: (Arc<str>, Arc<str>),
+    key: HubKey,
     spec: ConnectSpec,
     id: u64,
     mailbox: Arc<Mailbox>,
@@ -270,7 +275,7 @@ impl HubTask {
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
         hubs: Weak<ListenHubs>,
-        key: (Arc<str>, Arc<str>),
+        key: HubKey,
         id: u64,
     ) {
         loop {

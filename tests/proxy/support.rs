@@ -192,22 +192,34 @@ async fn build() -> Fixture {
     }
 }
 
-/// Tenants whose backend roles log in with md5, or are trusted (no password), on the main
-/// server's `acme` database.
+/// Tenants whose backend roles log in with md5, or are trusted (no password), each with a
+/// database of its own on the main server (a database-tier tenant shares its database with
+/// nobody).
 async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
-    let admin = main.connect("acme").await.expect("connect acme");
+    let admin = main.connect("postgres").await.expect("connect postgres");
     admin
         .batch_execute(
             "SET password_encryption = 'md5';
              CREATE ROLE md5_app LOGIN PASSWORD 'md5-secret';
              RESET password_encryption;
              CREATE ROLE pgtenant_trust NOLOGIN;
-             CREATE ROLE trust_app LOGIN IN ROLE pgtenant_trust;
-             GRANT CONNECT ON DATABASE acme TO md5_app, trust_app;
-             GRANT SELECT ON accounts TO md5_app, trust_app;",
+             CREATE ROLE trust_app LOGIN IN ROLE pgtenant_trust;",
         )
         .await
         .expect("auth-method roles");
+    for (database, role) in [("md5co", "md5_app"), ("trustco", "trust_app")] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .await
+            .expect("auth-method database");
+        admin
+            .batch_execute(&format!(
+                "REVOKE ALL ON DATABASE {database} FROM PUBLIC;
+                 GRANT CONNECT ON DATABASE {database} TO {role}"
+            ))
+            .await
+            .expect("grant");
+    }
     let base = config
         .tenants
         .iter()
@@ -220,6 +232,7 @@ async fn add_auth_method_tenants(main: &PgCluster, config: &mut Config) {
     ] {
         config.tenants.push(TenantConfig {
             id: id.into(),
+            database: id.into(),
             users: vec![UserConfig {
                 name: DEMO_ROLE.into(),
                 scram: hash_password(PASSWORD),

@@ -109,7 +109,9 @@ impl Engine {
         let pool = &self.pool;
         self.listening.get_or_insert_with(|| {
             Box::new(Listening {
-                hub: pool.listen_hubs().subscriber(pool.spec()),
+                hub: pool
+                    .listen_hubs()
+                    .subscriber(&pool.tenant().id, pool.spec()),
                 pending: None,
             })
         })
