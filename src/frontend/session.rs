@@ -656,7 +656,13 @@ async fn attach(
             }
             sql.push_str(caps);
         }
-        let mut setup_done = if proven && sql.is_empty() {
+        // Nothing to run: no round trip. Transaction mode parks the connection again at once
+        // (it is borrowed only for the server's parameters) and its checkout already checked
+        // that the server had not closed it; a session-mode client keeps it, so a round trip
+        // proves it first.
+        let nothing_to_run =
+            sql.is_empty() && (proven || tenant.pool_mode == PoolMode::Transaction);
+        let mut setup_done = if nothing_to_run {
             Ok(())
         } else {
             backend.execute(&sql).await
