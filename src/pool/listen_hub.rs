@@ -1,7 +1,7 @@
 //! LISTEN without a server connection per listener: in transaction mode a database-tier
-//! client's LISTEN is held by pgtenant on one connection of its own per (server, database),
-//! and each NotificationResponse on a channel is handed to every client listening on it, which
-//! its session delivers between the client's transactions.
+//! client's LISTEN is held by pgtenant on one connection of its own per (tenant, server,
+//! database), and each NotificationResponse on a channel is handed to every client listening
+//! on it, which its session delivers between the client's transactions.
 //!
 //! Only database-tier tenants get here (`TierRules::notifications`): a channel is
 //! database-wide, and in that tier the database is the tenant's own. A hub is keyed by the
