@@ -122,9 +122,19 @@ pub struct ListenHubs {
     hubs: DashMap<HubKey, Arc<Hub>>,
     next_subscriber: AtomicU64,
     next_hub: AtomicU64,
+    /// `pgtenant_listen` (unregistered without metrics).
+    gauge: Option<prometheus::IntGaugeVec>,
 }
 
 impl ListenHubs {
+    /// Hubs that count their connections and subscriptions in `gauge` (`Metrics::listen`).
+    pub fn with_gauge(gauge: prometheus::IntGaugeVec) -> ListenHubs {
+        ListenHubs {
+            gauge: Some(gauge),
+            ..ListenHubs::default()
+        }
+    }
+
     /// A client's handle on the hub of `tenant` on `spec`'s server and database (started
     /// when it has none). Nothing is listened to until `listen`.
     pub fn subscriber(self: &Arc<Self>, tenant: &str, spec: &ConnectSpec) -> Listener {
@@ -167,6 +177,10 @@ impl ListenHubs {
                     spec: spec.clone(),
                     conn: None,
                     channels: HashMap::new(),
+                    gauges: self.gauge.as_ref().map(|g| Gauges {
+                        connections: g.with_label_values(&[&key.0, "connections"]),
+                        subscriptions: g.with_label_values(&[&key.0, "subscriptions"]),
+                    }),
                 };
                 tokio::spawn(task.run(rx, Arc::downgrade(self), key.clone(), id));
                 Arc::new(Hub { id, commands: tx })
@@ -268,6 +282,24 @@ struct HubTask {
     conn: Option<BackendConn>,
     /// Channel → (subscriber, mailbox).
     channels: HashMap<Arc<str>, Vec<(u64, Arc<Mailbox>)>>,
+    gauges: Option<Gauges>,
+}
+
+/// The tenant's series of `pgtenant_listen`.
+struct Gauges {
+    connections: prometheus::IntGauge,
+    subscriptions: prometheus::IntGauge,
+}
+
+impl HubTask {
+    /// Sets the gauges from the hub's state (after every change).
+    fn count(&self) {
+        if let Some(g) = &self.gauges {
+            g.connections.set(i64::from(self.conn.is_some()));
+            g.subscriptions
+                .set(self.channels.values().map(|s| s.len() as i64).sum());
+        }
+    }
 }
 
 impl HubTask {
@@ -298,6 +330,7 @@ impl HubTask {
             if self.channels.is_empty() {
                 // Nobody listens: the connection goes, and the hub with it.
                 self.conn = None;
+                self.count();
                 if let Some(h) = hubs.upgrade() {
                     h.ended(&key, id);
                 }
@@ -308,6 +341,7 @@ impl HubTask {
                 }
                 break;
             }
+            self.count();
         }
     }
 
@@ -326,6 +360,8 @@ impl HubTask {
                         .or_default()
                         .push((subscriber, mailbox));
                 }
+                // Counted before the client hears back, so what it sees next is counted.
+                self.count();
                 let _ = done.send(r);
             }
             Command::Unlisten {

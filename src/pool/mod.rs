@@ -751,6 +751,8 @@ pub struct Pools {
 
 impl Pools {
     pub fn new(settings: PoolConfig, row_secret: Option<RowSecret>) -> Self {
+        let metrics: Arc<stats::Metrics> = Arc::default();
+        let listen_hubs = Arc::new(listen_hub::ListenHubs::with_gauge(metrics.listen.clone()));
         Pools {
             pools: DashMap::new(),
             settings,
@@ -761,10 +763,10 @@ impl Pools {
             health: HealthBook::new(),
             health_settings: HealthConfig::default(),
             stats: DashMap::new(),
-            metrics: Arc::default(),
+            metrics,
             census: Arc::default(),
             pauses: Arc::default(),
-            listen_hubs: Arc::default(),
+            listen_hubs,
         }
     }
 

@@ -39,6 +39,9 @@ pub struct Metrics {
     resizes: IntCounterVec,
     /// Per server: its connection budget, the slots in use, and the requests waiting.
     pub budget: IntGaugeVec,
+    /// Per tenant: the server connections holding its clients' LISTENs (state=connections)
+    /// and the channel subscriptions on them (state=subscriptions).
+    pub listen: IntGaugeVec,
 }
 
 const TR: &[&str] = &["tenant", "role"];
@@ -146,6 +149,11 @@ impl Metrics {
                 "pgtenant_server_budget",
                 "A server's connection budget (state=limit), the slots in use (used, peak) and the connection requests waiting for one (waiting)",
                 &["server", "addr", "state"],
+            ),
+            listen: gauge(
+                "pgtenant_listen",
+                "Transaction mode, database tier: server connections holding a tenant's LISTENs (state=connections) and its clients' channel subscriptions on them (state=subscriptions)",
+                &["tenant", "state"],
             ),
             client_seconds,
             errors,

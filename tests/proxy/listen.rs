@@ -341,3 +341,35 @@ async fn a_listen_mixed_with_another_statement_before_its_sync_is_refused_with_t
     let after = c.query("SELECT 1").await;
     assert!(after.iter().any(|(t, _)| *t == b'D'));
 }
+
+#[tokio::test]
+async fn listening_connections_and_subscriptions_are_counted_in_the_metrics() {
+    let _turn = GLOBEX_HUB.lock().await;
+    let (addr, ctx) = one_connection_no_pinning().await;
+    let gauge = |state: &str| {
+        ctx.pools
+            .metrics()
+            .listen
+            .with_label_values(&["globex", state])
+            .get()
+    };
+    let (a, _ra) = listener(addr, "globex").await;
+    let (b, _rb) = listener(addr, "globex").await;
+    a.batch_execute("LISTEN hub_counted").await.unwrap();
+    b.batch_execute("LISTEN hub_counted; ").await.unwrap();
+    b.batch_execute("LISTEN hub_counted_too").await.unwrap();
+    assert_eq!((gauge("connections"), gauge("subscriptions")), (1, 3));
+    drop(a);
+    drop(b);
+    for _ in 0..50 {
+        if (gauge("connections"), gauge("subscriptions")) == (0, 0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "still counted after the listeners left: {} connections, {} subscriptions",
+        gauge("connections"),
+        gauge("subscriptions")
+    );
+}
