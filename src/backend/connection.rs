@@ -969,7 +969,7 @@ fn lossy(r: std::io::Result<&str>) -> String {
 }
 
 /// (SQLSTATE, message, is FATAL/PANIC) of an ErrorResponse.
-fn error_fields(
+pub(crate) fn error_fields(
     mut fields: postgres_protocol::message::backend::ErrorFields<'_>,
 ) -> (String, String, bool) {
     let (mut code, mut message, mut fatal) = (String::new(), String::new(), false);

@@ -427,14 +427,8 @@ impl HubTask {
                     return failed.map_or(Ok(()), Err);
                 }
                 Message::ErrorResponse(body) => {
-                    let mut fields = body.fields();
-                    let mut text = String::from("the server refused it");
-                    while let Ok(Some(f)) = fallible_iterator::FallibleIterator::next(&mut fields) {
-                        if f.type_() == b'M' {
-                            text = String::from_utf8_lossy(f.value_bytes()).into_owned();
-                        }
-                    }
-                    failed = Some(text);
+                    let (_, message, _) = crate::backend::connection::error_fields(body.fields());
+                    failed = Some(message);
                 }
                 other => self.on_message(other),
             }

@@ -381,11 +381,11 @@ pub(crate) async fn ensure_login_role(
     role: &str,
     password: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let exists = admin
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await?
-        .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
+    let verb = if exists(admin, Catalog::Roles, role).await? {
+        "ALTER"
+    } else {
+        "CREATE"
+    };
     // The server gets a SCRAM verifier, never the password: statement text can end up in the
     // server log (a failed statement is logged) and in pg_stat_activity.
     admin
@@ -398,11 +398,7 @@ pub(crate) async fn ensure_login_role(
 }
 
 async fn ensure_database(admin: &Client, database: &str) -> Result<(), tokio_postgres::Error> {
-    let exists = admin
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
-        .await?
-        .is_some();
-    if !exists {
+    if !exists(admin, Catalog::Databases, database).await? {
         let d = quote_ident(database);
         // CREATE DATABASE must run alone, outside a transaction block.
         match admin.batch_execute(&format!("CREATE DATABASE {d}")).await {
@@ -527,14 +523,9 @@ pub async fn delete(
             .await
             .map_err(&err)?;
     }
-    let db_exists = admin
-        .query_opt(
-            "SELECT 1 FROM pg_database WHERE datname = $1",
-            &[&t.database],
-        )
+    let db_exists = exists(&admin, Catalog::Databases, &t.database)
         .await
-        .map_err(&err)?
-        .is_some();
+        .map_err(&err)?;
     match tier {
         Tier::Database => {
             admin
@@ -596,12 +587,7 @@ pub async fn delete(
         }
         _ => {}
     }
-    let role_exists = !role_shared
-        && admin
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-            .await
-            .map_err(&err)?
-            .is_some();
+    let role_exists = !role_shared && exists(&admin, Catalog::Roles, &role).await.map_err(&err)?;
     if role_exists {
         drop_owned(&admin, &role).await.map_err(&err)?;
         admin
@@ -621,15 +607,34 @@ pub async fn delete(
 }
 
 async fn drop_owned(db: &Client, role: &str) -> Result<(), tokio_postgres::Error> {
-    let exists = db
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&role])
-        .await?
-        .is_some();
-    if exists {
+    if exists(db, Catalog::Roles, role).await? {
         db.batch_execute(&format!("DROP OWNED BY {}", quote_ident(role)))
             .await?;
     }
     Ok(())
+}
+
+/// A catalog of named server objects.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Catalog {
+    Roles,
+    Databases,
+    /// Of the database `db` is connected to.
+    Schemas,
+}
+
+/// Whether `catalog` has an object called `name`.
+pub(crate) async fn exists(
+    db: &Client,
+    catalog: Catalog,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let sql = match catalog {
+        Catalog::Roles => "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+        Catalog::Databases => "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+        Catalog::Schemas => "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = $1",
+    };
+    Ok(db.query_opt(sql, &[&name]).await?.is_some())
 }
 
 /// Gives a tenant's login role a new random password, on the server and (sealed) in the

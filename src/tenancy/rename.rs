@@ -16,7 +16,7 @@ use crate::pg_error::describe_pg_error;
 use crate::tenancy::tier::quote_ident;
 
 use super::naming::{app_role, ddl_role_for, shared_row_role};
-use super::provision::{admin_client, planned_names, role_of, ProvisionError};
+use super::provision::{admin_client, exists, role_of, Catalog, ProvisionError};
 use super::store::RegistryStore;
 
 /// One object renamed (or found renamed): what kind, from, to.
@@ -100,7 +100,9 @@ async fn plan(
     database: &str,
     schema: Option<&str>,
 ) -> Result<Vec<Renamed>, ProvisionError> {
-    let target = planned_names(store, tier, id).await?;
+    // The names `tenant create` gives: the stem for the database or schema, `<stem>_app` for
+    // the tenant's own role (a row tenant from before roles were shared has one too).
+    let stem = store.naming_key().await?.stem(id);
     let mut plan = Vec::new();
     let mut add = |kind, from: &str, to: &str| {
         if from != to {
@@ -112,19 +114,15 @@ async fn plan(
         }
     };
     match (tier, schema) {
-        (Tier::Database, _) => add("database", database, &target.database),
-        (Tier::Schema, Some(s)) => add("schema", s, target.schema.as_deref().unwrap_or(s)),
+        (Tier::Database, _) => add("database", database, &stem),
+        (Tier::Schema, Some(s)) => add("schema", s, &stem),
         _ => {}
     }
     let role = role_of(store, id).await?;
     let own_role = role != shared_row_role(database)
         && store.role_holders(server, &role, id).await?.is_empty();
     if own_role {
-        let stem_role = match tier {
-            // A row tenant from before roles were shared keeps a role of its own.
-            Tier::Row => app_role(&store.naming_key().await?.stem(id)),
-            _ => target.role.clone(),
-        };
+        let stem_role = app_role(&stem);
         add("role", &role, &stem_role);
         let ddl = ddl_role_for(&role);
         if store.role_password(id, &ddl).await?.is_some() {
@@ -172,8 +170,8 @@ async fn rename_database(
     to: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let (f, t) = (quote_ident(from), quote_ident(to));
-    if exists(admin, "pg_database", "datname", from).await?
-        && !exists(admin, "pg_database", "datname", to).await?
+    if exists(admin, Catalog::Databases, from).await?
+        && !exists(admin, Catalog::Databases, to).await?
     {
         admin
             .batch_execute(&format!("ALTER DATABASE {f} ALLOW_CONNECTIONS false"))
@@ -211,11 +209,11 @@ async fn rename_object(
     from: &str,
     to: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let (catalog, column) = match kind {
-        "SCHEMA" => ("pg_namespace", "nspname"),
-        _ => ("pg_roles", "rolname"),
+    let catalog = match kind {
+        "SCHEMA" => Catalog::Schemas,
+        _ => Catalog::Roles,
     };
-    if exists(db, catalog, column, from).await? && !exists(db, catalog, column, to).await? {
+    if exists(db, catalog, from).await? && !exists(db, catalog, to).await? {
         db.batch_execute(&format!(
             "ALTER {kind} {} RENAME TO {}",
             quote_ident(from),
@@ -224,19 +222,4 @@ async fn rename_object(
         .await?;
     }
     Ok(())
-}
-
-async fn exists(
-    db: &Client,
-    catalog: &str,
-    column: &str,
-    name: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    Ok(db
-        .query_opt(
-            &format!("SELECT 1 FROM pg_catalog.{catalog} WHERE {column} = $1"),
-            &[&name],
-        )
-        .await?
-        .is_some())
 }

@@ -263,19 +263,6 @@ async fn a_listen_sent_with_the_extended_protocol_is_held_too() {
         .expect("an extended-protocol UNLISTEN");
 }
 
-/// The messages `c` receives up to and including the next ReadyForQuery.
-async fn replies_to_ready(c: &mut crate::support::RawClient) -> Vec<(u8, Vec<u8>)> {
-    let mut got = Vec::new();
-    while let Some(m) = c.read_message().await {
-        let done = m.0 == b'Z';
-        got.push(m);
-        if done {
-            break;
-        }
-    }
-    got
-}
-
 fn tags(replies: &[(u8, Vec<u8>)]) -> Vec<u8> {
     replies.iter().map(|(t, _)| *t).collect()
 }
@@ -301,14 +288,14 @@ async fn a_listen_parsed_and_synced_before_it_is_bound_is_held_too() {
     frontend::sync(&mut out);
     c.send(&out).await;
     // ParseComplete, ParameterDescription, NoData, ReadyForQuery.
-    assert_eq!(tags(&replies_to_ready(&mut c).await), b"1tnZ");
+    assert_eq!(tags(&c.replies().await), b"1tnZ");
     out.clear();
     bind_unnamed(&mut out);
     frontend::execute("", 0, &mut out).unwrap();
     frontend::sync(&mut out);
     c.send(&out).await;
     // BindComplete, CommandComplete LISTEN, ReadyForQuery.
-    assert_eq!(tags(&replies_to_ready(&mut c).await), b"2CZ");
+    assert_eq!(tags(&c.replies().await), b"2CZ");
     fixture()
         .tenant_at(addr, "acme")
         .await
@@ -330,7 +317,7 @@ async fn a_listen_mixed_with_another_statement_before_its_sync_is_refused_with_t
     frontend::parse("other", "SELECT 1", std::iter::empty(), &mut out).unwrap();
     frontend::sync(&mut out);
     c.send(&out).await;
-    let replies = replies_to_ready(&mut c).await;
+    let replies = c.replies().await;
     assert_eq!(tags(&replies), b"1EZ");
     let error = String::from_utf8_lossy(&replies[1].1).to_string();
     assert!(

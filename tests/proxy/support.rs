@@ -592,6 +592,11 @@ impl RawClient {
         let mut out = bytes::BytesMut::new();
         postgres_protocol::message::frontend::query(sql, &mut out).expect("encode");
         self.send(&out).await;
+        self.replies().await
+    }
+
+    /// The messages received up to and including the next ReadyForQuery.
+    pub async fn replies(&mut self) -> Vec<(u8, Vec<u8>)> {
         let mut got = Vec::new();
         while let Some(m) = self.read_message().await {
             let done = m.0 == b'Z';

@@ -130,7 +130,8 @@ impl Engine {
             request,
             synced: false,
         });
-        self.pipe.synthesize(Bytes::from_static(b"1\0\0\0\x04"));
+        self.pipe
+            .synthesize(Bytes::from_static(super::PARSE_COMPLETE));
         true
     }
 
@@ -154,15 +155,15 @@ impl Engine {
                 if cstr(body).is_some_and(|(_, rest)| rest.first() == Some(&0)) =>
             {
                 *synced = false;
-                self.pipe.synthesize(Bytes::from_static(b"2\0\0\0\x04"));
+                self.pipe
+                    .synthesize(Bytes::from_static(super::BIND_COMPLETE));
             }
             (b'D', Pending::Parsed { synced, .. }) if unnamed(body, 1) => {
                 *synced = false;
-                // A statement: ParameterDescription (no parameters), then NoData.
-                let answer: &'static [u8] = if body.first() == Some(&b'S') {
-                    b"t\0\0\0\x06\0\0n\0\0\0\x04"
+                let answer = if body.first() == Some(&b'S') {
+                    super::NO_PARAMETERS_NO_DATA
                 } else {
-                    b"n\0\0\0\x04"
+                    super::NO_DATA
                 };
                 self.pipe.synthesize(Bytes::from_static(answer));
             }

@@ -52,6 +52,10 @@ use requests::{clears_row_context, pinned_setting, raise_statement};
 
 const READ_CHUNK: usize = 8192;
 const PARSE_COMPLETE: &[u8] = b"1\0\0\0\x04";
+const BIND_COMPLETE: &[u8] = b"2\0\0\0\x04";
+const NO_DATA: &[u8] = b"n\0\0\0\x04";
+/// ParameterDescription of a statement without parameters, then NoData.
+const NO_PARAMETERS_NO_DATA: &[u8] = b"t\0\0\0\x06\0\0n\0\0\0\x04";
 /// Applied-settings marker of a connection whose tier-pinned setting a client changed: equal to
 /// no client's script, so the next transaction on it starts with RESET ALL.
 const PIN_CHANGED: &str = "\0pin changed";
