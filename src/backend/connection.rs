@@ -835,24 +835,8 @@ impl BackendConn {
     /// unasked (the FATAL of pg_terminate_backend or a shutdown). One non-blocking peek at the
     /// socket, asked of the kernel: tokio's readiness flag may not have caught up yet.
     pub fn is_dead(&mut self) -> bool {
-        self.is_dead_checked(true)
-    }
-
-    /// `is_dead` for a connection parked a moment ago (the checkout of a busy pool): the
-    /// kernel is asked only when the reactor has seen the socket readable, saving a system
-    /// call per transaction. A close the reactor has not caught up with yet is found when
-    /// the transaction's first write or read fails, which the engine recovers from as from
-    /// any lost server connection.
-    pub fn is_dead_recently_parked(&mut self) -> bool {
-        self.is_dead_checked(false)
-    }
-
-    fn is_dead_checked(&mut self, always_ask: bool) -> bool {
         if self.broken || !self.read_buf.is_empty() {
             return true;
-        }
-        if !always_ask && self.stream.seen_readable() == Some(false) {
-            return false;
         }
         let fd = match &self.stream {
             BackendStream::Tcp(s) => std::os::fd::AsRawFd::as_raw_fd(s),

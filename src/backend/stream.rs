@@ -102,19 +102,6 @@ impl BackendStream {
         Ok(BackendStream::Tls(Box::new(stream)))
     }
 
-    /// Whether the runtime's reactor has seen the socket readable (data, or the server's
-    /// close) since it was last read dry: no system call. None once closed.
-    pub fn seen_readable(&self) -> Option<bool> {
-        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
-        let ready = match self {
-            BackendStream::Tcp(s) => s.poll_read_ready(&mut cx),
-            BackendStream::Unix(s) => s.poll_read_ready(&mut cx),
-            BackendStream::Tls(t) => t.get_ref().0.poll_read_ready(&mut cx),
-            BackendStream::Closed => return None,
-        };
-        Some(ready.is_ready())
-    }
-
     /// The `tls` column of SHOW SERVERS; None without TLS.
     pub fn tls_description(&self) -> Option<String> {
         match self {

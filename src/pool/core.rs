@@ -415,10 +415,6 @@ pub(super) struct Waiter {
     pub(super) since_ms: u64,
 }
 
-/// A connection parked less than this long ago (ms) is checked for a close by the reactor's
-/// readiness alone, without asking the kernel (`BackendConn::is_dead_recently_parked`).
-pub(super) const RECENT_MS: u64 = 1000;
-
 /// Row group: how many of the longest-waiting clients a freed connection's next user is
 /// chosen among (by fairness between tenants); bounds the work under the lock.
 const FAIR_SCAN: usize = 64;
@@ -495,19 +491,16 @@ impl Idle {
     /// The most recently parked connection (so surplus ones grow idle and close); for a row
     /// tenant one already bound to it (no switch needed), else the one parked longest, whose
     /// tenant is the least likely to want it back soon.
-    /// With it, whether it was parked within `RECENT_MS`.
-    pub(super) fn take(&mut self, row: Option<&RowBinding>) -> Option<(Box<BackendConn>, bool)> {
-        let recent = |since_ms: u64| coarse_ms().saturating_sub(since_ms) < RECENT_MS;
+    pub(super) fn take(&mut self, row: Option<&RowBinding>) -> Option<Box<BackendConn>> {
         if let Some(row) = row {
             let n = self.parked.len();
             let mine = (n.saturating_sub(AFFINITY_SCAN)..n)
                 .rev()
                 .find(|&i| self.parked[i].0.bound_tenant() == Some(&*row.tenant));
             if let Some(i) = mine.or((n > 0).then_some(0)) {
-                let (be, since) = self.parked.remove(i);
-                return Some((be, recent(since)));
+                return Some(self.parked.remove(i).0);
             }
         }
-        self.parked.pop().map(|(be, since)| (be, recent(since)))
+        self.parked.pop().map(|(be, _)| be)
     }
 }

@@ -315,8 +315,8 @@ impl TenantPool {
                 .lock()
                 .ok()
                 .and_then(|mut i| i.take(self.row.as_ref()));
-            let (mut be, recent) = match parked {
-                Some(taken) => taken,
+            let mut be = match parked {
+                Some(be) => be,
                 // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
                 // transaction's state, though the fast path above serves most transactions.
                 None => {
@@ -324,14 +324,7 @@ impl TenantPool {
                     Box::pin(self.checkout_slow(started + self.wait, patience)).await?
                 }
             };
-            // A connection used a moment ago is asked of the kernel only when the reactor saw
-            // it readable: a system call saved per transaction of a busy pool.
-            let dead = if recent {
-                be.is_dead_recently_parked()
-            } else {
-                be.is_dead()
-            };
-            if !dead {
+            if !be.is_dead() {
                 return Ok(be);
             }
             tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");
@@ -343,13 +336,11 @@ impl TenantPool {
         }
     }
 
-    /// A connection just opened, handed over by a finishing transaction, or parked (with
-    /// whether recently, as `Idle::take` tells).
     async fn checkout_slow(
         &self,
         deadline: tokio::time::Instant,
         patience: Patience,
-    ) -> Result<(Box<PooledBackend>, bool), PoolError> {
+    ) -> Result<Box<PooledBackend>, PoolError> {
         let core = &self.core;
         loop {
             // A changed tenant entry: its waiters move to the new pool (which may name another
@@ -366,8 +357,8 @@ impl TenantPool {
                 let Ok(mut idle) = core.idle.lock() else {
                     return Err(PoolError::Timeout(self.wait));
                 };
-                if let Some(taken) = idle.take(self.row.as_ref()) {
-                    return Ok(taken);
+                if let Some(be) = idle.take(self.row.as_ref()) {
+                    return Ok(be);
                 }
                 let (tx, rx) = oneshot::channel();
                 // Clients that gave up leave closed senders behind; handovers skip them at the
@@ -386,7 +377,7 @@ impl TenantPool {
             };
             if core.may_open() {
                 match self.open_or_handoff(rx, deadline).await {
-                    Got::Conn(be) => return Ok((be, true)),
+                    Got::Conn(be) => return Ok(be),
                     Got::Again => continue,
                     Got::Budget => return Err(self.budget_error()),
                     Got::Failed(e) => match self.after_failure(e, patience, deadline) {
@@ -399,7 +390,7 @@ impl TenantPool {
             // now and then in any case.
             let wake = (tokio::time::Instant::now() + RECHECK).min(deadline);
             match tokio::time::timeout_at(wake, rx).await {
-                Ok(Ok(Handoff::Conn(be))) => return Ok((be, true)),
+                Ok(Ok(Handoff::Conn(be))) => return Ok(be),
                 Ok(Ok(Handoff::Retry)) | Ok(Err(_)) => continue,
                 Err(_) if wake >= deadline => return Err(self.timeout_error()),
                 Err(_) => continue,
