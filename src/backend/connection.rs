@@ -220,6 +220,9 @@ pub struct BackendConn {
     pub(crate) tx_status: u8,
     /// Set when the connection must not be reused.
     pub(crate) broken: bool,
+    /// Opened on a runtime of one thread, whose reactor alone watches its socket (see
+    /// `is_dead_after_wake`).
+    one_loop: bool,
     created: Instant,
     /// Transaction mode: named statements prepared here (pgtenant's global names).
     pub(crate) prepared: PreparedSet,
@@ -455,6 +458,7 @@ impl BackendConn {
             params: Vec::new(),
             tx_status: b'I',
             broken: false,
+            one_loop: runs_on_one_loop(),
             created: Instant::now(),
             prepared: PreparedSet::default(),
             applied_settings: Arc::from(""),
@@ -866,6 +870,23 @@ impl BackendConn {
         !alive
     }
 
+    /// `is_dead` for a checkout by a task this thread's reactor just woke for the client's new
+    /// request, which arrived after the connection was parked. On a runtime of one thread,
+    /// one epoll_wait's events are all dispatched before any task runs, and the kernel hands
+    /// them out in order of arrival; so whatever the server sent before that request (the
+    /// FATAL of pg_terminate_backend, its close) has already set the socket's readiness. Only
+    /// then is the kernel asked: a system call saved per transaction. A close that comes
+    /// after the client's request is a race either check loses, and the engine recovers from
+    /// it as from any lost server connection.
+    pub fn is_dead_after_wake(&mut self) -> bool {
+        if self.one_loop && !self.broken && self.read_buf.is_empty() {
+            if let Some(false) = self.stream.seen_readable() {
+                return false;
+            }
+        }
+        self.is_dead()
+    }
+
     pub fn mark_broken(&mut self) {
         self.broken = true;
     }
@@ -981,4 +1002,11 @@ fn not_installed(code: &str) -> Option<String> {
             row_context::SCHEMA
         )
     })
+}
+
+/// Whether the calling task runs on a runtime of one thread (`worker_threads = 1`), where the
+/// reactor that watches a socket and the tasks that use it take turns.
+pub fn runs_on_one_loop() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
 }

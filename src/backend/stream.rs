@@ -102,6 +102,24 @@ impl BackendStream {
         Ok(BackendStream::Tls(Box::new(stream)))
     }
 
+    /// Whether this thread's reactor has seen the socket readable (data, or the server's
+    /// close) since it was last read dry: no system call. None when the answer is unknown (the
+    /// task's cooperative budget is spent, so the readiness poll would say pending whatever the
+    /// socket holds) or the stream is closed.
+    pub fn seen_readable(&self) -> Option<bool> {
+        if !tokio::task::coop::has_budget_remaining() {
+            return None;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let ready = match self {
+            BackendStream::Tcp(s) => s.poll_read_ready(&mut cx),
+            BackendStream::Unix(s) => s.poll_read_ready(&mut cx),
+            BackendStream::Tls(t) => t.get_ref().0.poll_read_ready(&mut cx),
+            BackendStream::Closed => return None,
+        };
+        Some(ready.is_ready())
+    }
+
     /// The `tls` column of SHOW SERVERS; None without TLS.
     pub fn tls_description(&self) -> Option<String> {
         match self {

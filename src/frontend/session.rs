@@ -16,7 +16,7 @@ use crate::backend::BackendError;
 use crate::config::TlsMode;
 use crate::config::{PoolMode, TenantStatus};
 use crate::context::ProxyContext;
-use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
+use crate::pool::{Liveness, Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::startup::{read_startup, StartupMessage, StartupPacket};
 use crate::protocol::{messages, Scanner};
 use crate::tenancy::{resolve, Addressed, Tenant};
@@ -627,7 +627,7 @@ async fn attach(
 ) -> Result<Box<PooledBackend>, SessionError> {
     let mut last_err = None;
     for _ in 0..CHECKOUT_ATTEMPTS {
-        let mut backend = pool.checkout_with(patience).await?;
+        let mut backend = pool.checkout_with(patience, Liveness::Peek).await?;
         // Whether a round trip just proved the connection alive.
         let mut proven = false;
         let row = pool.row();

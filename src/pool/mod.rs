@@ -45,6 +45,17 @@ pub enum Patience {
     FailFast,
 }
 
+/// How a checkout makes sure a parked connection was not closed by its server while idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Ask the kernel: one non-blocking peek at the socket.
+    Peek,
+    /// The caller was just woken by this thread's reactor for a client request that arrived
+    /// after the connection was parked: the reactor's readiness flag answers, and the kernel
+    /// is asked only when it says readable (`BackendConn::is_dead_after_wake`).
+    AfterWake,
+}
+
 /// A server connection checked out of a pool; dropping it closes it.
 pub type PooledBackend = crate::backend::BackendConn;
 
@@ -256,18 +267,27 @@ impl TenantPool {
     /// group's first waits for a share of its own, so no tenant can take its neighbours'
     /// connections.
     pub async fn checkout(&self) -> Result<Box<PooledBackend>, PoolError> {
-        self.checkout_with(Patience::UntilTimeout).await
+        self.checkout_with(Patience::UntilTimeout, Liveness::Peek)
+            .await
     }
 
     /// Like `checkout`; with `Patience::FailFast` an unreachable server fails the checkout at
-    /// once instead of being waited for (a replica read then goes elsewhere).
-    pub async fn checkout_with(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
+    /// once instead of being waited for (a replica read then goes elsewhere). `liveness`: how
+    /// a parked connection is checked for a close by its server.
+    pub async fn checkout_with(
+        &self,
+        patience: Patience,
+        mut liveness: Liveness,
+    ) -> Result<Box<PooledBackend>, PoolError> {
         // Boxed and only when something is paused: the wait's state (a timer) would
         // otherwise sit in every checkout's.
-        if self.pauses.any() && !Box::pin(self.pauses.wait(&self.tenant.id, self.wait)).await {
-            return Err(PoolError::Paused(self.tenant.id.clone()));
+        if self.pauses.any() {
+            if !Box::pin(self.pauses.wait(&self.tenant.id, self.wait)).await {
+                return Err(PoolError::Paused(self.tenant.id.clone()));
+            }
+            liveness = Liveness::Peek;
         }
-        let be = self.checkout_shared(patience).await?;
+        let be = self.checkout_shared(patience, liveness).await?;
         if let (Some(row), Ok(mut idle)) = (&self.row, self.core.idle.lock()) {
             idle.took(&row.tenant);
         }
@@ -283,19 +303,37 @@ impl TenantPool {
         Ok(be)
     }
 
-    async fn checkout_shared(&self, patience: Patience) -> Result<Box<PooledBackend>, PoolError> {
+    async fn checkout_shared(
+        &self,
+        patience: Patience,
+        liveness: Liveness,
+    ) -> Result<Box<PooledBackend>, PoolError> {
         let Some(share) = &self.share else {
-            return self.checkout_unlimited(None, patience).await;
+            return self.checkout_unlimited(None, patience, liveness).await;
         };
         let started = tokio::time::Instant::now();
-        let permit = match share.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => match tokio::time::timeout(self.wait, share.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
+        let (permit, waited_for_share) = match share.clone().try_acquire_owned() {
+            Ok(p) => (p, false),
+            // Boxed: the wait's state (a timer) would otherwise sit in every checkout's.
+            Err(_) => match Box::pin(tokio::time::timeout(
+                self.wait,
+                share.clone().acquire_owned(),
+            ))
+            .await
+            {
+                Ok(Ok(p)) => (p, true),
                 _ => return Err(PoolError::Timeout(self.wait)),
             },
         };
-        let mut be = self.checkout_unlimited(Some(started), patience).await?;
+        // Waited for its share: the reactor may have taken in more since the client's request.
+        let liveness = if waited_for_share {
+            Liveness::Peek
+        } else {
+            liveness
+        };
+        let mut be = self
+            .checkout_unlimited(Some(started), patience, liveness)
+            .await?;
         be.tenant_share = Some(permit);
         Ok(be)
     }
@@ -303,10 +341,14 @@ impl TenantPool {
     /// `started`: when the client began to wait, if it already has (None: now). A connection
     /// found dead (the server closed it while it was idle) is thrown away and another taken,
     /// so a broken one is never handed out.
+    /// A parked connection taken at once is checked as `liveness` says; one the client waited
+    /// for (opened, or handed over by a finishing transaction) was not idle before the
+    /// client's request arrived, and is always peeked.
     async fn checkout_unlimited(
         &self,
         started: Option<tokio::time::Instant>,
         patience: Patience,
+        liveness: Liveness,
     ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
             let parked = self
@@ -315,16 +357,21 @@ impl TenantPool {
                 .lock()
                 .ok()
                 .and_then(|mut i| i.take(self.row.as_ref()));
-            let mut be = match parked {
-                Some(be) => be,
+            let (mut be, liveness) = match parked {
+                Some(be) => (be, liveness),
                 // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
                 // transaction's state, though the fast path above serves most transactions.
                 None => {
                     let started = started.unwrap_or_else(tokio::time::Instant::now);
-                    Box::pin(self.checkout_slow(started + self.wait, patience)).await?
+                    let be = Box::pin(self.checkout_slow(started + self.wait, patience)).await?;
+                    (be, Liveness::Peek)
                 }
             };
-            if !be.is_dead() {
+            let dead = match liveness {
+                Liveness::Peek => be.is_dead(),
+                Liveness::AfterWake => be.is_dead_after_wake(),
+            };
+            if !dead {
                 return Ok(be);
             }
             tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");

@@ -52,6 +52,46 @@ async fn an_idle_clients_killed_server_connection_goes_unnoticed() {
     assert_eq!(text(&c, "SELECT owner FROM accounts LIMIT 1").await, "Fay");
 }
 
+/// On one event loop a parked connection is checked by the reactor's readiness flag rather
+/// than a peek at the socket (`Liveness::AfterWake`): one the server ended while it was parked
+/// must still never be handed out. Several rounds, each killing the connection the last
+/// statement used.
+#[tokio::test]
+async fn on_one_event_loop_a_connection_killed_while_parked_is_never_handed_out() {
+    let _serial = FAULTS.lock().await;
+    let f = fixture();
+    let addr = f.one_loop_proxy();
+    let c = f.tenant_at(addr, "faulty").await;
+    for round in 0..10 {
+        let pid = backend_pid(&c).await;
+        kill(pid).await;
+        let again = backend_pid(&c).await;
+        assert_ne!(again, pid, "round {round}: a fresh server connection");
+        assert_eq!(text(&c, "SELECT owner FROM accounts LIMIT 1").await, "Fay");
+    }
+}
+
+/// The same with the extended protocol (tokio-postgres prepares, binds and executes in one
+/// go), after an idle pause long enough for the reactor to have gone to sleep in epoll_wait.
+#[tokio::test]
+async fn on_one_event_loop_a_killed_parked_connection_is_skipped_for_an_extended_request() {
+    let _serial = FAULTS.lock().await;
+    let f = fixture();
+    let addr = f.one_loop_proxy();
+    let c = f.tenant_at(addr, "faulty").await;
+    for round in 0..5 {
+        let pid = backend_pid(&c).await;
+        kill(pid).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let owner: String = c
+            .query_one("SELECT owner FROM accounts WHERE owner = $1", &[&"Fay"])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: {}", pg_error(&e)))
+            .get(0);
+        assert_eq!(owner, "Fay");
+    }
+}
+
 #[tokio::test]
 async fn a_transaction_whose_server_connection_dies_fails_and_the_client_keeps_its_connection() {
     let _serial = FAULTS.lock().await;

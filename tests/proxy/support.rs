@@ -362,6 +362,35 @@ impl Fixture {
         self.extra_proxy_ctx(change).await.0
     }
 
+    /// Starts another proxy over the same tenants on a runtime of one thread of its own, as
+    /// the binary serves with `worker_threads = 1` (the default); the fixture's proxies share
+    /// a multi-threaded runtime.
+    pub fn one_loop_proxy(&self) -> SocketAddr {
+        let config = self.config.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("one-loop proxy".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("one-loop runtime");
+                rt.block_on(async move {
+                    let handle = Proxy::bind(config)
+                        .await
+                        .expect("bind one-loop proxy")
+                        .spawn();
+                    let _ = tx.send(handle.addr);
+                    // Keep serving for the rest of the test binary.
+                    std::mem::forget(handle);
+                    std::future::pending::<()>().await
+                })
+            })
+            .expect("one-loop proxy thread");
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("one-loop proxy started")
+    }
+
     /// Like `extra_proxy`, also returning the proxy's shared context for inspection.
     pub async fn extra_proxy_ctx(
         &self,

@@ -40,12 +40,15 @@ impl Engine {
 
     /// A backend for a read: from a usable replica (round robin; one that fails to connect
     /// is passed over at once), else from the primary if the session allows it.
-    pub(super) async fn checkout_read(&mut self) -> Result<Box<PooledBackend>, PoolError> {
+    pub(super) async fn checkout_read(
+        &mut self,
+        liveness: Liveness,
+    ) -> Result<Box<PooledBackend>, PoolError> {
         let mut last = None;
         if let Some(replicas) = self.pool.replicas().cloned() {
             for p in replicas.candidates() {
                 let p = p.clone();
-                match p.checkout_with(Patience::FailFast).await {
+                match p.checkout_with(Patience::FailFast, liveness).await {
                     Ok(be) => {
                         self.serving = Some(p);
                         return Ok(be);
@@ -61,11 +64,17 @@ impl Engine {
         if let Some(e) = self.reads.refuse_primary(&self.pool.tenant().id, last) {
             return Err(e);
         }
-        self.pool.checkout().await
+        self.pool
+            .checkout_with(Patience::UntilTimeout, liveness)
+            .await
     }
 
     /// A backend from the tenant's current pool: a replica's for a read, else the primary's.
-    pub(super) async fn checkout_any(&mut self, read: bool) -> Result<Box<PooledBackend>, TxEnd> {
+    pub(super) async fn checkout_any(
+        &mut self,
+        read: bool,
+        liveness: Liveness,
+    ) -> Result<Box<PooledBackend>, TxEnd> {
         loop {
             if self.pool.is_retired() {
                 // The tenant's entry changed: continue on the pool built from it.
@@ -74,9 +83,12 @@ impl Engine {
                 })?;
             }
             let checkout = if read {
-                self.checkout_read().await
+                // Boxed: the replicas' round has its own state, which a write need not carry.
+                Box::pin(self.checkout_read(liveness)).await
             } else {
-                self.pool.checkout().await
+                self.pool
+                    .checkout_with(Patience::UntilTimeout, liveness)
+                    .await
             };
             match checkout {
                 Err(PoolError::Retired) => continue,
@@ -177,6 +189,11 @@ impl Engine {
             return Ok(());
         }
         let read = self.reads.all_reads || std::mem::take(&mut self.read_hint);
+        let liveness = if std::mem::take(&mut self.woken_for_request) {
+            Liveness::AfterWake
+        } else {
+            Liveness::Peek
+        };
         let waited = std::time::Instant::now();
         // The counters are per (tenant, role), the same whichever pool serves it.
         self.pool.stats().waiting.inc();
@@ -185,7 +202,7 @@ impl Engine {
         let mut out = std::mem::take(&mut self.out);
         let mut obuf = std::mem::take(&mut self.obuf);
         let got = {
-            let mut checkout = std::pin::pin!(self.checkout_any(read));
+            let mut checkout = std::pin::pin!(self.checkout_any(read, liveness));
             match futures_util::poll!(checkout.as_mut()) {
                 std::task::Poll::Ready(r) => r,
                 std::task::Poll::Pending => {

@@ -27,7 +27,7 @@ use super::sql_policy::{
 use crate::backend::reset::Leftover;
 use crate::backend::stream::TryWrite;
 use crate::config::{SessionFeatures, Tier};
-use crate::pool::{Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
+use crate::pool::{Liveness, Patience, PoolError, PooledBackend, ReadPolicy, TenantPool};
 use crate::protocol::framing::{cstr, header, HEADER_LEN};
 use crate::protocol::messages::{build_message, put_message, put_query, ready_for_query};
 use crate::protocol::report::Severity;
@@ -141,6 +141,14 @@ pub struct Engine {
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
     request_at: Option<std::time::Instant>,
+    /// The first bytes of this turn came through a wake-up by this thread's reactor (the
+    /// client was idle, and its new request is what woke it): the turn's first checkout may
+    /// trust the reactor's view of parked connections (`Liveness::AfterWake`). Taken by
+    /// that checkout; cleared once those bytes are handled.
+    woken_for_request: bool,
+    /// This session runs on a runtime of one thread, whose reactor also watches its pool's
+    /// connections and takes turns with the tasks: what `Liveness::AfterWake` rests on.
+    one_loop: bool,
     /// A session feature pinned this client to its server connection (`session_features =
     /// pin`; the log names which), and whether a DISCARD ALL asked to let it go.
     pinned: bool,
@@ -195,6 +203,8 @@ impl Engine {
             tx_began: None,
             counted: (0, 0),
             request_at: None,
+            woken_for_request: false,
+            one_loop: crate::backend::connection::runs_on_one_loop(),
             pinned: false,
             unpin_requested: false,
             listening: None,
@@ -244,7 +254,10 @@ impl Engine {
             buffers::give(&mut self.obuf);
             let mailbox = self.listening.as_deref().map(|l| l.mailbox());
             let turn = match wait_for_input(client, &self.cancel, mailbox).await {
-                Idle::Input(b) => Turn::Transaction(b),
+                Idle::Input(b, woken) => {
+                    self.woken_for_request = woken && self.one_loop;
+                    Turn::Transaction(b)
+                }
                 Idle::Mail => Turn::Notifications,
                 Idle::Gone => break TxEnd::ClientGone,
                 Idle::Draining => break TxEnd::Shutdown,
@@ -305,7 +318,10 @@ impl Engine {
         cbuf: &mut BytesMut,
     ) -> Result<(), TxEnd> {
         self.bytes_in += cbuf.len() as u64;
-        self.on_client_bytes(cbuf).await?;
+        let handled = self.on_client_bytes(cbuf).await;
+        // Bytes read from here on may have come after the reactor last looked.
+        self.woken_for_request = false;
+        handled?;
         self.flush(client).await?;
         loop {
             if self.backend.is_none() && cbuf.is_empty() {
@@ -506,7 +522,9 @@ enum Turn {
 
 /// What ended an idle client's wait.
 enum Idle {
-    Input(BytesMut),
+    /// The client's first bytes; true when the wait was pending before them, so that they
+    /// came through a wake-up by the reactor.
+    Input(BytesMut, bool),
     Gone,
     Draining,
     /// Notifications for a listening client (or word that its subscription was lost).
@@ -521,7 +539,8 @@ enum Idle {
 ///
 /// The probe lives only inside a poll (an idle client must not pin a full buffer). The read
 /// goes through `AsyncRead::poll_read`, after which tokio clears its readiness flag on a short
-/// read; that saves a wasted EAGAIN read per transaction.
+/// read; that saves a wasted EAGAIN read per transaction. The input comes with whether the
+/// read was pending first (see `Engine::woken_for_request`).
 ///
 /// A plain `poll_fn`, not an `async fn` around one, which would add a state machine around
 /// it.
@@ -531,6 +550,7 @@ fn wait_for_input<'a>(
     mailbox: Option<&'a Arc<crate::pool::listen_hub::Mailbox>>,
 ) -> impl std::future::Future<Output = Idle> + 'a {
     use std::task::Poll;
+    let mut waited = false;
     std::future::poll_fn(move |cx| {
         if cancel.drain_wakes(cx.waker()) {
             return Poll::Ready(Idle::Draining);
@@ -541,13 +561,18 @@ fn wait_for_input<'a>(
         let mut probe = [0u8; 256];
         let mut rb = tokio::io::ReadBuf::new(&mut probe);
         match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *client), cx, &mut rb) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Only a pending read with budget left means the socket had nothing: one with
+                // the task's budget spent is woken again by the scheduler, not the reactor.
+                waited = tokio::task::coop::has_budget_remaining();
+                Poll::Pending
+            }
             Poll::Ready(Err(_)) => Poll::Ready(Idle::Gone),
             Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Idle::Gone),
             Poll::Ready(Ok(())) => {
                 let mut buf = buffers::take();
                 buf.extend_from_slice(rb.filled());
-                Poll::Ready(Idle::Input(buf))
+                Poll::Ready(Idle::Input(buf, waited))
             }
         }
     })
