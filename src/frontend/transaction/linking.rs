@@ -100,7 +100,7 @@ impl Engine {
     /// Counts the transaction the linked backend served, as it is let go.
     pub(super) fn note_release(&mut self) {
         self.count_transaction();
-        if self.linked_at.take().is_some() {
+        if std::mem::take(&mut self.active_counted) {
             self.pool.stats().active.dec();
         }
     }
@@ -108,7 +108,7 @@ impl Engine {
     /// Counts the transaction that just ended (or the open one, on release).
     pub(super) fn count_transaction(&mut self) {
         if let Some(at) = self.tx_began.take() {
-            let took = at.elapsed();
+            let took = self.now().saturating_duration_since(at);
             if self.limits.slow().is_some_and(|s| took > s) {
                 tracing::warn!(
                     tenant = %self.pool.tenant().id,
@@ -194,18 +194,20 @@ impl Engine {
         } else {
             Liveness::Peek
         };
-        let waited = std::time::Instant::now();
+        let waited = self.now();
         // The counters are per (tenant, role), the same whichever pool serves it.
         self.pool.stats().waiting.inc();
         // A client that has to wait for a connection (a busy pool, a full server budget) holds
         // no empty buffers meanwhile: thousands may wait at once.
         let mut out = std::mem::take(&mut self.out);
         let mut obuf = std::mem::take(&mut self.obuf);
+        let mut waited_for_it = false;
         let got = {
             let mut checkout = std::pin::pin!(self.checkout_any(read, liveness));
             match futures_util::poll!(checkout.as_mut()) {
                 std::task::Poll::Ready(r) => r,
                 std::task::Poll::Pending => {
+                    waited_for_it = true;
                     if out.is_empty() {
                         buffers::give(&mut out);
                     }
@@ -226,13 +228,18 @@ impl Engine {
         } else {
             obuf
         };
+        if waited_for_it {
+            self.batch_now = None;
+        }
+        let now = self.now();
         let stats = self.pool.stats();
         stats.waiting.dec();
         let mut be = got?;
-        let now = std::time::Instant::now();
-        stats.wait_seconds.observe((now - waited).as_secs_f64());
+        stats
+            .wait_seconds
+            .observe(now.saturating_duration_since(waited).as_secs_f64());
         stats.active.inc();
-        self.linked_at = Some(now);
+        self.active_counted = true;
         self.tx_began = Some(now);
         if let Err(e) = self.put_prelude(&mut be) {
             self.pool.discard(be);

@@ -133,10 +133,14 @@ pub struct Engine {
     /// The server connection of a client idle in its transaction was lost: the answer to the
     /// client's next request.
     deferred_error: Option<Box<ErrorReport>>,
-    /// When the linked backend was checked out; when the transaction not yet counted began
-    /// (None between transactions of a link that outlives them: pipelined or pinned); and the
-    /// byte counts at the last counted transaction.
-    linked_at: Option<std::time::Instant>,
+    /// The time of the bytes being handled (client or server), read once when first needed
+    /// and forgotten when the next bytes come or a wait ends: one clock read stamps a
+    /// request, its checkout and its transaction's start, another its end.
+    batch_now: Option<std::time::Instant>,
+    /// The linked backend counts as active in the pool's stats; when the transaction not yet
+    /// counted began (None between transactions of a link that outlives them: pipelined or
+    /// pinned); and the byte counts at the last counted transaction.
+    active_counted: bool,
     tx_began: Option<std::time::Instant>,
     counted: (u64, u64),
     /// When the oldest client request still waiting for its ReadyForQuery was received.
@@ -199,7 +203,8 @@ impl Engine {
             aborted_block: false,
             began_in_batch: false,
             deferred_error: None,
-            linked_at: None,
+            batch_now: None,
+            active_counted: false,
             tx_began: None,
             counted: (0, 0),
             request_at: None,
@@ -262,6 +267,7 @@ impl Engine {
                 Idle::Gone => break TxEnd::ClientGone,
                 Idle::Draining => break TxEnd::Shutdown,
             };
+            self.batch_now = None;
             // Boxed, and `turn` moved into it: nothing of a turn stays in an idle client's task.
             if let Err(end) = Box::pin(self.turn(client, turn)).await {
                 break end;
@@ -349,6 +355,7 @@ impl Engine {
                         }
                         Ok(_) => {}
                     }
+                    self.batch_now = None;
                     self.on_server_bytes()?;
                 }
                 r = client.read_buf(&mut *cbuf) => {
@@ -374,6 +381,11 @@ impl Engine {
         }
     }
 
+    /// The time of the bytes being handled (`batch_now`).
+    fn now(&mut self) -> std::time::Instant {
+        *self.batch_now.get_or_insert_with(std::time::Instant::now)
+    }
+
     /// Room for the next reads from the client and the server.
     fn make_room(&mut self, cbuf: &mut BytesMut) {
         if cbuf.capacity() - cbuf.len() < 1024 {
@@ -396,6 +408,7 @@ impl Engine {
     }
 
     async fn finish(&mut self, client: &mut ClientStream, end: TxEnd) -> TxOutcome {
+        self.batch_now = None;
         self.unpin();
         self.note_release();
         let backend = self.backend.take().map(|be| {

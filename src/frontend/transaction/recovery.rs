@@ -13,6 +13,7 @@ impl Engine {
         &mut self,
         client: &mut ClientStream,
     ) -> Result<(), ()> {
+        self.batch_now = None;
         self.discard_lost_backend();
         let report = self.lost_server_report();
         let in_block = self.tx_status != b'I' || self.began_in_batch;

@@ -6,6 +6,7 @@ use super::*;
 
 impl Engine {
     pub(super) async fn on_client_bytes(&mut self, cbuf: &mut BytesMut) -> Result<(), TxEnd> {
+        self.batch_now = None;
         loop {
             let (tag, body_len) = match header(cbuf, self.limits.max_message()) {
                 Ok(Some(h)) => h,
@@ -62,13 +63,13 @@ impl Engine {
     fn note_request(&mut self, tag: u8) {
         if self.backend.is_some() && self.tx_began.is_none() {
             // The next transaction on a link that outlived the last one.
-            self.tx_began = Some(std::time::Instant::now());
+            self.tx_began = Some(self.now());
         }
         if matches!(tag, b'Q' | b'E') {
             self.pool.stats().queries.inc();
         }
         if matches!(tag, b'Q' | b'S' | b'F') && self.request_at.is_none() {
-            self.request_at = Some(std::time::Instant::now());
+            self.request_at = Some(self.now());
         }
     }
 

@@ -127,12 +127,13 @@ impl Effects for Apply<'_> {
             return;
         }
         if let Some(at) = eng.request_at.take() {
+            let now = eng.now();
             eng.pool
                 .stats()
                 .query_seconds
-                .observe(at.elapsed().as_secs_f64());
+                .observe(now.saturating_duration_since(at).as_secs_f64());
             if r.more_replies {
-                eng.request_at = Some(std::time::Instant::now());
+                eng.request_at = Some(now);
             }
         }
         eng.tx_status = r.status;
@@ -145,7 +146,7 @@ impl Effects for Apply<'_> {
         if r.more_requests || eng.pinned {
             eng.count_transaction();
             if r.more_requests {
-                eng.tx_began = Some(std::time::Instant::now());
+                eng.tx_began = Some(eng.now());
             }
         }
         eng.keep_setting_changes(be);
