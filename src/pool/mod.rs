@@ -56,6 +56,13 @@ pub enum Liveness {
     AfterWake,
 }
 
+fn is_dead_as(be: &mut PooledBackend, liveness: Liveness) -> bool {
+    match liveness {
+        Liveness::Peek => be.is_dead(),
+        Liveness::AfterWake => be.is_dead_after_wake(),
+    }
+}
+
 /// A server connection checked out of a pool; dropping it closes it.
 pub type PooledBackend = crate::backend::BackendConn;
 
@@ -288,6 +295,41 @@ impl TenantPool {
             liveness = Liveness::Peek;
         }
         let be = self.checkout_shared(patience, liveness).await?;
+        Ok(self.checked_out(be))
+    }
+
+    /// `checkout_with`'s common case without a future: a live parked connection when one can
+    /// be had at once (nothing paused, the tenant's share free), else None, and the caller
+    /// awaits `checkout_with`. Parked connections found dead on the way are discarded, as
+    /// there.
+    pub fn try_checkout(&self, liveness: Liveness) -> Option<Box<PooledBackend>> {
+        if self.pauses.any() {
+            return None;
+        }
+        let permit = match &self.share {
+            None => None,
+            Some(share) => Some(share.clone().try_acquire_owned().ok()?),
+        };
+        loop {
+            let mut be = self.take_parked()?;
+            if !is_dead_as(&mut be, liveness) {
+                be.tenant_share = permit;
+                return Some(self.checked_out(be));
+            }
+            self.discard_dead(be);
+        }
+    }
+
+    fn take_parked(&self) -> Option<Box<PooledBackend>> {
+        self.core
+            .idle
+            .lock()
+            .ok()
+            .and_then(|mut i| i.take(self.row.as_ref()))
+    }
+
+    /// A connection now in a client's hands: counted as this tenant's, and active.
+    fn checked_out(&self, be: Box<PooledBackend>) -> Box<PooledBackend> {
         if let (Some(row), Ok(mut idle)) = (&self.row, self.core.idle.lock()) {
             idle.took(&row.tenant);
         }
@@ -300,7 +342,17 @@ impl TenantPool {
                 }
             }
         }
-        Ok(be)
+        be
+    }
+
+    /// A parked connection its server closed: thrown away, and the server's health checked.
+    fn discard_dead(&self, mut be: Box<PooledBackend>) {
+        tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");
+        self.health.wake_checker();
+        be.mark_broken();
+        // Not yet counted as this tenant's (see `checked_out`): closed as it is.
+        be.tenant_share = None;
+        drop(be);
     }
 
     async fn checkout_shared(
@@ -351,13 +403,7 @@ impl TenantPool {
         liveness: Liveness,
     ) -> Result<Box<PooledBackend>, PoolError> {
         loop {
-            let parked = self
-                .core
-                .idle
-                .lock()
-                .ok()
-                .and_then(|mut i| i.take(self.row.as_ref()));
-            let (mut be, liveness) = match parked {
+            let (mut be, liveness) = match self.take_parked() {
                 Some(be) => (be, liveness),
                 // Boxed: its state (bb8's future, timers) would otherwise sit inline in every
                 // transaction's state, though the fast path above serves most transactions.
@@ -367,19 +413,10 @@ impl TenantPool {
                     (be, Liveness::Peek)
                 }
             };
-            let dead = match liveness {
-                Liveness::Peek => be.is_dead(),
-                Liveness::AfterWake => be.is_dead_after_wake(),
-            };
-            if !dead {
+            if !is_dead_as(&mut be, liveness) {
                 return Ok(be);
             }
-            tracing::debug!(server = %self.health.name, "pooled server connection was closed by the server; discarding it");
-            self.health.wake_checker();
-            be.mark_broken();
-            // Not yet counted as this tenant's (see `checkout_with`): closed as it is.
-            be.tenant_share = None;
-            drop(be);
+            self.discard_dead(be);
         }
     }
 

@@ -194,6 +194,45 @@ impl Engine {
         } else {
             Liveness::Peek
         };
+        // The common case, a parked connection of the primary's pool at once, takes no
+        // future: the checkout's own would be built, moved and polled on every transaction.
+        let parked = if read || self.pool.is_retired() {
+            None
+        } else {
+            self.pool.try_checkout(liveness)
+        };
+        let mut be = match parked {
+            Some(be) => {
+                self.pool.stats().wait_seconds.observe(0.0);
+                be
+            }
+            None => Box::pin(self.checkout_waiting(read, liveness)).await?,
+        };
+        let now = self.now();
+        self.pool.stats().active.inc();
+        self.active_counted = true;
+        self.tx_began = Some(now);
+        if let Err(e) = self.put_prelude(&mut be) {
+            self.pool.discard(be);
+            return Err(TxEnd::Pool(PoolError::Backend(e)));
+        }
+        if std::mem::take(&mut self.aborted_block) {
+            put_query(&mut self.out, &abort_statement());
+            self.pipe.expect_proxy(Resp::Abort);
+        }
+        self.cancel.link(be.cancel_target().clone());
+        self.tx_status = be.tx_status();
+        self.backend = Some(be);
+        Ok(())
+    }
+
+    /// A backend from the tenant's current pool (a replica's for a read), however long it
+    /// takes, counted as a wait.
+    async fn checkout_waiting(
+        &mut self,
+        read: bool,
+        liveness: Liveness,
+    ) -> Result<Box<PooledBackend>, TxEnd> {
         let waited = self.now();
         // The counters are per (tenant, role), the same whichever pool serves it.
         self.pool.stats().waiting.inc();
@@ -234,25 +273,11 @@ impl Engine {
         let now = self.now();
         let stats = self.pool.stats();
         stats.waiting.dec();
-        let mut be = got?;
+        let be = got?;
         stats
             .wait_seconds
             .observe(now.saturating_duration_since(waited).as_secs_f64());
-        stats.active.inc();
-        self.active_counted = true;
-        self.tx_began = Some(now);
-        if let Err(e) = self.put_prelude(&mut be) {
-            self.pool.discard(be);
-            return Err(TxEnd::Pool(PoolError::Backend(e)));
-        }
-        if std::mem::take(&mut self.aborted_block) {
-            put_query(&mut self.out, &abort_statement());
-            self.pipe.expect_proxy(Resp::Abort);
-        }
-        self.cancel.link(be.cancel_target().clone());
-        self.tx_status = be.tx_status();
-        self.backend = Some(be);
-        Ok(())
+        Ok(be)
     }
 }
 

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use crate::clients::stream::ClientStream;
 use bytes::{Buf, Bytes, BytesMut};
+use futures_util::future::Either;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::sql_policy::{
@@ -258,38 +259,43 @@ impl Engine {
             buffers::give(&mut self.out);
             buffers::give(&mut self.obuf);
             let mailbox = self.listening.as_deref().map(|l| l.mailbox());
+            // A turn is boxed, and its input moved into it: nothing of it stays in an idle
+            // client's task. Made before it is awaited, so that the idle wait's result is
+            // gone by then. Kept under mimalloc's small-object size (1 KiB), which allocates
+            // from a page's free list.
             let turn = match wait_for_input(client, &self.cancel, mailbox).await {
-                Idle::Input(b, woken) => {
+                Idle::Input(first, woken) => {
                     self.woken_for_request = woken && self.one_loop;
-                    Turn::Transaction(b)
+                    self.batch_now = None;
+                    Either::Left(Box::pin(self.transaction(client, first)))
                 }
-                Idle::Mail => Turn::Notifications,
+                Idle::Mail => Either::Right(Box::pin(self.deliver_notifications(client))),
                 Idle::Gone => break TxEnd::ClientGone,
                 Idle::Draining => break TxEnd::Shutdown,
             };
-            self.batch_now = None;
-            // Boxed, and `turn` moved into it: nothing of a turn stays in an idle client's task.
-            if let Err(end) = Box::pin(self.turn(client, turn)).await {
+            if let Err(end) = turn.await {
                 break end;
             }
         };
         Box::pin(self.finish(client, end)).await
     }
 
-    async fn turn(&mut self, client: &mut ClientStream, turn: Turn) -> Result<(), TxEnd> {
-        match turn {
-            Turn::Transaction(first) => self.transaction(client, first).await,
-            Turn::Notifications => self.deliver_notifications(client).await,
-        }
-    }
-
-    /// One turn of activity, from the client's first bytes until it is idle again.
+    /// One turn of activity, from the client's first bytes until it is idle again, with no
+    /// backend and nothing buffered.
     async fn transaction(
         &mut self,
         client: &mut ClientStream,
-        first: BytesMut,
+        mut cbuf: BytesMut,
     ) -> Result<(), TxEnd> {
-        match self.active(client, first).await {
+        if self.out.capacity() == 0 {
+            self.out = buffers::take();
+        }
+        if self.obuf.capacity() == 0 {
+            self.obuf = buffers::take();
+        }
+        let served = self.serve_active(client, &mut cbuf).await;
+        buffers::give(&mut cbuf);
+        match served {
             Ok(()) => Ok(()),
             // Lost at a message boundary: the client is told, and keeps its connection;
             // unless it was pinned, for then its session state went with the server
@@ -302,20 +308,6 @@ impl Engine {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Serves the client from its first bytes after idling until it is idle again, with no
-    /// backend and nothing buffered.
-    async fn active(&mut self, client: &mut ClientStream, mut cbuf: BytesMut) -> Result<(), TxEnd> {
-        if self.out.capacity() == 0 {
-            self.out = buffers::take();
-        }
-        if self.obuf.capacity() == 0 {
-            self.obuf = buffers::take();
-        }
-        let r = self.serve_active(client, &mut cbuf).await;
-        buffers::give(&mut cbuf);
-        r
     }
 
     async fn serve_active(
@@ -523,14 +515,6 @@ async fn send_all<S: TryWrite + AsyncWriteExt + Unpin>(
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => stream.write_all(buf).await,
         Err(e) => Err(e),
     }
-}
-
-/// What an idle client's session does next.
-enum Turn {
-    /// Serve what the client sent, from these first bytes.
-    Transaction(BytesMut),
-    /// Deliver the notifications waiting for it.
-    Notifications,
 }
 
 /// What ended an idle client's wait.
