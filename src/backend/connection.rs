@@ -224,6 +224,8 @@ pub struct BackendConn {
     /// `is_dead_after_wake`).
     one_loop: bool,
     created: Instant,
+    /// `created` on the coarse clock (`coarse_ms`), for the lifetime check of every release.
+    created_ms: u64,
     /// Transaction mode: named statements prepared here (pgtenant's global names).
     pub(crate) prepared: PreparedSet,
     /// Transaction mode: the client settings script last replayed here ("" = none).
@@ -460,6 +462,7 @@ impl BackendConn {
             broken: false,
             one_loop: runs_on_one_loop(),
             created: Instant::now(),
+            created_ms: super::health::coarse_ms(),
             prepared: PreparedSet::default(),
             applied_settings: Arc::from(""),
             row_key: None,
@@ -829,6 +832,11 @@ impl BackendConn {
 
     pub fn age(&self) -> Duration {
         self.created.elapsed()
+    }
+
+    /// `age` to the coarse clock's few milliseconds: no precise clock read.
+    pub fn coarse_age_ms(&self) -> u64 {
+        super::health::coarse_ms().saturating_sub(self.created_ms)
     }
 
     pub fn is_broken(&self) -> bool {

@@ -291,7 +291,7 @@ impl Core {
     /// budget holds far less than this pool's tenant (see `Ledger::should_yield`); the pool's
     /// minimum stays.
     pub(super) fn should_close(&self, be: &BackendConn) -> bool {
-        if be.age() >= self.lifetime {
+        if u128::from(be.coarse_age_ms()) >= self.lifetime.as_millis() {
             return true;
         }
         self.budget.has_waiters()

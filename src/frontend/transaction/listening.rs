@@ -52,8 +52,7 @@ impl Engine {
     /// transaction open, of a tenant that may hear notifications: answered here. Anything
     /// else (inside a transaction block, with other statements, from dynamic SQL) goes to the
     /// server as before, where a LISTEN pins the client or is refused.
-    pub(super) async fn listened_locally(&mut self, body: &[u8]) -> bool {
-        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+    pub(super) async fn listened_locally(&mut self, text: &[u8]) -> bool {
         let Some(request) = self.local_listen_request(text) else {
             return false;
         };

@@ -113,10 +113,11 @@ impl Engine {
 
     /// Query: a simple-protocol query string, inspected for setting changes and session features before it is forwarded.
     async fn on_query(&mut self, tag: u8, msg: &[u8], body: &[u8]) -> Result<(), TxEnd> {
-        if self.deallocated_locally(body) || self.listened_locally(body).await {
+        // Found once: a query's text is searched for its terminator only here.
+        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+        if self.deallocated_locally(text) || self.listened_locally(text).await {
             return Ok(());
         }
-        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
         let (ops, found) = inspect_sql(text);
         self.note_discard_all(&ops, text);
         let (pin, refusal) = self.pin_or_refuse(found);
@@ -326,8 +327,7 @@ impl Engine {
     /// exists only here (backends know it by a shared name), so it is closed as a protocol
     /// Close would be and answered here. Only when every earlier response is known, so the
     /// ReadyForQuery status is right; true if answered.
-    pub(super) fn deallocated_locally(&mut self, body: &[u8]) -> bool {
-        let text = cstr(body).map(|(t, _)| t).unwrap_or(body);
+    pub(super) fn deallocated_locally(&mut self, text: &[u8]) -> bool {
         // One comparison for every other query.
         let head = text.trim_ascii_start();
         if !head
