@@ -5,23 +5,40 @@
 use super::*;
 
 impl Engine {
+    /// Handles the whole messages in `cbuf` and drops them from it; a partial one stays, with
+    /// room made for the rest.
     pub(super) async fn on_client_bytes(&mut self, cbuf: &mut BytesMut) -> Result<(), TxEnd> {
         self.batch_now = None;
-        loop {
-            let (tag, body_len) = match header(cbuf, self.limits.max_message()) {
+        // Handled in place (no split_to: that would make the buffer shared and allocate), and
+        // dropped once at the end: a buffer emptied by `clear` keeps its whole capacity,
+        // where one advanced to its end must be reclaimed before it is reused.
+        let mut done = 0;
+        let handled = loop {
+            let rest = &cbuf[done..];
+            let (tag, body_len) = match header(rest, self.limits.max_message()) {
                 Ok(Some(h)) => h,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(TxEnd::ClientError(SessionError::Frame(e))),
+                Ok(None) => break Ok(0),
+                Err(e) => break Err(TxEnd::ClientError(SessionError::Frame(e))),
             };
-            if cbuf.len() < HEADER_LEN + body_len {
-                cbuf.reserve(HEADER_LEN + body_len - cbuf.len());
-                return Ok(());
-            }
-            // Handled in place (no split_to: that would make the buffer shared and allocate).
             let n = HEADER_LEN + body_len;
-            self.on_client_message(tag, &cbuf[..n]).await?;
-            cbuf.advance(n);
+            if rest.len() < n {
+                break Ok(n - rest.len());
+            }
+            if let Err(e) = self.on_client_message(tag, &cbuf[done..done + n]).await {
+                break Err(e);
+            }
+            done += n;
+        };
+        if done == cbuf.len() {
+            cbuf.clear();
+        } else {
+            cbuf.advance(done);
         }
+        let missing = handled?;
+        if missing > 0 {
+            cbuf.reserve(missing);
+        }
+        Ok(())
     }
 
     pub(super) async fn on_client_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), TxEnd> {
