@@ -220,9 +220,9 @@ pub struct BackendConn {
     pub(crate) tx_status: u8,
     /// Set when the connection must not be reused.
     pub(crate) broken: bool,
-    /// Opened on a runtime of one thread, whose reactor alone watches its socket (see
-    /// `is_dead_after_wake`).
-    one_loop: bool,
+    /// The thread whose one-thread runtime opened it (`loop_token`), and whose reactor alone
+    /// watches its socket; 0 when a multi-threaded runtime did (see `is_dead_after_wake`).
+    home_loop: u64,
     created: Instant,
     /// `created` on the coarse clock (`coarse_ms`), for the lifetime check of every release.
     created_ms: u64,
@@ -460,7 +460,7 @@ impl BackendConn {
             params: Vec::new(),
             tx_status: b'I',
             broken: false,
-            one_loop: runs_on_one_loop(),
+            home_loop: loop_token(),
             created: Instant::now(),
             created_ms: super::health::coarse_ms(),
             prepared: PreparedSet::default(),
@@ -882,12 +882,14 @@ impl BackendConn {
     /// request, which arrived after the connection was parked. On a runtime of one thread,
     /// one epoll_wait's events are all dispatched before any task runs, and the kernel hands
     /// them out in order of arrival; so whatever the server sent before that request (the
-    /// FATAL of pg_terminate_backend, its close) has already set the socket's readiness. Only
-    /// then is the kernel asked: a system call saved per transaction. A close that comes
-    /// after the client's request is a race either check loses, and the engine recovers from
-    /// it as from any lost server connection.
+    /// FATAL of pg_terminate_backend, its close) has already set the socket's readiness, when
+    /// the same reactor watches the socket: this thread's one-thread runtime opened the
+    /// connection. Then the kernel is asked only when the flag says readable: a system call
+    /// saved per transaction. A close that comes after the client's request is a race either
+    /// check loses, and the engine recovers from it as from any lost server connection.
     pub fn is_dead_after_wake(&mut self) -> bool {
-        if self.one_loop && !self.broken && self.read_buf.is_empty() {
+        let same_loop = self.home_loop != 0 && self.home_loop == thread_token();
+        if same_loop && !self.broken && self.read_buf.is_empty() {
             if let Some(false) = self.stream.seen_readable() {
                 return false;
             }
@@ -1012,9 +1014,31 @@ fn not_installed(code: &str) -> Option<String> {
     })
 }
 
-/// Whether the calling task runs on a runtime of one thread (`worker_threads = 1`), where the
-/// reactor that watches a socket and the tasks that use it take turns.
-pub fn runs_on_one_loop() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+/// The calling thread, when the task calling runs on a runtime of one thread (`worker_threads
+/// = 1`): that runtime's reactor and tasks take turns on this thread alone. 0 otherwise.
+fn loop_token() -> u64 {
+    let one_loop = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+    if one_loop {
+        thread_token()
+    } else {
+        0
+    }
+}
+
+/// A number of the calling thread's own, never 0: a thread-local read, where
+/// `std::thread::current()` would clone an `Arc`.
+fn thread_token() -> u64 {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static TOKEN: Cell<u64> = const { Cell::new(0) };
+    }
+    TOKEN.with(|t| {
+        if t.get() == 0 {
+            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        t.get()
+    })
 }

@@ -51,8 +51,9 @@ pub enum Liveness {
     /// Ask the kernel: one non-blocking peek at the socket.
     Peek,
     /// The caller was just woken by this thread's reactor for a client request that arrived
-    /// after the connection was parked: the reactor's readiness flag answers, and the kernel
-    /// is asked only when it says readable (`BackendConn::is_dead_after_wake`).
+    /// after the connection was parked: for a connection this thread's one-thread runtime
+    /// opened, the reactor's readiness flag answers, and the kernel is asked only when it says
+    /// readable (`BackendConn::is_dead_after_wake`); any other is peeked.
     AfterWake,
 }
 

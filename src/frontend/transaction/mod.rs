@@ -151,9 +151,6 @@ pub struct Engine {
     /// trust the reactor's view of parked connections (`Liveness::AfterWake`). Taken by
     /// that checkout; cleared once those bytes are handled.
     woken_for_request: bool,
-    /// This session runs on a runtime of one thread, whose reactor also watches its pool's
-    /// connections and takes turns with the tasks: what `Liveness::AfterWake` rests on.
-    one_loop: bool,
     /// A session feature pinned this client to its server connection (`session_features =
     /// pin`; the log names which), and whether a DISCARD ALL asked to let it go.
     pinned: bool,
@@ -210,7 +207,6 @@ impl Engine {
             counted: (0, 0),
             request_at: None,
             woken_for_request: false,
-            one_loop: crate::backend::connection::runs_on_one_loop(),
             pinned: false,
             unpin_requested: false,
             listening: None,
@@ -265,8 +261,7 @@ impl Engine {
             // from a page's free list.
             let turn = match wait_for_input(client, &self.cancel, mailbox).await {
                 Idle::Input(first, woken) => {
-                    self.woken_for_request = woken && self.one_loop;
-                    self.batch_now = None;
+                    self.woken_for_request = woken;
                     Either::Left(Box::pin(self.transaction(client, first)))
                 }
                 Idle::Mail => Either::Right(Box::pin(self.deliver_notifications(client))),
