@@ -75,9 +75,12 @@ struct Entry {
     /// touched after the session closed it. With it, why the session was told to end, once it
     /// was.
     control: std::sync::Mutex<Control>,
-    /// Changed at every transaction in transaction mode, so the guard holds the entry itself
-    /// and link/unlink take one uncontended lock instead of a map lookup.
+    /// The backend the client was last linked to, kept while it is unlinked, and whether it is
+    /// linked now. Linking changes at every transaction in transaction mode, and a client
+    /// often gets the same backend again: then linking and unlinking are each one plain
+    /// store, with no lock and no reference count touched.
     target: std::sync::Mutex<Option<Arc<CancelTarget>>>,
+    linked: std::sync::atomic::AtomicBool,
     /// The task of a transaction-mode session waiting for its idle client, woken when
     /// pgtenant starts shutting down (smaller than a `Notify` waiter in every idle task).
     drain_waker: AtomicWaker,
@@ -139,6 +142,7 @@ impl CancelRegistry {
                         terminated: None,
                     }),
                     target: std::sync::Mutex::new(None),
+                    linked: std::sync::atomic::AtomicBool::new(false),
                     drain_waker: AtomicWaker::new(),
                 });
                 v.insert(entry.clone());
@@ -147,6 +151,8 @@ impl CancelRegistry {
                     entry,
                     pid: std::sync::atomic::AtomicU32::new(pid),
                     secret,
+                    target_addr: std::sync::atomic::AtomicUsize::new(0),
+                    drain_registered: Default::default(),
                 };
             }
         }
@@ -165,7 +171,12 @@ impl CancelRegistry {
         let entry = self.entries.get(&pid).map(|e| e.clone());
         let target = match entry {
             Some(e) if bool::from(e.secret.to_be_bytes().ct_eq(&secret.to_be_bytes())) => {
-                e.target.lock().ok().and_then(|t| t.clone())
+                // Read after `linked`: a link stores its target first (Release pairs with this).
+                if e.linked.load(std::sync::atomic::Ordering::Acquire) {
+                    e.target.lock().ok().and_then(|t| t.clone())
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -235,7 +246,7 @@ impl CancelRegistry {
                 pid: *e.key(),
                 tenant: e.tenant.clone(),
                 info: e.info.clone(),
-                linked: e.target.lock().is_ok_and(|t| t.is_some()),
+                linked: e.linked.load(std::sync::atomic::Ordering::Acquire),
             })
             .collect();
         v.sort_by_key(|c| c.pid);
@@ -283,6 +294,15 @@ pub struct CancelGuard {
     /// The key's process id: minted, or the server process's own (`adopt_server_pid`).
     pid: std::sync::atomic::AtomicU32,
     secret: u32,
+    /// The address of the target in `entry.target`, written only by this guard's session:
+    /// whether a link changes it is known without the lock. The slot keeps that target alive,
+    /// so no other target can have its address meanwhile.
+    target_addr: std::sync::atomic::AtomicUsize,
+    /// The waker `entry.drain_waker` holds (its data and vtable addresses), written only by
+    /// this guard's session: an idle wait polled again by the same task registers nothing,
+    /// where registering takes two atomic read-modify-writes per transaction. The registered
+    /// waker keeps its task alive, so no other task has these addresses meanwhile.
+    drain_registered: [std::sync::atomic::AtomicUsize; 2],
 }
 
 impl CancelGuard {
@@ -316,16 +336,22 @@ impl CancelGuard {
         }
     }
 
-    pub fn link(&self, target: Arc<CancelTarget>) {
-        if let Ok(mut t) = self.entry.target.lock() {
-            *t = Some(target);
+    pub fn link(&self, target: &Arc<CancelTarget>) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let addr = Arc::as_ptr(target) as usize;
+        if self.target_addr.load(Relaxed) != addr {
+            if let Ok(mut t) = self.entry.target.lock() {
+                *t = Some(target.clone());
+                self.target_addr.store(addr, Relaxed);
+            }
         }
+        self.entry.linked.store(true, Release);
     }
 
     pub fn unlink(&self) {
-        if let Ok(mut t) = self.entry.target.lock() {
-            *t = None;
-        }
+        self.entry
+            .linked
+            .store(false, std::sync::atomic::Ordering::Release);
     }
 
     /// Call before the client socket is closed.
@@ -344,10 +370,20 @@ impl CancelGuard {
 
     /// True once pgtenant is shutting down; until then `waker` is woken when it starts to.
     pub fn drain_wakes(&self, waker: &std::task::Waker) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
         if self.is_draining() {
             return true;
         }
+        // Only a drain takes the waker out of `drain_waker`, and then the check above answers.
+        let id = [waker.data() as usize, waker.vtable() as *const _ as usize];
+        if self.drain_registered[0].load(Relaxed) == id[0]
+            && self.drain_registered[1].load(Relaxed) == id[1]
+        {
+            return false;
+        }
         self.entry.drain_waker.register(waker);
+        self.drain_registered[0].store(id[0], Relaxed);
+        self.drain_registered[1].store(id[1], Relaxed);
         // Checked again: a drain that began before the registration woke nobody.
         self.is_draining()
     }
@@ -416,7 +452,7 @@ mod tests {
         let g = reg.register("t", -1);
         // Linked to a port nothing listens on: a forwarded cancel would report failure, but a
         // wrong secret must not even try.
-        g.link(Arc::new(CancelTarget {
+        g.link(&Arc::new(CancelTarget {
             host: "127.0.0.1".into(),
             port: 1,
             pid: 1,
@@ -433,6 +469,92 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let g = reg.register("t", -1);
         assert!(!reg.cancel(g.key().pid, g.key().secret).await);
+    }
+
+    fn target(port: u16) -> Arc<CancelTarget> {
+        Arc::new(CancelTarget {
+            host: "127.0.0.1".into(),
+            port,
+            pid: 1,
+            secret: 1,
+        })
+    }
+
+    /// The target a cancel would go to now, as `cancel` finds it.
+    fn current(reg: &CancelRegistry, g: &CancelGuard) -> Option<u16> {
+        let e = reg.entries.get(&g.key().pid)?;
+        if !e.linked.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let port = e.target.lock().ok()?.as_ref().map(|t| t.port);
+        port
+    }
+
+    #[tokio::test]
+    async fn a_drain_wakes_a_session_whose_later_waits_registered_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let reg = Arc::new(CancelRegistry::default());
+        let g = Arc::new(reg.register("t", -1));
+        let polls = Arc::new(AtomicUsize::new(0));
+        let waker = Arc::new(std::sync::Mutex::new(None::<std::task::Waker>));
+        let waiting = {
+            let (g, polls, waker) = (g.clone(), polls.clone(), waker.clone());
+            tokio::spawn(std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, SeqCst);
+                *waker.lock().expect("lock") = Some(cx.waker().clone());
+                if g.drain_wakes(cx.waker()) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            }))
+        };
+        let wait_for = |n: usize| {
+            let polls = polls.clone();
+            async move {
+                while polls.load(SeqCst) < n {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        wait_for(1).await;
+        // Woken by something else (its client's socket, say): the second wait registers nothing.
+        let w = waker.lock().expect("lock").take().expect("waker");
+        w.wake();
+        wait_for(2).await;
+        reg.begin_drain();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the drain")
+            .expect("task");
+        assert_eq!(polls.load(SeqCst), 3);
+    }
+
+    #[test]
+    fn a_client_unlinked_after_its_transaction_has_no_target() {
+        let reg = Arc::new(CancelRegistry::default());
+        let g = reg.register("t", -1);
+        let a = target(1);
+        g.link(&a);
+        assert_eq!(current(&reg, &g), Some(1));
+        g.unlink();
+        assert_eq!(current(&reg, &g), None);
+        assert!(!reg.clients()[0].linked);
+    }
+
+    #[test]
+    fn relinking_to_another_backend_moves_the_target() {
+        let reg = Arc::new(CancelRegistry::default());
+        let g = reg.register("t", -1);
+        let (a, b) = (target(1), target(2));
+        g.link(&a);
+        g.unlink();
+        g.link(&b);
+        assert_eq!(current(&reg, &g), Some(2));
+        g.unlink();
+        g.link(&a);
+        assert_eq!(current(&reg, &g), Some(1));
+        assert!(reg.clients()[0].linked);
     }
 
     #[test]

@@ -673,7 +673,7 @@ async fn attach(
         }
         match setup_done {
             Ok(()) => {
-                cancel.link(backend.cancel_target().clone());
+                cancel.link(backend.cancel_target());
                 if tenant.pool_mode == PoolMode::Session {
                     // The client's one server process for the whole session: it is told its
                     // real id, as a direct client is.

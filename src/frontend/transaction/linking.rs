@@ -220,7 +220,7 @@ impl Engine {
             put_query(&mut self.out, &abort_statement());
             self.pipe.expect_proxy(Resp::Abort);
         }
-        self.cancel.link(be.cancel_target().clone());
+        self.cancel.link(be.cancel_target());
         self.tx_status = be.tx_status();
         self.backend = Some(be);
         Ok(())
