@@ -9,7 +9,8 @@
 #   benches/instructions.sh                      # select-only, extended, prepared; 1 client
 #
 # Env: CLIENTS=1 (exact; with more, how many events one epoll_wait returns depends on timing and
-#      the count moves by about 1 %), TX_LOW=1000, TX_HIGH=5000, MODES (pgbench flags, `;`-separated,
+#      the count moves by about 1 %), JOBS=1 (pgbench threads; CLIENTS=16 JOBS=2 is the load
+#      compare.sh and cpu-per-tx.sh use), TX_LOW=1000, TX_HIGH=5000, MODES (pgbench flags, `;`-separated,
 #      default "-S;-S -M extended;-S -M prepared"), PGTENANT (default target/release/pgtenant),
 #      PGBOUNCER (default /tmp/pgbouncer-1.25.2/pgbouncer; skipped when absent), PG_PORT=55462,
 #      PGT_PORT=6462, PGB_PORT=6463, OUT=/tmp/instructions-bench.
@@ -90,7 +91,7 @@ count() { # name tx mode
   fi
   wait_port "$port" || { echo "$name did not start: $OUT/pooler.log" >&2; exit 1; }
   # shellcheck disable=SC2086 # the mode is pgbench flags
-  "$PGBIN/pgbench" -n $mode -c "$CLIENTS" -j 1 -t "$tx" -h 127.0.0.1 -p "$port" -U "$user" bench \
+  "$PGBIN/pgbench" -n $mode -c "$CLIENTS" -j ${JOBS:-1} -t "$tx" -h 127.0.0.1 -p "$port" -U "$user" bench \
     >"$OUT/pgbench.log" 2>&1 || { cat "$OUT/pgbench.log" >&2; exit 1; }
   pkill -INT -f "valgrind.*($PGTENANT|$PGBOUNCER)" || true
   for _ in $(seq 1 100); do pgrep -f "valgrind.*($PGTENANT|$PGBOUNCER)" >/dev/null || break; sleep 0.2; done
