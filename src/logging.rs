@@ -1,13 +1,17 @@
 //! Log output: text or JSON lines on stderr, with a level filter that a config reload can
 //! change while pgtenant runs. `RUST_LOG`, when set, wins over the config's level.
 
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{Context as TaskContext, Poll};
 
 use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
-use tracing::{span, Metadata, Subscriber};
+use tracing::{span, Event, Metadata, Span, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -153,6 +157,96 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for GateLayer {
             self.0.with_directives(|f| f.on_close(id, ctx));
         }
     }
+
+    /// Runs before the output layer formats the event: a `LazySpan` being polled enters its
+    /// span now, so the line carries it.
+    fn on_event(&self, _event: &Event<'_>, _ctx: Context<'_, S>) {
+        enter_polled_span();
+    }
+}
+
+thread_local! {
+    /// The span of the `LazySpan` this thread is polling, and whether it was entered.
+    static POLLED_SPAN: RefCell<(Option<Span>, bool)> = const { RefCell::new((None, false)) };
+}
+
+fn enter_polled_span() {
+    let _ = POLLED_SPAN.try_with(|p| {
+        if let Ok(mut p) = p.try_borrow_mut() {
+            if let (Some(span), false) = (&p.0, p.1) {
+                span.with_subscriber(|(id, d)| d.enter(id));
+                p.1 = true;
+            }
+        }
+    });
+}
+
+pin_project_lite::pin_project! {
+    /// Like `tracing::Instrumented`, for a task that is polled often and logs rarely (a
+    /// transaction-mode session: two polls per transaction). Entering a span costs the span
+    /// registry about 270 instructions per poll; this one is entered only when the task logs
+    /// something (the level layer's `on_event`), or on every poll while directives filter,
+    /// since those may look at the span. Events still carry the span as with `Instrumented`.
+    pub struct LazySpan<F> {
+        #[pin]
+        inner: F,
+        span: Option<Span>,
+    }
+}
+
+impl<F> LazySpan<F> {
+    pub fn new(inner: F, span: Span) -> Self {
+        LazySpan {
+            inner,
+            span: Some(span),
+        }
+    }
+}
+
+/// Puts back what a `LazySpan` poll found in `POLLED_SPAN`, also when the poll panics.
+struct Restore<'a> {
+    prev: (Option<Span>, bool),
+    span: &'a mut Option<Span>,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let prev = std::mem::take(&mut self.prev);
+        let (span, entered) = POLLED_SPAN
+            .try_with(|p| std::mem::replace(&mut *p.borrow_mut(), prev))
+            .unwrap_or_default();
+        if let Some(span) = span {
+            if entered {
+                span.with_subscriber(|(id, d)| d.exit(id));
+            }
+            *self.span = Some(span);
+        }
+    }
+}
+
+impl<F: Future> Future for LazySpan<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        if this.span.as_ref().is_none_or(Span::is_disabled) {
+            // Off at the level the session began under (a span stays so): nothing to carry.
+            return this.inner.poll(cx);
+        }
+        let span = this.span.take();
+        let eager = GATE.get().is_some_and(|g| g.plain().is_none());
+        let prev = POLLED_SPAN
+            .try_with(|p| std::mem::replace(&mut *p.borrow_mut(), (span, false)))
+            .unwrap_or_default();
+        let _restore = Restore {
+            prev,
+            span: this.span,
+        };
+        if eager {
+            enter_polled_span();
+        }
+        this.inner.poll(cx)
+    }
 }
 
 /// Installs the process's logger (once; later calls do nothing).
@@ -236,6 +330,99 @@ mod tests {
             return;
         }
         assert_eq!(gate("pgtenant=[").plain(), Some(LevelFilter::INFO));
+    }
+
+    /// What a subscriber saw: span entries, and the span current at each event.
+    #[derive(Default)]
+    struct Seen {
+        entered: std::sync::atomic::AtomicUsize,
+        current_at_events: std::sync::Mutex<Vec<Option<String>>>,
+    }
+
+    struct Watch(Arc<Seen>);
+
+    impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Watch {
+        fn on_enter(&self, _id: &span::Id, _ctx: Context<'_, S>) {
+            self.0.entered.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn on_event(&self, _event: &Event<'_>, ctx: Context<'_, S>) {
+            let current = ctx.lookup_current().map(|s| s.name().to_string());
+            self.0.current_at_events.lock().expect("lock").push(current);
+        }
+    }
+
+    /// Polls `f` to completion under a subscriber like the process's (level layer first),
+    /// inside a `LazySpan` of a span named "session".
+    fn run_lazy(f: impl Future<Output = ()>) -> Arc<Seen> {
+        let seen = Arc::new(Seen::default());
+        let subscriber = Registry::default()
+            .with(GateLayer(Arc::new(gate("info"))))
+            .with(Watch(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("session");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(LazySpan::new(f, span));
+        });
+        seen
+    }
+
+    #[test]
+    fn a_lazy_span_that_logs_nothing_is_never_entered() {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        let seen = run_lazy(async {
+            tokio::task::yield_now().await;
+            tracing::debug!("below the level");
+        });
+        assert_eq!(seen.entered.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn an_event_in_a_lazy_span_carries_the_span() {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        let seen = run_lazy(async {
+            tracing::info!("first poll");
+            tokio::task::yield_now().await;
+            tracing::warn!("second poll");
+        });
+        assert_eq!(
+            *seen.current_at_events.lock().expect("lock"),
+            vec![Some("session".to_string()), Some("session".to_string())]
+        );
+        assert_eq!(
+            seen.entered.load(Ordering::SeqCst),
+            2,
+            "once per poll that logged"
+        );
+    }
+
+    #[test]
+    fn a_lazy_span_is_left_after_each_poll() {
+        if std::env::var_os("RUST_LOG").is_some() {
+            return;
+        }
+        let seen = Arc::new(Seen::default());
+        let subscriber = Registry::default()
+            .with(GateLayer(Arc::new(gate("info"))))
+            .with(Watch(seen.clone()));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("session");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(LazySpan::new(async { tracing::info!("inside") }, span));
+            tracing::info!("outside");
+        });
+        assert_eq!(
+            *seen.current_at_events.lock().expect("lock"),
+            vec![Some("session".to_string()), None]
+        );
     }
 
     #[test]

@@ -211,7 +211,11 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
                 in_pool: _in_pool,
                 _slot,
             });
-            tokio::spawn(serve_transactions(session).instrument(span));
+            // Its span entered only when it logs: it is polled twice per transaction.
+            tokio::spawn(crate::logging::LazySpan::new(
+                serve_transactions(session),
+                span,
+            ));
             return;
         }
     };
