@@ -353,8 +353,8 @@ mod tests {
     }
 
     /// Polls `f` to completion under a subscriber like the process's (level layer first),
-    /// inside a `LazySpan` of a span named "session".
-    fn run_lazy(f: impl Future<Output = ()>) -> Arc<Seen> {
+    /// inside a `LazySpan` of a span named "session"; then runs `after`, outside it.
+    fn run_lazy(f: impl Future<Output = ()>, after: impl FnOnce()) -> Arc<Seen> {
         let seen = Arc::new(Seen::default());
         let subscriber = Registry::default()
             .with(GateLayer(Arc::new(gate("info"))))
@@ -365,6 +365,7 @@ mod tests {
                 .build()
                 .expect("runtime");
             rt.block_on(LazySpan::new(f, span));
+            after();
         });
         seen
     }
@@ -374,10 +375,11 @@ mod tests {
         if std::env::var_os("RUST_LOG").is_some() {
             return;
         }
-        let seen = run_lazy(async {
+        let polls = async {
             tokio::task::yield_now().await;
             tracing::debug!("below the level");
-        });
+        };
+        let seen = run_lazy(polls, || {});
         assert_eq!(seen.entered.load(Ordering::SeqCst), 0);
     }
 
@@ -386,11 +388,12 @@ mod tests {
         if std::env::var_os("RUST_LOG").is_some() {
             return;
         }
-        let seen = run_lazy(async {
+        let polls = async {
             tracing::info!("first poll");
             tokio::task::yield_now().await;
             tracing::warn!("second poll");
-        });
+        };
+        let seen = run_lazy(polls, || {});
         assert_eq!(
             *seen.current_at_events.lock().expect("lock"),
             vec![Some("session".to_string()), Some("session".to_string())]
@@ -407,17 +410,8 @@ mod tests {
         if std::env::var_os("RUST_LOG").is_some() {
             return;
         }
-        let seen = Arc::new(Seen::default());
-        let subscriber = Registry::default()
-            .with(GateLayer(Arc::new(gate("info"))))
-            .with(Watch(seen.clone()));
-        tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("session");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .expect("runtime");
-            rt.block_on(LazySpan::new(async { tracing::info!("inside") }, span));
-            tracing::info!("outside");
+        let seen = run_lazy(async { tracing::info!("inside") }, || {
+            tracing::info!("outside")
         });
         assert_eq!(
             *seen.current_at_events.lock().expect("lock"),
