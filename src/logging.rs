@@ -195,11 +195,24 @@ pin_project_lite::pin_project! {
 }
 
 impl<F> LazySpan<F> {
-    pub fn new(inner: F, span: Span) -> Self {
+    fn new(inner: F, span: Span) -> Self {
         LazySpan {
             inner,
             span: Some(span),
         }
+    }
+}
+
+/// Spawns `task` carrying `span` as a `LazySpan`; without any wrapper when the span is off at
+/// this level (a span stays so), which costs nothing per poll.
+pub fn spawn_in_span<F>(task: F, span: Span)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    if span.is_disabled() {
+        tokio::spawn(task);
+    } else {
+        tokio::spawn(LazySpan::new(task, span));
     }
 }
 
@@ -229,10 +242,6 @@ impl<F: Future> Future for LazySpan<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if this.span.as_ref().is_none_or(Span::is_disabled) {
-            // Off at the level the session began under (a span stays so): nothing to carry.
-            return this.inner.poll(cx);
-        }
         let span = this.span.take();
         let eager = GATE.get().is_some_and(|g| g.plain().is_none());
         let prev = POLLED_SPAN

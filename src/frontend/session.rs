@@ -211,16 +211,8 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>, pendi
                 in_pool: _in_pool,
                 _slot,
             });
-            // Its span entered only when it logs: it is polled twice per transaction. A span
-            // off at this level (it stays so) needs no wrapper at all.
-            if span.is_disabled() {
-                tokio::spawn(serve_transactions(session));
-            } else {
-                tokio::spawn(crate::logging::LazySpan::new(
-                    serve_transactions(session),
-                    span,
-                ));
-            }
+            // Its span entered only when it logs: it is polled twice per transaction.
+            crate::logging::spawn_in_span(serve_transactions(session), span);
             return;
         }
     };
